@@ -1,0 +1,474 @@
+"""The tuner behind ``fastbench tune``: check every candidate against the reference, time it, keep
+the winner only when it beats the heuristic default by more than the noise.
+
+For each op spec found under ``fastbench.kernels`` (modules with a ``SPEC`` or ``SPECS``) and each
+``(pass, problem)`` of ``spec.problems(model_config, tokens, dtype)``:
+
+- ``case = spec.tune_case(pass, problem, device)``; each candidate's output must be within
+  ``case.tolerance`` relative norm error of ``case.expected`` (NaN fails);
+- usable candidates are timed (CUDA events after warm-up, L2 flushed, many repeats); a failure to
+  compile, out of resources, OOM or a wrong answer scores ``inf`` and the sweep goes on;
+- candidates run in a spawned worker process; one that hangs past the timeout or kills the process
+  is scored ``inf``, the worker is restarted and the rest of the candidates go on;
+- a candidate replaces the default only if its p90 is below the default's p10 and its median is more
+  than 3% below the default's; of several, the fastest median, then the earliest (deterministic);
+- each problem's result is written to the cache at once, so an interrupted run keeps its progress.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+import multiprocessing as mp
+import os
+import pkgutil
+import queue
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+from . import key, store
+from .spec import Config, OpSpec, Problem, TuneCase
+
+log = logging.getLogger("fastbench.autotune")
+
+KERNELS_PACKAGE = "fastbench.kernels"
+MARGIN = 0.03
+Timer = Callable[[Callable[[], Any]], Sequence[float]]
+
+
+# --- discovery and planning ---
+
+@dataclass(frozen=True)
+class SpecRef:
+    """Where a spec lives, so that a worker process can import it again."""
+    module: str
+    spec: OpSpec
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+def specs_of(module: Any) -> list[OpSpec]:
+    found = [getattr(module, "SPEC", None), *getattr(module, "SPECS", ())]
+    return [s for s in found if isinstance(s, OpSpec)]
+
+
+def load_spec(module: str, name: str) -> OpSpec:
+    for s in specs_of(importlib.import_module(module)):
+        if s.name == name:
+            return s
+    raise LookupError(f"{module} declares no op spec named {name!r}")
+
+
+def discover(modules: Iterable[str] | None = None) -> list[SpecRef]:
+    """The op specs of ``modules`` (default: every module of ``fastbench.kernels``); a module that
+    fails to import is reported and skipped."""
+    if modules is None:
+        pkg = importlib.import_module(KERNELS_PACKAGE)
+        modules = [f"{KERNELS_PACKAGE}.{m.name}" for m in pkgutil.iter_modules(pkg.__path__)]
+    refs = []
+    for name in modules:
+        try:
+            mod = importlib.import_module(name)
+        except Exception as e:  # a kernel module in progress must not stop the others
+            log.warning("skipping %s: %s: %s", name, type(e).__name__, e)
+            continue
+        refs += [SpecRef(name, s) for s in specs_of(mod)]
+    return refs
+
+
+@dataclass(frozen=True)
+class Job:
+    """One (op, pass, problem) to tune; ``problem`` has its tokens set to the bucket."""
+    ref: SpecRef
+    pass_name: str
+    problem: Mapping[str, Any]
+    key: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.ref.name}/{self.pass_name} {key.problem_string(key.canonical_problem(self.problem))}"
+
+
+def token_buckets(lo: int, hi: int) -> list[int]:
+    """Powers of two covering [lo, hi]: 1000-5000 -> [1024, 2048, 4096, 8192]."""
+    out, b = [], key.bucket(lo)
+    while b < hi * 2 and (not out or out[-1] < hi):
+        out.append(b)
+        b *= 2
+    return out
+
+
+def make_job(ref: SpecRef, pass_name: str, problem: Problem) -> Job:
+    canon = key.canonical_problem(problem)
+    problem = dict(problem)
+    if key.TOKENS in problem:
+        problem[key.TOKENS] = canon[key.TOKENS]
+    return Job(ref, pass_name, problem, key.entry_key(ref.name, pass_name, key.kernel_hash(ref.spec), canon))
+
+
+def plan(refs: Sequence[SpecRef], model_configs: Sequence[Any], tokens: Sequence[int], dtype: Any) -> list[Job]:
+    """Every distinct (op, pass, bucketed problem) that the models' steps launch, in a stable order."""
+    jobs: dict[str, Job] = {}
+    for ref in refs:
+        if ref.spec.problems is None or ref.spec.tune_case is None:
+            continue
+        for cfg in model_configs:
+            for t in tokens:
+                for pass_name, problem in ref.spec.problems(cfg, t, dtype):
+                    job = make_job(ref, pass_name, problem)
+                    jobs.setdefault(job.key, job)
+    return list(jobs.values())
+
+
+# --- measuring one candidate ---
+
+@dataclass(frozen=True)
+class Measurement:
+    """Milliseconds: median, p10, p90 of the repeats (all inf when unusable) and why."""
+    median: float
+    p10: float
+    p90: float
+    status: str = "ok"
+
+    @classmethod
+    def of(cls, samples: Sequence[float]) -> "Measurement":
+        s = sorted(float(x) for x in samples)
+        if not s or not all(math.isfinite(x) for x in s):
+            return cls.failed("timer returned no finite samples")
+        q = lambda f: s[min(len(s) - 1, int(round(f * (len(s) - 1))))]  # noqa: E731
+        return cls(q(0.5), q(0.1), q(0.9))
+
+    @classmethod
+    def failed(cls, why: str) -> "Measurement":
+        return cls(math.inf, math.inf, math.inf, why)
+
+    @property
+    def usable(self) -> bool:
+        return math.isfinite(self.median)
+
+
+def rel_error(out: Any, expected: Any) -> float:
+    """max over the outputs of ||out - expected|| / ||expected|| (fp64); inf on NaN or mismatch."""
+    import torch
+
+    if isinstance(expected, (tuple, list)):
+        if not isinstance(out, (tuple, list)) or len(out) != len(expected):
+            return math.inf
+        return max((rel_error(o, e) for o, e in zip(out, expected)), default=0.0)
+    if expected is None:
+        return 0.0 if out is None else math.inf
+    if not isinstance(out, torch.Tensor) or out.shape != expected.shape:
+        return math.inf
+    o, e = out.detach().double().cpu(), expected.detach().double().cpu()
+    if not torch.isfinite(o).all():
+        return math.inf
+    err = torch.linalg.vector_norm(o - e).item()
+    ref = torch.linalg.vector_norm(e).item()
+    return err / ref if ref > 0 else err
+
+
+def evaluate(case: TuneCase, config: Config, timer: Timer) -> Measurement:
+    """Check ``config`` against the reference, then time it; any failure scores inf."""
+    try:
+        err = rel_error(case.run(config), case.expected)
+        if not err <= case.tolerance:
+            return Measurement.failed(f"wrong answer: relative error {err:.3g} > {case.tolerance:.3g}")
+        return Measurement.of(timer(lambda: case.run(config)))
+    except Exception as e:  # compile error, out of resources, OOM, launch failure
+        return Measurement.failed(f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+
+
+def cuda_timer(run: Callable[[], Any], warmup_ms: float = 25.0, rep_ms: float = 200.0,
+               min_reps: int = 25, max_reps: int = 2000) -> list[float]:
+    """Per-repeat milliseconds by CUDA events, after warm-up, with L2 flushed before every repeat."""
+    import torch
+
+    flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
+    run()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        flush.zero_()
+        run()
+    end.record()
+    torch.cuda.synchronize()
+    estimate = max(start.elapsed_time(end) / 5, 1e-3)
+    for _ in range(max(1, int(warmup_ms / estimate))):
+        run()
+    n = min(max(int(rep_ms / estimate), min_reps), max_reps)
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
+    for s, e in events:
+        flush.zero_()
+        s.record()
+        run()
+        e.record()
+    torch.cuda.synchronize()
+    return [s.elapsed_time(e) for s, e in events]
+
+
+def _device_broken(device: str) -> bool:
+    """After a failure: is the CUDA context unusable (an illegal access is sticky)?"""
+    if not device.startswith("cuda"):
+        return False
+    import torch
+
+    try:
+        torch.cuda.synchronize()
+        return False
+    except Exception:
+        return True
+
+
+# --- running candidates: in this process, or in a worker process that can be killed ---
+
+class InProcess:
+    """Evaluate in this process (tests with a fake timer; no protection against hangs)."""
+
+    def __init__(self, timer: Timer = cuda_timer, device: str = "cuda"):
+        self.timer, self.device = timer, device
+
+    def measure(self, job: Job, configs: Sequence[Config]) -> list[Measurement]:
+        try:
+            case = job.ref.spec.tune_case(job.pass_name, job.problem, self.device)
+        except Exception as e:
+            return [Measurement.failed(f"tune case failed: {type(e).__name__}: {e}")] * len(configs)
+        return [evaluate(case, c, self.timer) for c in configs]
+
+    def close(self) -> None:
+        pass
+
+
+def _worker_main(jobs, results, timer: Timer, device: str) -> None:
+    """Child process: for each job, build the case once, then report every candidate in turn."""
+    while True:
+        item = jobs.get()
+        if item is None:
+            return
+        module, name, pass_name, problem, todo = item
+        try:
+            case = load_spec(module, name).tune_case(pass_name, problem, device)
+        except Exception as e:
+            results.put(("case_failed", f"{type(e).__name__}: {e}"))
+            continue
+        results.put(("ready",))
+        for i, config in todo:
+            m = evaluate(case, config, timer)
+            results.put(("result", i, (m.median, m.p10, m.p90, m.status)))
+            if not m.usable and _device_broken(device):
+                os._exit(3)
+        del case
+        results.put(("done",))
+
+
+class Worker:
+    """A spawned worker; a candidate that runs past ``timeout`` seconds (or kills the worker) scores
+    inf, the worker is restarted and the remaining candidates go on. Building the case (inputs and
+    reference) may take ``setup_timeout`` seconds."""
+
+    def __init__(self, timeout: float = 60.0, timer: Timer = cuda_timer, device: str = "cuda",
+                 setup_timeout: float = 300.0):
+        self.timeout, self.timer, self.device, self.setup_timeout = timeout, timer, device, setup_timeout
+        self.ctx = mp.get_context("spawn")
+        self.proc = None
+
+    def _start(self) -> None:
+        self.jobs, self.results = self.ctx.Queue(), self.ctx.Queue()
+        self.proc = self.ctx.Process(target=_worker_main, args=(self.jobs, self.results, self.timer, self.device),
+                                     daemon=True)
+        self.proc.start()
+
+    def _get(self, timeout: float):
+        """The next message, or None if the worker died or ``timeout`` passed."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                return self.results.get(timeout=min(0.2, max(deadline - time.monotonic(), 0.01)))
+            except queue.Empty:
+                if not self.proc.is_alive():
+                    try:  # the last message may have landed just before it exited
+                        return self.results.get(timeout=0.2)
+                    except queue.Empty:
+                        return None
+        return None
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.join(5)
+            self.proc = None
+
+    def measure(self, job: Job, configs: Sequence[Config]) -> list[Measurement]:
+        out: list[Measurement | None] = [None] * len(configs)
+        todo = list(range(len(configs)))
+        while todo:
+            if self.proc is None or not self.proc.is_alive():
+                self._start()
+            self.jobs.put((job.ref.module, job.ref.name, job.pass_name, dict(job.problem),
+                           [(i, dict(configs[i])) for i in todo]))
+            msg = self._get(self.setup_timeout)
+            if msg is None or msg[0] != "ready":
+                why = msg[1] if msg else f"tune case timed out or crashed (>{self.setup_timeout:.0f} s)"
+                if msg is None:
+                    self.kill()
+                for i in todo:
+                    out[i] = Measurement.failed(f"tune case failed: {why}")
+                break
+            while todo:
+                msg = self._get(self.timeout)
+                if msg is None:  # hung or crashed on todo[0]
+                    self.kill()
+                    out[todo.pop(0)] = Measurement.failed(f"hung or crashed (killed after {self.timeout:.0f} s)")
+                    break
+                _, i, (median, p10, p90, status) = msg
+                out[i] = Measurement(median, p10, p90, status)
+                todo.remove(i)
+            if not todo and self.proc is not None:
+                if self._get(self.timeout) is None:  # "done"
+                    self.kill()
+        return out
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.is_alive():
+            self.jobs.put(None)
+            self.proc.join(10)
+        self.kill()
+
+
+# --- choosing and tuning ---
+
+def beats(candidate: Measurement, default: Measurement, margin: float = MARGIN) -> bool:
+    """More than the noise faster: p90 below the default's p10 and median more than ``margin`` lower."""
+    return (candidate.usable and candidate.p90 < default.p10
+            and candidate.median < default.median * (1 - margin))
+
+
+def choose(measured: Sequence[Measurement], default: int, margin: float = MARGIN) -> int | None:
+    """Index of the winner: the default unless some candidate beats it (then the fastest median, the
+    earliest on ties); if the default is unusable, the fastest usable; None if nothing is usable."""
+    pool = ([i for i, m in enumerate(measured) if i != default and beats(m, measured[default], margin)]
+            if measured[default].usable else [i for i, m in enumerate(measured) if m.usable])
+    if pool:
+        return min(pool, key=lambda i: (measured[i].median, i))
+    return default if measured[default].usable else None
+
+
+def _configs(spec: OpSpec, pass_name: str, problem: Problem) -> tuple[list[Config], int]:
+    """Today's candidates (+ the default if it is not one) and the index of the default."""
+    configs = list(spec.candidates[pass_name])
+    default = spec.heuristic(pass_name, problem)
+    for i, c in enumerate(configs):
+        if dict(c) == dict(default):
+            return configs, i
+    return configs + [default], len(configs)
+
+
+@dataclass
+class Outcome:
+    job: Job
+    status: str  # "tuned", "cached", "failed"
+    config: Config | None = None
+    ms: float = math.nan
+    default_ms: float = math.nan
+    is_default: bool = True
+    failures: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def speedup(self) -> float:
+        return self.default_ms / self.ms if self.ms and math.isfinite(self.default_ms) else math.nan
+
+
+def _entry(job: Job, config: Config, win: Measurement, default: Measurement) -> dict:
+    return {"op": job.ref.name, "pass": job.pass_name, "kernel": key.kernel_hash(job.ref.spec),
+            "problem": key.canonical_problem(job.problem), "config": dict(config),
+            "ms": win.median, "p10": win.p10, "p90": win.p90, "default_ms": default.median,
+            "speedup": default.median / win.median if default.usable else None,
+            "tuned": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+
+
+def tune_one(job: Job, runner, margin: float = MARGIN) -> tuple[Outcome, dict | None]:
+    """Measure every candidate of one job; the outcome and the cache entry to store (or None)."""
+    spec = job.ref.spec
+    configs, d = _configs(spec, job.pass_name, job.problem)
+    measured = runner.measure(job, configs)
+    failures = {str(dict(c)): m.status for c, m in zip(configs, measured) if not m.usable}
+    w = choose(measured, d, margin)
+    if w is None:
+        return Outcome(job, "failed", failures=failures), None
+    outcome = Outcome(job, "tuned", configs[w], measured[w].median, measured[d].median, w == d, failures)
+    if w >= len(spec.candidates[job.pass_name]):  # the default won but is no candidate: heuristic serves it
+        return outcome, None
+    return outcome, _entry(job, configs[w], measured[w], measured[d])
+
+
+def tune(jobs: Sequence[Job], runner, path: Path, device: Mapping, tools: Mapping, force: bool = False,
+         margin: float = MARGIN, progress: Callable[[Job, Outcome], None] | None = None) -> list[Outcome]:
+    """Tune ``jobs``, writing each result to the cache file ``path`` as soon as it is known; cached
+    entries (still candidates) are kept unless ``force``."""
+    cached = (store.read(path) or {}).get("entries", {}) if not force else {}
+    outcomes = []
+    for job in jobs:
+        hit = cached.get(job.key)
+        valid = hit is not None and any(dict(c) == hit["config"] for c in job.ref.spec.candidates[job.pass_name])
+        if valid:
+            outcome = Outcome(job, "cached", hit["config"], hit.get("ms", math.nan),
+                              hit.get("default_ms") or math.nan,
+                              hit["config"] == dict(job.ref.spec.heuristic(job.pass_name, job.problem)))
+        else:
+            outcome, entry = tune_one(job, runner, margin)
+            if entry is not None:
+                store.update(path, device, tools, {job.key: entry})
+            elif force:
+                store.update(path, device, tools, {}, drop={job.key})
+        outcomes.append(outcome)
+        if progress:
+            progress(job, outcome)
+    return outcomes
+
+
+def verify(jobs: Sequence[Job], entries: Mapping[str, Mapping], runner, margin: float = MARGIN) -> list[dict]:
+    """Re-time each cached winner that is not the default against the default: "faster" (still beats
+    it by more than the noise), "within noise" or "slower"."""
+    rows = []
+    for job in jobs:
+        e = entries.get(job.key)
+        default = job.ref.spec.heuristic(job.pass_name, job.problem)
+        if e is None or e["config"] == dict(default):
+            continue
+        win, base = runner.measure(job, [e["config"], default])
+        if beats(win, base, margin):
+            verdict = "faster"
+        elif not win.usable or win.median > base.median:
+            verdict = "slower"
+        else:
+            verdict = "within noise"
+        rows.append({"op": job.ref.name, "pass": job.pass_name, "problem": key.canonical_problem(job.problem),
+                     "config": e["config"], "default": dict(default), "ms": win.median, "default_ms": base.median,
+                     "speedup": base.median / win.median if win.usable else 0.0, "verdict": verdict,
+                     "cached_speedup": e.get("speedup")})
+    return rows
+
+
+def summarise(outcomes: Sequence[Outcome]) -> list[dict]:
+    """Per op/pass: problems, how many winners differ from the default, the most frequent winner,
+    summed tuned vs default time (ms) and their ratio, the best single speedup, failures."""
+    by_op: dict[str, list[Outcome]] = {}
+    for o in outcomes:
+        by_op.setdefault(f"{o.job.ref.name}/{o.job.pass_name}", []).append(o)
+    rows = []
+    for name, os_ in by_op.items():
+        ok = [o for o in os_ if o.config is not None]
+        timed = [o for o in ok if math.isfinite(o.ms) and math.isfinite(o.default_ms)]
+        ms, dms = sum(o.ms for o in timed), sum(o.default_ms for o in timed)
+        common = Counter(key.problem_string(dict(o.config)) for o in ok).most_common(1)
+        rows.append({"op": name, "problems": len(os_), "non_default": sum(not o.is_default for o in ok),
+                     "failed": sum(o.status == "failed" for o in os_), "winner": common[0][0] if common else "-",
+                     "ms": ms, "default_ms": dms, "speedup": dms / ms if ms else math.nan,
+                     "best_speedup": max((o.speedup for o in timed), default=math.nan)})
+    return rows
