@@ -1,0 +1,193 @@
+"""4-bit NF4 dequantize in bitsandbytes' layout, bit-exact with ``bitsandbytes.functional.dequantize_4bit``.
+
+Layout (bitsandbytes ``quantize_4bit``): the weight, flattened row-major, is cut into blocks of
+``blocksize`` (64) values; each byte holds two 4-bit codes, the element at the even index in the high
+nibble. Element ``e`` is ``code[nibble(e)] * absmax[e // blocksize]``, computed in fp32 and rounded
+once to the output dtype. With double quantization (``compress_statistics=True``) the absmax vector is
+itself stored as uint8 codes in blocks of 256: ``absmax[j] = code2[q[j]] * absmax2[j // 256] + offset``
+(a product rounded to fp32, then the sum rounded to fp32: the kernel is compiled without FMA fusion so
+that it rounds exactly as bitsandbytes does).
+
+One launch dequantizes the absmax and the weights together; the output can be a caller-given buffer
+(larger than needed is fine) so that one buffer serves every layer.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from fastbench.autotune.lookup import config_for
+from fastbench.autotune.spec import OpSpec, TuneCase
+
+
+@triton.jit
+def _dequantize_nf4_kernel(
+    packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr, numel,
+    BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Each program expands BLOCK packed bytes into 2 * BLOCK output elements."""
+    pid = tl.program_id(0).to(tl.int64)
+    byte = pid * BLOCK + tl.arange(0, BLOCK)
+    packed = tl.load(packed_ptr + byte, mask=byte < (numel + 1) // 2, other=0).to(tl.int32)
+    block = (2 * byte) // BLOCKSIZE  # both nibbles of a byte share a block: BLOCKSIZE is even
+    if NESTED:
+        q = tl.load(absmax_ptr + block, mask=2 * byte < numel, other=0).to(tl.int32)
+        scale = tl.load(code2_ptr + q) * tl.load(absmax2_ptr + block // BLOCKSIZE2, mask=2 * byte < numel, other=0)
+        scale = scale + tl.load(offset_ptr)
+    else:
+        scale = tl.load(absmax_ptr + block, mask=2 * byte < numel, other=0)
+    high = tl.load(code_ptr + (packed >> 4)) * scale
+    low = tl.load(code_ptr + (packed & 15)) * scale
+    values = tl.reshape(tl.join(high, low), (2 * BLOCK,))
+    offs = 2 * pid * BLOCK + tl.arange(0, 2 * BLOCK)
+    if out_ptr.dtype.element_ty == tl.int16:  # bf16 written as bits, rounded to nearest even by hand:
+        bits = values.to(tl.uint32, bitcast=True)  # the interpreter's fp32 -> bf16 cast truncates
+        values = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).to(tl.int16)
+    tl.store(out_ptr + offs, values.to(out_ptr.dtype.element_ty), mask=offs < numel)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def problem_key(shape, dtype: torch.dtype, blocksize: int, nested: bool) -> dict:
+    rows = math.prod(shape[:-1]) if len(shape) > 1 else 1
+    return {"rows": int(rows), "cols": int(shape[-1]), "dtype": _dtype_name(dtype),
+            "blocksize": int(blocksize), "nested": bool(nested)}
+
+
+def _launch(packed, absmax, code, out, numel, blocksize, nested, config):
+    absmax_q, absmax2, code2, offset, blocksize2 = absmax if nested else (absmax, absmax, code, absmax, 1)
+    block = config["BLOCK"]
+    grid = (triton.cdiv((numel + 1) // 2, block),)
+    _dequantize_nf4_kernel[grid](
+        packed, absmax_q, code, absmax2, code2, offset,
+        out.view(torch.int16) if out.dtype == torch.bfloat16 else out, numel,
+        BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2, NESTED=nested, BLOCK=block,
+        num_warps=config["num_warps"], num_stages=config["num_stages"], enable_fp_fusion=False,
+    )
+
+
+def _output_buffer(out, shape, dtype, device) -> torch.Tensor:
+    numel = math.prod(shape)
+    if out is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    if out.dtype != dtype or not out.is_contiguous() or out.numel() < numel or out.device != device:
+        raise ValueError(f"out must be a contiguous {dtype} tensor on {device} with at least {numel} "
+                         f"elements, got {out.dtype} {tuple(out.shape)} on {out.device}")
+    return out.view(-1)[:numel].view(shape)
+
+
+def dequantize_nf4(packed, absmax, code, *, shape, blocksize=64, absmax_code=None, absmax_scale=None,
+                   absmax_offset=None, absmax_blocksize=256, out=None, dtype=torch.bfloat16):
+    """Dequantize bitsandbytes-packed 4-bit codes to a ``shape`` tensor of ``dtype``.
+
+    ``packed``: the packed bytes (any storage dtype; read as uint8). ``absmax``: fp32 per-block scales,
+    or, double quantized, their uint8 codes, with ``absmax_code`` (256 fp32 values), ``absmax_scale``
+    (fp32, one per ``absmax_blocksize`` codes) and ``absmax_offset`` (a 0-d fp32 tensor).
+    ``code``: the 16-entry fp32 table (NF4). ``out``: optional contiguous buffer of ``dtype`` with at
+    least ``prod(shape)`` elements; the result is a view of its first elements.
+    """
+    shape = tuple(int(s) for s in shape)
+    numel = math.prod(shape)
+    nested = absmax.dtype == torch.uint8
+    if nested and (absmax_code is None or absmax_scale is None or absmax_offset is None):
+        raise ValueError("uint8 absmax (double quantization) needs absmax_code, absmax_scale, absmax_offset")
+    if blocksize % 2:
+        raise ValueError(f"blocksize must be even, got {blocksize}")
+    packed = packed.contiguous().view(torch.uint8).reshape(-1)
+    if packed.numel() < (numel + 1) // 2:
+        raise ValueError(f"{packed.numel()} packed bytes cannot hold {numel} 4-bit values")
+    result = _output_buffer(out, shape, dtype, packed.device)
+    if nested:
+        offset = torch.as_tensor(absmax_offset, dtype=torch.float32, device=packed.device).reshape(())
+        stats = (absmax, absmax_scale.float(), absmax_code.float(), offset, absmax_blocksize)
+    else:
+        stats = absmax.float()
+    config = config_for(SPEC, "fwd", problem_key(shape, dtype, blocksize, nested))
+    _launch(packed, stats, code.float(), result, numel, blocksize, nested, config)
+    return result
+
+
+def dequantize_nf4_weight(weight, out=None, *, quant_state=None):
+    """Dequantize a bitsandbytes ``Params4bit`` (or its packed data plus ``quant_state``) to a tensor of
+    ``quant_state.shape`` in ``quant_state.dtype``; bit-exact with ``dequantize_4bit``."""
+    state = quant_state if quant_state is not None else weight.quant_state
+    packed = weight.data if isinstance(weight, torch.nn.Parameter) else weight
+    common = dict(shape=state.shape, blocksize=state.blocksize, out=out, dtype=state.dtype)
+    if state.nested:
+        s2 = state.state2
+        return dequantize_nf4(packed, state.absmax, state.code, absmax_code=s2.code, absmax_scale=s2.absmax,
+                              absmax_offset=state.offset, absmax_blocksize=s2.blocksize, **common)
+    return dequantize_nf4(packed, state.absmax, state.code, **common)
+
+
+def reference(packed, absmax, code, *, shape, blocksize=64, absmax_code=None, absmax_scale=None,
+              absmax_offset=None, absmax_blocksize=256, dtype=torch.bfloat16):
+    """The same math in PyTorch (same argument meanings as :func:`dequantize_nf4`)."""
+    numel = math.prod(shape)
+    if absmax.dtype == torch.uint8:
+        scale2 = absmax_scale.float().repeat_interleave(absmax_blocksize)[: absmax.numel()]
+        absmax = absmax_code.float()[absmax.long()] * scale2 + absmax_offset
+    packed = packed.contiguous().view(torch.uint8).reshape(-1).long()
+    nibbles = torch.stack([packed >> 4, packed & 15], dim=-1).reshape(-1)[:numel]
+    values = code.float()[nibbles] * absmax.float().repeat_interleave(blocksize)[:numel]
+    return values.to(dtype).reshape(shape)
+
+
+# --- launch configs ------------------------------------------------------------------------------
+
+_CANDIDATES = [{"BLOCK": b, "num_warps": w, "num_stages": 1}
+               for b in (256, 512, 1024, 2048, 4096) for w in (2, 4, 8) if b // (32 * w) >= 2]
+
+
+def heuristic(pass_name, problem):
+    return {"BLOCK": 1024, "num_warps": 4, "num_stages": 1}
+
+
+def _projection_shapes(model_config):
+    c = model_config
+    hidden, inter = c.hidden_size, c.intermediate_size
+    head_dim = getattr(c, "head_dim", None) or hidden // c.num_attention_heads
+    q, kv = c.num_attention_heads * head_dim, c.num_key_value_heads * head_dim
+    # q, k, v, o, gate, up, down as nn.Linear weights [out_features, in_features]
+    return [(q, hidden), (kv, hidden), (kv, hidden), (hidden, q), (inter, hidden), (inter, hidden), (hidden, inter)]
+
+
+def problems(model_config, tokens, dtype):
+    """One dequantize per distinct projection shape; the token count does not enter."""
+    keys = [problem_key(s, dtype, 64, True) for s in _projection_shapes(model_config)]
+    unique = {tuple(sorted(k.items())): k for k in keys}
+    return [("fwd", k) for k in unique.values()]
+
+
+def tune_case(pass_name, problem, device):
+    import bitsandbytes.functional as bnbf
+
+    shape = (problem["rows"], problem["cols"])
+    dtype = getattr(torch, problem["dtype"])
+    weight = torch.randn(shape, dtype=dtype, device=device)
+    packed, state = bnbf.quantize_4bit(weight, blocksize=problem["blocksize"], quant_type="nf4",
+                                       compress_statistics=problem["nested"])
+    expected = bnbf.dequantize_4bit(packed, state)
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if state.nested:
+        s2 = state.state2
+        stats = (state.absmax, s2.absmax, s2.code, state.offset.reshape(()), s2.blocksize)
+    else:
+        stats = state.absmax
+    numel = math.prod(shape)
+
+    def run(config):
+        out.fill_(float("nan"))
+        _launch(packed.view(-1), stats, state.code, out, numel, state.blocksize, state.nested, config)
+        return out
+
+    return TuneCase(run=run, expected=expected, tolerance=0.0)
+
+
+SPEC = OpSpec(name="nf4_dequantize", candidates={"fwd": _CANDIDATES}, heuristic=heuristic,
+              tune_case=tune_case, problems=problems, kernels=(_dequantize_nf4_kernel,))

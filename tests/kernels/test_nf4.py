@@ -1,0 +1,94 @@
+"""NF4 dequantize: bit-exact against bitsandbytes (CPU) and against the PyTorch reference."""
+import pytest
+import torch
+
+bnb = pytest.importorskip("bitsandbytes")
+import bitsandbytes.functional as bnbf  # noqa: E402
+
+from fastbench.kernels import nf4  # noqa: E402
+
+# bitsandbytes 0.50.2's CPU dequantize is only right for widths that are a multiple of the blocksize
+# or odd (its generic path); 3 x 80 is checked against the reference instead (same flat layout as CUDA).
+BNB_SHAPES = [(64, 64), (128, 320), (17, 64), (1, 64), (5, 33), (7, 1)]
+
+
+def _quantize(shape, dtype, nested=True, quant_type="nf4"):
+    weight = torch.randn(shape, dtype=dtype) * torch.rand(()).add(0.5)
+    return bnbf.quantize_4bit(weight, quant_type=quant_type, compress_statistics=nested)
+
+
+@pytest.mark.parametrize("shape", BNB_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_bit_exact_with_bitsandbytes(seed, shape, dtype):
+    packed, state = _quantize(shape, dtype)
+    out = torch.full(shape, float("nan"), dtype=dtype)
+    got = nf4.dequantize_nf4_weight(packed, out, quant_state=state)
+    assert got.data_ptr() == out.data_ptr()
+    assert torch.equal(got, bnbf.dequantize_4bit(packed, state))
+
+
+@pytest.mark.parametrize("nested", [True, False])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_absmax_forms_and_fp4_table(seed, nested, quant_type):
+    packed, state = _quantize((33, 128), torch.bfloat16, nested, quant_type)
+    assert torch.equal(nf4.dequantize_nf4_weight(packed, quant_state=state), bnbf.dequantize_4bit(packed, state))
+
+
+def test_params4bit_and_quant_storage(seed):
+    for storage in (torch.uint8, torch.bfloat16, torch.float32):
+        param = bnb.nn.Params4bit(torch.randn(24, 128, dtype=torch.bfloat16), requires_grad=False,
+                                  quant_type="nf4", compress_statistics=True, quant_storage=storage)
+        param = param._quantize("cpu")
+        assert param.data.dtype == storage
+        assert torch.equal(nf4.dequantize_nf4_weight(param), bnbf.dequantize_4bit(param.data, param.quant_state))
+
+
+def test_rows_not_multiple_of_block_match_reference(seed):
+    packed, state = _quantize((3, 80), torch.bfloat16)
+    s2 = state.state2
+    expected = nf4.reference(packed, state.absmax, state.code, shape=(3, 80), absmax_code=s2.code,
+                             absmax_scale=s2.absmax, absmax_offset=state.offset, dtype=torch.bfloat16)
+    assert torch.equal(nf4.dequantize_nf4_weight(packed, quant_state=state), expected)
+
+
+def test_one_buffer_serves_every_layer(seed):
+    """A buffer sized for the largest layer is reused; each call writes only its own prefix."""
+    layers = [_quantize(shape, torch.bfloat16) for shape in [(128, 320), (17, 64), (64, 64)]]
+    buffer = torch.full((128 * 320,), float("nan"), dtype=torch.bfloat16)
+    for packed, state in layers:
+        got = nf4.dequantize_nf4_weight(packed, buffer, quant_state=state)
+        assert got.shape == state.shape and got.data_ptr() == buffer.data_ptr()
+        assert torch.equal(got, bnbf.dequantize_4bit(packed, state))
+
+
+def test_bad_out_buffer_is_rejected(seed):
+    packed, state = _quantize((17, 64), torch.bfloat16)
+    with pytest.raises(ValueError):
+        nf4.dequantize_nf4_weight(packed, torch.empty(17 * 64 - 1, dtype=torch.bfloat16), quant_state=state)
+    with pytest.raises(ValueError):
+        nf4.dequantize_nf4_weight(packed, torch.empty(17 * 64, dtype=torch.float16), quant_state=state)
+
+
+def test_every_candidate_is_exact(seed):
+    case = nf4.tune_case("fwd", nf4.problem_key((9, 192), torch.bfloat16, 64, True), "cpu")
+    for config in nf4.SPEC.candidates["fwd"][::4]:
+        assert torch.equal(case.run(config), case.expected), config
+
+
+def test_problems_cover_the_projections():
+    from fastbench.presets import build_config
+
+    probs = nf4.problems(build_config("llama-3-8b"), 4096, torch.bfloat16)
+    shapes = {(p["rows"], p["cols"]) for _, p in probs}
+    assert shapes == {(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)}
+    assert all(p == "fwd" and nf4.heuristic(p, prob) in nf4.SPEC.candidates["fwd"] for p, prob in probs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336), (3584, 18944)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_bit_exact_with_bitsandbytes_gpu(seed, shape, dtype):
+    weight = torch.randn(shape, dtype=dtype, device="cuda")
+    packed, state = bnbf.quantize_4bit(weight, quant_type="nf4", compress_statistics=True)
+    out = torch.full(shape, float("nan"), dtype=dtype, device="cuda")
+    assert torch.equal(nf4.dequantize_nf4_weight(packed, out, quant_state=state), bnbf.dequantize_4bit(packed, state))
