@@ -184,8 +184,8 @@ def evaluate(case: TuneCase, config: Config, timer: Timer) -> Measurement:
         return Measurement.failed(f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
 
 
-def cuda_timer(run: Callable[[], Any], warmup_ms: float = 25.0, rep_ms: float = 200.0,
-               min_reps: int = 25, max_reps: int = 2000) -> list[float]:
+def cuda_timer(run: Callable[[], Any], warmup_ms: float = 10.0, rep_ms: float = 60.0,
+               min_reps: int = 25, max_reps: int = 500) -> list[float]:
     """Per-repeat milliseconds by CUDA events, after warm-up, with L2 flushed before every repeat."""
     import torch
 

@@ -1,0 +1,67 @@
+"""A fake op for the autotune tests: a pure-torch "kernel" whose candidates behave by their BLOCK
+(fine, raise, wrong answer, NaN, hang, crash) and a fake timer that reads per-BLOCK samples.
+
+Importable by name so that a spawned tuner worker can load it too (its globals start from these
+defaults there)."""
+import os
+import time
+
+import torch
+
+from fastbench.autotune.spec import OpSpec, TuneCase
+
+BEHAVIOUR = {16: "ok", 32: "ok", 64: "raise", 128: "wrong", 256: "nan", 512: "hang", 1024: "crash"}
+# per-BLOCK timer samples (ms); tests overwrite entries in-process
+TIMES = {16: [1.0] * 9, 32: [1.0] * 9, 64: [0.1] * 9, 128: [0.1] * 9, 256: [0.1] * 9,
+         512: [0.1] * 9, 1024: [0.1] * 9}
+LAST = {}
+
+
+def fake_kernel(x, config):
+    """y = 2 x, unless the config's BLOCK says otherwise."""
+    LAST.update(config)
+    mode = BEHAVIOUR[config["BLOCK"]]
+    if mode == "raise":
+        raise RuntimeError("out of resources: shared memory")
+    if mode == "hang":
+        time.sleep(3600)
+    if mode == "crash":
+        os._exit(7)
+    y = 2 * x
+    if mode == "wrong":
+        y = y + 1
+    if mode == "nan":
+        y = y.clone()
+        y[0, 0] = float("nan")
+    return y
+
+
+def fake_timer(run):
+    run()
+    return TIMES[LAST["BLOCK"]]
+
+
+def heuristic(pass_name, problem):
+    return {"BLOCK": 32, "num_warps": 2}
+
+
+def problems(model_config, tokens, dtype):
+    p = {"dtype": str(dtype).removeprefix("torch."), "hidden": model_config.hidden_size, "tokens": tokens}
+    return [("fwd", p), ("bwd", p)]
+
+
+def tune_case(pass_name, problem, device):
+    x = torch.randn(3, 5, device=device) + 0.5
+    return TuneCase(lambda config: fake_kernel(x, config), 2 * x, 1e-5)
+
+
+def _candidates(blocks):
+    return [{"BLOCK": b, "num_warps": 2 if b == 32 else 4} for b in blocks]
+
+
+SPEC = OpSpec("fake", {"fwd": _candidates([16, 32, 64, 128, 256]), "bwd": _candidates([16, 32])},
+              heuristic, tune_case=tune_case, problems=problems, kernels=(fake_kernel,))
+# candidates that hang or kill the process: only for the tests that run a worker process
+UNRULY = OpSpec("fake_unruly", {"fwd": _candidates([32, 512, 1024, 16])}, heuristic,
+                tune_case=tune_case, problems=problems, kernels=(fake_kernel,))
+SPECS = [UNRULY]
