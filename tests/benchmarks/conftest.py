@@ -1,0 +1,20 @@
+"""Kernel microbenchmarks (GPU only): files named bench_*.py are collected here too, and every item in
+this folder is marked `gpu`.
+
+Run on the GPU machine: `pytest tests/benchmarks -m gpu --benchmark-only --benchmark-json=OUT.json`.
+"""
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).parent
+
+
+def pytest_collect_file(file_path, parent):
+    if file_path.suffix == ".py" and file_path.name.startswith("bench_"):
+        return pytest.Module.from_parent(parent, path=file_path)
+
+
+def pytest_itemcollected(item):
+    if HERE in Path(item.path).parents:
+        item.add_marker(pytest.mark.gpu)
