@@ -96,3 +96,103 @@ def build_model(preset: Preset | str, dtype=None, device="cpu", seed: int = 0):
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
     return model.eval()
+
+
+class NotAModel(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """What ``--model`` named: a preset (random weights) or a local checkpoint directory."""
+
+    name: str
+    preset: Preset | None = None
+    path: str | None = None
+    max_seq_len: int = 0
+    vocab_size: int = 0
+    model_type: str = ""
+    prequantized_4bit: bool = False  # a bitsandbytes 4-bit checkpoint, loaded as it is
+
+
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
+
+
+def resolve_model(name_or_path: str) -> ModelSource:
+    """A preset name, or a local Hugging Face checkpoint directory (config.json plus weights).
+
+    Reads only config.json (no torch import); raises UnknownPreset or NotAModel with the reason."""
+    import json
+    import os
+
+    if name_or_path in PRESETS:
+        p = PRESETS[name_or_path]
+        return ModelSource(p.name, preset=p, max_seq_len=p.max_seq_len,
+                           vocab_size=int(p.config["vocab_size"]), model_type=p.model_type)
+    looks_like_path = os.sep in name_or_path or name_or_path.startswith(".") or os.path.exists(name_or_path)
+    if not looks_like_path:
+        get_preset(name_or_path)  # raises UnknownPreset listing the valid names
+    path = os.path.abspath(os.path.expanduser(name_or_path))
+    if not os.path.isdir(path):
+        raise NotAModel(f"{name_or_path!r} is not a model: no such directory (and not a preset: "
+                        f"{', '.join(PRESETS)})")
+    config_file = os.path.join(path, "config.json")
+    try:
+        with open(config_file) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise NotAModel(f"{name_or_path!r} is not a model: cannot read config.json ({e})") from None
+    if "vocab_size" not in config:  # multimodal configs nest the language model's
+        config = config.get("text_config", config)
+    if not any(os.path.exists(os.path.join(path, w)) for w in _WEIGHT_FILES) and not any(
+            f.endswith(".safetensors") for f in os.listdir(path)):
+        raise NotAModel(f"{name_or_path!r} is not a model: no weights (*.safetensors or "
+                        "pytorch_model.bin) beside config.json")
+    if "vocab_size" not in config or "max_position_embeddings" not in config:
+        raise NotAModel(f"{name_or_path!r} is not a causal LM checkpoint: config.json has no "
+                        "vocab_size/max_position_embeddings")
+    quant = config.get("quantization_config") or {}
+    return ModelSource(name_or_path, path=path, max_seq_len=int(config["max_position_embeddings"]),
+                       vocab_size=int(config["vocab_size"]), model_type=config.get("model_type", ""),
+                       prequantized_4bit=bool(quant.get("load_in_4bit")) or quant.get("quant_type") == "nf4")
+
+
+def save_checkpoint(preset: Preset | str, directory: str, dtype=None, device="cpu", seed: int = 0) -> str:
+    """Write the preset's random-weight model (``build_model(preset, dtype, device, seed)``) and a small
+    word-level tokenizer to ``directory`` as a Hugging Face checkpoint, atomically (a temporary
+    directory renamed into place), so loaders that need a path (bitsandbytes quantization on load,
+    Unsloth) see exactly the weights the in-memory arms build."""
+    import os
+    import shutil
+    import tempfile
+
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    if os.path.isdir(directory):
+        return directory
+    parent = os.path.dirname(os.path.abspath(directory))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".partial-", dir=parent)
+    try:
+        model = build_model(preset, dtype=dtype, device=device, seed=seed)
+        model.save_pretrained(tmp)
+        del model
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        specials = ["<pad>", "<s>", "</s>", "<unk>"]
+        vocab = {t: i for i, t in enumerate(specials + [f"t{i}" for i in range(252)])}
+        tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
+                                eos_token="</s>", unk_token="<unk>").save_pretrained(tmp)
+        try:
+            os.rename(tmp, directory)
+        except OSError:  # another process won the race; its copy holds the same weights
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory

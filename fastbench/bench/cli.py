@@ -1,0 +1,201 @@
+"""``fastbench compare``: controlled speed/VRAM comparisons of LoRA arms, results, reports and
+regression checks."""
+from __future__ import annotations
+
+
+import click
+
+# option name -> RunConfig field; the options a saved configuration (--from/--resume) fixes
+_RUN_OPTIONS = {"seq_len": "seq_len", "batch": "batch", "grad_accum": "grad_accum", "steps": "steps",
+                "warmup": "warmup", "lora_r": "lora_r", "lora_alpha": "lora_alpha",
+                "lora_dropout": "lora_dropout", "targets": "targets", "lr": "lr", "seed": "seed",
+                "dtype": "dtype", "gradient_checkpointing": "gradient_checkpointing", "device": "device",
+                "pad_fraction": "pad_fraction"}
+_COMPARE_OPTIONS = ("models", "arms", "repeats", "baseline_arm", "loss_tolerance")
+
+# what a bare `fastbench compare` runs
+GPU_DEFAULTS = dict(models="llama-3.2-1b", arms="peft,qlora", seq_len=2048, batch=2, steps=10, warmup=3, repeats=2)
+CPU_DEFAULTS = dict(models="llama-3.2-1b-tiny", arms="peft,qlora", seq_len=128, batch=2, steps=4, warmup=1,
+                    repeats=1)
+
+
+def _split(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _load(path: str) -> dict:
+    from fastbench.bench import results as results_io
+
+    try:
+        return results_io.read(path)
+    except results_io.BadResults as e:
+        raise click.UsageError(str(e)) from None
+
+
+def _resolve(opts: dict) -> dict:
+    """The comparison config (the ``compare`` block of a results file) from options and defaults."""
+    import torch
+
+    from fastbench.bench.arms import RunConfig, get_arm, unique_labels
+
+    cuda = torch.cuda.is_available()
+    device = opts["device"] or ("cuda" if cuda else "cpu")
+    if device.startswith("cuda") and not cuda:
+        raise click.UsageError(f"--device {device}: no CUDA GPU is visible here")
+    defaults = GPU_DEFAULTS if device.startswith("cuda") else CPU_DEFAULTS
+    value = {k: (opts[k] if opts.get(k) is not None else defaults.get(k)) for k in opts}
+    run = RunConfig(device=device)
+    for option, field in _RUN_OPTIONS.items():
+        if option != "device" and value.get(option) is not None:
+            setattr(run, field, value[option])
+    run.targets = tuple(_split(run.targets)) if isinstance(run.targets, str) else run.targets
+    labels = unique_labels(_split(value["arms"] or ""))
+    models = _split(value["models"] or "")
+    if not labels or not models:
+        raise click.UsageError("--arms and --models must each name at least one")
+    baseline = value["baseline_arm"] or ("peft" if "peft" in labels else labels[0])
+    if baseline not in labels:
+        raise click.UsageError(f"--baseline-arm {baseline!r} is not among --arms ({', '.join(labels)})")
+    if value["repeats"] <= 0:
+        raise click.UsageError(f"repeats must be positive, got {value['repeats']}")
+    from fastbench.bench.stats import LOSS_TOLERANCE
+
+    tol = dict(LOSS_TOLERANCE)
+    if value.get("loss_tolerance") is not None:
+        tol = {"same": value["loss_tolerance"], "cross": max(value["loss_tolerance"], tol["cross"])}
+    compare = {"models": models, "arms": labels, "repeats": value["repeats"], "baseline_arm": baseline,
+               "loss_tolerance": tol, "run": {k: v for k, v in run.to_dict().items() if k != "model"}}
+    compare["kinds"] = {label: get_arm(label, check_installed=False).loss_kind for label in labels}
+    return compare
+
+
+def _validate(compare: dict) -> None:
+    """Every model and arm usable on this machine, every size sane; UsageError otherwise."""
+    from fastbench.bench.arms import RunConfig, get_arm
+
+    for label in compare["arms"]:
+        get_arm(label)
+    for model in compare["models"]:
+        RunConfig.from_dict({**compare["run"], "model": model}).validate()
+
+
+def summarize_results(results: dict) -> dict:
+    from fastbench.bench.stats import summarize
+
+    c = results["compare"]
+    return summarize(results["runs"], c["arms"], c["models"], c["baseline_arm"], c["kinds"], c["loss_tolerance"])
+
+
+@click.command("compare")
+@click.option("--models", "--model", "models", metavar="LIST",
+              help="Comma-separated presets or local checkpoint directories "
+                   "[GPU: llama-3.2-1b; CPU: llama-3.2-1b-tiny].")
+@click.option("--arms", metavar="LIST", help="Comma-separated arm labels, e.g. peft,qlora,fused-4bit:ckpt=offload; "
+                                             "repeat one (peft,peft) for an A/A run [peft,qlora].")
+@click.option("--seq-len", type=int, help="Tokens per sequence [GPU 2048; CPU 128].")
+@click.option("--batch", type=int, help="Sequences per micro-batch [2].")
+@click.option("--grad-accum", type=int, help="Micro-batches per optimizer step [1].")
+@click.option("--steps", type=int, help="Timed steps per process [GPU 10; CPU 4].")
+@click.option("--warmup", type=int, help="Warm-up steps per process, reported apart [GPU 3; CPU 1].")
+@click.option("--repeats", type=int, help="Processes per (arm, model) [GPU 2; CPU 1].")
+@click.option("--lora-r", type=int, help="LoRA rank [16].")
+@click.option("--lora-alpha", type=int, help="LoRA alpha [16].")
+@click.option("--lora-dropout", type=float, help="LoRA dropout [0].")
+@click.option("--targets", metavar="LIST", help="LoRA target modules [the 7 projections].")
+@click.option("--lr", type=float, help="AdamW learning rate [2e-4].")
+@click.option("--seed", type=int, help="Seed of the weights, LoRA init and data [0].")
+@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), help="Compute dtype [bfloat16].")
+@click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None,
+              help="Activation checkpointing [on].")
+@click.option("--device", help="cuda, cuda:N or cpu [cuda if available].")
+@click.option("--pad-fraction", type=float, help="Mean fraction of right padding per sequence [0].")
+@click.option("--baseline-arm", help="Arm the ratios and loss checks refer to [peft].")
+@click.option("--loss-tolerance", type=float, help="Relative tolerance of the first steps' losses against "
+                                                    "an arm of the same kind [0.01; bf16 vs 4-bit: 0.02].")
+@click.option("--from", "from_path", type=click.Path(dir_okay=False), help="Re-run the configuration of a results file.")
+@click.option("--resume", "resume_path", type=click.Path(dir_okay=False),
+              help="Finish a partial or interrupted results file (runs only its missing processes).")
+@click.option("--against", "against_path", type=click.Path(dir_okay=False),
+              help="Compare with an earlier results file; exit non-zero on a regression.")
+@click.option("--max-regression", default="5%", show_default=True,
+              help="Allowed tokens/s drop or peak-memory rise against --against (beyond the noise).")
+@click.option("--results-dir", default="results", show_default=True, type=click.Path(file_okay=False))
+@click.option("--reports-dir", default="reports", show_default=True, type=click.Path(file_okay=False))
+@click.option("--timeout", type=float, default=None, help="Seconds one process may take before it is "
+                                                         "recorded as 'timeout' [none].")
+@click.pass_context
+def compare(ctx, from_path, resume_path, against_path, max_regression, results_dir, reports_dir, timeout, **opts):
+    """Train each arm on each model for a few steps, every (arm, model, repeat) in a fresh process,
+    and compare tokens/s, peak memory and the first losses against the baseline arm.
+
+    Writes RESULTS_DIR/<date>-<gpu>-<id>.json (+ .csv) and REPORTS_DIR/<id>.md with plots. Exit code 1
+    if an arm failed (other than out of memory), a loss mismatched, or --against found a regression;
+    130 if interrupted. With no options: a short llama-3.2-1b peft vs qlora run on a GPU, the tiny
+    preset on a CPU."""
+    from fastbench.bench import regress, report, results as results_io
+    from fastbench.bench.arms import MissingPackage, UnknownArm
+    from fastbench.bench.runner import run_compare
+    from fastbench.env import collect_environment
+    from fastbench.presets import NotAModel, UnknownPreset
+
+    explicit = {k for k in opts if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
+    if from_path and resume_path:
+        raise click.UsageError("--from and --resume exclude each other")
+    saved = from_path or resume_path
+    if saved and explicit:
+        raise click.UsageError(f"--{'from' if from_path else 'resume'} runs the saved configuration; drop "
+                               + ", ".join("--" + k.replace("_", "-") for k in sorted(explicit)))
+    try:
+        threshold = regress.parse_threshold(max_regression)
+    except ValueError as e:
+        raise click.UsageError(f"--max-regression: {e}") from None
+    old = _load(against_path) if against_path else None
+    try:
+        if resume_path:
+            results = _load(resume_path)
+            compare_cfg = results["compare"]
+        else:
+            compare_cfg = _load(from_path)["compare"] if from_path else _resolve(opts)
+        _validate(compare_cfg)
+    except (UnknownArm, MissingPackage, UnknownPreset, NotAModel, ValueError) as e:
+        raise click.UsageError(str(e)) from None
+
+    environment = collect_environment()
+    if not resume_path:
+        results = results_io.new_results(results_io.new_run_id(environment), compare_cfg, environment)
+    results["environment"] = environment
+    if not environment["gpu"]:
+        click.echo(f"note: {report.CPU_NOTE}")
+    click.echo(f"fastbench compare {results['id']}: {', '.join(compare_cfg['arms'])} on "
+               f"{', '.join(compare_cfg['models'])}, {compare_cfg['repeats']} repeat(s)")
+    finished = run_compare(results, results_dir, timeout=timeout)
+
+    results["summary"] = summarize_results(results)
+    regressions = None
+    if old is not None:
+        old["summary"] = summarize_results(old)
+        regressions = regress.find_regressions(results, old, threshold)
+        results["against"] = {"path": against_path, "id": old["id"], "max_regression": threshold,
+                              "regressions": regressions}
+    json_path = results_io.write(results, results_dir)
+    report_path = report.write_report(results, reports_dir, regressions, against_path)
+
+    summary = results["summary"]
+    click.echo("")
+    click.echo("\n".join(report.table(summary, compare_cfg["baseline_arm"])))
+    for line in report.loss_lines(summary):
+        click.echo(line.replace("**", ""))
+    for r in regressions or []:
+        click.echo(regress.describe(r))
+    click.echo(f"\nresults: {json_path}\nreport:  {report_path}")
+    if not finished:
+        ctx.exit(130)
+    failed = [r for r in results["runs"] if r["status"] not in ("ok", "oom")]
+    problems = ([f"{r['arm']} on {r['model']} (repeat {r['repeat'] + 1}) {r['status']}" for r in failed]
+                + [f"loss mismatch: {c['arm']} vs {c['reference']} on {c['model']}"
+                   for c in summary["loss_checks"] if c["mismatch"]]
+                + [regress.describe(r) for r in regressions or []])
+    if problems:
+        click.echo("FAILED: " + "; ".join(problems), err=True)
+        ctx.exit(1)
+

@@ -1,0 +1,136 @@
+"""``reports/<id>.md``: the environment, the table per model and arm, the loss check, the noise floor,
+regressions, and two PNG plots (tokens/s with its p10-p90 spread, peak memory with its min-max over
+repeats), drawn with matplotlib's Agg backend."""
+from __future__ import annotations
+
+import os
+
+from fastbench.bench.regress import describe as describe_regression
+
+CPU_NOTE = "CPU run: these figures prove the pipeline works end to end, not how fast anything is."
+
+
+def _fmt(value, spec=",.0f", missing="n/a") -> str:
+    return missing if value is None else format(value, spec)
+
+
+def loss_lines(summary: dict) -> list[str]:
+    lines = []
+    for c in summary["loss_checks"]:
+        text = (f"{c['arm']} vs {c['reference']} on {c['model']}: first losses {_losses(c['losses'])} vs "
+                f"{_losses(c['reference_losses'])}, max relative difference {c['max_rel_diff']:.2e} "
+                f"(tolerance {c['tolerance']:.0e})")
+        lines.append(f"**LOSS MISMATCH: {text}**" if c["mismatch"] else f"ok: {text}")
+    return lines
+
+
+def _losses(values) -> str:
+    return "[" + ", ".join(f"{v:.4f}" for v in values) + "]"
+
+
+def table(summary: dict, baseline: str) -> list[str]:
+    head = ["model", "arm", "tokens/s (median)", "p10-p90", f"ratio vs {baseline} [95% CI]", "s/step",
+            "peak alloc GiB", "reserved GiB", "NVML GiB", "load s", "first step s", "runs"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for r in summary["rows"]:
+        if not r.get("ok_runs"):
+            cells = [r["model"], r["arm"], r["status"].upper()] + [""] * (len(head) - 4) + [f"{r['runs']}"]
+        else:
+            ratio = (f"{r['ratio']:.2f} [{r['ratio_lo']:.2f}, {r['ratio_hi']:.2f}]" if "ratio" in r else "n/a")
+            cells = [r["model"], r["arm"], _fmt(r["tokens_per_s"]),
+                     f"{_fmt(r['tokens_per_s_p10'])}-{_fmt(r['tokens_per_s_p90'])}", ratio,
+                     _fmt(r["step_s"], ".3f"), _fmt(r["peak_allocated_gib"], ".2f"),
+                     _fmt(r["peak_reserved_gib"], ".2f"), _fmt(r["nvml_process_gib"] or r["nvml_device_gib"], ".2f"),
+                     _fmt(r["load_s"], ".1f"), _fmt(r["first_step_s"], ".2f"),
+                     f"{r['ok_runs']}/{r['runs']}" + ("" if r["status"] == "ok" else f" ({r['status']})")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def plot(summary: dict, path_stem: str) -> list[str]:
+    """Write <stem>-tokens_per_s.png and <stem>-peak_memory.png; returns their file names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    rows = [r for r in summary["rows"] if r.get("ok_runs")]
+    models = list(dict.fromkeys(r["model"] for r in summary["rows"]))
+    arms = list(dict.fromkeys(r["arm"] for r in summary["rows"]))
+    names = []
+    for metric, lo, hi, ylabel, suffix in (
+            ("tokens_per_s", "tokens_per_s_p10", "tokens_per_s_p90", "tokens/s (median, p10-p90)", "tokens_per_s"),
+            ("peak_allocated_gib", "peak_allocated_gib_min", "peak_allocated_gib_max",
+             "peak allocated GiB (median, min-max)", "peak_memory")):
+        if not any(r.get(metric) is not None for r in rows):
+            continue  # no CUDA memory figures on a CPU
+        fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(models) * len(arms)), 3.6))
+        width = 0.8 / max(1, len(arms))
+        for j, arm in enumerate(arms):
+            xs, ys, errs = [], [], [[], []]
+            for i, model in enumerate(models):
+                r = next((r for r in rows if r["model"] == model and r["arm"] == arm and r.get(metric) is not None),
+                         None)
+                if r is None:
+                    continue
+                xs.append(i + (j - (len(arms) - 1) / 2) * width)
+                ys.append(r[metric])
+                errs[0].append(r[metric] - r[lo])
+                errs[1].append(r[hi] - r[metric])
+            if xs:
+                ax.bar(xs, ys, width, yerr=np.array(errs), capsize=3, label=arm)
+        ax.set_xticks(range(len(models)), models)
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize="small")
+        fig.tight_layout()
+        name = f"{os.path.basename(path_stem)}-{suffix}.png"
+        fig.savefig(os.path.join(os.path.dirname(path_stem), name), dpi=110)
+        plt.close(fig)
+        names.append(name)
+    return names
+
+
+def write_report(results: dict, reports_dir: str, regressions: list[dict] | None = None,
+                 against: str | None = None) -> str:
+    os.makedirs(reports_dir, exist_ok=True)
+    summary, compare, env = results["summary"], results["compare"], results["environment"]
+    run = compare["run"]
+    versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)
+    lines = [f"# fastbench compare {results['id']}", "",
+             f"- status: {results['status']}; created {results['created']}",
+             f"- GPU: {env['gpu'] or 'none (CPU)'}; driver {env['driver'] or 'n/a'}; CUDA {env['cuda'] or 'n/a'}",
+             f"- versions: {versions}; git {env['git_sha'] or 'n/a'}{' (dirty)' if env.get('git_dirty') else ''}",
+             f"- models {', '.join(compare['models'])}; arms {', '.join(compare['arms'])}; "
+             f"{compare['repeats']} repeats, {run['warmup']} warm-up + {run['steps']} timed steps",
+             f"- seq {run['seq_len']}, batch {run['batch']}, grad accum {run['grad_accum']}, LoRA r={run['lora_r']} "
+             f"alpha={run['lora_alpha']} dropout={run['lora_dropout']} on {', '.join(run['targets'])}, lr {run['lr']}, "
+             f"{run['dtype']}, checkpointing {'on' if run['gradient_checkpointing'] else 'off'}, seed {run['seed']}, "
+             f"padding {run['pad_fraction']:.0%}", ""]
+    if not env["gpu"]:
+        lines += [f"> {CPU_NOTE}", ""]
+    lines += table(summary, compare["baseline_arm"]) + [""]
+    lines += ["## Losses of the first steps", ""] + [f"- {x}" for x in loss_lines(summary) or ["nothing to compare"]]
+    if summary["noise_floor"]:
+        lines += ["", "## A/A noise floor", ""]
+        lines += [f"- {n['twin']} / {n['arm']} on {n['model']}: tokens/s ratio {n['ratio']:.3f} "
+                  f"[{n['ratio_lo']:.3f}, {n['ratio_hi']:.3f}]; peak memory differs by {n['memory_noise']:.2%}"
+                  for n in summary["noise_floor"]]
+    failed = [r for r in results["runs"] if r["status"] != "ok"]
+    if failed:
+        lines += ["", "## Processes that did not finish", ""]
+        lines += [f"- {r['arm']} on {r['model']}, repeat {r['repeat'] + 1}: {r['status']} in {r['phase']}: "
+                  f"{(r['error'] or '').splitlines()[0][:300] if r['error'] else ''}" for r in failed]
+    if against is not None:
+        lines += ["", f"## Against {against}", ""]
+        lines += [f"- **{describe_regression(r)}**" for r in regressions] or ["- no regression"]
+    tiers = {r["arm"]: r["autotune_tiers"] for r in results["runs"] if r.get("autotune_tiers")}
+    if tiers:
+        lines += ["", "## Autotune tier per op", ""] + [f"- {arm}: {t}" for arm, t in tiers.items()]
+    stem = os.path.join(reports_dir, results["id"])
+    if any(r.get("ok_runs") for r in summary["rows"]):
+        lines += [""] + [f"![{name}]({name})" for name in plot(summary, stem)]
+    path = stem + ".md"
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path

@@ -1,0 +1,96 @@
+"""Results files: ``<results-dir>/<date>-<gpu>-<short id>.json`` plus a long-format CSV beside it.
+
+The JSON holds the schema version, the resolved comparison config (``compare``: models, arm labels,
+repeats, baseline, tolerances and the RunConfig every process got), the environment, every worker
+record (``runs``) and the statistics (``summary``). It is rewritten after every process, with
+``status`` "partial" until the last one finishes ("interrupted" after Ctrl-C), so a killed run keeps
+what it measured and ``--resume`` can finish it.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import re
+import secrets
+
+SCHEMA = "fastbench.compare/1"
+
+
+class BadResults(ValueError):
+    pass
+
+
+def gpu_slug(environment: dict) -> str:
+    name = environment.get("gpu") or "cpu"
+    name = re.sub(r"^(nvidia|amd)\s+", "", name.lower())
+    return re.sub(r"[^a-z0-9]+", "-", name).strip("-")[:24] or "gpu"
+
+
+def new_run_id(environment: dict) -> str:
+    return f"{datetime.date.today().isoformat()}-{gpu_slug(environment)}-{secrets.token_hex(3)}"
+
+
+def new_results(run_id: str, compare: dict, environment: dict) -> dict:
+    return {"schema": SCHEMA, "id": run_id, "created": datetime.datetime.now().isoformat(timespec="seconds"),
+            "status": "partial", "compare": compare, "environment": environment, "runs": [], "summary": None}
+
+
+def json_path(results_dir: str, run_id: str) -> str:
+    return os.path.join(results_dir, run_id + ".json")
+
+
+def write(results: dict, results_dir: str) -> str:
+    """Write the JSON atomically and the long-format CSV; returns the JSON path."""
+    os.makedirs(results_dir, exist_ok=True)
+    path = json_path(results_dir, results["id"])
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(tmp, path)
+    long_frame(results).to_csv(os.path.splitext(path)[0] + ".csv", index=False)
+    return path
+
+
+def read(path: str) -> dict:
+    """Load a results file; a missing, unreadable or foreign file raises BadResults saying which."""
+    try:
+        with open(path) as f:
+            results = json.load(f)
+    except OSError as e:
+        raise BadResults(f"cannot read results file {path}: {e.strerror}") from None
+    except ValueError as e:
+        raise BadResults(f"{path} is not a fastbench results file (not JSON: {e})") from None
+    if not isinstance(results, dict) or not str(results.get("schema", "")).startswith("fastbench.compare/"):
+        raise BadResults(f"{path} is not a fastbench results file (no 'schema': {SCHEMA!r})")
+    if results["schema"] != SCHEMA:
+        raise BadResults(f"{path} has schema {results['schema']!r}; this fastbench reads {SCHEMA!r}")
+    for key in ("id", "compare", "environment", "runs"):
+        if key not in results:
+            raise BadResults(f"{path} is not a complete fastbench results file (no {key!r})")
+    return results
+
+
+_RUN_METRICS = ("load_s", "materialize_s", "first_step_s", "peak_allocated_gib", "peak_reserved_gib",
+                "nvml_process_gib", "nvml_device_gib")
+
+
+def long_frame(results: dict):
+    """One row per measured value: run id, arm, model, repeat, status, metric, step, value
+    (step is empty for per-process metrics; warm-up steps are metric ``warmup_step_s``)."""
+    import pandas as pd
+
+    rows = []
+    for r in results["runs"]:
+        key = {"run_id": results["id"], "arm": r["arm"], "model": r["model"], "repeat": r["repeat"],
+               "status": r["status"]}
+        rows += [{**key, "metric": m, "step": None, "value": r.get(m)} for m in _RUN_METRICS]
+        rows += [{**key, "metric": "warmup_step_s", "step": i, "value": v} for i, v in enumerate(r["warmup_step_s"])]
+        rows += [{**key, "metric": "loss", "step": i, "value": v} for i, v in enumerate(r["losses"])]
+        warm = len(r["warmup_step_s"])
+        for i, (s, t) in enumerate(zip(r["step_s"], r["tokens_per_step"])):
+            rows += [{**key, "metric": "step_s", "step": warm + i, "value": s},
+                     {**key, "metric": "tokens", "step": warm + i, "value": t},
+                     {**key, "metric": "tokens_per_s", "step": warm + i, "value": t / s}]
+    columns = ["run_id", "arm", "model", "repeat", "status", "metric", "step", "value"]
+    return pd.DataFrame(rows, columns=columns)

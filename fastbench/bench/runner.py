@@ -1,0 +1,111 @@
+"""Runs a comparison: every (arm, model, repeat) in a fresh ``python -m fastbench.bench.worker``
+process, arms interleaved and rotated from one repeat to the next (so no arm always runs first or
+right after a given one), results written after every process.
+
+Workers run in a scratch directory (not the repository root, where ``import bitsandbytes`` would find
+``kernels/`` under its bare name), offline (no hub access), with one shared directory for the preset
+checkpoints that path-based loaders need (removed at the end unless $FASTBENCH_CHECKPOINT_CACHE names
+one). Ctrl-C stops after writing what was measured, status "interrupted".
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from typing import Callable
+
+import click
+
+from fastbench.bench import results as results_io
+from fastbench.bench.worker import new_record
+
+
+def plan(labels: list[str], models: list[str], repeats: int) -> list[tuple[int, str, str]]:
+    """(repeat, model, arm) in run order: repeat r runs the arms rotated by r."""
+    order = []
+    for r in range(repeats):
+        rotated = labels[r % len(labels):] + labels[:r % len(labels)]
+        order += [(r, model, arm) for model in models for arm in rotated]
+    return order
+
+
+def _tail(path: str, chars: int = 1500) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return f.read()[-chars:]
+    except OSError:
+        return ""
+
+
+def run_one(label: str, model: str, repeat: int, run_config: dict, workdir: str, env: dict,
+            timeout: float | None) -> dict:
+    """One worker process; a crash or a timeout becomes a record with that status and the log tail."""
+    stem = os.path.join(workdir, f"{len(os.listdir(workdir)):04d}-{label.replace(':', '_').replace('#', '_')}"
+                                 f"-{model.replace('/', '_')}-r{repeat}")
+    config = {**run_config, "model": model}
+    with open(stem + ".spec.json", "w") as f:
+        json.dump({"arm": label, "repeat": repeat, "config": config}, f)
+    out, log = stem + ".out.json", stem + ".log"
+    try:
+        with open(log, "w") as logf:
+            proc = subprocess.run([sys.executable, "-m", "fastbench.bench.worker", stem + ".spec.json", out],
+                                  cwd=workdir, env=env, stdout=logf, stderr=subprocess.STDOUT, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return new_record(label, model, repeat, config, "timeout", f"no result after {timeout:.0f} s; log:\n"
+                          + _tail(log))
+    if proc.returncode != 0 or not os.path.exists(out):
+        return new_record(label, model, repeat, config, "crashed",
+                          f"worker exited with code {proc.returncode}; log:\n" + _tail(log))
+    with open(out) as f:
+        return json.load(f)
+
+
+def worker_env(checkpoint_cache: str) -> dict:
+    env = dict(os.environ)
+    env.setdefault("FASTBENCH_CHECKPOINT_CACHE", checkpoint_cache)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+def run_compare(results: dict, results_dir: str, timeout: float | None = None,
+                echo: Callable[..., None] = click.echo) -> bool:
+    """Run every planned process that ``results["runs"]`` lacks (all of them for a new run; the rest
+    for a resumed one), appending records and rewriting the results file after each. Returns False if
+    interrupted (Ctrl-C); the file then has status "interrupted"."""
+    compare = results["compare"]
+    done = {(r["arm"], r["model"], r["repeat"]) for r in results["runs"]}
+    todo = [p for p in plan(compare["arms"], compare["models"], compare["repeats"]) if (p[2], p[1], p[0]) not in done]
+    scratch = tempfile.mkdtemp(prefix="fastbench-compare-")
+    env = worker_env(os.path.join(scratch, "checkpoints"))
+    workdir = os.path.join(scratch, "runs")
+    os.makedirs(workdir)
+    try:
+        for i, (repeat, model, label) in enumerate(todo, 1):
+            echo(f"[{i}/{len(todo)}] {label} on {model}, repeat {repeat + 1}/{compare['repeats']} ... ", nl=False)
+            record = run_one(label, model, repeat, compare["run"], workdir, env, timeout)
+            results["runs"].append(record)
+            results_io.write(results, results_dir)
+            echo(describe_record(record))
+    except KeyboardInterrupt:
+        results["status"] = "interrupted"
+        results_io.write(results, results_dir)
+        echo("\ninterrupted: kept the finished processes' measurements")
+        return False
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    results["status"] = "complete"
+    return True
+
+
+def describe_record(r: dict) -> str:
+    if r["status"] != "ok":
+        first_line = (r["error"] or "").splitlines()[0] if r["error"] else ""
+        return f"{r['status'].upper()} ({r['phase']}): {first_line[:200]}"
+    tps = sum(r["tokens_per_step"]) / sum(r["step_s"])
+    mem = f", peak {r['peak_allocated_gib']:.1f} GiB" if r["peak_allocated_gib"] is not None else ""
+    return f"{tps:,.0f} tokens/s{mem} (load {r['load_s']:.1f} s, first step {r['first_step_s']:.2f} s)"

@@ -1,0 +1,146 @@
+"""Statistics over worker records: per (model, arm) medians and spreads, ratios against the baseline
+arm with a bootstrap confidence interval, the A/A noise floor, and the loss check.
+
+Throughput is pooled over the timed steps of all repeats (tokens/s of each step); its p10-p90 is the
+step-to-step spread, and ``repeat_spread`` = (max - min) / median of the per-repeat medians is the
+process-to-process spread. The ratio's CI resamples repeats, then steps within each chosen repeat
+(two-level bootstrap, seeded), so a difference between processes widens it.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+BOOTSTRAP_SAMPLES = 2000
+LOSS_STEPS = 3  # the first steps' losses compared across arms
+LOSS_TOLERANCE = {"same": 0.01, "cross": 0.02}  # relative; "cross": bf16 vs nf4 arms
+
+
+def step_tokens_per_s(record: dict) -> np.ndarray:
+    return np.asarray(record["tokens_per_step"], float) / np.asarray(record["step_s"], float)
+
+
+def _ok(records: list[dict]) -> list[dict]:
+    return [r for r in records if r["status"] == "ok" and r["step_s"]]
+
+
+def _median(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return float(np.median(values)) if values else None
+
+
+def _spread(values) -> float:
+    values = [v for v in values if v is not None]
+    return float((max(values) - min(values)) / np.median(values)) if len(values) > 1 else 0.0
+
+
+def summarize_arm(records: list[dict]) -> dict:
+    """One (model, arm): medians, p10/p90 and spreads; ``status`` is "ok", "oom", "error" or a mix."""
+    ok = _ok(records)
+    statuses = sorted({r["status"] for r in records})
+    row = {"runs": len(records), "ok_runs": len(ok), "status": "/".join(statuses)}
+    if not ok:
+        return row
+    tps = np.concatenate([step_tokens_per_s(r) for r in ok])
+    step_s = np.concatenate([np.asarray(r["step_s"], float) for r in ok])
+    row.update(
+        tokens_per_s=float(np.median(tps)), tokens_per_s_p10=float(np.percentile(tps, 10)),
+        tokens_per_s_p90=float(np.percentile(tps, 90)),
+        step_s=float(np.median(step_s)), step_s_p10=float(np.percentile(step_s, 10)),
+        step_s_p90=float(np.percentile(step_s, 90)),
+        repeat_spread=_spread([float(np.median(step_tokens_per_s(r))) for r in ok]),
+        load_s=_median(r["load_s"] for r in ok), first_step_s=_median(r["first_step_s"] for r in ok))
+    for key in ("peak_allocated_gib", "peak_reserved_gib", "nvml_process_gib", "nvml_device_gib"):
+        row[key] = _median(r[key] for r in ok)
+        values = [r[key] for r in ok if r[key] is not None]
+        row[key + "_min"], row[key + "_max"] = (min(values), max(values)) if values else (None, None)
+    row["memory_spread"] = _spread([r["peak_allocated_gib"] for r in ok])
+    return row
+
+
+def bootstrap_ratio(arm: list[np.ndarray], base: list[np.ndarray], samples: int = BOOTSTRAP_SAMPLES,
+                    seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
+    """Ratio of median tokens/s (arm / base) and its CI. Each argument holds one array of per-step
+    values per repeat; each bootstrap sample draws repeats with replacement, then steps within them."""
+    rng = np.random.default_rng(seed)
+
+    def resample(groups):
+        picks = rng.integers(0, len(groups), len(groups))
+        return np.median(np.concatenate([rng.choice(groups[i], len(groups[i])) for i in picks]))
+
+    point = float(np.median(np.concatenate(arm)) / np.median(np.concatenate(base)))
+    ratios = np.array([resample(arm) / resample(base) for _ in range(samples)])
+    lo, hi = np.percentile(ratios, [50 * (1 - level), 50 * (1 + level)])
+    return point, float(lo), float(hi)
+
+
+def loss_rel_diff(losses: list[float], reference: list[float], steps: int = LOSS_STEPS) -> float:
+    """The largest relative difference over the first ``steps`` losses; inf where either is NaN or
+    inf, or where ``losses`` is shorter than the reference's first steps."""
+    n = min(steps, len(reference))
+    if len(losses) < n:
+        return math.inf
+    worst = 0.0
+    for a, b in zip(losses[:n], reference[:n]):
+        if not (math.isfinite(a) and math.isfinite(b)):
+            return math.inf
+        worst = max(worst, abs(a - b) / max(abs(b), 1e-12))
+    return worst
+
+
+def median_losses(records: list[dict]) -> list[float]:
+    """Per step, the median loss over the repeats that ran it (warm-up steps included: step 1 first)."""
+    runs = [r["losses"] for r in records if r["losses"]]
+    n = max((len(x) for x in runs), default=0)
+    return [float(np.median([x[i] for x in runs if len(x) > i])) for i in range(n)]
+
+
+def summarize(records: list[dict], labels: list[str], models: list[str], baseline: str,
+              kinds: dict[str, str], loss_tolerance: dict[str, float] = LOSS_TOLERANCE) -> dict:
+    """Rows per (model, arm) with ratios to ``baseline``; the loss check; the A/A noise floor.
+
+    ``kinds`` maps each label to "bf16" or "nf4". An arm's losses are compared with the baseline's
+    when both are the same kind (tolerance "same"); otherwise with the first arm of its own kind in
+    ``labels`` (tolerance "same"), and the first of each kind with the baseline (tolerance "cross").
+    """
+    rows, loss_checks, noise = [], [], []
+    for model in models:
+        by_arm = {a: [r for r in records if r["model"] == model and r["arm"] == a] for a in labels}
+        base_ok = _ok(by_arm.get(baseline, []))
+        base_steps = [step_tokens_per_s(r) for r in base_ok]
+        base_losses = median_losses(by_arm.get(baseline, []))
+        for label in labels:
+            row = {"model": model, "arm": label, "kind": kinds[label], **summarize_arm(by_arm[label])}
+            ok = _ok(by_arm[label])
+            if ok and base_steps:
+                row["ratio"], row["ratio_lo"], row["ratio_hi"] = bootstrap_ratio(
+                    [step_tokens_per_s(r) for r in ok], base_steps)
+            rows.append(row)
+            if label == baseline or not by_arm[label]:
+                continue
+            same_kind = [a for a in labels if kinds[a] == kinds[label] and _ok(by_arm[a])]
+            if kinds[label] == kinds[baseline] or not same_kind or same_kind[0] == label:
+                ref, tol = baseline, loss_tolerance["same" if kinds[label] == kinds[baseline] else "cross"]
+                ref_losses = base_losses
+            else:
+                ref, tol = same_kind[0], loss_tolerance["same"]
+                ref_losses = median_losses(by_arm[ref])
+            losses = median_losses(by_arm[label])
+            if not ref_losses or not _ok(by_arm[label]):
+                continue  # nothing to compare (OOM or failed runs are reported as such)
+            diff = loss_rel_diff(losses, ref_losses)
+            loss_checks.append({"model": model, "arm": label, "reference": ref, "tolerance": tol,
+                                "losses": losses[:LOSS_STEPS], "reference_losses": ref_losses[:LOSS_STEPS],
+                                "max_rel_diff": diff, "mismatch": not diff <= tol})
+        for label in labels:  # A/A pairs: "x" and "x#2" measure the noise floor
+            twin = label.split("#")[0]
+            if "#" in label and twin in by_arm and _ok(by_arm[twin]) and _ok(by_arm[label]):
+                ratio, lo, hi = bootstrap_ratio([step_tokens_per_s(r) for r in _ok(by_arm[label])],
+                                                [step_tokens_per_s(r) for r in _ok(by_arm[twin])])
+                mem = [_median(r["peak_allocated_gib"] for r in _ok(by_arm[a])) for a in (twin, label)]
+                noise.append({"model": model, "arm": twin, "twin": label, "ratio": ratio, "ratio_lo": lo,
+                              "ratio_hi": hi, "tokens_per_s_noise": abs(ratio - 1),
+                              "memory_noise": _spread(mem) if None not in mem else 0.0})
+    return {"rows": rows, "loss_checks": loss_checks, "noise_floor": noise}
+

@@ -1,0 +1,163 @@
+"""One benchmark process: ``python -m fastbench.bench.worker <spec.json> <out.json>``.
+
+The spec holds ``arm`` (a label), ``repeat`` and ``config`` (a RunConfig dict). The worker builds the
+arm (load time), runs ``warmup`` steps timed on the wall clock (the first one is the time to first
+step) and ``steps`` timed steps (CUDA events on a GPU, no synchronisation in between; perf_counter on
+a CPU), and writes one record: per-step times, tokens and losses, peak memory three ways (torch
+allocated, torch reserved, NVML for this process) and the autotune tier per op. Running out of memory
+gives status "oom" (simulate with FASTBENCH_SIMULATE_OOM=<label or arm name>); any other failure
+status "error" with its message. A step is: forward with labels and backward for each micro-batch
+(loss divided by grad_accum), optimizer step, zero grad.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+
+GIB = 2**30
+
+
+def _nvml_gib(device_index: int) -> tuple[float | None, float | None]:
+    """(this process's GPU memory, the whole device's used memory) in GiB from NVML, None if unknown."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(device_index)
+        device_used = pynvml.nvmlDeviceGetMemoryInfo(handle).used / GIB
+        mine = [p.usedGpuMemory for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
+                if p.pid == os.getpid() and p.usedGpuMemory]
+        return (mine[0] / GIB if mine else None), device_used
+    except Exception:  # no NVML, no permission, or PIDs in another namespace
+        return None, None
+
+
+def _autotune_tiers() -> dict | None:
+    try:
+        from fastbench.autotune import lookup
+    except ImportError:
+        return None
+    tiers = getattr(lookup, "tiers_used", None)
+    return dict(tiers()) if callable(tiers) else None
+
+
+def _is_oom(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def new_record(label: str, model: str, repeat: int, config: dict, status: str = "ok",
+               error: str | None = None) -> dict:
+    """A worker record with nothing measured yet (the runner also uses it for processes that died)."""
+    return {"arm": label, "model": model, "repeat": repeat, "status": status, "error": error,
+            "phase": "load", "load_s": None, "materialize_s": 0.0, "first_step_s": None,
+            "warmup_step_s": [], "step_s": [], "tokens_per_step": [], "losses": [],
+            "peak_allocated_gib": None, "peak_reserved_gib": None, "nvml_process_gib": None,
+            "nvml_device_gib": None, "autotune_tiers": None, "config": config}
+
+
+def run(spec: dict) -> dict:
+    from fastbench.bench import arms
+
+    label = spec["arm"]
+    name, options = arms.parse_label(label)
+    arm = arms.get_arm(label)
+    for module in arm.import_first:  # Unsloth patches transformers on import: it must come first
+        __import__(module)
+    import torch
+
+    from fastbench.bench.data import count_tokens, make_steps
+
+    cfg = arms.RunConfig.from_dict(spec["config"])
+    cfg.arm_options = {**cfg.arm_options, **options}
+    record = new_record(label, cfg.model, spec.get("repeat", 0), cfg.to_dict())
+    cuda = cfg.device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    losses = []
+    try:
+        if cuda:
+            torch.cuda.set_device(torch.device(cfg.device))
+        vocab_size = cfg.validate().vocab_size
+        t0 = time.perf_counter()
+        model = arm.build(cfg)
+        sync()
+        record["materialize_s"] = arms.materialize_seconds
+        record["load_s"] = time.perf_counter() - t0 - arms.materialize_seconds
+        if cuda and arms.materialize_seconds:  # writing the checkpoint is not this arm's memory
+            torch.cuda.reset_peak_memory_stats()
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise RuntimeError(f"arm {label!r} built a model with no trainable parameters")
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, fused=cuda)
+        batches = make_steps(cfg, vocab_size, cfg.device)
+        simulate = os.environ.get("FASTBENCH_SIMULATE_OOM", "")
+
+        def step(micro_batches):
+            total = 0.0
+            for b in micro_batches:
+                loss = model(**b).loss / cfg.grad_accum
+                loss.backward()
+                total = total + loss.detach()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(total)
+
+        record["phase"] = "warmup"
+        for i in range(cfg.warmup):
+            t = time.perf_counter()
+            step(batches[i])
+            sync()
+            record["warmup_step_s"].append(time.perf_counter() - t)
+        record["phase"] = "timed"
+        if simulate in (label, name):
+            raise torch.OutOfMemoryError(f"simulated out of memory (FASTBENCH_SIMULATE_OOM={simulate})")
+        timed = batches[cfg.warmup:]
+        if cuda:
+            events = [torch.cuda.Event(enable_timing=True) for _ in range(len(timed) + 1)]
+            events[0].record()
+            for i, b in enumerate(timed):
+                step(b)
+                events[i + 1].record()
+            sync()
+            record["step_s"] = [events[i].elapsed_time(events[i + 1]) / 1e3 for i in range(len(timed))]
+        else:
+            for b in timed:
+                t = time.perf_counter()
+                step(b)
+                record["step_s"].append(time.perf_counter() - t)
+        record["first_step_s"] = (record["warmup_step_s"] or record["step_s"])[0]
+        record["tokens_per_step"] = [count_tokens(b) for b in timed]
+        record["phase"] = "done"
+    except Exception as exc:  # recorded, never raised: the run goes on with the next arm
+        record["status"] = "oom" if _is_oom(exc) else "error"
+        record["error"] = f"{type(exc).__name__}: {exc}"[:2000]
+        record["traceback"] = traceback.format_exc()[-4000:]
+    record["losses"] = [float(x) for x in losses]
+    if cuda:
+        record["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / GIB
+        record["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / GIB
+        record["nvml_process_gib"], record["nvml_device_gib"] = _nvml_gib(torch.cuda.current_device())
+    record["autotune_tiers"] = _autotune_tiers()
+    return record
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2:
+        print(__doc__.splitlines()[0], file=sys.stderr)
+        return 2
+    with open(argv[0]) as f:
+        spec = json.load(f)
+    record = run(spec)
+    tmp = argv[1] + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(record, f)
+    os.replace(tmp, argv[1])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

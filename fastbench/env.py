@@ -1,0 +1,94 @@
+"""``fastbench env``: what this machine has (GPU, driver, CUDA, library versions, git SHA, the autotune
+cache state). ``collect_environment()`` is also what every results file records."""
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import platform
+import subprocess
+
+import click
+
+LIBRARIES = ("torch", "triton", "transformers", "peft", "bitsandbytes", "accelerate", "fastbench",
+             "liger_kernel", "unsloth", "trl")
+
+
+def _version(dist: str) -> str | None:
+    for name in (dist, dist.replace("_", "-")):
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def _git(*args: str) -> str | None:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        out = subprocess.run(["git", "-C", root, *args], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def _driver() -> str | None:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        version = pynvml.nvmlSystemGetDriverVersion()
+        return version.decode() if isinstance(version, bytes) else version
+    except Exception:  # no NVML library or no driver
+        return None
+
+
+def _autotune_state() -> object:
+    try:
+        from fastbench.autotune import cache
+    except ImportError:
+        return "not available"
+    describe = getattr(cache, "describe", None)
+    return describe() if callable(describe) else "not available"
+
+
+def collect_environment() -> dict:
+    import torch
+
+    env = {"python": platform.python_version(), "platform": platform.platform(),
+           "cpu_count": os.cpu_count(), "cuda": torch.version.cuda, "gpu": None, "gpu_count": 0,
+           "compute_capability": None, "gpu_memory_gib": None, "driver": _driver(),
+           "versions": {lib: _version(lib) for lib in LIBRARIES},
+           "git_sha": _git("rev-parse", "HEAD")}
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    env["git_dirty"] = None if status is None else bool(status)
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        env.update(gpu=props.name, gpu_count=torch.cuda.device_count(),
+                   compute_capability=f"{props.major}.{props.minor}",
+                   gpu_memory_gib=round(props.total_memory / 2**30, 1), sm_count=props.multi_processor_count)
+    env["autotune"] = _autotune_state()
+    return env
+
+
+def format_environment(env: dict) -> str:
+    gpu = (f"{env['gpu']} x{env['gpu_count']} (sm {env['compute_capability']}, {env['gpu_memory_gib']} GiB)"
+           if env["gpu"] else "none (CPU only)")
+    sha = env["git_sha"] or "not a git checkout"
+    if env["git_sha"] and env["git_dirty"]:
+        sha += " (uncommitted changes)"
+    lines = [f"GPU:       {gpu}", f"driver:    {env['driver'] or 'n/a'}", f"CUDA:      {env['cuda'] or 'n/a'}",
+             f"python:    {env['python']} on {env['platform']}", f"git:       {sha}", "libraries:"]
+    lines += [f"  {lib:<13} {v or 'not installed'}" for lib, v in env["versions"].items()]
+    autotune = env["autotune"]
+    lines.append("autotune cache: " + (autotune if isinstance(autotune, str)
+                                       else "\n" + json.dumps(autotune, indent=2, default=str)))
+    return "\n".join(lines)
+
+
+@click.command("env")
+@click.option("--json", "as_json", is_flag=True, help="Print the environment as JSON.")
+def env_command(as_json: bool):
+    """Show the GPU, driver, CUDA, library versions, git SHA and the autotune cache state."""
+    env = collect_environment()
+    click.echo(json.dumps(env, indent=2, default=str) if as_json else format_environment(env))
