@@ -22,7 +22,6 @@ import math
 import multiprocessing as mp
 import os
 import pkgutil
-import queue
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -245,26 +244,32 @@ class InProcess:
         pass
 
 
-def _worker_main(jobs, results, timer: Timer, device: str) -> None:
-    """Child process: for each job, build the case once, then report every candidate in turn."""
+def _worker_main(conn, timer: Timer, device: str) -> None:
+    """Child process: for each job, build the case once, then report every candidate in turn (a
+    pipe, not a queue: each message is written before the next candidate can kill the process)."""
     while True:
-        item = jobs.get()
+        item = conn.recv()
         if item is None:
             return
         module, name, pass_name, problem, todo = item
         try:
             case = load_spec(module, name).tune_case(pass_name, problem, device)
         except Exception as e:
-            results.put(("case_failed", f"{type(e).__name__}: {e}"))
+            conn.send(("case_failed", f"{type(e).__name__}: {e}"))
             continue
-        results.put(("ready",))
+        conn.send(("ready",))
         for i, config in todo:
             m = evaluate(case, config, timer)
-            results.put(("result", i, (m.median, m.p10, m.p90, m.status)))
+            conn.send(("result", i, (m.median, m.p10, m.p90, m.status)))
             if not m.usable and _device_broken(device):
+                conn.send(("restart",))  # a sticky CUDA error: the next candidates need a new process
                 os._exit(3)
         del case
-        results.put(("done",))
+        if device.startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()
+        conn.send(("done",))
 
 
 class Worker:
@@ -279,29 +284,24 @@ class Worker:
         self.proc = None
 
     def _start(self) -> None:
-        self.jobs, self.results = self.ctx.Queue(), self.ctx.Queue()
-        self.proc = self.ctx.Process(target=_worker_main, args=(self.jobs, self.results, self.timer, self.device),
-                                     daemon=True)
+        self.conn, child = self.ctx.Pipe()
+        self.proc = self.ctx.Process(target=_worker_main, args=(child, self.timer, self.device), daemon=True)
         self.proc.start()
+        child.close()
 
-    def _get(self, timeout: float):
-        """The next message, or None if the worker died or ``timeout`` passed."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                return self.results.get(timeout=min(0.2, max(deadline - time.monotonic(), 0.01)))
-            except queue.Empty:
-                if not self.proc.is_alive():
-                    try:  # the last message may have landed just before it exited
-                        return self.results.get(timeout=0.2)
-                    except queue.Empty:
-                        return None
-        return None
+    def _get(self, timeout: float) -> tuple:
+        """The next message, ``("timeout",)`` or ``("died", exit code)``."""
+        try:
+            return self.conn.recv() if self.conn.poll(timeout) else ("timeout",)
+        except (EOFError, OSError):
+            self.proc.join(5)
+            return ("died", self.proc.exitcode)
 
     def kill(self) -> None:
         if self.proc is not None:
             self.proc.kill()
             self.proc.join(5)
+            self.conn.close()
             self.proc = None
 
     def measure(self, job: Job, configs: Sequence[Config]) -> list[Measurement]:
@@ -310,33 +310,42 @@ class Worker:
         while todo:
             if self.proc is None or not self.proc.is_alive():
                 self._start()
-            self.jobs.put((job.ref.module, job.ref.name, job.pass_name, dict(job.problem),
-                           [(i, dict(configs[i])) for i in todo]))
+            try:
+                self.conn.send((job.ref.module, job.ref.name, job.pass_name, dict(job.problem),
+                                [(i, dict(configs[i])) for i in todo]))
+            except OSError:  # it died since the last job
+                self.kill()
+                continue
             msg = self._get(self.setup_timeout)
-            if msg is None or msg[0] != "ready":
-                why = msg[1] if msg else f"tune case timed out or crashed (>{self.setup_timeout:.0f} s)"
-                if msg is None:
+            if msg[0] != "ready":
+                why = {"timeout": f"timed out after {self.setup_timeout:g} s",
+                       "died": f"crashed the worker (exit code {msg[-1]})"}.get(msg[0], msg[-1])
+                if msg[0] != "case_failed":
                     self.kill()
                 for i in todo:
                     out[i] = Measurement.failed(f"tune case failed: {why}")
                 break
             while todo:
                 msg = self._get(self.timeout)
-                if msg is None:  # hung or crashed on todo[0]
+                if msg[0] == "restart":
                     self.kill()
-                    out[todo.pop(0)] = Measurement.failed(f"hung or crashed (killed after {self.timeout:.0f} s)")
+                    break
+                if msg[0] != "result":  # todo[0] hung or took the worker down
+                    why = (f"hung: killed after {self.timeout:g} s" if msg[0] == "timeout"
+                           else f"crashed the worker (exit code {msg[-1]})")
+                    self.kill()
+                    out[todo.pop(0)] = Measurement.failed(why)
                     break
                 _, i, (median, p10, p90, status) = msg
                 out[i] = Measurement(median, p10, p90, status)
                 todo.remove(i)
-            if not todo and self.proc is not None:
-                if self._get(self.timeout) is None:  # "done"
-                    self.kill()
+            if not todo and self.proc is not None and self._get(self.timeout)[0] != "done":
+                self.kill()
         return out
 
     def close(self) -> None:
         if self.proc is not None and self.proc.is_alive():
-            self.jobs.put(None)
+            self.conn.send(None)
             self.proc.join(10)
         self.kill()
 

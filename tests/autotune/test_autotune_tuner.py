@@ -1,0 +1,200 @@
+"""The tuner with a fake op and a fake timer: noise rule, ties, failure scoring, persistence,
+the killable worker, and the `fastbench tune` command."""
+import json
+import math
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import autotune_fake_op as fake
+from fastbench.autotune import cli, key, lookup, store, tuner
+
+DEVICE = {"name": "h200", "cc": "9.0", "sms": 132}
+TOOLS = {"triton": "3.6.0", "cuda": "13.0"}
+REF = tuner.SpecRef("autotune_fake_op", fake.SPEC)
+C16, C32, C64, C128, C256 = fake.SPEC.candidates["fwd"]
+
+
+class Model:  # the one attribute the fake op's problems() reads
+    def __init__(self, hidden):
+        self.hidden_size = hidden
+
+
+def M(*samples):
+    return tuner.Measurement.of(samples)
+
+
+def noisy(center, spread, n=21):
+    return [center + spread * (i / (n - 1) - 0.5) for i in range(n)]
+
+
+@pytest.fixture
+def runner():
+    return tuner.InProcess(timer=fake.fake_timer, device="cpu")
+
+
+def job(tokens=1000, hidden=64, pass_name="fwd"):
+    return tuner.make_job(REF, pass_name, {"dtype": "float32", "hidden": hidden, "tokens": tokens})
+
+
+def test_measurement_quantiles():
+    m = M(*range(1, 12))  # 1..11
+    assert (m.median, m.p10, m.p90) == (6, 2, 10) and m.usable
+    assert not M(1.0, math.nan).usable and not M().usable
+
+
+@pytest.mark.parametrize("candidate, wins", [
+    ([0.9] * 9, True),                # 10% faster, no overlap
+    ([0.98] * 9, False),              # no overlap but within the 3% margin
+    (noisy(0.8, 0.6), False),         # 20% faster median, but its p90 overlaps the default's p10
+    (noisy(0.8, 0.1), True),
+    ([1.0] * 9, False),               # a tie keeps the default
+    ([math.inf] * 9, False),
+])
+def test_noise_rule(candidate, wins):
+    default = M(*noisy(1.0, 0.05))
+    assert tuner.beats(M(*candidate), default) is wins
+    assert tuner.choose([default, M(*candidate)], 0) == (1 if wins else 0)
+
+
+def test_ties_go_to_the_earliest_and_failures_never_win():
+    fail = tuner.Measurement.failed("boom")
+    assert tuner.choose([M(1.0), M(0.5), M(0.5), M(0.6)], 0) == 1
+    assert tuner.choose([M(1.0), M(0.6), M(0.5), M(0.5)], 3) == 3  # equal to the default: no change
+    assert tuner.choose([fail, M(0.7), M(0.6), M(0.6)], 0) == 2  # default unusable: fastest usable
+    assert tuner.choose([fail, fail], 1) is None
+
+
+def test_rel_error():
+    x = torch.randn(4, 5) + 0.5
+    assert tuner.rel_error(x.clone(), x) == 0
+    assert 0 < tuner.rel_error(x * (1 + 1e-3), x) < 2e-3
+    y = x.clone()
+    y[1, 2] = math.nan
+    assert tuner.rel_error(y, x) == math.inf
+    assert tuner.rel_error(x[:3], x) == math.inf
+    assert tuner.rel_error((x, None), (x, None)) == 0
+    assert tuner.rel_error((x,), (x, x)) == math.inf
+
+
+def test_failures_score_inf_and_the_sweep_goes_on(runner, monkeypatch):
+    monkeypatch.setitem(fake.TIMES, 16, [0.5] * 9)
+    outcome, entry = tuner.tune_one(job(), runner)
+    assert outcome.status == "tuned" and outcome.config == C16 and not outcome.is_default
+    assert outcome.ms == 0.5 and outcome.default_ms == 1.0 and outcome.speedup == 2.0
+    failures = {json.dumps(eval(k)["BLOCK"]): v for k, v in outcome.failures.items()}
+    assert failures.keys() == {"64", "128", "256"}  # the raising, wrong and NaN ones (timed at 0.1 ms)
+    assert failures["64"].startswith("RuntimeError: out of resources")
+    assert failures["128"].startswith("wrong answer") and failures["256"].startswith("wrong answer")
+    assert entry["config"] == C16 and entry["op"] == "fake" and entry["problem"]["tokens"] == 1024
+
+
+def test_tune_persists_each_problem_skips_cached_and_forces(runner, tmp_path, monkeypatch):
+    monkeypatch.setitem(fake.TIMES, 16, [0.5] * 9)
+    path = tmp_path / key.file_name(DEVICE, TOOLS)
+    jobs = tuner.plan([REF], [Model(64), Model(64), Model(96)], [1000, 1024, 4096], torch.float32)
+    assert len(jobs) == 8  # 2 hidden sizes x 2 buckets x 2 passes; duplicates planned once
+    seen = []
+
+    def progress(j, outcome):
+        seen.append(len(store.read(path)["entries"]))
+        if len(seen) == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        tuner.tune(jobs, runner, path, DEVICE, TOOLS, progress=progress)
+    assert seen == [1, 2, 3]  # each problem is on disk before the next starts
+
+    calls = []
+    counting = tuner.InProcess(timer=lambda run: calls.append(1) or fake.fake_timer(run), device="cpu")
+    outcomes = tuner.tune(jobs, counting, path, DEVICE, TOOLS)
+    assert [o.status for o in outcomes] == ["cached"] * 3 + ["tuned"] * 5
+    assert len(store.read(path)["entries"]) == 8
+    fwd = [o for o in outcomes if o.job.pass_name == "fwd"]
+    assert all(o.config == C16 for o in fwd)
+
+    calls.clear()
+    monkeypatch.setitem(fake.TIMES, 16, [1.0] * 9)  # now a tie: --force brings the default back
+    outcomes = tuner.tune(jobs, counting, path, DEVICE, TOOLS, force=True)
+    assert all(o.status == "tuned" and o.is_default for o in outcomes) and len(calls) == 4 * 2 + 4 * 2
+    assert all(e["config"] in (C32, fake.SPEC.candidates["bwd"][1]) for e in store.read(path)["entries"].values())
+
+    # and the lookup serves the stored winners
+    lk = lookup.Lookup(device=DEVICE, tools=TOOLS, root=tmp_path, bundled=tmp_path / "none")
+    assert lk.resolve(fake.SPEC, "fwd", {"dtype": "float32", "hidden": 96, "tokens": 3000})[1] == "exact"
+
+
+def test_token_buckets():
+    assert tuner.token_buckets(1024, 16384) == [1024, 2048, 4096, 8192, 16384]
+    assert tuner.token_buckets(1000, 5000) == [1024, 2048, 4096, 8192]
+    assert tuner.token_buckets(4096, 4096) == [4096]
+
+
+def test_verify_flags_winners_within_noise_or_slower(runner, monkeypatch):
+    j = job()
+    entries = {j.key: {"config": dict(C16)}, job(hidden=7).key: {"config": dict(C32)}}  # the 2nd is the default
+    for t16, verdict in (([0.5] * 9, "faster"), ([0.99] * 9, "within noise"), ([1.2] * 9, "slower")):
+        monkeypatch.setitem(fake.TIMES, 16, t16)
+        rows = tuner.verify([j, job(hidden=7)], entries, runner)
+        assert [r["verdict"] for r in rows] == [verdict]
+
+
+def test_worker_kills_hung_and_crashing_candidates():
+    """A spawned worker: the hanging candidate is killed after the timeout, the crashing one takes
+    the worker down; both score inf, the worker restarts and the last candidate is still measured."""
+    ref = tuner.SpecRef("autotune_fake_op", fake.UNRULY)
+    j = tuner.make_job(ref, "fwd", {"dtype": "float32", "hidden": 8, "tokens": 16})
+    worker = tuner.Worker(timeout=2.0, timer=fake.fake_timer, device="cpu", setup_timeout=120)
+    try:
+        measured = worker.measure(j, fake.UNRULY.candidates["fwd"])
+    finally:
+        worker.close()
+    assert [m.usable for m in measured] == [True, False, False, True]
+    assert measured[1].status == "hung: killed after 2 s"
+    assert measured[2].status == "crashed the worker (exit code 7)"
+    assert measured[3].median == 1.0
+
+
+def test_cli_without_gpu(monkeypatch, tmp_path):
+    monkeypatch.setenv(store.CACHE_ENV, str(tmp_path))
+    monkeypatch.setattr(tuner, "discover", lambda modules=None: [REF])
+    monkeypatch.setattr(key, "device_fingerprint", lambda index=None: None)
+    r = CliRunner().invoke(cli.tune, ["--models", "llama-3-8b-tiny", "--tokens", "1024"])
+    assert r.exit_code == 2 and "needs a CUDA GPU" in r.output
+    r = CliRunner().invoke(cli.tune, ["--list", "--models", "llama-3-8b-tiny", "--tokens", "1024"])
+    assert r.exit_code == 0, r.output
+    assert "heuristic tier" in r.output and "fake/fwd" in r.output
+    r = CliRunner().invoke(cli.tune, ["--ops", "nope", "--list"])
+    assert r.exit_code != 0 and "unknown ops nope" in r.output
+    lookup.reset()
+
+
+def test_cli_tune_list_verify_export_with_a_fake_gpu(monkeypatch, tmp_path):
+    monkeypatch.setenv(store.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setattr(tuner, "discover", lambda modules=None: [REF])
+    monkeypatch.setattr(key, "device_fingerprint", lambda index=None: DEVICE)
+    monkeypatch.setattr(tuner, "Worker", lambda timeout: tuner.InProcess(timer=fake.fake_timer, device="cpu"))
+    monkeypatch.setitem(fake.TIMES, 16, [0.5] * 9)
+    args = ["--models", "llama-3-8b-tiny,gemma-7b-tiny", "--tokens", "1000-2048"]
+    try:
+        r = CliRunner().invoke(cli.tune, [*args, "--json-out", str(tmp_path / "tune.json")])
+        assert r.exit_code == 0, r.output
+        assert "fake/fwd" in r.output and "2.000x" in r.output and "4 problems (0 already cached)" in r.output
+        doc = json.loads((tmp_path / "tune.json").read_text())
+        assert len(doc["rows"]) == 4 and {s["op"] for s in doc["summary"]} == {"fake/fwd", "fake/bwd"}
+
+        r = CliRunner().invoke(cli.tune, [*args, "--list"])
+        assert r.exit_code == 0 and "fake/fwd" in r.output, r.output
+        assert [line.split()[:4] for line in r.output.splitlines() if line.startswith("fake/fwd")] == [["fake/fwd", "2", "2"]]
+
+        r = CliRunner().invoke(cli.tune, [*args, "--verify", "--json-out", str(tmp_path / "verify.json")])
+        assert r.exit_code == 0 and "faster: 4" in r.output, r.output
+        assert len(json.loads((tmp_path / "verify.json").read_text())["rows"]) == 4
+
+        r = CliRunner().invoke(cli.tune, [*args, "--export", str(tmp_path)])
+        assert r.exit_code == 0, r.output
+        exported = tmp_path / key.file_name(DEVICE, key.toolchain())
+        assert len(store.read(exported)["entries"]) == 4
+    finally:
+        lookup.reset()
