@@ -230,8 +230,8 @@ def tune_case(pass_name, problem, device):
         z_leaf = logits.float().requires_grad_()
         z = z_leaf if softcap is None else softcap * torch.tanh(z_leaf / softcap)
         (F.cross_entropy(z, labels, ignore_index=-100, reduction="sum") * scale).backward()
-    loss_rows = torch.empty(rows, dtype=torch.float32, device=device)
-    grad = torch.empty_like(logits)
+    loss_rows = torch.full((rows,), float("nan"), dtype=torch.float32, device=device)
+    grad = torch.full_like(logits, float("nan"))  # every element must be written
 
     def run(config):
         _launch_rows(logits, grad, labels, loss_rows, scale, -100, softcap, True, config)

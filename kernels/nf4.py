@@ -81,14 +81,14 @@ def _output_buffer(out, shape, dtype, device) -> torch.Tensor:
     return out.view(-1)[:numel].view(shape)
 
 
-def dequantize_nf4(packed, absmax, code, *, shape, blocksize=64, absmax_code=None, absmax_scale=None,
+def dequantize_nf4(packed, absmax, code=None, *, shape, blocksize=64, absmax_code=None, absmax_scale=None,
                    absmax_offset=None, absmax_blocksize=256, out=None, dtype=torch.bfloat16):
     """Dequantize bitsandbytes-packed 4-bit codes to a ``shape`` tensor of ``dtype``.
 
     ``packed``: the packed bytes (any storage dtype; read as uint8). ``absmax``: fp32 per-block scales,
     or, double quantized, their uint8 codes, with ``absmax_code`` (256 fp32 values), ``absmax_scale``
     (fp32, one per ``absmax_blocksize`` codes) and ``absmax_offset`` (a 0-d fp32 tensor).
-    ``code``: the 16-entry fp32 table (NF4). ``out``: optional contiguous buffer of ``dtype`` with at
+    ``code``: the 16-entry fp32 table (default: bitsandbytes' NF4 table). ``out``: optional contiguous buffer of ``dtype`` with at
     least ``prod(shape)`` elements; the result is a view of its first elements.
     """
     shape = tuple(int(s) for s in shape)
@@ -102,6 +102,10 @@ def dequantize_nf4(packed, absmax, code, *, shape, blocksize=64, absmax_code=Non
     if packed.numel() < (numel + 1) // 2:
         raise ValueError(f"{packed.numel()} packed bytes cannot hold {numel} 4-bit values")
     result = _output_buffer(out, shape, dtype, packed.device)
+    if code is None:
+        from bitsandbytes.functional import get_4bit_type
+
+        code = get_4bit_type("nf4", device=packed.device)
     if nested:
         offset = torch.as_tensor(absmax_offset, dtype=torch.float32, device=packed.device).reshape(())
         stats = (absmax, absmax_scale.float(), absmax_code.float(), offset, absmax_blocksize)

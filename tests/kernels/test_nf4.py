@@ -43,6 +43,12 @@ def test_params4bit_and_quant_storage(seed):
         assert torch.equal(nf4.dequantize_nf4_weight(param), bnbf.dequantize_4bit(param.data, param.quant_state))
 
 
+def test_low_level_call_with_fp32_absmax(seed):
+    packed, state = _quantize((10, 128), torch.float16, nested=False)
+    out = nf4.dequantize_nf4(packed, state.absmax, shape=(10, 128), dtype=torch.float16)  # default NF4 table
+    assert torch.equal(out, bnbf.dequantize_4bit(packed, state))
+
+
 def test_rows_not_multiple_of_block_match_reference(seed):
     packed, state = _quantize((3, 80), torch.bfloat16)
     s2 = state.state2
