@@ -6,11 +6,14 @@ With x = [x1, x2] split into halves of head_dim and cos = [c1, c2], sin = [s1, s
     out1 = x1 * c1 - x2 * s1                 out2 = x2 * c2 + x1 * s2
 
 cos/sin come already gathered per token (by position ids), so packed sequences work. The backward
-applies the transpose of that map to the gradients, in place:
+applies the transpose of that map to the gradients:
 
     dx1 = g1 * c1 + g2 * s2                  dx2 = g2 * c2 - g1 * s1
 
-which is the inverse rotation (sin -> -sin) for Hugging Face's cos/sin, whose halves are equal.
+which is the inverse rotation (sin -> -sin) for Hugging Face's cos/sin, whose halves are equal. It
+writes fresh gradient tensors rather than rotating the incoming ones in place: autograd hands one
+gradient tensor to several consumers (an add's backward passes it on to both operands), so
+overwriting it would corrupt a sibling's gradient; the bytes moved are the same either way.
 One program per token rotates all of its Q heads and then all of its K heads, in tiles of BLOCK_H
 heads; math in fp32 (fp64 for fp64 inputs).
 """
@@ -26,23 +29,26 @@ from fastbench.autotune.spec import OpSpec, TuneCase
 
 
 @triton.jit
-def _rotate_heads(base, n_heads, stride_h, stride_d, c1, c2, p1, p2, d, d_ok,
+def _rotate_heads(src, dst, n_heads, stride_h, stride_d, out_stride_h, out_stride_d, c1, c2, p1, p2, d, d_ok,
                   HALF: tl.constexpr, BLOCK_H: tl.constexpr, COMPUTE: tl.constexpr):
-    """x1 <- x1 * c1 - x2 * p1 and x2 <- x2 * c2 + x1 * p2 for every head of one token."""
+    """dst1 = x1 * c1 - x2 * p1 and dst2 = x2 * c2 + x1 * p2 for every head of one token (dst may be src)."""
     for h0 in range(0, n_heads, BLOCK_H):
-        heads = h0 + tl.arange(0, BLOCK_H)
-        mask = (heads < n_heads)[:, None] & d_ok[None, :]
-        ptr1 = base + heads.to(tl.int64)[:, None] * stride_h + d[None, :] * stride_d
-        ptr2 = ptr1 + HALF * stride_d
-        x1 = tl.load(ptr1, mask=mask, other=0.0).to(COMPUTE)
-        x2 = tl.load(ptr2, mask=mask, other=0.0).to(COMPUTE)
-        tl.store(ptr1, (x1 * c1[None, :] - x2 * p1[None, :]).to(base.dtype.element_ty), mask=mask)
-        tl.store(ptr2, (x2 * c2[None, :] + x1 * p2[None, :]).to(base.dtype.element_ty), mask=mask)
+        heads = (h0 + tl.arange(0, BLOCK_H))[:, None]
+        mask = (heads < n_heads) & d_ok[None, :]
+        heads = heads.to(tl.int64)
+        src1 = src + heads * stride_h + d[None, :] * stride_d
+        dst1 = dst + heads * out_stride_h + d[None, :] * out_stride_d
+        x1 = tl.load(src1, mask=mask, other=0.0).to(COMPUTE)
+        x2 = tl.load(src1 + HALF * stride_d, mask=mask, other=0.0).to(COMPUTE)
+        tl.store(dst1, (x1 * c1[None, :] - x2 * p1[None, :]).to(dst.dtype.element_ty), mask=mask)
+        tl.store(dst1 + HALF * out_stride_d, (x2 * c2[None, :] + x1 * p2[None, :]).to(dst.dtype.element_ty),
+                 mask=mask)
 
 
 @triton.jit
-def _rope_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, seq_len, n_q_heads, n_k_heads,
-                 sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sc_b, sc_t, sc_d, ss_b, ss_t, ss_d,
+def _rope_kernel(q_ptr, k_ptr, q_out, k_out, cos_ptr, sin_ptr, seq_len, n_q_heads, n_k_heads,
+                 sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, oq_b, oq_h, oq_t, oq_d, ok_b, ok_h, ok_t, ok_d,
+                 sc_b, sc_t, sc_d, ss_b, ss_t, ss_d,
                  HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
                  BACKWARD: tl.constexpr, COMPUTE: tl.constexpr):
     token = tl.program_id(0).to(tl.int64)
@@ -62,22 +68,27 @@ def _rope_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, seq_len, n_q_heads, n_k_heads,
     else:
         p1 = s1
         p2 = s2
-    _rotate_heads(q_ptr + b * sq_b + t * sq_t, n_q_heads, sq_h, sq_d, c1, c2, p1, p2, d, d_ok,
-                  HALF, BLOCK_H, COMPUTE)
-    _rotate_heads(k_ptr + b * sk_b + t * sk_t, n_k_heads, sk_h, sk_d, c1, c2, p1, p2, d, d_ok,
-                  HALF, BLOCK_H, COMPUTE)
+    _rotate_heads(q_ptr + b * sq_b + t * sq_t, q_out + b * oq_b + t * oq_t, n_q_heads, sq_h, sq_d, oq_h, oq_d,
+                  c1, c2, p1, p2, d, d_ok, HALF, BLOCK_H, COMPUTE)
+    _rotate_heads(k_ptr + b * sk_b + t * sk_t, k_out + b * ok_b + t * ok_t, n_k_heads, sk_h, sk_d, ok_h, ok_d,
+                  c1, c2, p1, p2, d, d_ok, HALF, BLOCK_H, COMPUTE)
 
 
-def _launch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool, config):
-    """Rotate q [B, Hq, T, D] and k [B, Hk, T, D] in place by cos/sin [B or 1, T, D] or [T, D]."""
+def _launch(q, k, cos, sin, backward: bool, config, q_out=None, k_out=None):
+    """Rotate q [B, Hq, T, D] and k [B, Hk, T, D] by cos/sin [B or 1, T, D] or [T, D] into q_out and
+    k_out (of the same shapes; in place where None); the transpose of the rotation if backward."""
+    q_out = q if q_out is None else q_out
+    k_out = k if k_out is None else k_out
     B, n_q, T, D = q.shape
     n_k = k.shape[1]
-    if k.shape != (B, n_k, T, D) or D % 2 or k.dtype != q.dtype or k.device != q.device:
+    if (k.shape != (B, n_k, T, D) or D % 2 or k.dtype != q.dtype or k.device != q.device
+            or q_out.shape != q.shape or k_out.shape != k.shape):
         raise ValueError(f"apply_rope: q {tuple(q.shape)} and k {tuple(k.shape)} must be [B, H, T, D] "
                          "with the same B, T, even D, dtype and device")
     cos, sin = (c.expand(B, T, D) for c in (cos, sin))
     meta = dict(config)
-    _rope_kernel[(B * T,)](q, k, cos, sin, T, n_q, n_k, *q.stride(), *k.stride(), *cos.stride(), *sin.stride(),
+    _rope_kernel[(B * T,)](q, k, q_out, k_out, cos, sin, T, n_q, n_k, *q.stride(), *k.stride(),
+                           *q_out.stride(), *k_out.stride(), *cos.stride(), *sin.stride(),
                            HALF=D // 2, BLOCK_D=triton.next_power_of_2(D // 2), BACKWARD=backward,
                            COMPUTE=tl.float64 if q.dtype == torch.float64 else tl.float32, **meta)
 
@@ -90,16 +101,6 @@ def _problem(q: torch.Tensor, k: torch.Tensor) -> dict:
 def _key(dtype, n_q: int, n_k: int, head_dim: int, tokens: int) -> dict:
     return {"dtype": str(dtype).removeprefix("torch."), "q_heads": n_q, "k_heads": n_k,
             "head_dim": head_dim, "tokens": tokens}
-
-
-def _distinct_memory(t: torch.Tensor) -> torch.Tensor:
-    """t when no two of its elements share memory (safe to write in place), else a dense copy."""
-    extent = 0
-    for stride, size in sorted((s, n) for s, n in zip(t.stride(), t.shape) if n > 1):
-        if stride <= extent:
-            return t.contiguous()
-        extent += (size - 1) * stride
-    return t
 
 
 class _RoPEFunction(torch.autograd.Function):
@@ -121,18 +122,18 @@ class _RoPEFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dq, dk):
         cos, sin = ctx.saved_tensors
-        dq, dk = _distinct_memory(dq), _distinct_memory(dk)
-        _launch(dq, dk, cos, sin, True, config_for(SPEC, "bwd", _problem(dq, dk)))
-        return dq, dk, None, None
+        grad_q, grad_k = (torch.empty(g.shape, dtype=g.dtype, device=g.device) for g in (dq, dk))
+        _launch(dq, dk, cos, sin, True, config_for(SPEC, "bwd", _problem(dq, dk)), grad_q, grad_k)
+        return grad_q, grad_k, None, None
 
 
 def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     """Rotate q [B, Hq, T, D] and k [B, Hk, T, D] (any strides) in place; returns (q, k).
 
     Use the returned tensors from here on: they carry the rotation's autograd history, the arguments
-    do not. cos/sin: [B, T, D], [1, T, D] or [T, D] as Hugging Face's rotary embedding returns them;
-    they are constants here (no gradient flows to them). The backward rotates the incoming gradients
-    in place (copying them first only where their memory overlaps).
+    do not. Take q and k from a fused projection by slicing, not split/chunk: autograd refuses to
+    use a multi-output view whose sibling was modified in place. cos/sin: [B, T, D], [1, T, D] or [T, D] as Hugging Face's rotary embedding returns them;
+    they are constants here (no gradient flows to them).
     """
     if torch.is_grad_enabled():
         if cos.requires_grad or sin.requires_grad:
@@ -176,7 +177,7 @@ def problems(model_config, tokens: int, dtype) -> list[tuple[str, dict]]:
 
 
 def tune_case(pass_name: str, problem, device) -> TuneCase:
-    """Random q/k (batch 1) and HF-style cos/sin; run returns the rotated (q, k), fresh each call."""
+    """Random q/k (batch 1) and HF-style cos/sin; run returns the rotated (q, k) in fresh tensors."""
     dtype = getattr(torch, problem["dtype"])
     T, D = problem["tokens"], problem["head_dim"]
     q = torch.randn(1, problem["q_heads"], T, D, device=device, dtype=dtype)
@@ -185,10 +186,10 @@ def tune_case(pass_name: str, problem, device) -> TuneCase:
     cos, sin = (f(torch.cat((angle, angle), -1)).to(dtype) for f in (torch.cos, torch.sin))
     backward = pass_name == "bwd"
 
-    def run(config):
-        qc, kc = q.clone(), k.clone()
-        _launch(qc, kc, cos, sin, backward, config)
-        return qc, kc
+    def run(config):  # out of place, so that repeated runs see the same inputs
+        out = torch.empty_like(q), torch.empty_like(k)
+        _launch(q, k, cos, sin, backward, config, *out)
+        return out
 
     expected = reference(q, k, cos, -sin if backward else sin)
     return TuneCase(run, expected, 1e-5 if dtype in (torch.float32, torch.float64) else 1e-2)
