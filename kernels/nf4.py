@@ -8,6 +8,10 @@ itself stored as uint8 codes in blocks of 256: ``absmax[j] = code2[q[j]] * absma
 (a product rounded to fp32, then the sum rounded to fp32: the kernel is compiled without FMA fusion so
 that it rounds exactly as bitsandbytes does).
 
+bitsandbytes 0.50.2's own CPU dequantize (its native path, taken when the last dim is even) does not
+follow this layout when the width is not a multiple of the blocksize (it disagrees with its own
+quantizer there); its generic and CUDA paths do, and so does this kernel.
+
 One launch dequantizes the absmax and the weights together; the output can be a caller-given buffer
 (larger than needed is fine) so that one buffer serves every layer.
 """
@@ -176,13 +180,16 @@ def tune_case(pass_name, problem, device):
     weight = torch.randn(shape, dtype=dtype, device=device)
     packed, state = bnbf.quantize_4bit(weight, blocksize=problem["blocksize"], quant_type="nf4",
                                        compress_statistics=problem["nested"])
-    expected = bnbf.dequantize_4bit(packed, state)
     out = torch.empty(shape, dtype=dtype, device=device)
     if state.nested:
         s2 = state.state2
         stats = (state.absmax, s2.absmax, s2.code, state.offset.reshape(()), s2.blocksize)
+        expected = reference(packed, state.absmax, state.code, shape=shape, blocksize=state.blocksize,
+                             absmax_code=s2.code, absmax_scale=s2.absmax, absmax_offset=state.offset,
+                             absmax_blocksize=s2.blocksize, dtype=dtype)
     else:
         stats = state.absmax
+        expected = reference(packed, state.absmax, state.code, shape=shape, blocksize=state.blocksize, dtype=dtype)
     numel = math.prod(shape)
 
     def run(config):
