@@ -31,7 +31,7 @@ _GELU_CUBIC = tl.constexpr(0.044715)
 
 @triton.jit
 def _act_and_grad(g, ACT: tl.constexpr):
-    """(act(g), act'(g)); tanh(z) is written as 2 * sigmoid(2z) - 1."""
+    """(act(g), act'(g)); tanh(z) is written as 2 * sigmoid(2z) - 1 (triton.language has no portable tanh)."""
     if ACT == "silu":
         s = tl.sigmoid(g)
         return g * s, s * (1 + g * (1 - s))
@@ -39,7 +39,8 @@ def _act_and_grad(g, ACT: tl.constexpr):
         cdf = 0.5 * (1 + tl.math.erf(g * _INV_SQRT_2))
         return g * cdf, cdf + g * _INV_SQRT_2PI * tl.exp(-0.5 * g * g)
     else:
-        t = 2 * tl.sigmoid((g + g * g * g * _GELU_CUBIC) * _SQRT_2_OVER_PI * 2) - 1
+        z = tl.minimum(tl.maximum((g + g * g * g * _GELU_CUBIC) * _SQRT_2_OVER_PI, -20.0), 20.0)
+        t = 2 * tl.sigmoid(z * 2) - 1  # tanh(z); |z| <= 20 keeps exp finite, tanh(20) is 1 in fp64
         dz = (1 + g * g * _GELU_CUBIC * 3) * _SQRT_2_OVER_PI
         return 0.5 * g * (1 + t), 0.5 * (1 + t) + 0.5 * g * (1 - t * t) * dz
 
