@@ -30,23 +30,24 @@ from fastbench.autotune.spec import OpSpec, TuneCase
 @triton.jit
 def _dequantize_nf4_kernel(
     packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr, numel,
-    BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, BLOCK: tl.constexpr,
+    BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, BLOCKS: tl.constexpr,
 ):
-    """Each program expands BLOCK packed bytes into 2 * BLOCK output elements."""
-    pid = tl.program_id(0).to(tl.int64)
-    byte = pid * BLOCK + tl.arange(0, BLOCK)
-    packed = tl.load(packed_ptr + byte, mask=byte < (numel + 1) // 2, other=0).to(tl.int32)
-    block = (2 * byte) // BLOCKSIZE  # both nibbles of a byte share a block: BLOCKSIZE is even
+    """Each program dequantizes BLOCKS absmax blocks: a [BLOCKS, BLOCKSIZE / 2] tile of packed bytes
+    becomes a [BLOCKS, BLOCKSIZE] tile of outputs, each row scaled by its block's absmax."""
+    block = tl.program_id(0).to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS)
+    in_range = block * BLOCKSIZE < numel
     if NESTED:
-        q = tl.load(absmax_ptr + block, mask=2 * byte < numel, other=0).to(tl.int32)
-        scale = tl.load(code2_ptr + q) * tl.load(absmax2_ptr + block // BLOCKSIZE2, mask=2 * byte < numel, other=0)
+        q = tl.load(absmax_ptr + block, mask=in_range, other=0).to(tl.int32)
+        scale = tl.load(code2_ptr + q) * tl.load(absmax2_ptr + block // BLOCKSIZE2, mask=in_range, other=0)
         scale = scale + tl.load(offset_ptr)
     else:
-        scale = tl.load(absmax_ptr + block, mask=2 * byte < numel, other=0)
-    high = tl.load(code_ptr + (packed >> 4)) * scale
-    low = tl.load(code_ptr + (packed & 15)) * scale
-    values = tl.reshape(tl.join(high, low), (2 * BLOCK,))
-    offs = 2 * pid * BLOCK + tl.arange(0, 2 * BLOCK)
+        scale = tl.load(absmax_ptr + block, mask=in_range, other=0)
+    byte = block[:, None] * (BLOCKSIZE // 2) + tl.arange(0, BLOCKSIZE // 2)[None, :]
+    packed = tl.load(packed_ptr + byte, mask=byte < (numel + 1) // 2, other=0).to(tl.int32)
+    high = tl.load(code_ptr + (packed >> 4)) * scale[:, None]  # the even element: high nibble
+    low = tl.load(code_ptr + (packed & 15)) * scale[:, None]
+    values = tl.reshape(tl.join(high, low), (BLOCKS, BLOCKSIZE))
+    offs = block[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
     if out_ptr.dtype.element_ty == tl.int16:  # bf16 written as bits, rounded to nearest even by hand:
         bits = values.to(tl.uint32, bitcast=True)  # the interpreter's fp32 -> bf16 cast truncates
         values = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).to(tl.int16)
@@ -65,12 +66,12 @@ def problem_key(shape, dtype: torch.dtype, blocksize: int, nested: bool) -> dict
 
 def _launch(packed, absmax, code, out, numel, blocksize, nested, config):
     absmax_q, absmax2, code2, offset, blocksize2 = absmax if nested else (absmax, absmax, code, absmax, 1)
-    block = config["BLOCK"]
-    grid = (triton.cdiv((numel + 1) // 2, block),)
+    blocks = max(1, config["BLOCK"] // blocksize)  # BLOCK: output elements per program
+    grid = (triton.cdiv(triton.cdiv(numel, blocksize), blocks),)
     _dequantize_nf4_kernel[grid](
         packed, absmax_q, code, absmax2, code2, offset,
         out.view(torch.int16) if out.dtype == torch.bfloat16 else out, numel,
-        BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2, NESTED=nested, BLOCK=block,
+        BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2, NESTED=nested, BLOCKS=blocks,
         num_warps=config["num_warps"], num_stages=config["num_stages"], enable_fp_fusion=False,
     )
 
@@ -100,8 +101,8 @@ def dequantize_nf4(packed, absmax, code=None, *, shape, blocksize=64, absmax_cod
     nested = absmax.dtype == torch.uint8
     if nested and (absmax_code is None or absmax_scale is None or absmax_offset is None):
         raise ValueError("uint8 absmax (double quantization) needs absmax_code, absmax_scale, absmax_offset")
-    if blocksize % 2:
-        raise ValueError(f"blocksize must be even, got {blocksize}")
+    if blocksize < 4 or blocksize & (blocksize - 1):
+        raise ValueError(f"blocksize must be a power of two >= 4, got {blocksize}")
     packed = packed.contiguous().view(torch.uint8).reshape(-1)
     if packed.numel() < (numel + 1) // 2:
         raise ValueError(f"{packed.numel()} packed bytes cannot hold {numel} 4-bit values")
@@ -148,12 +149,13 @@ def reference(packed, absmax, code, *, shape, blocksize=64, absmax_code=None, ab
 
 # --- launch configs ------------------------------------------------------------------------------
 
+# BLOCK: output elements per program (whole absmax blocks)
 _CANDIDATES = [{"BLOCK": b, "num_warps": w, "num_stages": 1}
-               for b in (256, 512, 1024, 2048, 4096) for w in (2, 4, 8) if b // (32 * w) >= 2]
+               for b in (512, 1024, 2048, 4096, 8192) for w in (2, 4, 8) if b // (32 * w) >= 4]
 
 
 def heuristic(pass_name, problem):
-    return {"BLOCK": 1024, "num_warps": 4, "num_stages": 1}
+    return {"BLOCK": 2048, "num_warps": 4, "num_stages": 1}
 
 
 def _projection_shapes(model_config):
