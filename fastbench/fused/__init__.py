@@ -1,0 +1,1 @@
+"""The fused training path: per-object patching of HF decoder models (no import-time side effects)."""

@@ -1,0 +1,118 @@
+"""The fused forward of a HF causal LM, installed on one model object (never on its class):
+
+    embed -> [fused decoder layer, under the model's checkpointing policy] x L -> RMSNorm
+          -> fused linear cross-entropy on the shifted labels (training: no logits materialised)
+          or lm_head -> logits (no labels)
+
+Calls the fused path cannot serve exactly (a KV cache: generation; returned attentions or hidden
+states) go to the model's own HF forward, which runs the same weights and adapters.
+"""
+from __future__ import annotations
+
+import functools
+import types
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from fastbench.checkpointing import LayerCheckpointing
+from fastbench.fused import ops
+from fastbench.fused.decoder import Family, decoder_layer, family_of, norm_eps, sdpa_mask, unsupported_lora
+
+_PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+@dataclass
+class FusedState:
+    family: Family
+    checkpointing: LayerCheckpointing
+
+
+def _window(model, attn):
+    if hasattr(attn, "sliding_window"):
+        return attn.sliding_window
+    return getattr(model.config, "sliding_window", None)
+
+
+def fused_forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, labels=None,
+                  use_cache=None, output_attentions=None, output_hidden_states=None, return_dict=None,
+                  logits_to_keep=0, num_items_in_batch=None, shift_labels=None, **kwargs):
+    """Same arguments and outputs as the HF ``ForCausalLM.forward``; with labels, ``logits`` is None.
+
+    The loss sums the token losses and divides by ``num_items_in_batch`` when given (HF Trainer passes
+    the label count of the whole accumulated batch) or by this batch's label count.
+    """
+    if (use_cache or output_attentions or output_hidden_states
+            or kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None):
+        given = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                     inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
+                     output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                     return_dict=return_dict, num_items_in_batch=num_items_in_batch, shift_labels=shift_labels)
+        kwargs.update({k: v for k, v in given.items() if v is not None})
+        return type(self).forward(self, logits_to_keep=logits_to_keep, **kwargs)
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    state: FusedState = self._fastbench
+    family, inner = state.family, self.get_decoder()
+    embed = inner.embed_tokens
+    h = inputs_embeds if inputs_embeds is not None else embed(input_ids)
+    if family.model_type == "gemma" and not hasattr(embed, "embed_scale"):  # older transformers scale here
+        h = h * torch.tensor(self.config.hidden_size ** 0.5, dtype=h.dtype)
+    B, T = h.shape[:2]
+    packing_ids = position_ids
+    if position_ids is None:
+        position_ids = torch.arange(T, device=h.device)[None]
+    cos, sin = inner.rotary_emb(h, position_ids)
+
+    masks = {}
+    for index, layer in enumerate(inner.layers[: self.config.num_hidden_layers]):
+        window = _window(self, layer.self_attn)
+        if window not in masks:
+            masks[window] = sdpa_mask(attention_mask, packing_ids, T, window, h.device)
+        run = functools.partial(decoder_layer, layer, cos=cos, sin=sin, mask=masks[window], family=family)
+        h = state.checkpointing(index, run, h, [p for p in layer.parameters() if p.requires_grad])
+    h = ops.rms_norm(h, inner.norm.weight, norm_eps(inner.norm), family.norm_offset)
+
+    loss = logits = None
+    if labels is not None or shift_labels is not None:
+        if shift_labels is None:
+            shift_labels = F.pad(labels[..., 1:], (0, 1), value=-100)
+        loss = ops.linear_cross_entropy(h, self.lm_head.weight, shift_labels.to(h.device),
+                                        num_items_in_batch=num_items_in_batch)
+    else:
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(h[:, keep, :])
+    out = CausalLMOutputWithPast(loss=loss, logits=logits)
+    return out.to_tuple() if return_dict is False else out
+
+
+def unsupported_reason(model) -> str | None:
+    """Why the fused forward cannot run this (PEFT-wrapped) causal LM exactly, or None."""
+    try:
+        family_of(model.config)
+    except ValueError as e:
+        return str(e)
+    inner = model.get_decoder()
+    if not isinstance(model.lm_head, torch.nn.Linear) or model.lm_head.bias is not None:
+        return "LoRA or modules_to_save on lm_head"
+    if not isinstance(inner.embed_tokens, torch.nn.Embedding):
+        return "LoRA or modules_to_save on embed_tokens"
+    for layer in inner.layers:
+        for name in _PROJECTIONS:
+            reason = unsupported_lora(layer.get_submodule(name))
+            if reason:
+                return f"{reason} ({name})"
+    return None
+
+
+def install(model, use_gradient_checkpointing) -> list[str]:
+    """Gives ``model`` (the causal LM inside a PeftModel) the fused forward; returns what changed."""
+    reason = unsupported_reason(model)
+    if reason:
+        raise ValueError(f"fastbench's fused path cannot run this model: {reason}")
+    model._fastbench = FusedState(family_of(model.config), LayerCheckpointing(use_gradient_checkpointing))
+    model.forward = types.MethodType(fused_forward, model)
+    return [f"{type(model).__name__}.forward (this object only): fused LoRA QKV/O/MLP, RMSNorm, RoPE, "
+            f"SDPA, fused linear cross-entropy; {model._fastbench.checkpointing.describe()}"]

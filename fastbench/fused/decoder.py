@@ -1,0 +1,135 @@
+"""The fused forward of one HF decoder layer (Llama, Mistral, Gemma, Qwen2, Qwen3), reading the weights
+of the layer's own modules (PEFT LoRA wrappers included) and calling no module's forward:
+
+    h = x + O(attention(RoPE(norm_qk(Q(n))), RoPE(norm_qk(K(n))), V(n))),  n = RMSNorm(x)
+    y = h + down(GLU(gate(m), up(m))),                                     m = RMSNorm(h)
+
+Q, K, V run as one fused LoRA Function (they share n), O as another, the MLP as a third.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from fastbench.fused import ops
+from fastbench.kernels.lora import LoRA, Projection, lora_mlp, lora_projections
+
+SUPPORTED_FAMILIES = ("llama", "mistral", "gemma", "qwen2", "qwen3")
+_GLUS = {
+    "silu": ops.swiglu, "swish": ops.swiglu,
+    "gelu_pytorch_tanh": functools.partial(ops.geglu, approximate="tanh"),
+    "gelu_new": functools.partial(ops.geglu, approximate="tanh"),
+    "gelu": functools.partial(ops.geglu, approximate="none"),
+}
+
+
+@dataclass(frozen=True)
+class Family:
+    """What differs between the supported architectures."""
+    model_type: str
+    norm_offset: float  # Gemma's RMSNorm scales by (1 + w)
+    glu: Callable
+    qk_norm: bool  # Qwen3 normalises each head of Q and K before RoPE
+
+
+def family_of(config) -> Family:
+    """The :class:`Family` of a transformers config; ValueError naming what is supported otherwise."""
+    if config.model_type not in SUPPORTED_FAMILIES:
+        raise ValueError(f"fastbench's fused path supports {', '.join(SUPPORTED_FAMILIES)}; "
+                         f"this model is {config.model_type!r}")
+    act = getattr(config, "hidden_activation", None) or config.hidden_act
+    if act not in _GLUS:
+        raise ValueError(f"fastbench's fused MLP supports the activations {', '.join(_GLUS)}; "
+                         f"this model uses {act!r}")
+    return Family(config.model_type, 1.0 if config.model_type == "gemma" else 0.0, _GLUS[act],
+                  config.model_type == "qwen3")
+
+
+def norm_eps(norm) -> float:
+    return getattr(norm, "variance_epsilon", None) or norm.eps
+
+
+def unsupported_lora(module) -> str | None:
+    """Why the fused path cannot run ``module`` (a linear layer, maybe PEFT-wrapped), or None."""
+    from peft.tuners.lora import LoraLayer
+
+    if not isinstance(module, LoraLayer):
+        return None if hasattr(module, "weight") else f"{type(module).__name__} has no weight"
+    if type(module).__name__ != "Linear":
+        return f"PEFT layer type {type(module).__name__}"
+    for name in module.active_adapters:
+        if name in getattr(module, "lora_variant", {}) or module.use_dora.get(name, False):
+            return "LoRA variants (DoRA, ...)"
+        if not isinstance(module.lora_dropout[name], torch.nn.Identity):
+            return "lora_dropout > 0"
+        if module.lora_B[name].bias is not None:
+            return "lora_bias"
+    if len([a for a in module.active_adapters if a in module.lora_A]) > 1:
+        return "more than one active adapter"
+    return None
+
+
+def projection(module) -> Projection:
+    """The frozen weight, bias and active LoRA of a linear layer (nn.Linear, bnb Linear4bit, or a
+    PEFT LoRA wrapper of either); no LoRA while adapters are disabled or merged into the weight."""
+    base = getattr(module, "base_layer", module)
+    lora = None
+    if base is not module and not module.disable_adapters and not module.merged:
+        for name in module.active_adapters:
+            if name in module.lora_A:
+                lora = LoRA(module.lora_A[name].weight, module.lora_B[name].weight, module.scaling[name])
+    return Projection(base.weight, base.bias, lora)
+
+
+def sdpa_mask(attention_mask, position_ids, T, window, device):
+    """Boolean [B, 1, T, T] mask (True = attend) for SDPA, or None when plain causal attention is exact.
+
+    Key padding comes from the 2D ``attention_mask``; packed sequences from ``position_ids`` restarting
+    at 0; a sliding window keeps keys with i - j < window. Each query sees itself, so padding rows stay finite.
+    """
+    padded = attention_mask is not None and not bool(attention_mask.all())
+    seq = (position_ids == 0).cumsum(-1) if position_ids is not None else None
+    packed = seq is not None and bool((seq > 1).any())
+    windowed = window is not None and T > window
+    if not (padded or packed or windowed):
+        return None
+    i = torch.arange(T, device=device)
+    mask = (i[:, None] >= i[None, :])[None, None]
+    if windowed:
+        mask = mask & ((i[:, None] - i[None, :]) < window)
+    if padded:
+        mask = mask & attention_mask.bool()[:, None, None, :]
+    if packed:
+        mask = mask & (seq[:, None, :, None] == seq[:, None, None, :])
+    return mask | torch.eye(T, dtype=torch.bool, device=device)
+
+
+def attention_block(attn, x, cos, sin, mask, family: Family):
+    B, T, _ = x.shape
+    D = attn.head_dim
+    q, k, v = lora_projections(x, projection(attn.q_proj), projection(attn.k_proj), projection(attn.v_proj))
+    q, k, v = q.view(B, T, -1, D), k.view(B, T, -1, D), v.view(B, T, -1, D)
+    if family.qk_norm:
+        q = ops.rms_norm(q, attn.q_norm.weight, norm_eps(attn.q_norm))
+        k = ops.rms_norm(k, attn.k_norm.weight, norm_eps(attn.k_norm))
+    q, k = ops.apply_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+    v = v.transpose(1, 2)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=attn.scaling,
+                                       enable_gqa=q.shape[1] != k.shape[1])
+    (out,) = lora_projections(o.transpose(1, 2).reshape(B, T, -1), projection(attn.o_proj))
+    return out
+
+
+def decoder_layer(layer, x, cos, sin, mask, family: Family):
+    """One decoder layer: x [B, T, hidden] -> [B, T, hidden]."""
+    n = ops.rms_norm(x, layer.input_layernorm.weight, norm_eps(layer.input_layernorm), family.norm_offset)
+    h = x + attention_block(layer.self_attn, n, cos, sin, mask, family)
+    m = ops.rms_norm(h, layer.post_attention_layernorm.weight, norm_eps(layer.post_attention_layernorm),
+                     family.norm_offset)
+    mlp = layer.mlp
+    return h + lora_mlp(m, projection(mlp.gate_proj), projection(mlp.up_proj), projection(mlp.down_proj),
+                        family.glu)

@@ -1,0 +1,81 @@
+"""The fused LoRA Functions against plain autograd over ``fastbench.kernels.lora.reference``."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastbench.kernels.lora import LoRA, Projection, lora_mlp, lora_projections, reference
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def make_projection(i, o, r, dtype, bias=False, lora=True):
+    A = (torch.randn(r, i) / i ** 0.5).requires_grad_()  # adapters stay fp32, as PEFT keeps them
+    B = (torch.randn(o, r) / r ** 0.5).requires_grad_()
+    return Projection(torch.randn(o, i, dtype=dtype) / i ** 0.5, torch.randn(o, dtype=dtype) if bias else None,
+                      LoRA(A, B, 0.7) if lora else None)
+
+
+def upcast(x, projections):
+    """The same inputs in fp32: the oracle for every dtype."""
+    x32 = x.detach().float().requires_grad_()
+    return x32, [p._replace(weight=p.weight.float(), bias=None if p.bias is None else p.bias.float()) for p in projections]
+
+
+def grads(loss, x, projections):
+    params = [x] + [t for p in projections if p.lora for t in (p.lora.A, p.lora.B)]
+    return torch.autograd.grad(loss, params)
+
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_qkv_projections_match_autograd(seed, dtype):
+    x = torch.randn(3, 7, 40, dtype=dtype, requires_grad=True)
+    q, k, v = make_projection(40, 24, 4, dtype, bias=True), make_projection(40, 8, 4, dtype), \
+        make_projection(40, 8, 4, dtype, lora=False)
+    w = [torch.randn(3, 7, p.weight.shape[0], dtype=dtype) for p in (q, k, v)]
+    fused = lora_projections(x, q, k, v)
+    x32, ps = upcast(x, (q, k, v))
+    ref = [reference(x32, p) for p in ps]
+    for a, b in zip(fused, ref):
+        assert rel(a, b) < TOL[dtype]
+    g_fused = grads(sum((y * wi).sum() for y, wi in zip(fused, w)), x, (q, k, v))
+    g_ref = grads(sum((y * wi.float()).sum() for y, wi in zip(ref, w)), x32, ps)
+    for a, b in zip(g_fused, g_ref):
+        assert rel(a, b) < TOL[dtype]
+
+
+@pytest.mark.parametrize("glu", ["swiglu", "geglu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mlp_matches_autograd(seed, dtype, glu):
+    act = F.silu if glu == "swiglu" else (lambda g: F.gelu(g, approximate="tanh"))
+    fn = lambda g, u: act(g) * u  # noqa: E731
+    x = torch.randn(2, 9, 32, dtype=dtype, requires_grad=True)
+    gate, up, down = make_projection(32, 56, 3, dtype), make_projection(32, 56, 3, dtype), \
+        make_projection(56, 32, 3, dtype)
+    w = torch.randn(2, 9, 32, dtype=dtype)
+    y = lora_mlp(x, gate, up, down, fn)
+    x32, (g32, u32, d32) = upcast(x, (gate, up, down))
+    y_ref = reference(fn(reference(x32, g32), reference(x32, u32)), d32)
+    assert rel(y, y_ref) < TOL[dtype]
+    g_fused = grads((y * w).sum(), x, (gate, up, down))
+    g_ref = grads((y_ref * w.float()).sum(), x32, (g32, u32, d32))
+    for a, b in zip(g_fused, g_ref):
+        assert torch.isfinite(a).all() and rel(a, b) < TOL[dtype]
+
+
+def test_nf4_weight_is_dequantized(seed):
+    bnb = pytest.importorskip("bitsandbytes")
+    weight = bnb.nn.Params4bit(torch.randn(48, 64), requires_grad=False, quant_type="nf4",
+                               compress_statistics=True).to("cpu")
+    dense = bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
+    p4, pd = Projection(weight, None, LoRA(torch.randn(4, 64), torch.randn(48, 4), 2.0)), None
+    pd = p4._replace(weight=dense)
+    x = torch.randn(5, 64, requires_grad=True)
+    (y4,), (yd,) = lora_projections(x, p4), lora_projections(x, pd)
+    assert torch.equal(y4, yd)
+    (g4,), (gd,) = torch.autograd.grad(y4.sum(), x), torch.autograd.grad(yd.sum(), x)
+    assert torch.equal(g4, gd)
