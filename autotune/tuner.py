@@ -6,8 +6,9 @@ For each op spec found under ``fastbench.kernels`` (modules with a ``SPEC`` or `
 
 - ``case = spec.tune_case(pass, problem, device)``; each candidate's output must be within
   ``case.tolerance`` relative norm error of ``case.expected`` (NaN fails);
-- usable candidates are timed (CUDA events after warm-up, L2 flushed, many repeats); a failure to
-  compile, out of resources, OOM or a wrong answer scores ``inf`` and the sweep goes on;
+- usable candidates are screened with a few repeats, then the default and the 4 fastest are timed
+  in full (CUDA events after warm-up, L2 flushed, many repeats); a failure to compile, out of
+  resources, OOM or a wrong answer scores ``inf`` and the sweep goes on;
 - candidates run in a spawned worker process; one that hangs past the timeout or kills the process
   is scored ``inf``, the worker is restarted and the rest of the candidates go on;
 - a candidate replaces the default only if its p90 is below the default's p10 and its median is more
@@ -36,7 +37,9 @@ log = logging.getLogger("fastbench.autotune")
 
 KERNELS_PACKAGE = "fastbench.kernels"
 MARGIN = 0.03
-Timer = Callable[[Callable[[], Any]], Sequence[float]]
+FINALISTS = 4
+# timer(run, quick) -> per-repeat milliseconds; quick=True is the cheap screening pass
+Timer = Callable[[Callable[[], Any], bool], Sequence[float]]
 
 
 # --- discovery and planning ---
@@ -164,7 +167,8 @@ def rel_error(out: Any, expected: Any) -> float:
         return 0.0 if out is None else math.inf
     if not isinstance(out, torch.Tensor) or out.shape != expected.shape:
         return math.inf
-    o, e = out.detach().double().cpu(), expected.detach().double().cpu()
+    compute = torch.float64 if expected.dtype == torch.float64 else torch.float32
+    o, e = out.detach().to(compute), expected.detach().to(device=out.device, dtype=compute)
     if not torch.isfinite(o).all():
         return math.inf
     err = torch.linalg.vector_norm(o - e).item()
@@ -172,22 +176,25 @@ def rel_error(out: Any, expected: Any) -> float:
     return err / ref if ref > 0 else err
 
 
-def evaluate(case: TuneCase, config: Config, timer: Timer) -> Measurement:
+def evaluate(case: TuneCase, config: Config, timer: Timer, quick: bool = False) -> Measurement:
     """Check ``config`` against the reference, then time it; any failure scores inf."""
     try:
         err = rel_error(case.run(config), case.expected)
         if not err <= case.tolerance:
             return Measurement.failed(f"wrong answer: relative error {err:.3g} > {case.tolerance:.3g}")
-        return Measurement.of(timer(lambda: case.run(config)))
+        return Measurement.of(timer(lambda: case.run(config), quick))
     except Exception as e:  # compile error, out of resources, OOM, launch failure
         return Measurement.failed(f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
 
 
-def cuda_timer(run: Callable[[], Any], warmup_ms: float = 10.0, rep_ms: float = 60.0,
+def cuda_timer(run: Callable[[], Any], quick: bool = False, warmup_ms: float = 10.0, rep_ms: float = 60.0,
                min_reps: int = 25, max_reps: int = 500) -> list[float]:
-    """Per-repeat milliseconds by CUDA events, after warm-up, with L2 flushed before every repeat."""
+    """Per-repeat milliseconds by CUDA events, after warm-up, with L2 flushed before every repeat;
+    ``quick``: a few repeats for screening."""
     import torch
 
+    if quick:
+        warmup_ms, rep_ms, min_reps, max_reps = 2.0, 5.0, 5, 20
     flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
     run()
     torch.cuda.synchronize()
@@ -227,48 +234,62 @@ def _device_broken(device: str) -> bool:
 
 # --- running candidates: in this process, or in a worker process that can be killed ---
 
+class _Cases:
+    """The tune case of the last job, kept for its second (finalists) pass."""
+
+    def __init__(self, device: str):
+        self.device, self.key, self.case = device, None, None
+
+    def get(self, module: str, name: str, pass_name: str, problem: Mapping, job_key: str) -> TuneCase:
+        if self.key != job_key:
+            self.key = self.case = None
+            if self.device.startswith("cuda"):
+                import torch
+
+                torch.cuda.empty_cache()
+            self.case = load_spec(module, name).tune_case(pass_name, dict(problem), self.device)
+            self.key = job_key
+        return self.case
+
+
 class InProcess:
     """Evaluate in this process (tests with a fake timer; no protection against hangs)."""
 
     def __init__(self, timer: Timer = cuda_timer, device: str = "cuda"):
-        self.timer, self.device = timer, device
+        self.timer, self.cases = timer, _Cases(device)
 
-    def measure(self, job: Job, configs: Sequence[Config]) -> list[Measurement]:
+    def measure(self, job: Job, configs: Sequence[Config], quick: bool = False) -> list[Measurement]:
         try:
-            case = job.ref.spec.tune_case(job.pass_name, job.problem, self.device)
+            case = self.cases.get(job.ref.module, job.ref.name, job.pass_name, job.problem, job.key)
         except Exception as e:
             return [Measurement.failed(f"tune case failed: {type(e).__name__}: {e}")] * len(configs)
-        return [evaluate(case, c, self.timer) for c in configs]
+        return [evaluate(case, c, self.timer, quick) for c in configs]
 
     def close(self) -> None:
         pass
 
 
 def _worker_main(conn, timer: Timer, device: str) -> None:
-    """Child process: for each job, build the case once, then report every candidate in turn (a
-    pipe, not a queue: each message is written before the next candidate can kill the process)."""
+    """Child process: for each job, build (or reuse) the case, then report every candidate in turn
+    (a pipe, not a queue: each message is written before the next candidate can kill the process)."""
+    cases = _Cases(device)
     while True:
         item = conn.recv()
         if item is None:
             return
-        module, name, pass_name, problem, todo = item
+        module, name, pass_name, problem, job_key, quick, todo = item
         try:
-            case = load_spec(module, name).tune_case(pass_name, problem, device)
+            case = cases.get(module, name, pass_name, problem, job_key)
         except Exception as e:
             conn.send(("case_failed", f"{type(e).__name__}: {e}"))
             continue
         conn.send(("ready",))
         for i, config in todo:
-            m = evaluate(case, config, timer)
+            m = evaluate(case, config, timer, quick)
             conn.send(("result", i, (m.median, m.p10, m.p90, m.status)))
             if not m.usable and _device_broken(device):
                 conn.send(("restart",))  # a sticky CUDA error: the next candidates need a new process
                 os._exit(3)
-        del case
-        if device.startswith("cuda"):
-            import torch
-
-            torch.cuda.empty_cache()
         conn.send(("done",))
 
 
@@ -304,14 +325,14 @@ class Worker:
             self.conn.close()
             self.proc = None
 
-    def measure(self, job: Job, configs: Sequence[Config]) -> list[Measurement]:
+    def measure(self, job: Job, configs: Sequence[Config], quick: bool = False) -> list[Measurement]:
         out: list[Measurement | None] = [None] * len(configs)
         todo = list(range(len(configs)))
         while todo:
             if self.proc is None or not self.proc.is_alive():
                 self._start()
             try:
-                self.conn.send((job.ref.module, job.ref.name, job.pass_name, dict(job.problem),
+                self.conn.send((job.ref.module, job.ref.name, job.pass_name, dict(job.problem), job.key, quick,
                                 [(i, dict(configs[i])) for i in todo]))
             except OSError:  # it died since the last job
                 self.kill()
@@ -401,12 +422,23 @@ def _entry(job: Job, config: Config, win: Measurement, default: Measurement) -> 
             "tuned": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
 
 
-def tune_one(job: Job, runner, margin: float = MARGIN) -> tuple[Outcome, dict | None]:
-    """Measure every candidate of one job; the outcome and the cache entry to store (or None)."""
+def finalists(screen: Sequence[Measurement], default: int, k: int = FINALISTS) -> list[int]:
+    """The default (if usable) and the ``k`` fastest other usable candidates of the screening pass."""
+    others = sorted((i for i, m in enumerate(screen) if m.usable and i != default), key=lambda i: (screen[i].median, i))
+    return ([default] if screen[default].usable else []) + others[:k]
+
+
+def tune_one(job: Job, runner, margin: float = MARGIN, k: int = FINALISTS) -> tuple[Outcome, dict | None]:
+    """Screen every candidate of one job (correctness + a few repeats), time the default and the
+    ``k`` fastest in full, choose; the outcome and the cache entry to store (or None)."""
     spec = job.ref.spec
     configs, d = _configs(spec, job.pass_name, job.problem)
-    measured = runner.measure(job, configs)
-    failures = {str(dict(c)): m.status for c, m in zip(configs, measured) if not m.usable}
+    screen = runner.measure(job, configs, quick=True)
+    picks = finalists(screen, d, k)
+    measured = [m if not m.usable else Measurement.failed("screened out") for m in screen]
+    for i, m in zip(picks, runner.measure(job, [configs[i] for i in picks]) if picks else []):
+        measured[i] = m
+    failures = {str(dict(c)): m.status for c, m in zip(configs, measured) if not m.usable and m.status != "screened out"}
     w = choose(measured, d, margin)
     if w is None:
         return Outcome(job, "failed", failures=failures), None

@@ -66,6 +66,24 @@ def test_ties_go_to_the_earliest_and_failures_never_win():
     assert tuner.choose([fail, fail], 1) is None
 
 
+def test_finalists_are_the_default_and_the_fastest_screened():
+    fail = tuner.Measurement.failed("boom")
+    screen = [M(0.9), M(0.5), fail, M(0.4), M(0.5), M(2.0)]
+    assert tuner.finalists(screen, 5, k=3) == [5, 3, 1, 4]
+    assert tuner.finalists(screen, 2, k=2) == [3, 1]  # an unusable default is no finalist
+    assert tuner.finalists([fail, fail], 0) == []
+
+
+def test_a_screened_out_candidate_cannot_win(monkeypatch):
+    """Screening uses the first repeats only; the full timing decides."""
+    runner = tuner.InProcess(timer=fake.fake_timer, device="cpu")
+    monkeypatch.setitem(fake.TIMES, 16, [0.5] * 3 + [2.0] * 6)  # fast when screened, slow in full
+    outcome, entry = tuner.tune_one(job(), runner)
+    assert outcome.config == C32 and outcome.is_default and entry["config"] == C32
+    outcome, _ = tuner.tune_one(job(), runner, k=0)  # no finalist but the default
+    assert outcome.config == C32
+
+
 def test_rel_error():
     x = torch.randn(4, 5) + 0.5
     assert tuner.rel_error(x.clone(), x) == 0
@@ -107,7 +125,7 @@ def test_tune_persists_each_problem_skips_cached_and_forces(runner, tmp_path, mo
     assert seen == [1, 2, 3]  # each problem is on disk before the next starts
 
     calls = []
-    counting = tuner.InProcess(timer=lambda run: calls.append(1) or fake.fake_timer(run), device="cpu")
+    counting = tuner.InProcess(timer=lambda run, quick: calls.append(quick) or fake.fake_timer(run, quick), device="cpu")
     outcomes = tuner.tune(jobs, counting, path, DEVICE, TOOLS)
     assert [o.status for o in outcomes] == ["cached"] * 3 + ["tuned"] * 5
     assert len(store.read(path)["entries"]) == 8
@@ -117,7 +135,8 @@ def test_tune_persists_each_problem_skips_cached_and_forces(runner, tmp_path, mo
     calls.clear()
     monkeypatch.setitem(fake.TIMES, 16, [1.0] * 9)  # now a tie: --force brings the default back
     outcomes = tuner.tune(jobs, counting, path, DEVICE, TOOLS, force=True)
-    assert all(o.status == "tuned" and o.is_default for o in outcomes) and len(calls) == 4 * 2 + 4 * 2
+    assert all(o.status == "tuned" and o.is_default for o in outcomes)
+    assert calls.count(True) == calls.count(False) == 8 * 2  # 2 usable candidates per job, screened then timed
     assert all(e["config"] in (C32, fake.SPEC.candidates["bwd"][1]) for e in store.read(path)["entries"].values())
 
     # and the lookup serves the stored winners
