@@ -119,7 +119,7 @@ def _loss_and_grads(hidden, weight, bias, labels, scale, ignore_index, softcap, 
         if bias is None:
             torch.mm(h, weight.t(), out=z)
         else:
-            torch.addmm(bias, h, weight.t(), out=z)
+            torch.addmm(bias.to(z.dtype), h, weight.t(), out=z)
         _launch_rows(z, z, labels[start:start + rows], loss_rows[start:start + rows], scale, ignore_index,
                      softcap, any(needs), config)
         if need_h:
