@@ -1,0 +1,108 @@
+import json
+
+import pytest
+import torch
+
+from fastbench.bench import arms
+from fastbench.bench.arms import ArmSpec, RunConfig
+from fastbench.bench.data import IGNORE_INDEX, count_tokens, make_batch, make_steps
+from fastbench.presets import NotAModel, UnknownPreset, resolve_model
+
+
+def test_labels_carry_options_and_repeats():
+    assert arms.parse_label("fused-4bit:ckpt=offload") == ("fused-4bit", {"ckpt": "offload"})
+    assert arms.parse_label("fused:ckpt=40:x=y#2") == ("fused", {"ckpt": "40", "x": "y"})
+    assert arms.unique_labels(["peft", "peft", "qlora", "peft"]) == ["peft", "peft#2", "qlora", "peft#3"]
+    with pytest.raises(arms.UnknownArm, match="key=value"):
+        arms.parse_label("fused:offload")
+
+
+def test_unknown_arm_lists_valid_ones():
+    with pytest.raises(arms.UnknownArm, match="valid arms: .*peft.*qlora"):
+        arms.get_arm("pefft")
+
+
+def test_missing_package_says_which_and_how(monkeypatch):
+    monkeypatch.setitem(arms._REGISTRY, "needs-nothing", ArmSpec(
+        "needs-nothing", "test", ("fastbench_no_such_module",), "pip install no-such-thing", lambda cfg: None))
+    with pytest.raises(arms.MissingPackage, match="fastbench_no_such_module.*pip install no-such-thing"):
+        arms.get_arm("needs-nothing")
+    assert arms.get_arm("needs-nothing", check_installed=False).name == "needs-nothing"
+
+
+def test_plugin_module_registers_arms_lazily(tmp_path, monkeypatch):
+    (tmp_path / "fastbench_test_plugin.py").write_text(
+        "from fastbench.bench.arms import ArmSpec, register_arm\n"
+        "register_arm(ArmSpec('plugged-4bit', 'test', (), '', lambda cfg: None))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(arms, "_PLUGINS", ("fastbench_test_plugin", "fastbench_absent_plugin"))
+    monkeypatch.setattr(arms, "_plugins_loaded", False)
+    monkeypatch.setattr(arms, "_REGISTRY", dict(arms._REGISTRY))
+    spec = arms.get_arm("plugged-4bit:ckpt=offload")
+    assert spec.name == "plugged-4bit" and spec.loss_kind == "nf4"
+    assert arms.get_arm("peft").loss_kind == "bf16" and arms.get_arm("qlora").loss_kind == "nf4"
+
+
+def test_run_config_round_trip_and_validation():
+    cfg = RunConfig(model="gemma-7b-tiny", seq_len=64, targets=("q_proj",), arm_options={"ckpt": "40"})
+    back = RunConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert back == cfg
+    assert back.validate().model_type == "gemma"
+    with pytest.raises(ValueError, match="unknown run config keys: bogus"):
+        RunConfig.from_dict({"bogus": 1})
+    for bad, message in [(dict(batch=0), "batch must be positive"), (dict(steps=-1), "steps must be positive"),
+                         (dict(warmup=-1), "warmup"), (dict(seq_len=10**6), "beyond"),
+                         (dict(dtype="int8"), "dtype"), (dict(model="nope"), "valid presets")]:
+        with pytest.raises(ValueError, match=message):
+            RunConfig(**{"model": "llama-3-8b-tiny", **bad}).validate()
+
+
+def test_resolve_model_paths(tmp_path):
+    assert resolve_model("llama-3-8b").max_seq_len == 8192
+    with pytest.raises(UnknownPreset, match="llama-3-8b-tiny"):
+        resolve_model("llama-9")
+    with pytest.raises(NotAModel, match="no such directory"):
+        resolve_model(str(tmp_path / "missing"))
+    with pytest.raises(NotAModel, match="config.json"):
+        resolve_model(str(tmp_path))
+    (tmp_path / "config.json").write_text('{"model_type": "llama", "vocab_size": 10, "max_position_embeddings": 8}')
+    with pytest.raises(NotAModel, match="no weights"):
+        resolve_model(str(tmp_path))
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    assert resolve_model(str(tmp_path)).max_seq_len == 8
+
+
+def test_data_is_seeded_padded_and_counted(seed):
+    a = make_batch(seed, 3, 1, batch=3, seq_len=37, vocab_size=101, pad_fraction=0.3)
+    b = make_batch(seed, 3, 1, batch=3, seq_len=37, vocab_size=101, pad_fraction=0.3)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["input_ids"], make_batch(seed, 4, 1, 3, 37, 101, 0.3)["input_ids"])
+    pad = a["attention_mask"] == 0
+    assert torch.equal(a["labels"] == IGNORE_INDEX, pad) and (a["attention_mask"].sum(1) >= 1).all()
+    assert (a["input_ids"] < 101).all()
+    cfg = RunConfig(model="llama-3-8b-tiny", seq_len=37, batch=3, grad_accum=2, steps=2, warmup=1, seed=seed)
+    steps = make_steps(cfg, 101, "cpu")
+    assert len(steps) == 3 and len(steps[0]) == 2
+    assert count_tokens(steps[0]) == sum(int(b["attention_mask"].sum()) for b in steps[0])
+    assert count_tokens(make_steps(RunConfig(seq_len=37, batch=3, steps=1, warmup=0), 101, "cpu")[0]) == 111
+
+
+def test_qlora_reads_a_prequantized_checkpoint_and_local_paths_match_presets(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTBENCH_CHECKPOINT_CACHE", str(tmp_path / "cache"))
+    cfg = RunConfig(model="qwen2.5-7b-tiny", seq_len=32, device="cpu")
+    ids = torch.randint(0, 512, (2, 32))
+    arms.load_4bit(cfg).save_pretrained(tmp_path / "q4")
+    assert resolve_model(str(tmp_path / "q4")).prequantized_4bit
+    from_q4 = arms.build_qlora(RunConfig(model=str(tmp_path / "q4"), seq_len=32, device="cpu"))
+    from_preset = arms.build_qlora(cfg)
+    assert type(from_q4.base_model.model.model.layers[0].mlp.up_proj.base_layer).__name__ == "Linear4bit"
+    with torch.no_grad():
+        assert torch.equal(from_q4(input_ids=ids, labels=ids).loss, from_preset(input_ids=ids, labels=ids).loss)
+    with pytest.raises(ValueError, match="4-bit checkpoint"):
+        arms.build_peft(RunConfig(model=str(tmp_path / "q4"), seq_len=32, device="cpu"))
+    local = arms.build_peft(RunConfig(model=arms.checkpoint_path(cfg), seq_len=32, device="cpu"))
+    preset = arms.build_peft(cfg)
+    with torch.no_grad():
+        assert torch.equal(local(input_ids=ids, labels=ids).loss, preset(input_ids=ids, labels=ids).loss)
+    assert sum(p.numel() for p in preset.parameters() if p.requires_grad) > 0
+    assert all("lora_" in n for n, p in preset.named_parameters() if p.requires_grad)

@@ -1,0 +1,77 @@
+"""Bad input to `fastbench compare`: a clear message, exit code 2, no traceback, no process started."""
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from fastbench.cli import main
+
+
+def _compare(*args, tmp_path):
+    result = CliRunner().invoke(main, ["compare", *args, "--results-dir", str(tmp_path / "r"),
+                                       "--reports-dir", str(tmp_path / "p")])
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "r").exists(), "nothing may run on bad input"
+    return result
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--models", "llama-9b"], "valid presets: llama-3-8b"),
+    (["--arms", "peft,qlorra"], "valid arms: "),
+    (["--arms", "peft,fused:ckpt"], "key=value"),
+    (["--models", "./no/such/dir"], "is not a model"),
+    (["--seq-len", "100000", "--models", "llama-3-8b-tiny"], "beyond llama-3-8b-tiny's limit"),
+    (["--seq-len", "0"], "seq-len must be positive"),
+    (["--batch", "-2"], "batch must be positive"),
+    (["--steps", "0"], "steps must be positive"),
+    (["--repeats", "0"], "repeats must be positive"),
+    (["--warmup", "-1"], "warmup must be zero or more"),
+    (["--arms", "qlora", "--baseline-arm", "peft"], "not among --arms"),
+    (["--max-regression", "lots"], "write e.g. 5%"),
+    (["--device", "cuda:7"] , None),
+])
+def test_bad_options(tmp_path, args, message):
+    import torch
+
+    if args[:1] == ["--device"]:
+        if torch.cuda.is_available():
+            pytest.skip("a GPU is visible")
+        message = "no CUDA GPU"
+    result = _compare(*args, tmp_path=tmp_path)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+
+
+def test_missing_package_names_it(tmp_path, monkeypatch):
+    from fastbench.bench import arms
+
+    monkeypatch.setitem(arms._REGISTRY, "peer", arms.ArmSpec(
+        "peer", "test", ("fastbench_no_such_module",), "pip install peer-kernels", lambda cfg: None))
+    result = _compare("--arms", "peft,peer", tmp_path=tmp_path)
+    assert result.exit_code == 2
+    assert "fastbench_no_such_module" in result.output and "pip install peer-kernels" in result.output
+
+
+@pytest.mark.parametrize("option", ["--from", "--against", "--resume"])
+@pytest.mark.parametrize("content, message", [
+    (None, "cannot read"), ("{oops", "not JSON"), ('{"schema": "other/1"}', "not a fastbench results file")])
+def test_unreadable_or_foreign_results_file(tmp_path, option, content, message):
+    path = tmp_path / "old.json"
+    if content is not None:
+        path.write_text(content)
+    result = _compare(option, str(path), tmp_path=tmp_path)
+    assert result.exit_code == 2 and message in result.output
+
+
+def test_from_refuses_extra_options(tmp_path):
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps({"schema": "fastbench.compare/1"}))
+    result = _compare("--from", str(path), "--steps", "3", tmp_path=tmp_path)
+    assert result.exit_code == 2 and "drop --steps" in result.output
+
+
+def test_help_lists_the_public_options():
+    out = CliRunner().invoke(main, ["compare", "--help"]).output
+    for option in ("--models", "--arms", "--seq-len", "--batch", "--steps", "--warmup", "--repeats",
+                   "--baseline-arm", "--from", "--against", "--max-regression", "--results-dir", "--reports-dir"):
+        assert option in out

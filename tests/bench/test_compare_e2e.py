@@ -1,0 +1,48 @@
+"""`fastbench compare` end to end on a CPU: tiny preset, peft and qlora, real worker processes."""
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from fastbench.cli import main
+
+pytestmark = pytest.mark.slow
+TINY = ["--models", "llama-3.2-1b-tiny", "--arms", "peft,qlora", "--seq-len", "32", "--batch", "2",
+        "--steps", "2", "--warmup", "1", "--repeats", "1", "--device", "cpu", "--pad-fraction", "0.1"]
+
+
+def test_compare_then_rerun_with_oom_against_doctored_baseline(tmp_path, monkeypatch):
+    results, reports = tmp_path / "results", tmp_path / "reports"
+    dirs = ["--results-dir", str(results), "--reports-dir", str(reports)]
+    monkeypatch.setenv("FASTBENCH_CHECKPOINT_CACHE", str(tmp_path / "ckpt"))
+    first = CliRunner().invoke(main, ["compare", *TINY, *dirs])
+    assert first.exit_code == 0, first.output
+    assert "prove the pipeline" in first.output
+    (path,) = results.glob("*.json")
+    run = json.loads(path.read_text())
+    assert run["status"] == "complete" and [r["status"] for r in run["runs"]] == ["ok", "ok"]
+    assert path.name.startswith(run["id"]) and "-cpu-" in run["id"]
+    for r in run["runs"]:
+        assert len(r["step_s"]) == 2 and len(r["losses"]) == 3 and r["load_s"] > 0
+        assert 0 < sum(r["tokens_per_step"]) < 2 * 2 * 32  # padding is not counted
+    (check,) = run["summary"]["loss_checks"]
+    assert check["arm"] == "qlora" and not check["mismatch"]  # same weights, same data, NF4 vs bf16
+    report = (reports / (run["id"] + ".md")).read_text()
+    assert "| llama-3.2-1b-tiny | qlora |" in report and "ok: qlora vs peft" in report
+    assert (reports / (run["id"] + "-tokens_per_s.png")).stat().st_size > 0
+    assert (results / (run["id"] + ".csv")).exists()
+
+    doctored = tmp_path / "doctored.json"
+    for r in run["runs"]:
+        if r["arm"] == "peft":
+            r["step_s"] = [s / 10 for s in r["step_s"]]  # the old peft was 10x faster
+    doctored.write_text(json.dumps(run))
+    monkeypatch.setenv("FASTBENCH_SIMULATE_OOM", "qlora")
+    second = CliRunner().invoke(main, ["compare", "--from", str(path), "--against", str(doctored), *dirs])
+    assert second.exit_code == 1, second.output
+    assert "REGRESSION peft on llama-3.2-1b-tiny: tokens/s" in second.output
+    assert "REGRESSION qlora on llama-3.2-1b-tiny: ran before (ok), now oom" in second.output
+    new = json.loads(next(p for p in results.glob("*.json") if p != path).read_text())
+    assert new["compare"] == run["compare"]
+    assert {r["arm"]: r["status"] for r in new["runs"]} == {"peft": "ok", "qlora": "oom"}
+    assert any("simulated out of memory" in (r["error"] or "") for r in new["runs"])

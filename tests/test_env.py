@@ -1,0 +1,24 @@
+import json
+
+from click.testing import CliRunner
+
+from fastbench.env import LIBRARIES, collect_environment
+from fastbench.cli import main
+
+
+def test_collect_environment_has_what_results_record():
+    env = collect_environment()
+    for key in ("gpu", "driver", "cuda", "versions", "git_sha", "git_dirty", "autotune", "python"):
+        assert key in env
+    assert set(env["versions"]) == set(LIBRARIES)
+    assert env["versions"]["torch"] and env["versions"]["fastbench"]
+    json.dumps(env, default=str)
+
+
+def test_env_command_text_and_json():
+    runner = CliRunner()
+    text = runner.invoke(main, ["env"])
+    assert text.exit_code == 0 and "GPU:" in text.output and "autotune cache:" in text.output
+    as_json = runner.invoke(main, ["env", "--json"])
+    assert as_json.exit_code == 0
+    assert json.loads(as_json.output)["versions"]["transformers"]
