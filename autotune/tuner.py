@@ -23,7 +23,6 @@ import math
 import multiprocessing as mp
 import os
 import pkgutil
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone

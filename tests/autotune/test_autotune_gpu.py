@@ -1,0 +1,45 @@
+"""On the GPU machine: the real timer, the fingerprint, and one real op tuned in a worker process."""
+import math
+
+import pytest
+import torch
+
+from fastbench import presets
+from fastbench.autotune import key, lookup, store, tuner
+
+pytestmark = pytest.mark.gpu
+
+
+def test_fingerprint_and_toolchain():
+    fp = key.device_fingerprint()
+    assert fp["name"] and not fp["name"].startswith("nvidia") and fp["sms"] > 0 and "." in fp["cc"]
+    assert key.toolchain()["cuda"] == torch.version.cuda
+
+
+def test_cuda_timer_gives_positive_samples():
+    x = torch.randn(1 << 22, device="cuda")
+    full = tuner.cuda_timer(lambda: x.mul_(1.0))
+    quick = tuner.cuda_timer(lambda: x.mul_(1.0), True)
+    assert len(full) >= 25 and 5 <= len(quick) <= 20
+    assert all(math.isfinite(v) and v > 0 for v in full + quick)
+
+
+def test_rms_norm_tunes_in_a_worker_and_is_served(tmp_path):
+    refs = [r for r in tuner.discover() if r.name == "rms_norm"]
+    if not refs:
+        pytest.skip("no rms_norm op yet")
+    jobs = tuner.plan(refs, [presets.build_config("llama-3-8b")], [4096], torch.bfloat16)
+    device, tools = key.device_fingerprint(), key.toolchain()
+    path = tmp_path / key.file_name(device, tools)
+    worker = tuner.Worker(timeout=120)
+    try:
+        outcomes = tuner.tune(jobs[:2], worker, path, device, tools)
+    finally:
+        worker.close()
+    assert [o.status for o in outcomes] == ["tuned", "tuned"], [o.failures for o in outcomes]
+    assert all(o.ms > 0 and o.default_ms > 0 for o in outcomes)
+    lk = lookup.Lookup(root=tmp_path, bundled=tmp_path / "none")
+    for o in outcomes:
+        config, tier = lk.resolve(refs[0].spec, o.job.pass_name, o.job.problem)
+        assert tier == "exact" and dict(config) == dict(o.config)
+    assert len(store.read(path)["entries"]) == 2
