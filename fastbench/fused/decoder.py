@@ -59,7 +59,7 @@ def unsupported_lora(module) -> str | None:
 
     if not isinstance(module, LoraLayer):
         return None if hasattr(module, "weight") else f"{type(module).__name__} has no weight"
-    if type(module).__name__ != "Linear":
+    if type(module).__name__ not in ("Linear", "Linear4bit"):  # peft.tuners.lora.Linear, lora.bnb.Linear4bit
         return f"PEFT layer type {type(module).__name__}"
     for name in module.active_adapters:
         if name in getattr(module, "lora_variant", {}) or module.use_dora.get(name, False):

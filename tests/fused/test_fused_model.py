@@ -1,0 +1,169 @@
+"""The fused model against HF + PEFT (and PEFT + bitsandbytes) with the same weights and adapters, fp32."""
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from fastbench import FastLanguageModel
+from fastbench.model import DEFAULT_TARGETS
+
+FAMILIES = ["llama-3-8b-tiny", "mistral-7b-tiny", "gemma-7b-tiny", "qwen2.5-7b-tiny", "qwen3-8b-tiny"]
+VOCAB = 512
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def cosine(a, b):
+    return F.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0).item()
+
+
+def pair(preset, seed, load_in_4bit=False, checkpointing=True, r=4):
+    """(fused, reference): the same base weights and LoRA weights (B made non-zero), fp32."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base, _ = FastLanguageModel.from_pretrained(preset, dtype=torch.float32, load_in_4bit=load_in_4bit,
+                                                    device="cpu", seed=seed)
+    ref_base = copy.deepcopy(base)
+    fused = FastLanguageModel.get_peft_model(base, r=r, lora_alpha=2 * r, random_state=seed,
+                                             use_gradient_checkpointing=checkpointing, fallback=False)
+    torch.manual_seed(seed)
+    ref = get_peft_model(ref_base, LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(DEFAULT_TARGETS),
+                                              task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for (name, p), (ref_name, q) in zip(fused.named_parameters(), ref.named_parameters()):
+            assert name == ref_name and torch.equal(p.data.view(-1)[:64], q.data.view(-1)[:64])
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+                q.copy_(p)
+    return fused, ref
+
+
+def batch(B=2, T=11):
+    ids = torch.randint(0, VOCAB, (B, T))
+    labels = ids.clone()
+    labels[0, :3] = -100  # a masked prompt
+    return ids, labels
+
+
+def lora_grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def assert_same_step(fused, ref, ids, labels, **kwargs):
+    loss_f = fused(input_ids=ids, labels=labels, **kwargs).loss
+    loss_r = ref(input_ids=ids, labels=labels, **kwargs).loss
+    assert torch.isfinite(loss_f)
+    assert abs(loss_f.item() - loss_r.item()) / abs(loss_r.item()) < 1e-5
+    loss_f.backward()
+    loss_r.backward()
+    gf, gr = lora_grads(fused), lora_grads(ref)
+    assert gf.keys() == gr.keys() and len(gf) > 0
+    for name in gf:
+        assert torch.isfinite(gf[name]).all() and cosine(gf[name], gr[name]) > 0.99999, name
+
+
+@pytest.mark.parametrize("preset", FAMILIES)
+def test_loss_and_grads_match_peft(seed, preset):
+    fused, ref = pair(preset, seed)
+    assert fused.get_base_model().fastbench_patches
+    assert_same_step(fused, ref, *batch())
+
+
+@pytest.mark.parametrize("checkpointing", [False, "offload", 1e-6, "auto"])
+def test_checkpointing_modes_match_peft(seed, checkpointing):
+    fused, ref = pair("llama-3-8b-tiny", seed, checkpointing=checkpointing)
+    assert_same_step(fused, ref, *batch())
+
+
+@pytest.mark.parametrize("preset", ["llama-3-8b-tiny", "qwen2.5-7b-tiny"])
+def test_4bit_matches_peft_bitsandbytes(seed, preset):
+    fused, ref = pair(preset, seed, load_in_4bit=True)
+    assert type(fused.get_base_model().model.layers[0].mlp.down_proj.base_layer).__name__ == "Linear4bit"
+    assert_same_step(fused, ref, *batch())
+
+
+def test_padding_matches_peft(seed):
+    fused, ref = pair("qwen3-8b-tiny", seed)
+    ids, labels = batch(T=9)
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0  # right padding
+    labels[1, 6:] = -100
+    assert_same_step(fused, ref, ids, labels, attention_mask=mask)
+
+
+def test_logits_without_labels_match_peft(seed):
+    fused, ref = pair("gemma-7b-tiny", seed)
+    ids, _ = batch()
+    with torch.no_grad():
+        assert rel(fused(input_ids=ids).logits, ref(input_ids=ids).logits) < 1e-5
+
+
+def test_grad_accumulation_equals_one_batch(seed):
+    """4 micro-batches of 1, each normalised by the label count of all 4, equal one batch of 4."""
+    fused, _ = pair("mistral-7b-tiny", seed)
+    ids, labels = batch(B=4, T=10)
+    labels[2, :7] = -100  # unequal label counts per row: a per-micro-batch mean would differ
+    fused(input_ids=ids, labels=labels).loss.backward()
+    whole = lora_grads(fused)
+    fused.zero_grad()
+    total = (labels[:, 1:] != -100).sum()
+    losses = []
+    for i in range(4):
+        loss = fused(input_ids=ids[i:i + 1], labels=labels[i:i + 1], num_items_in_batch=total).loss
+        loss.backward()
+        losses.append(loss.item())
+    accumulated = lora_grads(fused)
+    for name in whole:
+        assert rel(accumulated[name], whole[name]) < 1e-5
+
+
+def test_saved_adapter_reproduces_logits_in_plain_peft(seed, tmp_path):
+    fused, _ = pair("qwen2.5-7b-tiny", seed)
+    fused.save_pretrained(tmp_path)
+    plain_base = FastLanguageModel.from_pretrained("qwen2.5-7b-tiny", dtype=torch.float32, device="cpu",
+                                                   seed=seed)[0]
+    plain = PeftModel.from_pretrained(plain_base, tmp_path)
+    ids, _ = batch()
+    with torch.no_grad():
+        assert rel(fused(input_ids=ids).logits, plain(input_ids=ids).logits) < 1e-5
+
+
+def test_training_tracks_peft_loss_curve(seed):
+    fused, ref = pair("llama-3-8b-tiny", seed, checkpointing="offload")
+    opt_f = torch.optim.AdamW([p for p in fused.parameters() if p.requires_grad], lr=1e-2)
+    opt_r = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=1e-2)
+    ids, labels = batch(B=2, T=12)
+    curves = []
+    for model, opt in ((fused, opt_f), (ref, opt_r)):
+        curve = []
+        for _ in range(12):
+            loss = model(input_ids=ids, labels=labels).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            curve.append(loss.item())
+        curves.append(torch.tensor(curve))
+    assert curves[1][-1] < curves[1][0] - 0.5  # it does learn
+    assert rel(curves[0], curves[1]) < 1e-4
+
+
+def test_generation_uses_hf_forward(seed):
+    fused, ref = pair("llama-3-8b-tiny", seed)
+    ids, _ = batch(B=1, T=5)
+    out_f = fused.generate(input_ids=ids, max_new_tokens=4, do_sample=False)
+    out_r = ref.generate(input_ids=ids, max_new_tokens=4, do_sample=False)
+    assert torch.equal(out_f, out_r)
+
+
+def test_unsupported_option_falls_back_with_warning(seed):
+    base = FastLanguageModel.from_pretrained("llama-3-8b-tiny", dtype=torch.float32, device="cpu")[0]
+    with pytest.warns(UserWarning, match="lora_dropout > 0"):
+        model = FastLanguageModel.get_peft_model(copy.deepcopy(base), lora_dropout=0.1)
+    assert not hasattr(model.get_base_model(), "fastbench_patches")
+    with pytest.raises(ValueError, match="lora_dropout > 0"):
+        FastLanguageModel.get_peft_model(base, lora_dropout=0.1, fallback=False)
