@@ -93,8 +93,9 @@ def dequantize_nf4(packed, absmax, code=None, *, shape, blocksize=64, absmax_cod
     ``packed``: the packed bytes (any storage dtype; read as uint8). ``absmax``: fp32 per-block scales,
     or, double quantized, their uint8 codes, with ``absmax_code`` (256 fp32 values), ``absmax_scale``
     (fp32, one per ``absmax_blocksize`` codes) and ``absmax_offset`` (a 0-d fp32 tensor).
-    ``code``: the 16-entry fp32 table (default: bitsandbytes' NF4 table). ``out``: optional contiguous buffer of ``dtype`` with at
-    least ``prod(shape)`` elements; the result is a view of its first elements.
+    ``code``: the 16-entry fp32 table (default: bitsandbytes' NF4 table). ``out``: an optional
+    contiguous buffer of ``dtype`` with at least ``prod(shape)`` elements; the result is a view of its
+    first elements.
     """
     shape = tuple(int(s) for s in shape)
     numel = math.prod(shape)
