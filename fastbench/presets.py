@@ -56,7 +56,7 @@ def _tiny(p: Preset) -> Preset:
     c = dict(p.config)
     heads, kv = 4, (4 if c["num_key_value_heads"] == c["num_attention_heads"] else 2)
     head_dim = 32 if c.get("head_dim", 0) == 256 else 16
-    c.update(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=heads,
+    c.update(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=heads,
              num_key_value_heads=kv, head_dim=head_dim, vocab_size=512,
              max_position_embeddings=min(c["max_position_embeddings"], 8192))
     return Preset(p.name + "-tiny", p.model_type, c, f"tiny sibling of {p.name} (2 layers, width 64)")
