@@ -201,7 +201,22 @@ def checkpoint_path(cfg: RunConfig) -> str:
         t0 = time.perf_counter()
         save_checkpoint(source.preset, directory, dtype=cfg.torch_dtype, device=cfg.device, seed=cfg.seed)
         materialize_seconds += time.perf_counter() - t0
+        import torch
+
+        if torch.cuda.is_available():  # writing the checkpoint is not the arm's memory
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
     return directory
+
+
+def _concrete_device(cfg: RunConfig):
+    """cfg.device with its index ("cuda" -> "cuda:<current>"), as loaders with a device_map want it."""
+    import torch
+
+    device = torch.device(cfg.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def base_model(cfg: RunConfig):
@@ -218,7 +233,7 @@ def base_model(cfg: RunConfig):
         raise ValueError(f"{cfg.model} is a 4-bit checkpoint; use a 4-bit arm (qlora, ...) with it")
     else:
         model = AutoModelForCausalLM.from_pretrained(source.path, dtype=cfg.torch_dtype,
-                                                     device_map={"": torch.device(cfg.device)},
+                                                     device_map={"": _concrete_device(cfg)},
                                                      attn_implementation="sdpa")
     model.config.use_cache = False
     return model.train()
@@ -235,7 +250,7 @@ def load_4bit(cfg: RunConfig):
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=cfg.torch_dtype)}
     model = AutoModelForCausalLM.from_pretrained(path, dtype=cfg.torch_dtype, attn_implementation="sdpa",
-                                                 device_map={"": torch.device(cfg.device)}, **quant)
+                                                 device_map={"": _concrete_device(cfg)}, **quant)
     model.config.use_cache = False
     return model
 

@@ -79,7 +79,7 @@ def run(spec: dict) -> dict:
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     losses = []
     try:
-        if cuda:
+        if cuda and torch.device(cfg.device).index is not None:
             torch.cuda.set_device(torch.device(cfg.device))
         vocab_size = cfg.validate().vocab_size
         t0 = time.perf_counter()
@@ -87,8 +87,6 @@ def run(spec: dict) -> dict:
         sync()
         record["materialize_s"] = arms.materialize_seconds
         record["load_s"] = time.perf_counter() - t0 - arms.materialize_seconds
-        if cuda and arms.materialize_seconds:  # writing the checkpoint is not this arm's memory
-            torch.cuda.reset_peak_memory_stats()
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise RuntimeError(f"arm {label!r} built a model with no trainable parameters")

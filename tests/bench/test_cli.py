@@ -75,3 +75,29 @@ def test_help_lists_the_public_options():
     for option in ("--models", "--arms", "--seq-len", "--batch", "--steps", "--warmup", "--repeats",
                    "--baseline-arm", "--from", "--against", "--max-regression", "--results-dir", "--reports-dir"):
         assert option in out
+
+
+def test_resume_runs_only_what_is_missing(tmp_path, make_record, make_results, monkeypatch):
+    from fastbench.bench import runner
+
+    recs = [make_record("peft", model="llama-3-8b-tiny", repeat=r) for r in range(2)]
+    recs.append(make_record("peft#2", model="llama-3-8b-tiny", repeat=0))
+    res = make_results(recs, ["peft", "peft#2"], models=["llama-3-8b-tiny"], repeats=2)
+    res["compare"]["run"]["seq_len"] = 64
+    path = tmp_path / "partial.json"
+    path.write_text(json.dumps(res))
+    ran = []
+
+    def fake_run_one(label, model, repeat, run_config, workdir, env, timeout):
+        ran.append((label, model, repeat))
+        return make_record(label, model=model, repeat=repeat)
+
+    monkeypatch.setattr(runner, "run_one", fake_run_one)
+    result = CliRunner().invoke(main, ["compare", "--resume", str(path), "--results-dir", str(tmp_path / "r"),
+                                       "--reports-dir", str(tmp_path / "p")])
+    assert result.exit_code == 0, result.output
+    assert ran == [("peft#2", "llama-3-8b-tiny", 1)]
+    done = json.loads((tmp_path / "r" / (res["id"] + ".json")).read_text())
+    assert done["status"] == "complete" and len(done["runs"]) == 4
+    assert done["summary"]["noise_floor"][0]["twin"] == "peft#2"
+    assert "A/A noise floor" in (tmp_path / "p" / (res["id"] + ".md")).read_text()
