@@ -124,8 +124,9 @@ def _export(path: str, refs, cache_file: Path, device, tools) -> None:
 @click.option("--verify", is_flag=True, help="re-time cached winners against the default; flag those within noise or slower")
 @click.option("--export", "export", metavar="PATH", help="write this GPU's cache as a bundled-format file (PATH or PATH/<name>.json)")
 @click.option("--timeout", default=60.0, show_default=True, help="seconds a candidate may run before it is killed")
+@click.option("--max-time", type=float, help="start no new problem after this many seconds (run again to carry on)")
 @click.option("--json-out", type=click.Path(dir_okay=False), help="write the per-problem results (tune or --verify) as JSON")
-def tune(models, tokens, ops, dtype, force, list_, verify, export, timeout, json_out):
+def tune(models, tokens, ops, dtype, force, list_, verify, export, timeout, max_time, json_out):
     """Tune every kernel op's launch configs for this GPU and cache the winners.
 
     Each candidate is checked against the op's reference, then timed (CUDA events, median of many
@@ -173,16 +174,18 @@ def tune(models, tokens, ops, dtype, force, list_, verify, export, timeout, json
                 outcomes.append(outcome)
                 bar.update(1, job)
             try:
-                tuner.tune(jobs, runner, cache_file, device, tools, force=force, progress=progress)
+                tuner.tune(jobs, runner, cache_file, device, tools, force=force, progress=progress,
+                           deadline=started + max_time if max_time is not None else math.inf)
             except KeyboardInterrupt:
-                click.echo(f"\ninterrupted: {len(outcomes)} of {len(jobs)} problems are in {cache_file}", err=True)
+                click.echo(f"\ninterrupted: results so far are in {cache_file}", err=True)
         _print_summary(outcomes, time.monotonic() - started, cache_file)
         if json_out:
             _write_json(json_out, {"device": device, "toolchain": tools, "cache_file": str(cache_file),
                                    "seconds": time.monotonic() - started, "summary": tuner.summarise(outcomes),
                                    "rows": [_outcome_row(o) for o in outcomes]})
         if len(outcomes) < len(jobs):
-            sys.exit(130)
+            click.echo(f"incomplete: {len(outcomes)} of {len(jobs)} problems done; run again to carry on", err=True)
+            sys.exit(3)
     finally:
         runner.close()
 

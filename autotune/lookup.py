@@ -9,7 +9,8 @@ Tiers, first that answers wins (each hit must still be one of today's candidates
 3. ``nearest``: the same, with the nearest token bucket (in log2; a tie goes to the larger bucket);
 4. ``bundled``: ``autotune/bundled/`` files of this device and Triton version (the exact toolchain
    first), exact bucket then nearest;
-5. ``heuristic``: ``spec.heuristic(pass_name, problem)``; always so without a GPU (no driver call).
+5. ``heuristic``: ``spec.heuristic(pass_name, problem)``; always so without a GPU (no driver call)
+   and with ``FASTBENCH_AUTOTUNE=off`` (for tuned-vs-heuristic comparisons; pins still apply).
 
 Answers are memoised per ``(op, pass, problem)``; the first answer of each tier per op/pass is logged
 (logger ``fastbench.autotune``); :func:`tiers_used` tells the harness which tiers served.
@@ -31,6 +32,7 @@ log = logging.getLogger("fastbench.autotune")
 
 TIERS = ("pinned", "exact", "nearest", "bundled", "heuristic")
 PIN_ENV = "FASTBENCH_PIN"
+OFF_ENV = "FASTBENCH_AUTOTUNE"
 AUTO = object()
 
 Group = tuple  # (op, pass, kernel hash, problem items without tokens)
@@ -77,6 +79,7 @@ class Lookup:
                  bundled: Path | None = None):
         self._device, self._tools = device, tools
         self.root, self.bundled_root = root, bundled
+        self.cache_off = os.environ.get(OFF_ENV, "").strip().lower() in ("0", "off", "false", "heuristic")
         self.pins: dict[str, Mapping] = {}
         self._env_pins: dict[str, Mapping] | None = None
         self._user: dict | None = None
@@ -164,7 +167,7 @@ class Lookup:
         hit = self._pinned(spec, pass_name)
         if hit is not None:
             return hit, "pinned"
-        if self.device is not None:
+        if self.device is not None and not self.cache_off:
             canon = key.canonical_problem(problem)
             group = _group(spec.name, pass_name, key.kernel_hash(spec), canon)
             tokens = canon.get(key.TOKENS)
@@ -251,6 +254,7 @@ def describe() -> dict:
     return {
         "cache_dir": str(root),
         "cache_dir_env": store.CACHE_ENV if os.environ.get(store.CACHE_ENV) else None,
+        "cache_off": lk.cache_off,
         "device": lk.device,
         "toolchain": lk.tools,
         "user_file": str(user) if user else None,

@@ -23,6 +23,7 @@ import math
 import multiprocessing as mp
 import os
 import pkgutil
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -448,12 +449,16 @@ def tune_one(job: Job, runner, margin: float = MARGIN, k: int = FINALISTS) -> tu
 
 
 def tune(jobs: Sequence[Job], runner, path: Path, device: Mapping, tools: Mapping, force: bool = False,
-         margin: float = MARGIN, progress: Callable[[Job, Outcome], None] | None = None) -> list[Outcome]:
+         margin: float = MARGIN, progress: Callable[[Job, Outcome], None] | None = None,
+         deadline: float = math.inf) -> list[Outcome]:
     """Tune ``jobs``, writing each result to the cache file ``path`` as soon as it is known; cached
-    entries (still candidates) are kept unless ``force``."""
+    entries (still candidates) are kept unless ``force``. No job starts after ``deadline``
+    (``time.monotonic()``): a later run carries on from the cache."""
     cached = (store.read(path) or {}).get("entries", {}) if not force else {}
     outcomes = []
     for job in jobs:
+        if time.monotonic() > deadline:
+            break
         hit = cached.get(job.key)
         valid = hit is not None and any(dict(c) == hit["config"] for c in job.ref.spec.candidates[job.pass_name])
         if valid:

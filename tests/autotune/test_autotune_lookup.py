@@ -17,6 +17,7 @@ PROBLEM = {"dtype": "float32", "hidden": 64, "tokens": 3000}  # bucket 4096
 @pytest.fixture
 def dirs(tmp_path, monkeypatch):
     monkeypatch.delenv(lookup.PIN_ENV, raising=False)
+    monkeypatch.delenv(lookup.OFF_ENV, raising=False)
     return tmp_path / "cache", tmp_path / "bundled"
 
 
@@ -108,6 +109,18 @@ def test_no_gpu_serves_the_heuristic_but_honours_pins(dirs):
     assert lk.user_path() is None
     lk.pin("fake", "fwd", C16)
     assert lk.resolve(fake.SPEC, "fwd", PROBLEM) == (C16, "pinned")
+
+
+def test_autotune_off_serves_the_heuristic_but_honours_pins(dirs, monkeypatch):
+    root, _ = dirs
+    put(user_file(root), C64, 4096)
+    monkeypatch.setenv(lookup.OFF_ENV, "off")
+    lk = make(dirs)
+    assert lk.resolve(fake.SPEC, "fwd", PROBLEM) == (C32, "heuristic")
+    lk.pin("fake", "fwd", C16)
+    assert lk.resolve(fake.SPEC, "fwd", PROBLEM) == (C16, "pinned")
+    monkeypatch.setenv(lookup.OFF_ENV, "1")
+    assert make(dirs).resolve(fake.SPEC, "fwd", PROBLEM) == (C64, "exact")
 
 
 def test_memo_tiers_and_log_once(dirs, caplog):

@@ -211,6 +211,9 @@ def test_cli_tune_list_verify_export_with_a_fake_gpu(monkeypatch, tmp_path):
         assert r.exit_code == 0 and "faster: 4" in r.output, r.output
         assert len(json.loads((tmp_path / "verify.json").read_text())["rows"]) == 4
 
+        r = CliRunner().invoke(cli.tune, [*args, "--force", "--max-time", "0"])
+        assert r.exit_code == 3 and "incomplete: 0 of 4" in r.output, r.output
+
         r = CliRunner().invoke(cli.tune, [*args, "--export", str(tmp_path)])
         assert r.exit_code == 0, r.output
         exported = tmp_path / key.file_name(DEVICE, key.toolchain())
