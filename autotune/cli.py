@@ -165,7 +165,8 @@ def tune(models, tokens, ops, dtype, force, list_, verify, export, timeout, max_
             _print_verify(rows)
             if json_out:
                 _write_json(json_out, {"device": device, "toolchain": tools, "cache_file": str(cache_file),
-                                       "seconds": time.monotonic() - started, "rows": rows})
+                                       "seconds": time.monotonic() - started, "summary": _verify_summary(rows),
+                                       "rows": rows})
             return
         outcomes = []
         with click.progressbar(length=len(jobs), label="tuning", show_eta=True, show_pos=True,
@@ -198,10 +199,35 @@ def _outcome_row(o) -> dict:
             "default_ms": o.default_ms, "speedup": o.speedup, "failures": o.failures}
 
 
+def _finite(x):
+    """JSON without NaN/Infinity: non-finite floats become null."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
 def _write_json(path: str, doc: dict) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(doc, indent=1, default=lambda x: None if x != x else str(x)) + "\n")
+    Path(path).write_text(json.dumps(_finite(doc), indent=1, default=str) + "\n")
     click.echo(f"wrote {path}")
+
+
+def _verify_summary(rows: list[dict]) -> list[dict]:
+    """Per op/pass: verdict counts and the geometric mean of the re-timed speedups."""
+    by_op: dict[str, list[dict]] = {}
+    for r in rows:
+        by_op.setdefault(f"{r['op']}/{r['pass']}", []).append(r)
+    out = []
+    for name, rs in sorted(by_op.items()):
+        ups = [r["speedup"] for r in rs if r["speedup"] > 0]
+        counts = Counter(r["verdict"] for r in rs)
+        out.append({"op": name, "problems": len(rs), **{v: counts[v] for v in ("faster", "within noise", "slower")},
+                    "geomean_speedup": math.exp(sum(map(math.log, ups)) / len(ups)) if ups else None})
+    return out
 
 
 def _print_summary(outcomes, seconds: float, cache_file: Path) -> None:
@@ -228,5 +254,10 @@ def _print_verify(rows: list[dict]) -> None:
         table.append([f"{r['op']}/{r['pass']}", key.problem_string(r["problem"]), key.problem_string(r["config"]),
                       _fmt_ms(r["ms"]), _fmt_ms(r["default_ms"]), f"{r['speedup']:.3f}x", r["verdict"]])
     click.echo(_table(table))
+    summary = [["op/pass", "problems", "faster", "within noise", "slower", "geomean speedup"]]
+    for s in _verify_summary(rows):
+        summary.append([s["op"], s["problems"], s["faster"], s["within noise"], s["slower"],
+                        f"{s['geomean_speedup']:.3f}x" if s["geomean_speedup"] else "-"])
+    click.echo(_table(summary))
     counts = Counter(r["verdict"] for r in rows)
     click.echo(", ".join(f"{v}: {counts[v]}" for v in ("faster", "within noise", "slower")))

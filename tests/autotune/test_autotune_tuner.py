@@ -209,7 +209,8 @@ def test_cli_tune_list_verify_export_with_a_fake_gpu(monkeypatch, tmp_path):
 
         r = CliRunner().invoke(cli.tune, [*args, "--verify", "--json-out", str(tmp_path / "verify.json")])
         assert r.exit_code == 0 and "faster: 4" in r.output, r.output
-        assert len(json.loads((tmp_path / "verify.json").read_text())["rows"]) == 4
+        verified = json.loads((tmp_path / "verify.json").read_text())
+        assert len(verified["rows"]) == 4 and verified["summary"][0]["geomean_speedup"] == pytest.approx(2.0)
 
         r = CliRunner().invoke(cli.tune, [*args, "--force", "--max-time", "0"])
         assert r.exit_code == 3 and "incomplete: 0 of 4" in r.output, r.output
