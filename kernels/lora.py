@@ -16,7 +16,7 @@ per (device, dtype) that all projections share, so at most one dequantized matri
 
 - :func:`lora_projections`: several projections of one input (Q, K, V; or O alone), one Function.
 - :func:`lora_mlp`: gate/up -> GLU -> down in one Function; saves x and the two pre-activations
-  (gate, up) and recomputes the GLU in the backward, through the GLU's own backward.
+  (gate, up), recomputes the GLU in the backward and writes its gradients over gate and up in place.
 
 A projection is a :class:`Projection`; ``lora`` is None for a layer without an active adapter.
 These are cuBLAS matmuls around Triton elementwise ops, so this module has no launch configs.
@@ -27,11 +27,19 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from fastbench.kernels.nf4 import dequantize_nf4_weight
+
 
 class LoRA(NamedTuple):
     A: torch.Tensor  # [r, i]
     B: torch.Tensor  # [o, r]
     scale: float
+
+
+class GLU(NamedTuple):
+    """h = forward(gate, up); backward(dh, gate, up, dgate=, dup=) -> (dgate, dup), as fastbench.kernels.swiglu."""
+    forward: Callable
+    backward: Callable
 
 
 class Projection(NamedTuple):
@@ -58,21 +66,20 @@ def base_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     state = getattr(weight, "quant_state", None)
     if state is None:
         return weight if weight.dtype == dtype else weight.to(dtype)
-    from bitsandbytes.functional import dequantize_4bit  # until fastbench.kernels.nf4 lands
-
-    if not weight.is_cuda or state.dtype != dtype:  # bitsandbytes has no CPU out= variant
-        return dequantize_4bit(weight.data, state).to(dtype)
-    out = _workspace(state.shape.numel(), dtype, weight.device).view(state.shape)
-    return dequantize_4bit(weight.data, state, out=out)
+    if state.dtype != dtype:
+        return dequantize_nf4_weight(weight).to(dtype)
+    return dequantize_nf4_weight(weight, out=_workspace(state.shape.numel(), dtype, weight.device).view(state.shape))
 
 
-def _forward(x2: torch.Tensor, p: Projection) -> torch.Tensor:
-    y = x2 @ base_weight(p.weight, x2.dtype).t()
+def _forward(x: torch.Tensor, p: Projection) -> torch.Tensor:
+    """x [..., i] -> y [..., o], a fresh tensor (not a view: callers may rotate it in place)."""
+    y = x @ base_weight(p.weight, x.dtype).t()
     if p.bias is not None:
         y += p.bias.to(y.dtype)
     if p.lora is not None:
-        A, B, s = p.lora.A.to(x2.dtype), p.lora.B.to(x2.dtype), p.lora.scale
-        y.addmm_(x2 @ A.t(), B.t(), alpha=s)
+        A, B, s = p.lora.A.to(x.dtype), p.lora.B.to(x.dtype), p.lora.scale
+        x2 = x.reshape(-1, x.shape[-1])
+        y.view(-1, y.shape[-1]).addmm_(x2 @ A.t(), B.t(), alpha=s)
     return y
 
 
@@ -106,19 +113,19 @@ def _grads_by_input(projections, grads):
 class _LoRAProjections(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, projections, *lora_params):
-        x2 = x.reshape(-1, x.shape[-1])
-        ctx.save_for_backward(x2)
-        ctx.projections, ctx.x_shape = projections, x.shape
-        return tuple(_forward(x2, p).view(*x.shape[:-1], -1) for p in projections)
+        ctx.save_for_backward(x)
+        ctx.projections = projections
+        return tuple(_forward(x, p) for p in projections)
 
     @staticmethod
     def backward(ctx, *dys):
-        (x2,) = ctx.saved_tensors
+        (x,) = ctx.saved_tensors
+        x2 = x.reshape(-1, x.shape[-1])
         dx, grads = None, []
         for p, dy in zip(ctx.projections, dys):
             dx, dA, dB = _backward(x2, p, dy.reshape(-1, dy.shape[-1]), dx, ctx.needs_input_grad[0])
             grads.append((dA, dB))
-        dx = None if dx is None else dx.view(ctx.x_shape)
+        dx = None if dx is None else dx.view(x.shape)
         return (dx, None, *_grads_by_input(ctx.projections, grads))
 
 
@@ -130,34 +137,30 @@ def lora_projections(x: torch.Tensor, *projections: Projection) -> tuple[torch.T
 class _LoRAMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, glu, gate, up, down, *lora_params):
-        x2 = x.reshape(-1, x.shape[-1])
-        g, u = _forward(x2, gate), _forward(x2, up)
-        y = _forward(glu(g, u), down)
-        ctx.save_for_backward(x2, g, u)
-        ctx.glu, ctx.projections, ctx.x_shape = glu, (gate, up, down), x.shape
-        return y.view(*x.shape[:-1], -1)
+        g, u = _forward(x, gate), _forward(x, up)
+        ctx.save_for_backward(x, g, u)
+        ctx.glu, ctx.projections = glu, (gate, up, down)
+        return _forward(glu.forward(g, u), down)
 
     @staticmethod
     def backward(ctx, dy):
-        x2, g, u = ctx.saved_tensors
+        x, g, u = ctx.saved_tensors
         gate, up, down = ctx.projections
-        dy = dy.reshape(-1, dy.shape[-1])
-        with torch.enable_grad():
-            g, u = g.detach().requires_grad_(), u.detach().requires_grad_()
-            h = ctx.glu(g, u)
-        dh, dA_down, dB_down = _backward(h.detach(), down, dy, None, True)
-        dg, du = torch.autograd.grad(h, (g, u), dh)
-        del h, dh
+        x2, g, u = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]), u.reshape(-1, u.shape[-1])
+        h = ctx.glu.forward(g, u)
+        dh, dA_down, dB_down = _backward(h, down, dy.reshape(-1, dy.shape[-1]), None, True)
+        del h
+        dg, du = ctx.glu.backward(dh, g, u, dgate=g, dup=u)  # g, u are not needed any more
+        del dh
         dx, dA_gate, dB_gate = _backward(x2, gate, dg, None, ctx.needs_input_grad[0])
         dx, dA_up, dB_up = _backward(x2, up, du, dx, ctx.needs_input_grad[0])
         grads = [(dA_gate, dB_gate), (dA_up, dB_up), (dA_down, dB_down)]
-        dx = None if dx is None else dx.view(ctx.x_shape)
+        dx = None if dx is None else dx.view(x.shape)
         return (dx, None, None, None, None, *_grads_by_input(ctx.projections, grads))
 
 
-def lora_mlp(x: torch.Tensor, gate: Projection, up: Projection, down: Projection,
-             glu: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """``down(glu(gate(x), up(x)))`` with LoRA on each projection; ``glu`` must be autograd-aware."""
+def lora_mlp(x: torch.Tensor, gate: Projection, up: Projection, down: Projection, glu: GLU) -> torch.Tensor:
+    """``down(glu(gate(x), up(x)))`` with LoRA on each projection."""
     return _LoRAMLP.apply(x, glu, gate, up, down, *_flatten((gate, up, down)))
 
 

@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from fastbench.checkpointing import LayerCheckpointing
-from fastbench.fused import ops
 from fastbench.fused.decoder import Family, decoder_layer, family_of, norm_eps, sdpa_mask, unsupported_lora
+from fastbench.kernels.linear_cross_entropy import fused_linear_cross_entropy
+from fastbench.kernels.rms_norm import rms_norm
 
 _PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -73,13 +74,13 @@ def fused_forward(self, input_ids=None, attention_mask=None, position_ids=None, 
             masks[window] = sdpa_mask(attention_mask, packing_ids, T, window, h.device)
         run = functools.partial(decoder_layer, layer, cos=cos, sin=sin, mask=masks[window], family=family)
         h = state.checkpointing(index, run, h, [p for p in layer.parameters() if p.requires_grad])
-    h = ops.rms_norm(h, inner.norm.weight, norm_eps(inner.norm), family.norm_offset)
+    h = rms_norm(h, inner.norm.weight, norm_eps(inner.norm), family.norm_offset)
 
     loss = logits = None
     if labels is not None or shift_labels is not None:
         if shift_labels is None:
             shift_labels = F.pad(labels[..., 1:], (0, 1), value=-100)
-        loss = ops.linear_cross_entropy(h, self.lm_head.weight, shift_labels.to(h.device),
+        loss = fused_linear_cross_entropy(h, self.lm_head.weight, shift_labels.to(h.device),
                                         num_items_in_batch=num_items_in_batch)
     else:
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep

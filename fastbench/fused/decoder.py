@@ -10,21 +10,25 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 
-from fastbench.fused import ops
-from fastbench.kernels.lora import LoRA, Projection, lora_mlp, lora_projections
+from fastbench.kernels.geglu import geglu, geglu_backward
+from fastbench.kernels.lora import GLU, LoRA, Projection, lora_mlp, lora_projections
+from fastbench.kernels.rms_norm import rms_norm
+from fastbench.kernels.rope import apply_rope
+from fastbench.kernels.swiglu import swiglu, swiglu_backward
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "gemma", "qwen2", "qwen3")
-_GLUS = {
-    "silu": ops.swiglu, "swish": ops.swiglu,
-    "gelu_pytorch_tanh": functools.partial(ops.geglu, approximate="tanh"),
-    "gelu_new": functools.partial(ops.geglu, approximate="tanh"),
-    "gelu": functools.partial(ops.geglu, approximate="none"),
-}
+
+
+def _geglu(approximate):
+    return GLU(functools.partial(geglu, approximate=approximate),
+               functools.partial(geglu_backward, approximate=approximate))
+
+
+_GLUS = {"silu": GLU(swiglu, swiglu_backward), "swish": GLU(swiglu, swiglu_backward),
+         "gelu_pytorch_tanh": _geglu("tanh"), "gelu_new": _geglu("tanh"), "gelu": _geglu("none")}
 
 
 @dataclass(frozen=True)
@@ -32,7 +36,7 @@ class Family:
     """What differs between the supported architectures."""
     model_type: str
     norm_offset: float  # Gemma's RMSNorm scales by (1 + w)
-    glu: Callable
+    glu: GLU
     qk_norm: bool  # Qwen3 normalises each head of Q and K before RoPE
 
 
@@ -114,9 +118,9 @@ def attention_block(attn, x, cos, sin, mask, family: Family):
     q, k, v = lora_projections(x, projection(attn.q_proj), projection(attn.k_proj), projection(attn.v_proj))
     q, k, v = q.view(B, T, -1, D), k.view(B, T, -1, D), v.view(B, T, -1, D)
     if family.qk_norm:
-        q = ops.rms_norm(q, attn.q_norm.weight, norm_eps(attn.q_norm))
-        k = ops.rms_norm(k, attn.k_norm.weight, norm_eps(attn.k_norm))
-    q, k = ops.apply_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+        q = rms_norm(q, attn.q_norm.weight, norm_eps(attn.q_norm))
+        k = rms_norm(k, attn.k_norm.weight, norm_eps(attn.k_norm))
+    q, k = apply_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
     v = v.transpose(1, 2)
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=attn.scaling,
                                        enable_gqa=q.shape[1] != k.shape[1])
@@ -126,9 +130,9 @@ def attention_block(attn, x, cos, sin, mask, family: Family):
 
 def decoder_layer(layer, x, cos, sin, mask, family: Family):
     """One decoder layer: x [B, T, hidden] -> [B, T, hidden]."""
-    n = ops.rms_norm(x, layer.input_layernorm.weight, norm_eps(layer.input_layernorm), family.norm_offset)
+    n = rms_norm(x, layer.input_layernorm.weight, norm_eps(layer.input_layernorm), family.norm_offset)
     h = x + attention_block(layer.self_attn, n, cos, sin, mask, family)
-    m = ops.rms_norm(h, layer.post_attention_layernorm.weight, norm_eps(layer.post_attention_layernorm),
+    m = rms_norm(h, layer.post_attention_layernorm.weight, norm_eps(layer.post_attention_layernorm),
                      family.norm_offset)
     mlp = layer.mlp
     return h + lora_mlp(m, projection(mlp.gate_proj), projection(mlp.up_proj), projection(mlp.down_proj),

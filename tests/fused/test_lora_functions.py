@@ -3,6 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fastbench.fused.decoder import _GLUS
 from fastbench.kernels.lora import LoRA, Projection, lora_mlp, lora_projections, reference
 
 
@@ -48,16 +49,16 @@ def test_qkv_projections_match_autograd(seed, dtype):
         assert rel(a, b) < TOL[dtype]
 
 
-@pytest.mark.parametrize("glu", ["swiglu", "geglu"])
+@pytest.mark.parametrize("glu", ["silu", "gelu_pytorch_tanh", "gelu"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_mlp_matches_autograd(seed, dtype, glu):
-    act = F.silu if glu == "swiglu" else (lambda g: F.gelu(g, approximate="tanh"))
-    fn = lambda g, u: act(g) * u  # noqa: E731
+    act = {"silu": F.silu, "gelu_pytorch_tanh": lambda g: F.gelu(g, approximate="tanh"), "gelu": F.gelu}[glu]
+    fn = lambda g, u: act(g) * u  # noqa: E731  (the fp32 oracle)
     x = torch.randn(2, 9, 32, dtype=dtype, requires_grad=True)
     gate, up, down = make_projection(32, 56, 3, dtype), make_projection(32, 56, 3, dtype), \
         make_projection(56, 32, 3, dtype)
     w = torch.randn(2, 9, 32, dtype=dtype)
-    y = lora_mlp(x, gate, up, down, fn)
+    y = lora_mlp(x, gate, up, down, _GLUS[glu])
     x32, (g32, u32, d32) = upcast(x, (gate, up, down))
     y_ref = reference(fn(reference(x32, g32), reference(x32, u32)), d32)
     assert rel(y, y_ref) < TOL[dtype]
