@@ -138,8 +138,9 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
     if torch.is_grad_enabled():
         if cos.requires_grad or sin.requires_grad:
             raise ValueError("apply_rope does not differentiate with respect to cos/sin; pass them detached")
-        if any(x.is_leaf and x.requires_grad for x in (q, k)):
-            raise RuntimeError("apply_rope rotates in place: q and k cannot be leaf tensors that require grad")
+        if any(base.is_leaf and base.requires_grad for base in (x if x._base is None else x._base for x in (q, k))):
+            raise RuntimeError("apply_rope rotates in place: q and k cannot be (views of) leaf tensors that "
+                               "require grad")
     return _RoPEFunction.apply(q, k, cos, sin)
 
 

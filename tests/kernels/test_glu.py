@@ -117,3 +117,16 @@ def test_tune_case_checks_out(seed, activation, pass_name):
     got = case.run(_glu.heuristic(pass_name, problem))
     got, want = (got, case.expected) if pass_name == "bwd" else ((got,), (case.expected,))
     assert all(rel_err(g, e) < case.tolerance for g, e in zip(got, want))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("preset", ["llama-3-8b", "gemma-7b", "qwen2.5-7b"])
+def test_real_sizes_on_gpu(seed, poison, preset):
+    cfg = build_config(preset)
+    name = "geglu-tanh" if cfg.model_type == "gemma" else "swiglu"
+    gate, up = (torch.randn(4099, cfg.intermediate_size, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                for _ in range(2))
+    h = OPS[name][0](gate, up)
+    grad = torch.randn_like(h)
+    got = (h, *torch.autograd.grad(h, [gate, up], grad))
+    assert all(rel_err(g, e) < 1e-2 for g, e in zip(got, expected(name, gate, up, grad)))

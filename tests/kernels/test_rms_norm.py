@@ -75,8 +75,8 @@ def test_every_candidate_agrees(seed, poison, config):
 
 @pytest.mark.parametrize("offset", [0.0, 1.0])
 def test_gradcheck_fp64(offset):
-    x = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a, b: op.rms_norm(a, b, 1e-6, offset), (x, w))
 
 
@@ -103,3 +103,17 @@ def test_tune_case_checks_out(seed, pass_name, dw):
     got, want = (got, case.expected) if pass_name == "bwd" else ((got,), (case.expected,))
     assert len(got) == len(want) == (2 if dw else 1)
     assert all(rel_err(g, e) < case.tolerance for g, e in zip(got, want))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("preset", ["llama-3-8b", "gemma-7b", "qwen2.5-7b"])
+def test_real_sizes_on_gpu(seed, poison, preset):
+    cfg = build_config(preset)
+    offset = 1.0 if cfg.model_type == "gemma" else 0.0
+    x = torch.randn(4099, cfg.hidden_size, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = (0.5 * torch.randn(cfg.hidden_size, device="cuda")).to(torch.bfloat16).requires_grad_()
+    y = op.rms_norm(x, w, cfg.rms_norm_eps, offset)
+    dy = torch.randn_like(y)
+    got = (y, *torch.autograd.grad(y, [x, w], dy))
+    want = expected(x, w, dy, cfg.rms_norm_eps, offset)
+    assert all(rel_err(g, e) < 1e-2 for g, e in zip(got, want))

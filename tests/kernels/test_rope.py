@@ -28,8 +28,8 @@ def hf_cos_sin(position_ids, head_dim, dtype, base=10000.0):
 def fused_qkv(B, T, n_q, n_k, D, dtype):
     """q [B, Hq, T, D] and k [B, Hk, T, D] as transposed slices of one [B, T, (Hq + 2Hk) * D] projection,
     the layout a fused QKV path hands over; also the v slice and the projection itself."""
-    proj = (torch.randn(B, T, (n_q + 2 * n_k) * D).to(dtype) * 1.0).requires_grad_()
-    heads = proj.view(B, T, n_q + 2 * n_k, D)
+    proj = torch.randn(B, T, (n_q + 2 * n_k) * D).to(dtype).requires_grad_()
+    heads = (proj * 1.0).view(B, T, n_q + 2 * n_k, D)  # a projection's output: not a leaf
     q, k, v = heads[:, :, :n_q], heads[:, :, n_q:n_q + n_k], heads[:, :, n_q + n_k:]
     return proj, q.transpose(1, 2), k.transpose(1, 2), v
 
@@ -137,7 +137,7 @@ def test_every_candidate_agrees(seed, poison, block_h):
 
 
 def test_gradcheck_fp64(seed):
-    T, D = 3, 8
+    T, D = 2, 6
     q = torch.randn(1, 2, T, D, dtype=torch.float64, requires_grad=True)
     k = torch.randn(1, 1, T, D, dtype=torch.float64, requires_grad=True)
     cos, sin = torch.randn(T, D, dtype=torch.float64), torch.randn(T, D, dtype=torch.float64)
@@ -148,8 +148,9 @@ def test_refuses_what_autograd_cannot_track():
     T, D = 2, 16
     cos, sin = torch.randn(T, D), torch.randn(T, D)
     leaf = torch.randn(1, 1, T, D, requires_grad=True)
-    with pytest.raises(RuntimeError, match="leaf"):
-        op.apply_rope(leaf, torch.randn(1, 1, T, D), cos, sin)
+    for q in (leaf, leaf.transpose(1, 2).transpose(1, 2)):
+        with pytest.raises(RuntimeError, match="leaf"):
+            op.apply_rope(q, torch.randn(1, 1, T, D), cos, sin)
     with pytest.raises(ValueError, match="cos/sin"):
         op.apply_rope(torch.randn(1, 1, T, D), torch.randn(1, 1, T, D), cos.requires_grad_(), sin)
     with pytest.raises(ValueError, match="even D"):
@@ -178,3 +179,23 @@ def test_tune_case_checks_out(seed, pass_name):
     case = op.SPEC.tune_case(pass_name, problem, "cpu")
     got = case.run(op.heuristic(pass_name, problem))
     assert all(rel_err(g, e) < case.tolerance for g, e in zip(got, case.expected))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("preset", ["llama-3-8b", "gemma-7b", "qwen2.5-7b"])
+def test_real_sizes_on_gpu(seed, poison, preset):
+    cfg = build_config(preset)
+    n_q, n_k = cfg.num_attention_heads, cfg.num_key_value_heads
+    D = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_q
+    B, T = 2, 2048
+    proj = torch.randn(B, T, (n_q + n_k) * D, device="cuda", dtype=torch.bfloat16)
+    heads = (proj * 1.0).requires_grad_().view(B, T, n_q + n_k, D)
+    q, k = heads[:, :, :n_q].transpose(1, 2) * 1.0, heads[:, :, n_q:].transpose(1, 2) * 1.0
+    cos, sin = hf_cos_sin(packed_positions(B, T).cuda(), D, torch.bfloat16)
+    want_q, want_k = op.reference(q.double(), k.double(), cos.double(), sin.double())
+    out_q, out_k = op.apply_rope(q, k, cos, sin)
+    assert rel_err(out_q, want_q) < 1e-2 and rel_err(out_k, want_k) < 1e-2
+    gq, gk = torch.randn_like(out_q), torch.randn_like(out_k)
+    got = torch.autograd.grad((out_q, out_k), [q, k], (gq, gk))
+    want = op.reference(gq.double(), gk.double(), cos.double(), -sin.double())
+    assert all(rel_err(g, w) < 1e-2 for g, w in zip(got, want))
