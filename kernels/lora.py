@@ -129,9 +129,18 @@ class _LoRAProjections(torch.autograd.Function):
         return (dx, None, *_grads_by_input(ctx.projections, grads))
 
 
+def _outside_autocast(function, x, *args):
+    """Under autocast, run in the autocast dtype with autocast off (these Functions cast for themselves)."""
+    device = x.device.type
+    if not torch.is_autocast_enabled(device):
+        return function.apply(x, *args)
+    with torch.autocast(device, enabled=False):
+        return function.apply(x.to(torch.get_autocast_dtype(device)), *args)
+
+
 def lora_projections(x: torch.Tensor, *projections: Projection) -> tuple[torch.Tensor, ...]:
     """``(x W_p^T + b_p + s_p (x A_p^T) B_p^T for p in projections)``; x [..., i] -> [..., o_p] each."""
-    return _LoRAProjections.apply(x, projections, *_flatten(projections))
+    return _outside_autocast(_LoRAProjections, x, projections, *_flatten(projections))
 
 
 class _LoRAMLP(torch.autograd.Function):
@@ -161,7 +170,7 @@ class _LoRAMLP(torch.autograd.Function):
 
 def lora_mlp(x: torch.Tensor, gate: Projection, up: Projection, down: Projection, glu: GLU) -> torch.Tensor:
     """``down(glu(gate(x), up(x)))`` with LoRA on each projection."""
-    return _LoRAMLP.apply(x, glu, gate, up, down, *_flatten((gate, up, down)))
+    return _outside_autocast(_LoRAMLP, x, glu, gate, up, down, *_flatten((gate, up, down)))
 
 
 def reference(x: torch.Tensor, p: Projection) -> torch.Tensor:

@@ -1,11 +1,12 @@
 """The fused forward of a HF causal LM, installed on one model object (never on its class):
 
-    embed -> [fused decoder layer, under the model's checkpointing policy] x L -> RMSNorm
-          -> fused linear cross-entropy on the shifted labels (training: no logits materialised)
+    backbone: embed -> [fused decoder layer, under the model's checkpointing policy] x L -> RMSNorm
+    head:     fused linear cross-entropy on the shifted labels (training: no logits materialised)
           or lm_head -> logits (no labels)
 
-Calls the fused path cannot serve exactly (a KV cache: generation; returned attentions or hidden
-states) go to the model's own HF forward, which runs the same weights and adapters.
+Both forwards are replaced, so that trainers that call the backbone themselves (TRL's fused LM
+head) run it fused too. Calls the fused path cannot serve exactly (a KV cache: generation; returned attentions or hidden
+states) go to the model's own HF forwards, which runs the same weights and adapters.
 """
 from __future__ import annotations
 
@@ -37,6 +38,43 @@ def _window(model, attn):
     return getattr(model.config, "sliding_window", None)
 
 
+def _needs_hf(use_cache, output_attentions, output_hidden_states, kwargs) -> bool:
+    return bool(use_cache or output_attentions or output_hidden_states
+                or kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None)
+
+
+def fused_backbone_forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
+                           use_cache=None, output_attentions=None, output_hidden_states=None, **kwargs):
+    """The decoder stack (HF ``*Model.forward``): embeddings -> fused layers -> final RMSNorm."""
+    if _needs_hf(use_cache, output_attentions, output_hidden_states, kwargs):
+        given = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                     inputs_embeds=inputs_embeds, use_cache=use_cache, output_attentions=output_attentions,
+                     output_hidden_states=output_hidden_states)
+        return type(self).forward(self, **{k: v for k, v in given.items() if v is not None}, **kwargs)
+    from transformers.modeling_outputs import BaseModelOutputWithPast
+
+    state: FusedState = self._fastbench
+    family = state.family
+    h = inputs_embeds if inputs_embeds is not None else self.embed_tokens(input_ids)
+    if family.model_type == "gemma" and not hasattr(self.embed_tokens, "embed_scale"):  # older transformers
+        h = h * torch.tensor(self.config.hidden_size ** 0.5, dtype=h.dtype)
+    T = h.shape[1]
+    packing_ids = position_ids
+    if position_ids is None:
+        position_ids = torch.arange(T, device=h.device)[None]
+    cos, sin = self.rotary_emb(h, position_ids)
+
+    masks = {}
+    for index, layer in enumerate(self.layers[: self.config.num_hidden_layers]):
+        window = _window(self, layer.self_attn)
+        if window not in masks:
+            masks[window] = sdpa_mask(attention_mask, packing_ids, T, window, h.device)
+        run = functools.partial(decoder_layer, layer, cos=cos, sin=sin, mask=masks[window], family=family)
+        h = state.checkpointing(index, run, h, [p for p in layer.parameters() if p.requires_grad])
+    h = rms_norm(h, self.norm.weight, norm_eps(self.norm), family.norm_offset)
+    return BaseModelOutputWithPast(last_hidden_state=h)
+
+
 def fused_forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, labels=None,
                   use_cache=None, output_attentions=None, output_hidden_states=None, return_dict=None,
                   logits_to_keep=0, num_items_in_batch=None, shift_labels=None, **kwargs):
@@ -45,8 +83,7 @@ def fused_forward(self, input_ids=None, attention_mask=None, position_ids=None, 
     The loss sums the token losses and divides by ``num_items_in_batch`` when given (HF Trainer passes
     the label count of the whole accumulated batch) or by this batch's label count.
     """
-    if (use_cache or output_attentions or output_hidden_states
-            or kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None):
+    if _needs_hf(use_cache, output_attentions, output_hidden_states, kwargs):
         given = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                      inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
                      output_attentions=output_attentions, output_hidden_states=output_hidden_states,
@@ -55,33 +92,14 @@ def fused_forward(self, input_ids=None, attention_mask=None, position_ids=None, 
         return type(self).forward(self, logits_to_keep=logits_to_keep, **kwargs)
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
-    state: FusedState = self._fastbench
-    family, inner = state.family, self.get_decoder()
-    embed = inner.embed_tokens
-    h = inputs_embeds if inputs_embeds is not None else embed(input_ids)
-    if family.model_type == "gemma" and not hasattr(embed, "embed_scale"):  # older transformers scale here
-        h = h * torch.tensor(self.config.hidden_size ** 0.5, dtype=h.dtype)
-    B, T = h.shape[:2]
-    packing_ids = position_ids
-    if position_ids is None:
-        position_ids = torch.arange(T, device=h.device)[None]
-    cos, sin = inner.rotary_emb(h, position_ids)
-
-    masks = {}
-    for index, layer in enumerate(inner.layers[: self.config.num_hidden_layers]):
-        window = _window(self, layer.self_attn)
-        if window not in masks:
-            masks[window] = sdpa_mask(attention_mask, packing_ids, T, window, h.device)
-        run = functools.partial(decoder_layer, layer, cos=cos, sin=sin, mask=masks[window], family=family)
-        h = state.checkpointing(index, run, h, [p for p in layer.parameters() if p.requires_grad])
-    h = rms_norm(h, inner.norm.weight, norm_eps(inner.norm), family.norm_offset)
-
+    h = self.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                           inputs_embeds=inputs_embeds).last_hidden_state
     loss = logits = None
     if labels is not None or shift_labels is not None:
         if shift_labels is None:
             shift_labels = F.pad(labels[..., 1:], (0, 1), value=-100)
         loss = fused_linear_cross_entropy(h, self.lm_head.weight, shift_labels.to(h.device),
-                                        num_items_in_batch=num_items_in_batch)
+                                          num_items_in_batch=num_items_in_batch)
     else:
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(h[:, keep, :])
@@ -113,7 +131,10 @@ def install(model, use_gradient_checkpointing) -> list[str]:
     reason = unsupported_reason(model)
     if reason:
         raise ValueError(f"fastbench's fused path cannot run this model: {reason}")
-    model._fastbench = FusedState(family_of(model.config), LayerCheckpointing(use_gradient_checkpointing))
+    backbone = model.get_decoder()
+    backbone._fastbench = FusedState(family_of(model.config), LayerCheckpointing(use_gradient_checkpointing))
+    backbone.forward = types.MethodType(fused_backbone_forward, backbone)
     model.forward = types.MethodType(fused_forward, model)
-    return [f"{type(model).__name__}.forward (this object only): fused LoRA QKV/O/MLP, RMSNorm, RoPE, "
-            f"SDPA, fused linear cross-entropy; {model._fastbench.checkpointing.describe()}"]
+    return [f"{type(backbone).__name__}.forward (this object only): fused LoRA QKV/O/MLP, RMSNorm, RoPE, SDPA; "
+            f"{backbone._fastbench.checkpointing.describe()}",
+            f"{type(model).__name__}.forward (this object only): fused linear cross-entropy, no logits with labels"]

@@ -141,14 +141,14 @@ def test_training_tracks_peft_loss_curve(seed):
     curves = []
     for model, opt in ((fused, opt_f), (ref, opt_r)):
         curve = []
-        for _ in range(12):
+        for _ in range(8):
             loss = model(input_ids=ids, labels=labels).loss
             loss.backward()
             opt.step()
             opt.zero_grad()
             curve.append(loss.item())
         curves.append(torch.tensor(curve))
-    assert curves[1][-1] < curves[1][0] - 0.5  # it does learn
+    assert curves[1][-1] < curves[1][0] - 0.3  # it does learn
     assert rel(curves[0], curves[1]) < 1e-4
 
 

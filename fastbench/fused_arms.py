@@ -1,0 +1,41 @@
+"""The harness arms ``fused`` (bf16 base) and ``fused-4bit`` (NF4 base), built like ``peft``/``qlora``
+(same base weights from the seed, same LoRA init), then run on the fused path.
+
+Option ``ckpt`` (``fused-4bit:ckpt=offload``): ``true`` (recompute every layer), ``false``,
+``offload``, ``auto``, or a budget in GiB (``ckpt=40``); without it, the run's gradient_checkpointing
+decides (recompute every layer or none).
+"""
+from __future__ import annotations
+
+from fastbench.bench.arms import ArmSpec, RunConfig, base_model, load_4bit, register_arm
+
+_CKPT = {"true": True, "false": False, "offload": "offload", "auto": "auto"}
+
+
+def checkpointing(cfg: RunConfig):
+    unknown = set(cfg.arm_options) - {"ckpt"}
+    if unknown:
+        raise ValueError(f"unknown fused arm option(s) {', '.join(sorted(unknown))}; valid: ckpt")
+    value = cfg.arm_options.get("ckpt")
+    if value is None:
+        return bool(cfg.gradient_checkpointing)
+    return _CKPT.get(value.lower(), value)  # else a budget in GiB, checked by fastbench.checkpointing
+
+
+def _fused(load):
+    def build(cfg: RunConfig):
+        from fastbench.model import FastLanguageModel
+
+        model = FastLanguageModel.get_peft_model(
+            load(cfg), r=cfg.lora_r, target_modules=list(cfg.targets), lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout, use_gradient_checkpointing=checkpointing(cfg), random_state=cfg.seed,
+            fallback=False)  # a fused arm that trained through plain PEFT would measure the wrong thing
+        return model.train()
+
+    return build
+
+
+register_arm(ArmSpec("fused", "fastbench fused LoRA on the bf16 model (option ckpt=true|false|offload|auto|GiB)",
+                     ("peft",), "pip install peft", _fused(base_model), kind="bf16"))
+register_arm(ArmSpec("fused-4bit", "fastbench fused QLoRA on the NF4 model (option ckpt=true|false|offload|auto|GiB)",
+                     ("peft", "bitsandbytes"), "pip install bitsandbytes", _fused(load_4bit), kind="nf4"))

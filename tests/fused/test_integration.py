@@ -1,0 +1,104 @@
+"""The fused path inside the harness arms, HF Trainer and TRL's SFTTrainer (tiny presets, CPU, fp32)."""
+import functools
+import warnings
+
+import pytest
+import torch
+
+from fastbench import FastLanguageModel
+
+VOCAB = 512
+
+
+def first_loss(arm, cfg):
+    from fastbench.bench.arms import get_arm
+
+    model = get_arm(arm).build(cfg)
+    torch.manual_seed(cfg.seed)
+    ids = torch.randint(0, VOCAB, (cfg.batch, cfg.seq_len))
+    return model(input_ids=ids, labels=ids).loss.item()
+
+
+@pytest.mark.parametrize("arm, baseline", [("fused:ckpt=offload", "peft"), ("fused-4bit", "qlora")])
+def test_arm_starts_where_its_baseline_starts(seed, arm, baseline, tmp_path, monkeypatch):
+    from fastbench.bench.arms import RunConfig, parse_label
+
+    monkeypatch.setenv("FASTBENCH_CHECKPOINT_CACHE", str(tmp_path))
+    name, options = parse_label(arm)
+    cfg = RunConfig(model="qwen2.5-7b-tiny", seq_len=12, batch=2, lora_r=4, lora_alpha=8, seed=seed % 1000,
+                    dtype="float32", device="cpu", arm_options=options)
+    fused, ref = first_loss(name, cfg), first_loss(baseline, RunConfig(**{**cfg.to_dict(), "arm_options": {},
+                                                                        "targets": cfg.targets}))
+    assert abs(fused - ref) / ref < 1e-5
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = [f"w{i}" for i in range(VOCAB - 3)]
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+def texts(n, rng):
+    return [" ".join(f"w{int(rng.integers(0, 40))}" for _ in range(int(rng.integers(4, 10)))) for _ in range(n)]
+
+
+def fused_model(seed):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base, _ = FastLanguageModel.from_pretrained("llama-3-8b-tiny", dtype=torch.float32, device="cpu", seed=seed)
+    return FastLanguageModel.get_peft_model(base, r=4, lora_alpha=8, random_state=seed, fallback=False)
+
+
+def test_hf_trainer_passes_the_accumulated_label_count(seed, tmp_path):
+    import numpy as np
+    from datasets import Dataset
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+    tok, rng = tiny_tokenizer(), np.random.default_rng(seed)
+    data = Dataset.from_dict({"text": texts(8, rng)}).map(lambda b: tok(b["text"]), batched=True,
+                                                          remove_columns=["text"])
+    model = fused_model(seed)
+    seen = []
+    inner = model.get_base_model()
+    forward = inner.forward
+
+    @functools.wraps(forward)  # Trainer reads the forward's signature
+    def spy(**kwargs):
+        seen.append(kwargs.get("num_items_in_batch"))
+        return forward(**kwargs)
+
+    inner.forward = spy
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                             max_steps=2, learning_rate=1e-3, report_to=[], use_cpu=True, save_strategy="no",
+                             logging_steps=1)
+    result = Trainer(model=model, args=args, train_dataset=data,
+                     data_collator=DataCollatorForLanguageModeling(tok, mlm=False)).train()
+    assert np.isfinite(result.training_loss)
+    assert len(seen) == 4 and all(n is not None for n in seen)
+
+
+def test_trl_sft_trainer_runs_fused_and_saves_an_adapter(seed, tmp_path, monkeypatch):
+    import numpy as np
+    from datasets import Dataset
+
+    import fastbench.fused.causal_lm as causal_lm
+    trl = pytest.importorskip("trl")
+
+    calls, layer = [], causal_lm.decoder_layer
+    monkeypatch.setattr(causal_lm, "decoder_layer", lambda *a, **k: (calls.append(1), layer(*a, **k))[1])
+
+    tok, rng = tiny_tokenizer(), np.random.default_rng(seed)
+    data = Dataset.from_dict({"text": texts(8, rng)})
+    model = fused_model(seed)
+    args = trl.SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, learning_rate=1e-3,
+                         report_to=[], use_cpu=True, save_strategy="no", max_length=16, logging_steps=1)
+    result = trl.SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok).train()
+    assert np.isfinite(result.training_loss)
+    assert calls  # TRL calls the backbone itself (its own fused LM head): the backbone runs fused
+    model.save_pretrained(tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
