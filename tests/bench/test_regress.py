@@ -34,7 +34,9 @@ def test_doctored_baseline_trips_naming_arm_model_metric(rng, make_record, make_
     assert {(r["arm"], r["model"], r["metric"]) for r in found} == {
         ("peft", "m", "tokens/s"), ("peft", "m", "peak allocated GiB")}
     text = " ".join(regress.describe(r) for r in found)
-    assert "peft" in text and "tokens/s" in text and "-20" in text
+    assert "REGRESSION peft on m: tokens/s" in text and "REGRESSION peft on m: peak allocated GiB" in text
+    speed = next(r for r in found if r["metric"] == "tokens/s")
+    assert speed["change"] == pytest.approx(-0.2, abs=0.03) and speed["noise"] < 0.05
 
 
 def test_change_within_measured_spread_does_not_trip(rng, make_record, make_results):

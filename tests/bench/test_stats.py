@@ -70,5 +70,6 @@ def test_aa_noise_floor(rng, make_record):
     s = stats.summarize(recs, ["peft", "peft#2"], ["m"], "peft", {"peft": "bf16", "peft#2": "bf16"})
     (n,) = s["noise_floor"]
     assert n["arm"] == "peft" and n["twin"] == "peft#2"
-    assert n["ratio_lo"] < 1 < n["ratio_hi"] and n["tokens_per_s_noise"] < 0.05
+    assert n["ratio_lo"] <= n["ratio"] <= n["ratio_hi"] and n["ratio_hi"] - n["ratio_lo"] < 0.1
+    assert n["tokens_per_s_noise"] == pytest.approx(abs(n["ratio"] - 1)) and n["tokens_per_s_noise"] < 0.05
     assert n["memory_noise"] == pytest.approx(0.1 / 10.05)
