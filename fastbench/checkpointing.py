@@ -65,6 +65,9 @@ class HostOffloader:
         stream = self._side_stream()
         x = torch.empty(host.shape, dtype=host.dtype, device=device)
         with torch.cuda.stream(stream):
+            # x's memory may have been freed by kernels still queued on the compute stream: write it
+            # only after them (found on the H200: a prefetch raced a pending kernel, step-3 loss 73)
+            stream.wait_stream(torch.cuda.current_stream())
             stream.wait_event(event)
             x.copy_(host, non_blocking=True)
             done = torch.cuda.Event()

@@ -19,7 +19,7 @@ def rel_err(got, want):
 
 def hf_cos_sin(position_ids, head_dim, dtype, base=10000.0):
     """cos/sin [B, T, D] as Hugging Face's rotary embedding builds them from position ids."""
-    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=position_ids.device) / head_dim)
     freqs = position_ids[..., None].double() * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
