@@ -43,13 +43,18 @@ def _driver() -> str | None:
         return None
 
 
-def _autotune_state() -> object:
-    try:
-        from fastbench.autotune import cache
-    except ImportError:
-        return "not available"
-    describe = getattr(cache, "describe", None)
-    return describe() if callable(describe) else "not available"
+def _autotune_state() -> dict:
+    from fastbench.autotune.lookup import describe
+
+    return describe()
+
+
+# What fastbench changes outside its own code: nothing at import; on the model objects that
+# FastLanguageModel.get_peft_model returns (and only those), fastbench/fused/causal_lm.py's install().
+PATCHES = ("importing fastbench patches nothing; on each model returned by FastLanguageModel.get_peft_model, "
+           "that instance's causal-LM forward and decoder-stack forward are replaced by the fused path "
+           "(other instances and the transformers classes are untouched); the list of what was replaced "
+           "is on model.base_model.model.fastbench_patches")
 
 
 def collect_environment() -> dict:
@@ -59,7 +64,7 @@ def collect_environment() -> dict:
            "cpu_count": os.cpu_count(), "cuda": torch.version.cuda, "gpu": None, "gpu_count": 0,
            "compute_capability": None, "gpu_memory_gib": None, "driver": _driver(),
            "versions": {lib: _version(lib) for lib in LIBRARIES},
-           "git_sha": _git("rev-parse", "HEAD")}
+           "git_sha": _git("rev-parse", "HEAD") or os.environ.get("FASTBENCH_GIT_SHA")}  # a copy without .git
     status = _git("status", "--porcelain", "--untracked-files=no")
     env["git_dirty"] = None if status is None else bool(status)
     if torch.cuda.is_available():
@@ -68,6 +73,7 @@ def collect_environment() -> dict:
                    compute_capability=f"{props.major}.{props.minor}",
                    gpu_memory_gib=round(props.total_memory / 2**30, 1), sm_count=props.multi_processor_count)
     env["autotune"] = _autotune_state()
+    env["patches"] = PATCHES
     return env
 
 
@@ -80,9 +86,15 @@ def format_environment(env: dict) -> str:
     lines = [f"GPU:       {gpu}", f"driver:    {env['driver'] or 'n/a'}", f"CUDA:      {env['cuda'] or 'n/a'}",
              f"python:    {env['python']} on {env['platform']}", f"git:       {sha}", "libraries:"]
     lines += [f"  {lib:<13} {v or 'not installed'}" for lib, v in env["versions"].items()]
-    autotune = env["autotune"]
-    lines.append("autotune cache: " + (autotune if isinstance(autotune, str)
-                                       else "\n" + json.dumps(autotune, indent=2, default=str)))
+    tune = env["autotune"]
+    lines.append(f"autotune cache: {tune['cache_dir']}; this GPU's file "
+                 f"{tune['user_file'] or 'n/a (no GPU)'}{'' if tune['user_file_exists'] else ' (absent)'}")
+    for bundled in tune["bundled"]:
+        entries = sum(bundled.get("entries", {}).values())
+        lines.append(f"  bundled {bundled['file'].rsplit('/', 1)[-1]}: {entries} entries"
+                     f"{'' if bundled.get('valid') else ' (invalid)'}")
+    lines.append("  `fastbench tune --list` shows which tier serves each op")
+    lines.append(f"patches:   {env['patches']}")
     return "\n".join(lines)
 
 

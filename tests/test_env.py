@@ -19,6 +19,7 @@ def test_env_command_text_and_json():
     runner = CliRunner()
     text = runner.invoke(main, ["env"])
     assert text.exit_code == 0 and "GPU:" in text.output and "autotune cache:" in text.output
+    assert "patches:" in text.output and "bundled" in text.output
     as_json = runner.invoke(main, ["env", "--json"])
     assert as_json.exit_code == 0
     assert json.loads(as_json.output)["versions"]["transformers"]
