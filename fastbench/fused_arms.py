@@ -3,9 +3,12 @@
 
 Option ``ckpt`` (``fused-4bit:ckpt=offload``): ``true`` (recompute every layer), ``false``,
 ``offload``, ``auto``, or a budget in GiB (``ckpt=40``); without it, the run's gradient_checkpointing
-decides (recompute every layer or none).
+decides (recompute every layer or none). Option ``autotune=off`` serves every kernel its heuristic
+default instead of the tuned cache (``fused:autotune=off,fused`` compares the two in one run).
 """
 from __future__ import annotations
+
+import os
 
 from fastbench.bench.arms import ArmSpec, RunConfig, base_model, load_4bit, register_arm
 
@@ -13,9 +16,9 @@ _CKPT = {"true": True, "false": False, "offload": "offload", "auto": "auto"}
 
 
 def checkpointing(cfg: RunConfig):
-    unknown = set(cfg.arm_options) - {"ckpt"}
+    unknown = set(cfg.arm_options) - {"ckpt", "autotune"}
     if unknown:
-        raise ValueError(f"unknown fused arm option(s) {', '.join(sorted(unknown))}; valid: ckpt")
+        raise ValueError(f"unknown fused arm option(s) {', '.join(sorted(unknown))}; valid: ckpt, autotune")
     value = cfg.arm_options.get("ckpt")
     if value is None:
         return bool(cfg.gradient_checkpointing)
@@ -24,7 +27,15 @@ def checkpointing(cfg: RunConfig):
 
 def _fused(load):
     def build(cfg: RunConfig):
+        from fastbench.autotune import lookup
         from fastbench.model import FastLanguageModel
+
+        autotune = cfg.arm_options.get("autotune", "on").lower()
+        if autotune not in ("on", "off"):
+            raise ValueError(f"fused arm option autotune must be on or off, got {autotune!r}")
+        if autotune == "off":  # this process runs this arm alone: the switch stays within it
+            os.environ[lookup.OFF_ENV] = "off"
+            lookup.reset()
 
         model = FastLanguageModel.get_peft_model(
             load(cfg), r=cfg.lora_r, target_modules=list(cfg.targets), lora_alpha=cfg.lora_alpha,

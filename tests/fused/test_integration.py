@@ -1,5 +1,6 @@
 """The fused path inside the harness arms, HF Trainer and TRL's SFTTrainer (tiny presets, CPU, fp32)."""
 import functools
+import os
 import warnings
 
 import pytest
@@ -102,3 +103,21 @@ def test_trl_sft_trainer_runs_fused_and_saves_an_adapter(seed, tmp_path, monkeyp
     assert calls  # TRL calls the backbone itself (its own fused LM head): the backbone runs fused
     model.save_pretrained(tmp_path / "adapter")
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_autotune_off_option_serves_heuristics(tmp_path, monkeypatch):
+    from fastbench.autotune import lookup
+    from fastbench.bench.arms import RunConfig, get_arm
+
+    monkeypatch.setenv("FASTBENCH_CHECKPOINT_CACHE", str(tmp_path))
+    monkeypatch.delenv(lookup.OFF_ENV, raising=False)
+    cfg = RunConfig(model="llama-3-8b-tiny", seq_len=8, batch=1, dtype="float32", device="cpu",
+                    arm_options={"autotune": "off"})
+    try:
+        get_arm("fused").build(cfg)
+        assert lookup.default().cache_off
+        with pytest.raises(ValueError, match="autotune must be on or off"):
+            get_arm("fused").build(RunConfig(**{**cfg.to_dict(), "arm_options": {"autotune": "maybe"}}))
+    finally:  # build() set the switch in os.environ itself (its process runs one arm): undo it here
+        os.environ.pop(lookup.OFF_ENV, None)
+        lookup.reset()
