@@ -57,6 +57,7 @@ class RunConfig:
     gradient_checkpointing: bool = True
     device: str = "cuda"
     pad_fraction: float = 0.0  # mean fraction of each sequence that is right padding (mask 0, label -100)
+    profile: bool = False  # after the timed steps, one more step under torch.profiler (fastbench.bench.profile)
     arm_options: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:

@@ -10,7 +10,7 @@ _RUN_OPTIONS = {"seq_len": "seq_len", "batch": "batch", "grad_accum": "grad_accu
                 "warmup": "warmup", "lora_r": "lora_r", "lora_alpha": "lora_alpha",
                 "lora_dropout": "lora_dropout", "targets": "targets", "lr": "lr", "seed": "seed",
                 "dtype": "dtype", "gradient_checkpointing": "gradient_checkpointing", "device": "device",
-                "pad_fraction": "pad_fraction"}
+                "pad_fraction": "pad_fraction", "profile": "profile"}
 _COMPARE_OPTIONS = ("models", "arms", "repeats", "baseline_arm", "loss_tolerance")
 
 # what a bare `fastbench compare` runs
@@ -109,6 +109,9 @@ def summarize_results(results: dict) -> dict:
               help="Activation checkpointing [on].")
 @click.option("--device", help="cuda, cuda:N or cpu [cuda if available].")
 @click.option("--pad-fraction", type=float, help="Mean fraction of right padding per sequence [0].")
+@click.option("--profile/--no-profile", default=None,
+              help="After the timed steps, profile one more step per process: time per region (matmul, "
+                   "dequantize, attention, ...) in the report; allowed with --from [off].")
 @click.option("--baseline-arm", help="Arm the ratios and loss checks refer to [peft].")
 @click.option("--loss-tolerance", type=float, help="Relative tolerance of the first steps' losses against "
                                                     "an arm of the same kind [0.01; bf16 vs 4-bit: 0.02].")
@@ -142,6 +145,8 @@ def compare(ctx, from_path, resume_path, against_path, max_regression, results_d
     if from_path and resume_path:
         raise click.UsageError("--from and --resume exclude each other")
     saved = from_path or resume_path
+    if from_path:
+        explicit.discard("profile")  # a saved configuration re-run with (or without) the breakdown
     if saved and explicit:
         raise click.UsageError(f"--{'from' if from_path else 'resume'} runs the saved configuration; drop "
                                + ", ".join("--" + k.replace("_", "-") for k in sorted(explicit)))
@@ -156,6 +161,8 @@ def compare(ctx, from_path, resume_path, against_path, max_regression, results_d
             compare_cfg = results["compare"]
         else:
             compare_cfg = _load(from_path)["compare"] if from_path else _resolve(opts)
+        if from_path and opts["profile"] is not None:
+            compare_cfg["run"]["profile"] = opts["profile"]
         _validate(compare_cfg)
     except (UnknownArm, MissingPackage, UnknownPreset, NotAModel, ValueError) as e:
         raise click.UsageError(str(e)) from None

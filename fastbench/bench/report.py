@@ -1,6 +1,6 @@
 """``reports/<id>.md``: the environment, the table per model and arm, the loss check, the noise floor,
-regressions, and two PNG plots (tokens/s with its p10-p90 spread, peak memory with its min-max over
-repeats), drawn with matplotlib's Agg backend."""
+regressions, where the time of a step goes (runs with ``--profile``), and two PNG plots (tokens/s with
+its p10-p90 spread, peak memory with its min-max over repeats), drawn with matplotlib's Agg backend."""
 from __future__ import annotations
 
 import os
@@ -44,6 +44,50 @@ def table(summary: dict, baseline: str) -> list[str]:
                      _fmt(r["load_s"], ".1f"), _fmt(r["first_step_s"], ".2f"),
                      f"{r['ok_runs']}/{r['runs']}" + ("" if r["status"] == "ok" else f" ({r['status']})")]
         lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def profile_lines(results: dict) -> list[str]:
+    """"Where the time goes": per model, a table of ms and % of the profiled step per region and arm
+    (the mean over the arm's profiled processes), the step's time profiled and timed, and the largest
+    unclassified kernels per arm."""
+    from fastbench.bench.profile import NAMES
+
+    profiled = [r for r in results["runs"] if "ms" in (r.get("profile") or {})]
+    failed = [r for r in results["runs"] if "error" in (r.get("profile") or {})]
+    if not profiled and not failed:
+        return []
+    lines = ["## Where the time goes", ""]
+    if profiled:
+        lines.append("One extra step per process under torch.profiler, after the timed ones and in no other "
+                     "figure: " + ("device kernel time summed over streams (overlapped copies count in full)"
+                                   if profiled[0]["profile"]["activity"] == "cuda" else "CPU self time per op")
+                     + ", by kernel name (fastbench.bench.profile.REGIONS); mean over the profiled processes.")
+    step_s = {(r["model"], r["arm"]): r.get("step_s") for r in (results.get("summary") or {}).get("rows", [])}
+    for model in dict.fromkeys(r["model"] for r in profiled):
+        arms: dict[str, list[dict]] = {}
+        for r in profiled:
+            if r["model"] == model:
+                arms.setdefault(r["arm"], []).append(r["profile"])
+        mean = {arm: {k: sum(p["ms"].get(k, 0.0) for p in ps) / len(ps) for k in NAMES} for arm, ps in arms.items()}
+        head = ["region"] + [f"{arm} {unit}" for arm in arms for unit in ("ms", "%")]
+        lines += ["", f"### {model}", "", "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+        for region in NAMES + ("total",):
+            cells = [f"**{region}**" if region == "total" else region]
+            for ms in mean.values():
+                total = sum(ms.values())
+                value = total if region == "total" else ms[region]
+                cells += [_fmt(value, ",.1f"), _fmt(100 * value / total if total else None, ".1f")]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+        for arm, ps in arms.items():
+            timed = step_s.get((model, arm))
+            others = ", ".join(f"`{n[:80]}` {t:,.1f} ms" for n, t in ps[0]["top_other"][:4])
+            lines.append(f"- {arm}: profiled step {sum(p['wall_ms'] for p in ps) / len(ps):,.1f} ms wall "
+                         f"(profiler overhead included), timed steps {_fmt(timed and 1e3 * timed, ',.1f')} ms median"
+                         + (f"; largest 'other': {others}" if others else ""))
+    lines += [f"- profiling failed for {r['arm']} on {r['model']}, repeat {r['repeat'] + 1}: "
+              f"{r['profile']['error'][:300]}" for r in failed]
     return lines
 
 
@@ -124,6 +168,9 @@ def write_report(results: dict, reports_dir: str, regressions: list[dict] | None
     if against is not None:
         lines += ["", f"## Against {against}", ""]
         lines += [f"- **{describe_regression(r)}**" for r in regressions] or ["- no regression"]
+    profile = profile_lines(results)
+    if profile:
+        lines += [""] + profile
     tiers = {r["arm"]: r["autotune_tiers"] for r in results["runs"] if r.get("autotune_tiers")}
     if tiers:
         lines += ["", "## Autotune tier per op", ""] + [f"- {arm}: {t}" for arm, t in tiers.items()]

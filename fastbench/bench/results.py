@@ -4,7 +4,8 @@ The JSON holds the schema version, the resolved comparison config (``compare``: 
 repeats, baseline, tolerances and the RunConfig every process got), the environment, every worker
 record (``runs``) and the statistics (``summary``). It is rewritten after every process, with
 ``status`` "partial" until the last one finishes ("interrupted" after Ctrl-C), so a killed run keeps
-what it measured and ``--resume`` can finish it.
+what it measured and ``--resume`` can finish it. A record's ``profile`` (``compare --profile``: ms per
+region of one extra step, fastbench.bench.profile) is optional: files without it read the same.
 """
 from __future__ import annotations
 
@@ -77,7 +78,8 @@ _RUN_METRICS = ("load_s", "materialize_s", "first_step_s", "peak_allocated_gib",
 
 def long_frame(results: dict):
     """One row per measured value: run id, arm, model, repeat, status, metric, step, value
-    (step is empty for per-process metrics; warm-up steps are metric ``warmup_step_s``)."""
+    (step is empty for per-process metrics; warm-up steps are metric ``warmup_step_s``; a profiled
+step gives ``profile_<region>_ms`` and ``profile_total_ms``)."""
     import pandas as pd
 
     rows = []
@@ -85,6 +87,11 @@ def long_frame(results: dict):
         key = {"run_id": results["id"], "arm": r["arm"], "model": r["model"], "repeat": r["repeat"],
                "status": r["status"]}
         rows += [{**key, "metric": m, "step": None, "value": r.get(m)} for m in _RUN_METRICS]
+        profile = r.get("profile") or {}
+        if "ms" in profile:
+            rows += [{**key, "metric": f"profile_{region}_ms", "step": None, "value": ms}
+                     for region, ms in profile["ms"].items()]
+            rows.append({**key, "metric": "profile_total_ms", "step": None, "value": profile["total_ms"]})
         rows += [{**key, "metric": "warmup_step_s", "step": i, "value": v} for i, v in enumerate(r["warmup_step_s"])]
         rows += [{**key, "metric": "loss", "step": i, "value": v} for i, v in enumerate(r["losses"])]
         warm = len(r["warmup_step_s"])

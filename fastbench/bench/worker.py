@@ -7,7 +7,9 @@ a CPU), and writes one record: per-step times, tokens and losses, peak memory th
 allocated, torch reserved, NVML for this process) and the autotune tier per op. Running out of memory
 gives status "oom" (simulate with FASTBENCH_SIMULATE_OOM=<label or arm name>); any other failure
 status "error" with its message. A step is: forward with labels and backward for each micro-batch
-(loss divided by grad_accum), optimizer step, zero grad.
+(loss divided by grad_accum), optimizer step, zero grad. With ``config.profile``, one more step after
+everything above is measured runs under torch.profiler and gives ``profile`` (time per region, see
+fastbench.bench.profile; ``{"error": ...}`` if that step fails); it is in no other figure.
 """
 from __future__ import annotations
 
@@ -57,7 +59,7 @@ def new_record(label: str, model: str, repeat: int, config: dict, status: str = 
             "phase": "load", "load_s": None, "materialize_s": 0.0, "first_step_s": None,
             "warmup_step_s": [], "step_s": [], "tokens_per_step": [], "losses": [],
             "peak_allocated_gib": None, "peak_reserved_gib": None, "nvml_process_gib": None,
-            "nvml_device_gib": None, "autotune_tiers": None, "config": config}
+            "nvml_device_gib": None, "autotune_tiers": None, "profile": None, "config": config}
 
 
 def run(spec: dict) -> dict:
@@ -102,12 +104,12 @@ def run(spec: dict) -> dict:
                 total = total + loss.detach()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            losses.append(total)
+            return total
 
         record["phase"] = "warmup"
         for i in range(cfg.warmup):
             t = time.perf_counter()
-            step(batches[i])
+            losses.append(step(batches[i]))
             sync()
             record["warmup_step_s"].append(time.perf_counter() - t)
         record["phase"] = "timed"
@@ -118,14 +120,14 @@ def run(spec: dict) -> dict:
             events = [torch.cuda.Event(enable_timing=True) for _ in range(len(timed) + 1)]
             events[0].record()
             for i, b in enumerate(timed):
-                step(b)
+                losses.append(step(b))
                 events[i + 1].record()
             sync()
             record["step_s"] = [events[i].elapsed_time(events[i + 1]) / 1e3 for i in range(len(timed))]
         else:
             for b in timed:
                 t = time.perf_counter()
-                step(b)
+                losses.append(step(b))
                 record["step_s"].append(time.perf_counter() - t)
         record["first_step_s"] = (record["warmup_step_s"] or record["step_s"])[0]
         record["tokens_per_step"] = [count_tokens(b) for b in timed]
@@ -140,6 +142,13 @@ def run(spec: dict) -> dict:
         record["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / GIB
         record["nvml_process_gib"], record["nvml_device_gib"] = _nvml_gib(torch.cuda.current_device())
     record["autotune_tiers"] = _autotune_tiers()
+    if cfg.profile and record["status"] == "ok":
+        from fastbench.bench.profile import profile_step
+
+        try:
+            record["profile"] = profile_step(lambda: step(batches[-1]), cuda)
+        except Exception as exc:  # the measured steps stand; the breakdown is missing
+            record["profile"] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
     return record
 
 
