@@ -1,0 +1,176 @@
+"""``fastbench train`` on tiny models (CPU, fp32): adapters PEFT can load, an overfit check, Ctrl-C,
+exact gradient accumulation, and clean errors for bad input."""
+import json
+import math
+import shutil
+import warnings
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from fastbench import train as train_module
+from fastbench.train import train_command
+
+PRESET = "llama-3-8b-tiny"
+
+
+def invoke(*args):
+    return CliRunner().invoke(train_command, [str(a) for a in args])
+
+
+def read_log(output):
+    with open(output / "train_log.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def lora_tensors(model):
+    return {n: p for n, p in model.named_parameters() if "lora_" in n}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny Llama checkpoint with a word-level tokenizer (words t0..t251)."""
+    from fastbench.presets import save_checkpoint
+
+    return save_checkpoint(PRESET, str(tmp_path_factory.mktemp("ckpt") / "llama-tiny"), seed=11)
+
+
+def write_jsonl(path, texts, field="text"):
+    path.write_text("".join(json.dumps({field: t}) + "\n" for t in texts))
+    return path
+
+
+def test_preset_on_random_data_saves_an_adapter_peft_loads(seed, tmp_path):
+    from peft import PeftModel
+
+    from fastbench.presets import build_model
+
+    out = tmp_path / "adapter"
+    result = invoke(PRESET, "--data", "random", "--output", out, "--steps", 3, "--max-seq-length", 9, "--batch", 1,
+                    "--grad-accum", 2, "--r", 4, "--seed", seed % 10_000, "--save-every", 2)
+    assert result.exit_code == 0, result.output
+    log = read_log(out)
+    assert [row["step"] for row in log] == [1, 2, 3]
+    assert all(math.isfinite(row["loss"]) and row["tokens"] == 18 and row["tokens_per_s"] > 0 for row in log)
+    assert log[0]["lr"] < log[1]["lr"]  # warm-up
+    loaded = PeftModel.from_pretrained(build_model(PRESET, seed=seed % 10_000), str(out))
+    b = [p for n, p in lora_tensors(loaded).items() if "lora_B" in n]
+    assert len(b) == 2 * 7 and all(torch.isfinite(p).all() for p in b)
+    assert all(p.abs().max() > 0 for p in b)  # trained: LoRA B starts at zero
+
+
+def test_checkpoint_with_tokenizer_overfits_a_repeated_example(seed, tmp_path, checkpoint):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import random
+
+    rng = random.Random(seed)
+    text = " ".join(f"t{rng.randrange(252)}" for _ in range(6))
+    data, out = write_jsonl(tmp_path / "data.jsonl", [text]), tmp_path / "adapter"
+    result = invoke(checkpoint, "--data", data, "--output", out, "--steps", 15, "--batch", 1, "--grad-accum", 1,
+                    "--lr", 1e-2, "--lora-alpha", 32, "--r", 8, "--warmup-steps", 0, "--checkpointing", "false",
+                    "--seed", seed % 10_000)
+    assert result.exit_code == 0, result.output
+    losses = [row["loss"] for row in read_log(out)]
+    assert len(losses) == 15 and all(map(math.isfinite, losses))
+    assert sum(losses[-3:]) / 3 < losses[0] - 0.3, losses
+
+    tok = AutoTokenizer.from_pretrained(str(out))  # saved beside the adapter
+    ids = torch.tensor([tok(text)["input_ids"] + [tok.eos_token_id]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(checkpoint), str(out)).eval()
+    with torch.no_grad():
+        trained = model(input_ids=ids, labels=ids).loss.item()
+        with model.disable_adapter():
+            untrained = model(input_ids=ids, labels=ids).loss.item()
+    assert abs(untrained - losses[0]) < 1e-3 * losses[0]  # the first step's loss is the base model's
+    assert trained < losses[0] - 0.3
+
+
+def test_ctrl_c_saves_the_adapter_of_the_finished_steps(seed, tmp_path, monkeypatch):
+    calls, accumulate = [], train_module.accumulate
+
+    def interrupted_on_third_step(model, micro_batches):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return accumulate(model, micro_batches)
+
+    monkeypatch.setattr(train_module, "accumulate", interrupted_on_third_step)
+    out = tmp_path / "adapter"
+    result = invoke(PRESET, "--data", "random", "--output", out, "--steps", 5, "--max-seq-length", 7, "--batch", 1,
+                    "--grad-accum", 1, "--r", 4, "--seed", seed % 10_000)
+    assert result.exit_code == 130
+    assert "interrupted after step 2" in result.output
+    assert len(read_log(out)) == 2
+    assert (out / "adapter_model.safetensors").exists() and (out / "adapter_config.json").exists()
+    assert not list(out.glob(".saving-*"))
+
+
+def test_accumulated_step_equals_one_batch_of_ragged_padded_examples(seed):
+    from fastbench import FastLanguageModel
+    from fastbench.train import accumulate, collate
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base, _ = FastLanguageModel.from_pretrained(PRESET, dtype=torch.float32, device="cpu", seed=seed % 10_000)
+    model = FastLanguageModel.get_peft_model(base, r=4, random_state=seed, use_gradient_checkpointing=False,
+                                             fallback=False)
+    for name, p in lora_tensors(model).items():  # B = 0 at init: give the LoRA terms some weight
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    examples = [torch.randint(0, 512, (n,)).tolist() for n in (9, 4, 6)]
+
+    def step(micro_batches):
+        model.zero_grad(set_to_none=True)
+        loss, tokens = accumulate(model, micro_batches)
+        return loss, tokens, {n: p.grad.clone() for n, p in lora_tensors(model).items()}
+
+    loss_a, tokens_a, grads_a = step([collate(examples[:2], 0), collate(examples[2:], 0)])
+    loss_b, tokens_b, grads_b = step([collate(examples, 0)])
+    assert tokens_a == tokens_b == 19
+    assert abs(loss_a - loss_b) < 1e-5 * loss_b
+    for name, g in grads_b.items():
+        assert torch.linalg.norm(grads_a[name] - g) <= 1e-5 * torch.linalg.norm(g), name
+
+
+@pytest.fixture
+def bad_inputs(tmp_path, checkpoint):
+    no_tokenizer = tmp_path / "no-tokenizer"
+    no_tokenizer.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(f"{checkpoint}/{name}", no_tokenizer / name)
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    write_jsonl(tmp_path / "body.jsonl", ["t1 t2 t3"], field="body")
+    (tmp_path / "data.csv").write_text("text\nt1 t2\n")
+    return {"ckpt": checkpoint, "missing": tmp_path / "missing.jsonl", "empty": tmp_path / "empty.jsonl",
+            "body": tmp_path / "body.jsonl", "csv": tmp_path / "data.csv", "no_tokenizer": no_tokenizer}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["{ckpt}", "--data", "{missing}"], "no such file"),
+    (["{ckpt}", "--data", "{empty}"], "has no examples"),
+    (["{ckpt}", "--data", "{body}"], "no string field 'text'"),
+    (["{ckpt}", "--data", "{csv}"], "expected a .jsonl or .txt"),
+    (["{no_tokenizer}", "--data", "{body}", "--text-field", "body"], "has no tokenizer"),
+    ([PRESET, "--data", "{body}", "--text-field", "body"], "is a preset"),
+    (["llama-9-70b", "--data", "random", "--steps", "1"], "valid presets: llama-3-8b"),
+    ([PRESET, "--data", "random"], "give --steps"),
+    ([PRESET, "--data", "random", "--steps", "1", "--epochs", "1"], "not both"),
+    ([PRESET, "--data", "random", "--steps", "1", "--checkpointing", "sometimes"], "offload, auto"),
+    ([PRESET, "--data", "random", "--steps", "0"], "--steps"),
+    ([PRESET, "--data", "random", "--steps", "1", "--batch", "0"], "--batch"),
+    ([PRESET, "--data", "random", "--steps", "1", "--grad-accum", "-1"], "--grad-accum"),
+    ([PRESET, "--data", "random", "--steps", "1", "--lr", "0"], "--lr"),
+    ([PRESET, "--data", "random", "--steps", "1", "--r", "0"], "--r"),
+    ([PRESET, "--data", "random", "--steps", "1", "--max-seq-length", "1"], "--max-seq-length"),
+])
+def test_bad_input_is_a_clean_error(bad_inputs, tmp_path, args, message):
+    result = invoke(*[a.format(**bad_inputs) for a in args], "--output", tmp_path / "out")
+    assert result.exit_code in (1, 2), result.output
+    assert isinstance(result.exception, SystemExit)  # a click error, no traceback
+    assert message in result.output, result.output
+    assert not (tmp_path / "out").exists()
