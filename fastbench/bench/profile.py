@@ -82,4 +82,6 @@ def profile_step(run_step: Callable[[], object], cuda: bool) -> dict:
         if e.device_type == want:
             us = e.self_device_time_total if cuda else e.self_cpu_time_total
             times_us[e.key] = times_us.get(e.key, 0.0) + us
+    if not any(times_us.values()):
+        raise RuntimeError(f"the profiler saw no {'device kernels (is CUPTI usable here?)' if cuda else 'ops'}")
     return {"activity": "cuda" if cuda else "cpu", "wall_ms": wall_ms, **summarize_times(times_us)}

@@ -218,3 +218,29 @@ def test_compare_with_profile_on_cpu(tmp_path, monkeypatch):
     assert p["total_ms"] == pytest.approx(sum(p["ms"].values()))
     text = (tmp_path / "p" / (run["id"] + ".md")).read_text()
     assert "## Where the time goes" in text and "### llama-3.2-1b-tiny" in text and "| matmul |" in text
+
+
+def test_from_an_older_file_reruns_it_with_profile(tmp_path, rng, make_record, make_results, monkeypatch):
+    from fastbench.bench import runner
+
+    old = make_results([make_record("peft", model="llama-3-8b-tiny", rng=rng)], ["peft"], models=["llama-3-8b-tiny"])
+    for r in old["runs"]:
+        del r["profile"]
+    del old["compare"]["run"]["profile"]
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(old))
+    configs = []
+
+    def fake_run_one(label, model, repeat, run_config, workdir, env, timeout):
+        configs.append(run_config)
+        record = make_record(label, model=model, repeat=repeat, rng=rng)
+        record["profile"] = _profile(rng)
+        return record
+
+    monkeypatch.setattr(runner, "run_one", fake_run_one)
+    out = CliRunner().invoke(main, ["compare", "--from", str(path), "--profile", "--results-dir", str(tmp_path / "r"),
+                                    "--reports-dir", str(tmp_path / "p")])
+    assert out.exit_code == 0, out.output
+    assert [c["profile"] for c in configs] == [True]
+    (report_path,) = (tmp_path / "p").glob("*.md")
+    assert "## Where the time goes" in report_path.read_text()
