@@ -45,7 +45,7 @@ class HostOffloader:
     def _host_buffer(self, like: torch.Tensor) -> torch.Tensor:
         for i, buf in enumerate(self._free):
             if buf.dtype == like.dtype and buf.numel() >= like.numel():
-                return self._free.pop(i)[: like.numel()].view(like.shape)
+                return self._free.pop(i).view(-1)[: like.numel()].view(like.shape)
         return torch.empty(like.shape, dtype=like.dtype, pin_memory=like.is_cuda)
 
     def save(self, index: int, x: torch.Tensor) -> None:
