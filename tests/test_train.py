@@ -75,7 +75,7 @@ def test_checkpoint_with_tokenizer_overfits_a_repeated_example(seed, tmp_path, c
     assert result.exit_code == 0, result.output
     losses = [row["loss"] for row in read_log(out)]
     assert len(losses) == 15 and all(map(math.isfinite, losses))
-    assert sum(losses[-3:]) / 3 < losses[0] - 0.3, losses
+    assert sum(losses[-3:]) / 3 < losses[0] - 0.5, losses
 
     tok = AutoTokenizer.from_pretrained(str(out))  # saved beside the adapter
     ids = torch.tensor([tok(text)["input_ids"] + [tok.eos_token_id]])
@@ -87,7 +87,24 @@ def test_checkpoint_with_tokenizer_overfits_a_repeated_example(seed, tmp_path, c
         with model.disable_adapter():
             untrained = model(input_ids=ids, labels=ids).loss.item()
     assert abs(untrained - losses[0]) < 1e-3 * losses[0]  # the first step's loss is the base model's
-    assert trained < losses[0] - 0.3
+    assert trained < losses[0] - 0.5
+
+
+def test_txt_epochs_of_ragged_batches_with_offloaded_checkpoints(seed, tmp_path, checkpoint):
+    """One example per line; short last step per epoch; offload buffers reused for other shapes."""
+    import random
+
+    rng = random.Random(seed)
+    lines = [" ".join(f"t{rng.randrange(252)}" for _ in range(n)) for n in (3, 7, 5)]
+    data, out = tmp_path / "data.txt", tmp_path / "adapter"
+    data.write_text(lines[0] + "\n\n" + "\n".join(lines[1:]) + "\n")
+    result = invoke(checkpoint, "--data", data, "--output", out, "--epochs", 2, "--batch", 2, "--grad-accum", 1,
+                    "--checkpointing", "offload", "--r", 4, "--seed", seed % 10_000)
+    assert result.exit_code == 0, result.output
+    log = read_log(out)
+    assert len(log) == 4 and all(math.isfinite(row["loss"]) for row in log)
+    tokens_per_epoch = sum(len(line.split()) + 1 for line in lines)  # + EOS
+    assert log[0]["tokens"] + log[1]["tokens"] == log[2]["tokens"] + log[3]["tokens"] == tokens_per_epoch
 
 
 def test_ctrl_c_saves_the_adapter_of_the_finished_steps(seed, tmp_path, monkeypatch):
