@@ -108,14 +108,13 @@ def accumulate(model, micro_batches: list[dict]) -> tuple[float, int]:
     label count (labels shifted by one, as the loss sees them). Returns (mean token loss, tokens)."""
     device = next(p for p in model.parameters() if p.requires_grad).device
     n = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches)
-    total, tokens = 0.0, 0
+    tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)
+    total = 0.0
     for b in micro_batches:
-        b = {k: v.to(device) for k, v in b.items()}
-        loss = model(**b, num_items_in_batch=n).loss
+        loss = model(**{k: v.to(device) for k, v in b.items()}, num_items_in_batch=n).loss
         loss.backward()
-        total += loss.item()
-        tokens += int(b["attention_mask"].sum())
-    return total, tokens
+        total = total + loss.detach()
+    return float(total), tokens
 
 
 def save_adapter(model, tokenizer, output: str) -> None:

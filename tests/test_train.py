@@ -2,6 +2,7 @@
 exact gradient accumulation, and clean errors for bad input."""
 import json
 import math
+import random
 import shutil
 import warnings
 
@@ -64,8 +65,6 @@ def test_checkpoint_with_tokenizer_overfits_a_repeated_example(seed, tmp_path, c
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import random
-
     rng = random.Random(seed)
     text = " ".join(f"t{rng.randrange(252)}" for _ in range(6))
     data, out = write_jsonl(tmp_path / "data.jsonl", [text]), tmp_path / "adapter"
@@ -92,8 +91,6 @@ def test_checkpoint_with_tokenizer_overfits_a_repeated_example(seed, tmp_path, c
 
 def test_txt_epochs_of_ragged_batches_with_offloaded_checkpoints(seed, tmp_path, checkpoint):
     """One example per line; short last step per epoch; offload buffers reused for other shapes."""
-    import random
-
     rng = random.Random(seed)
     lines = [" ".join(f"t{rng.randrange(252)}" for _ in range(n)) for n in (3, 7, 5)]
     data, out = tmp_path / "data.txt", tmp_path / "adapter"
@@ -184,6 +181,7 @@ def bad_inputs(tmp_path, checkpoint):
     ([PRESET, "--data", "random", "--steps", "1", "--lr", "0"], "--lr"),
     ([PRESET, "--data", "random", "--steps", "1", "--r", "0"], "--r"),
     ([PRESET, "--data", "random", "--steps", "1", "--max-seq-length", "1"], "--max-seq-length"),
+    ([PRESET, "--data", "random", "--steps", "1", "--targets", "qkv_proj"], "qkv_proj"),
 ])
 def test_bad_input_is_a_clean_error(bad_inputs, tmp_path, args, message):
     result = invoke(*[a.format(**bad_inputs) for a in args], "--output", tmp_path / "out")
