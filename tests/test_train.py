@@ -85,7 +85,8 @@ def test_checkpoint_with_tokenizer_overfits_a_repeated_example(seed, tmp_path, c
         trained = model(input_ids=ids, labels=ids).loss.item()
         with model.disable_adapter():
             untrained = model(input_ids=ids, labels=ids).loss.item()
-    assert abs(untrained - losses[0]) < 1e-3 * losses[0]  # the first step's loss is the base model's
+    tol = 1e-2 if torch.cuda.is_available() else 1e-4  # trained in bf16 on a GPU, checked in fp32 here
+    assert abs(untrained - losses[0]) < tol * losses[0]  # the first step's loss is the base model's
     assert trained < losses[0] - 0.5
 
 
