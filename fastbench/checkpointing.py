@@ -22,63 +22,68 @@ import torch
 
 GiB = 1 << 30
 OFFLOAD_WARNING = (
-    "use_gradient_checkpointing='offload' is experimental: on an H200 at llama-3-8b NF4, two runs under "
-    "`fastbench compare` diverged from the reference loss after the first steps (results/"
-    "2026-11-28-h200-ba739f.json, results/2026-11-28-h200-e55049-aa.log) while standalone runs matched; "
-    "until the cause is found prefer True (recompute) or a memory budget in GiB, and check the loss")
+    "use_gradient_checkpointing='offload' is experimental: on an H200 (llama-3-8b, NF4) two runs under "
+    "`fastbench compare` reported losses far from the reference (results/2026-11-28-h200-ba739f.json); the "
+    "stream-ordering bug that explains it is fixed, but the fix is not yet verified on a GPU. Until it is, "
+    "prefer True (recompute) or a memory budget in GiB, and check the loss")
 
 
 class HostOffloader:
-    """Copies layer inputs to pinned host buffers on a side stream and back, prefetching one layer ahead."""
+    """Copies layer inputs to pinned host buffers on a side stream and back, prefetching one layer ahead.
+
+    Every copy runs on one side stream, so a buffer's copy back to the GPU is ordered after its copy
+    to the host, and a reused buffer's next copy after both. Each copy first makes the side stream wait
+    for all work queued on the compute stream: it then reads only finished data, and writes only
+    memory that no queued kernel still uses (a buffer the compute stream freed while the CPU ran
+    ahead)."""
 
     def __init__(self):
-        self._saved: dict[int, tuple[torch.Tensor, torch.device, object]] = {}  # index -> (host, device, event)
-        self._prefetched: dict[int, tuple[torch.Tensor, object]] = {}
-        self._free: list[torch.Tensor] = []  # host buffers to reuse
+        self._saved: dict[int, tuple[torch.Tensor, torch.Tensor, torch.device]] = {}  # index -> (buffer, host view, device)
+        self._prefetched: dict[int, tuple[torch.Tensor, object]] = {}  # index -> (x on its device, copy done)
+        self._free: list[torch.Tensor] = []  # flat host buffers to reuse
         self._stream = None
 
-    def _side_stream(self):
+    def _side_stream_after_compute(self):
+        # current_stream() must be read here, outside `torch.cuda.stream(side)`: inside, it is the side
+        # stream itself (an earlier version waited on itself there and raced on the H200)
         if self._stream is None:
             self._stream = torch.cuda.Stream()
+        self._stream.wait_stream(torch.cuda.current_stream())
         return self._stream
 
-    def _host_buffer(self, like: torch.Tensor) -> torch.Tensor:
+    def _host_buffer(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A flat buffer of at least like.numel() elements (reused where one is free) and its view shaped like ``like``."""
         for i, buf in enumerate(self._free):
             if buf.dtype == like.dtype and buf.numel() >= like.numel():
-                return self._free.pop(i).view(-1)[: like.numel()].view(like.shape)
-        return torch.empty(like.shape, dtype=like.dtype, pin_memory=like.is_cuda)
+                buf = self._free.pop(i)
+                break
+        else:
+            buf = torch.empty(like.numel(), dtype=like.dtype, pin_memory=like.is_cuda)
+        return buf, buf[: like.numel()].view(like.shape)
 
     def save(self, index: int, x: torch.Tensor) -> None:
-        host = self._host_buffer(x)
-        event = None
+        buf, host = self._host_buffer(x)
         if x.is_cuda:
-            stream = self._side_stream()
-            stream.wait_stream(torch.cuda.current_stream())
+            stream = self._side_stream_after_compute()
             with torch.cuda.stream(stream):
                 host.copy_(x, non_blocking=True)
-                event = torch.cuda.Event()
-                event.record(stream)
-            x.record_stream(stream)
+            x.record_stream(stream)  # x's memory is not reused before the copy has read it
         else:
             host.copy_(x)
-        self._saved[index] = (host, x.device, event)
+        self._saved[index] = (buf, host, x.device)
 
     def _fetch(self, index: int):
-        host, device, event = self._saved.pop(index)
+        buf, host, device = self._saved.pop(index)
+        self._free.append(buf)  # a later save's copy into it is queued after this copy, on the same stream
         if device.type != "cuda":
-            self._free.append(host)
             return host.clone(), None
-        stream = self._side_stream()
         x = torch.empty(host.shape, dtype=host.dtype, device=device)
+        stream = self._side_stream_after_compute()
         with torch.cuda.stream(stream):
-            # x's memory may have been freed by kernels still queued on the compute stream: write it
-            # only after them (found on the H200: a prefetch raced a pending kernel, step-3 loss 73)
-            stream.wait_stream(torch.cuda.current_stream())
-            stream.wait_event(event)
             x.copy_(host, non_blocking=True)
             done = torch.cuda.Event()
             done.record(stream)
-        self._free.append(host)  # later writes to it are ordered after this copy on the same stream
+        x.record_stream(stream)
         return x, done
 
     def load(self, index: int) -> torch.Tensor:
