@@ -102,9 +102,10 @@ class _RecomputedLayer(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, layer_fn, offloader, index, x, *params):
-        with torch.no_grad():
-            y = layer_fn(x)
+        y = layer_fn(x)  # a Function's forward runs without building a graph
         ctx.layer_fn, ctx.offloader, ctx.index = layer_fn, offloader, index
+        device = x.device.type  # the recomputation must run under the same autocast as this forward
+        ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
         if offloader is not None:
             offloader.save(index, x)
             ctx.save_for_backward(*params)
@@ -121,7 +122,8 @@ class _RecomputedLayer(torch.autograd.Function):
             x, params = saved[0], saved[1:]
         needs = ctx.needs_input_grad[3:]
         x = x.detach().requires_grad_(needs[0])
-        with torch.enable_grad():
+        device, dtype, enabled = ctx.autocast
+        with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
             y = ctx.layer_fn(x)
         inputs = [t for t, need in zip((x, *params), needs) if need]
         grads = iter(torch.autograd.grad(y, inputs, dy, allow_unused=True))
