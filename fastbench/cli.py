@@ -3,6 +3,7 @@ imported only when it runs (so ``fastbench --help`` stays fast and imports no to
 from __future__ import annotations
 
 import importlib
+import importlib.util
 
 import click
 

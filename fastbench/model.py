@@ -8,8 +8,8 @@ import warnings
 import torch
 
 from fastbench.fused.decoder import SUPPORTED_FAMILIES
+from fastbench.presets import DEFAULT_TARGETS
 
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def default_dtype(device) -> torch.dtype:
@@ -81,8 +81,10 @@ class FastLanguageModel:
         (``fallback=False``: raises instead)."""
         from peft import LoraConfig, get_peft_model
 
+        from fastbench.checkpointing import parse_setting
         from fastbench.fused.causal_lm import install, unsupported_reason
 
+        mode, _ = parse_setting(use_gradient_checkpointing)  # a bad setting raises before the model is touched
         if random_state is not None:
             torch.manual_seed(random_state)
         config = LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, bias=bias,
@@ -94,7 +96,9 @@ class FastLanguageModel:
         if reason:
             if not fallback:
                 raise ValueError(f"fastbench's fused path cannot run this model: {reason}")
-            warnings.warn(f"fastbench: fused path unavailable ({reason}); training with plain PEFT")
+            dropped = f"; use_gradient_checkpointing={use_gradient_checkpointing!r} becomes recompute" \
+                if mode in ("offload", "budget") else ""
+            warnings.warn(f"fastbench: fused path unavailable ({reason}); training with plain PEFT{dropped}")
             if use_gradient_checkpointing:
                 base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             return peft_model

@@ -8,6 +8,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+# the 7 projections of every supported family: LoRA's default targets everywhere in fastbench
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
 @dataclass(frozen=True)
 class Preset:
     name: str

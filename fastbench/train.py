@@ -18,6 +18,8 @@ import warnings
 
 import click
 
+from fastbench.presets import DEFAULT_TARGETS
+
 IGNORE_INDEX = -100
 TEXT_SUFFIXES = (".jsonl", ".txt")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
@@ -179,8 +181,7 @@ def _load_tokenizer(source):
 @click.option("--load-in-4bit", is_flag=True, help="QLoRA: quantize the base weights to NF4.")
 @click.option("--r", "rank", default=16, show_default=True, type=click.IntRange(min=1), help="LoRA rank.")
 @click.option("--lora-alpha", default=16, show_default=True, type=click.IntRange(min=1))
-@click.option("--targets", default=",".join(("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                             "down_proj")), show_default=True,
+@click.option("--targets", default=",".join(DEFAULT_TARGETS), show_default=True,
               help="Comma-separated module names that get LoRA adapters.")
 @click.option("--batch", default=2, show_default=True, type=click.IntRange(min=1), help="Examples per micro-batch.")
 @click.option("--grad-accum", default=4, show_default=True, type=click.IntRange(min=1),

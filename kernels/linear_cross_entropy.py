@@ -177,6 +177,11 @@ def fused_linear_cross_entropy(hidden, weight, labels, *, bias=None, ignore_inde
     labels = labels.reshape(-1).contiguous()
     if labels.shape[0] != hidden_2d.shape[0]:
         raise ValueError(f"{labels.shape[0]} labels for {hidden_2d.shape[0]} rows of hidden states")
+    # the kernel reads logits[label]: an out-of-range label would read another row's memory. Checked on
+    # the device without a host sync (a CUDA device assert; a RuntimeError on the CPU)
+    vocab = weight.shape[0]
+    torch._assert_async(((labels == ignore_index) | ((labels >= 0) & (labels < vocab))).all(),
+                        f"labels must lie in [0, {vocab}) or equal ignore_index={ignore_index}")
     scale = _scale(labels, ignore_index, reduction, num_items_in_batch, hidden.device)
     return _FusedLinearCrossEntropy.apply(hidden_2d.contiguous(), weight, bias, labels, scale, ignore_index, softcap)
 

@@ -23,9 +23,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from fastbench.presets import ModelSource, resolve_model, save_checkpoint
+from fastbench.presets import DEFAULT_TARGETS, ModelSource, resolve_model, save_checkpoint
 
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DTYPES = ("bfloat16", "float16", "float32")
 
 

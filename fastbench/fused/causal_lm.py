@@ -35,6 +35,8 @@ class FusedState:
 def _window(model, attn):
     if hasattr(attn, "sliding_window"):
         return attn.sliding_window
+    if getattr(model.config, "use_sliding_window", True) is False:  # Qwen2 configs carry a window they do not use
+        return None
     return getattr(model.config, "sliding_window", None)
 
 

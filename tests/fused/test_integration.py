@@ -121,3 +121,10 @@ def test_autotune_off_option_serves_heuristics(tmp_path, monkeypatch):
     finally:  # build() set the switch in os.environ itself (its process runs one arm): undo it here
         os.environ.pop(lookup.OFF_ENV, None)
         lookup.reset()
+
+
+def test_bad_checkpointing_setting_leaves_the_model_untouched():
+    base, _ = FastLanguageModel.from_pretrained("llama-3-8b-tiny", dtype=torch.float32, device="cpu")
+    with pytest.raises(ValueError, match="use_gradient_checkpointing"):
+        FastLanguageModel.get_peft_model(base, use_gradient_checkpointing="sometimes")
+    assert not any("lora" in name for name, _ in base.named_modules())

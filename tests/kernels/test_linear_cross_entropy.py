@@ -142,3 +142,12 @@ def test_problems_and_heuristic():
 def test_real_vocab_gpu(seed, h, v, softcap):
     hidden, weight, _, labels = make(4096, h, v, torch.bfloat16, device="cuda")
     check(hidden, weight, None, labels, torch.bfloat16, softcap=softcap)
+
+
+@pytest.mark.parametrize("bad", [-1, 97])
+def test_labels_out_of_range_are_refused(bad):
+    hidden, weight = torch.randn(5, 16), torch.randn(97, 16)
+    labels = torch.randint(0, 97, (5,))
+    labels[2] = bad
+    with pytest.raises(RuntimeError, match="labels must lie in"):
+        lce.fused_linear_cross_entropy(hidden, weight, labels)
