@@ -148,11 +148,15 @@ class _LoRAMLP(torch.autograd.Function):
     def forward(ctx, x, glu, gate, up, down, *lora_params):
         g, u = _forward(x, gate), _forward(x, up)
         ctx.save_for_backward(x, g, u)
-        ctx.glu, ctx.projections = glu, (gate, up, down)
+        ctx.glu, ctx.projections, ctx.spent = glu, (gate, up, down), False
         return _forward(glu.forward(g, u), down)
 
     @staticmethod
     def backward(ctx, dy):
+        if ctx.spent:  # the first backward wrote its GLU gradients over the saved g and u
+            raise RuntimeError("lora_mlp's backward reuses its saved pre-activations as gradient buffers; "
+                               "a second backward (retain_graph=True) needs a second forward")
+        ctx.spent = True
         x, g, u = ctx.saved_tensors
         gate, up, down = ctx.projections
         x2, g, u = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]), u.reshape(-1, u.shape[-1])

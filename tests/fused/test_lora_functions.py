@@ -80,3 +80,13 @@ def test_nf4_weight_is_dequantized(seed):
     assert torch.equal(y4, yd)
     (g4,), (gd,) = torch.autograd.grad(y4.sum(), x), torch.autograd.grad(yd.sum(), x)
     assert torch.equal(g4, gd)
+
+
+def test_mlp_second_backward_is_refused(seed):
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    gate, up, down = make_projection(16, 24, 2, torch.float32), make_projection(16, 24, 2, torch.float32), \
+        make_projection(24, 16, 2, torch.float32)
+    loss = lora_mlp(x, gate, up, down, _GLUS["silu"]).sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward"):
+        loss.backward()
