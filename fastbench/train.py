@@ -231,8 +231,11 @@ def train_command(model, data, text_field, output, max_seq_length, load_in_4bit,
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        base, _ = FastLanguageModel.from_pretrained(source.path or source.name, max_seq_length=max_seq_length,
-                                                    load_in_4bit=load_in_4bit, seed=seed)
+        try:
+            base, _ = FastLanguageModel.from_pretrained(source.path or source.name, max_seq_length=max_seq_length,
+                                                        load_in_4bit=load_in_4bit, seed=seed)
+        except (ImportError, OSError) as e:  # bitsandbytes missing for --load-in-4bit, an unreadable checkpoint
+            raise click.ClickException(f"cannot load {source.name}: {e}") from None
         try:
             peft_model = FastLanguageModel.get_peft_model(base, r=rank, target_modules=target_modules,
                                                           lora_alpha=lora_alpha, random_state=seed,
