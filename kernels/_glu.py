@@ -22,6 +22,7 @@ import triton.language as tl
 
 from fastbench.autotune.lookup import config_for
 from fastbench.autotune.spec import TuneCase
+from fastbench.kernels._tensors import as_rows, compute_dtype, dtype_name
 
 _SQRT_2_OVER_PI = tl.constexpr(math.sqrt(2.0 / math.pi))
 _INV_SQRT_2 = tl.constexpr(1.0 / math.sqrt(2.0))
@@ -80,15 +81,6 @@ KERNELS = (_act_and_grad, _glu_fwd_kernel, _glu_bwd_kernel)
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    t = t.reshape(-1, t.shape[-1])
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
-def _compute(t: torch.Tensor):
-    return tl.float64 if t.dtype == torch.float64 else tl.float32
-
-
 def _grid(shape, meta):
     return triton.cdiv(shape[0], meta["BLOCK_M"]), triton.cdiv(shape[1], meta["BLOCK_N"])
 
@@ -103,11 +95,11 @@ def _check(*tensors: torch.Tensor):
 def forward(gate: torch.Tensor, up: torch.Tensor, activation: str, config) -> torch.Tensor:
     """h = act(gate) * up, a fresh contiguous tensor of gate's shape."""
     _check(gate, up)
-    g, u = _rows(gate), _rows(up)
+    g, u = as_rows(gate), as_rows(up)
     h = torch.empty(g.shape, dtype=g.dtype, device=g.device)
     meta = dict(config)
     _glu_fwd_kernel[_grid(g.shape, meta)](g, u, h, *g.shape, g.stride(0), u.stride(0), h.stride(0),
-                                          ACT=activation, COMPUTE=_compute(g), **meta)
+                                          ACT=activation, COMPUTE=compute_dtype(g), **meta)
     return h.view(gate.shape)
 
 
@@ -122,7 +114,7 @@ def backward(grad, gate, up, activation: str, config, dgate=None, dup=None):
         raise ValueError("glu backward needs tensors whose last dim has unit stride")
     meta = dict(config)
     _glu_bwd_kernel[_grid(views[0].shape, meta)](*views, *views[0].shape, *(v.stride(0) for v in views),
-                                                 ACT=activation, COMPUTE=_compute(gate), **meta)
+                                                 ACT=activation, COMPUTE=compute_dtype(gate), **meta)
     return dgate, dup
 
 
@@ -140,7 +132,7 @@ class GLUFunction(torch.autograd.Function):
     def backward(ctx, grad):
         gate, up = ctx.saved_tensors
         config = config_for(ctx.spec, "bwd", problem(gate, ctx.activation))
-        g, u, dh = _rows(gate), _rows(up), _rows(grad)
+        g, u, dh = as_rows(gate), as_rows(up), as_rows(grad)
         dgate, dup = backward(dh, g, u, ctx.activation, config)
         return dgate.view(gate.shape), dup.view(up.shape), None, None
 
@@ -159,7 +151,7 @@ def reference(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Te
 # --- launch configs (shared by swiglu and geglu; each op keeps its own cache entries) --------------
 
 def key(dtype, width: int, rows: int, activation: str) -> dict:
-    return {"dtype": str(dtype).removeprefix("torch."), "activation": activation, "width": width, "tokens": rows}
+    return {"dtype": dtype_name(dtype), "activation": activation, "width": width, "tokens": rows}
 
 
 def problem(gate: torch.Tensor, activation: str) -> dict:

@@ -24,6 +24,7 @@ import triton.language as tl
 
 from fastbench.autotune.lookup import config_for
 from fastbench.autotune.spec import OpSpec, TuneCase
+from fastbench.kernels._tensors import dtype_name
 
 # Largest logits buffer of one chunk, in bytes (its dtype is the input's): 512 MiB.
 CHUNK_BYTES = 1 << 29
@@ -80,12 +81,8 @@ def _cross_entropy_rows_kernel(
             tl.store(grad_ptr + idx, grad.to(grad_ptr.dtype.element_ty), mask=idx < n_vocab)
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def problem_key(tokens: int, vocab: int, dtype: torch.dtype, softcap: bool) -> dict:
-    return {"tokens": int(tokens), "vocab": int(vocab), "dtype": _dtype_name(dtype), "softcap": bool(softcap)}
+    return {"tokens": int(tokens), "vocab": int(vocab), "dtype": dtype_name(dtype), "softcap": bool(softcap)}
 
 
 def rows_per_chunk(n_rows: int, vocab: int, element_size: int) -> int:

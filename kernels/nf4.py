@@ -25,6 +25,7 @@ import triton.language as tl
 
 from fastbench.autotune.lookup import config_for
 from fastbench.autotune.spec import OpSpec, TuneCase
+from fastbench.kernels._tensors import dtype_name
 
 
 @triton.jit
@@ -54,13 +55,9 @@ def _dequantize_nf4_kernel(
     tl.store(out_ptr + offs, values.to(out_ptr.dtype.element_ty), mask=offs < numel)
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def problem_key(shape, dtype: torch.dtype, blocksize: int, nested: bool) -> dict:
     rows = math.prod(shape[:-1]) if len(shape) > 1 else 1
-    return {"rows": int(rows), "cols": int(shape[-1]), "dtype": _dtype_name(dtype),
+    return {"rows": int(rows), "cols": int(shape[-1]), "dtype": dtype_name(dtype),
             "blocksize": int(blocksize), "nested": bool(nested)}
 
 

@@ -16,6 +16,7 @@ import triton.language as tl
 
 from fastbench.autotune.lookup import config_for
 from fastbench.autotune.spec import OpSpec, TuneCase
+from fastbench.kernels._tensors import as_rows, compute_dtype, dtype_name
 
 MAX_HIDDEN = 65536
 
@@ -62,10 +63,6 @@ def _rms_norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, dx_ptr, dw_ptr, n_rows, n_cols,
         tl.store(dw_ptr + pid.to(tl.int64) * n_cols + cols, dw, mask=col_ok)
 
 
-def _compute_dtype(t: torch.Tensor):
-    return tl.float64 if t.dtype == torch.float64 else tl.float32
-
-
 def _block_n(n_cols: int) -> int:
     if n_cols > MAX_HIDDEN:
         raise ValueError(f"rms_norm supports hidden sizes up to {MAX_HIDDEN}, got {n_cols}")
@@ -79,7 +76,7 @@ def _forward(x: torch.Tensor, w: torch.Tensor, eps: float, offset: float, config
     meta = dict(config)
     grid = (triton.cdiv(rows, meta["BLOCK_ROWS"]),)
     _rms_norm_fwd_kernel[grid](x, w, y, rows, n, x.stride(0), y.stride(0), eps, offset,
-                               BLOCK_N=_block_n(n), COMPUTE=_compute_dtype(x), **meta)
+                               BLOCK_N=_block_n(n), COMPUTE=compute_dtype(x), **meta)
     return y
 
 
@@ -93,17 +90,12 @@ def _backward(dy, x, w, eps: float, offset: float, need_dw: bool, config):
     partial = torch.empty((grid[0] if need_dw else 1, n), dtype=compute, device=x.device)
     _rms_norm_bwd_kernel[grid](dy, x, w, dx, partial, rows, n, dy.stride(0), x.stride(0), dx.stride(0),
                                eps, offset, BLOCK_N=_block_n(n), HAS_DW=need_dw,
-                               COMPUTE=_compute_dtype(x), **meta)
+                               COMPUTE=compute_dtype(x), **meta)
     return dx, (partial.sum(0).to(w.dtype) if need_dw else None)
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    t = t.reshape(-1, t.shape[-1])
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def _problem(pass_name: str, dtype: torch.dtype, hidden: int, rows: int, need_dw: bool = False) -> dict:
-    problem = {"dtype": str(dtype).removeprefix("torch."), "hidden": hidden, "tokens": rows}
+    problem = {"dtype": dtype_name(dtype), "hidden": hidden, "tokens": rows}
     if pass_name == "bwd":
         problem["dw"] = need_dw
     return problem
@@ -112,7 +104,7 @@ def _problem(pass_name: str, dtype: torch.dtype, hidden: int, rows: int, need_dw
 class _RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps, offset):
-        x2 = _rows(x)
+        x2 = as_rows(x)
         w = weight.contiguous()
         config = config_for(SPEC, "fwd", _problem("fwd", x.dtype, x2.shape[1], x2.shape[0]))
         y = _forward(x2, w, eps, offset, config)
@@ -125,7 +117,7 @@ class _RMSNormFunction(torch.autograd.Function):
         x2, w = ctx.saved_tensors
         need_dw = ctx.needs_input_grad[1]
         config = config_for(SPEC, "bwd", _problem("bwd", x2.dtype, x2.shape[1], x2.shape[0], need_dw))
-        dx, dw = _backward(_rows(grad), x2, w, ctx.eps, ctx.offset, need_dw, config)
+        dx, dw = _backward(as_rows(grad), x2, w, ctx.eps, ctx.offset, need_dw, config)
         return dx.view(grad.shape), dw, None, None
 
 

@@ -26,6 +26,7 @@ from torch.autograd.graph import increment_version
 
 from fastbench.autotune.lookup import config_for
 from fastbench.autotune.spec import OpSpec, TuneCase
+from fastbench.kernels._tensors import dtype_name
 
 
 @triton.jit
@@ -99,7 +100,7 @@ def _problem(q: torch.Tensor, k: torch.Tensor) -> dict:
 
 
 def _key(dtype, n_q: int, n_k: int, head_dim: int, tokens: int) -> dict:
-    return {"dtype": str(dtype).removeprefix("torch."), "q_heads": n_q, "k_heads": n_k,
+    return {"dtype": dtype_name(dtype), "q_heads": n_q, "k_heads": n_k,
             "head_dim": head_dim, "tokens": tokens}
 
 

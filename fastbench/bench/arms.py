@@ -221,7 +221,6 @@ def _concrete_device(cfg: RunConfig):
 
 def base_model(cfg: RunConfig):
     """The bf16 (cfg.dtype) base model with SDPA attention on cfg.device, in train mode."""
-    import torch
     from transformers import AutoModelForCausalLM
 
     from fastbench.presets import build_model
@@ -242,7 +241,6 @@ def base_model(cfg: RunConfig):
 def load_4bit(cfg: RunConfig):
     """The base model quantized to NF4 with double quantization on load (bitsandbytes through
     transformers), or a pre-quantized bitsandbytes checkpoint as it is."""
-    import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     path = checkpoint_path(cfg)

@@ -1,0 +1,21 @@
+"""Small tensor helpers shared by the op modules (host side only, no kernels)."""
+from __future__ import annotations
+
+import torch
+import triton.language as tl
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``: the form problem keys store."""
+    return str(dtype).removeprefix("torch.")
+
+
+def as_rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a 2-D [rows, last dim] view with a unit last stride (a copy only where that needs one)."""
+    t = t.reshape(-1, t.shape[-1])
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def compute_dtype(t: torch.Tensor):
+    """The Triton dtype a kernel computes in: fp32, or fp64 for fp64 inputs (gradcheck)."""
+    return tl.float64 if t.dtype == torch.float64 else tl.float32
