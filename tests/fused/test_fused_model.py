@@ -133,15 +133,17 @@ def test_saved_adapter_reproduces_logits_in_plain_peft(seed, tmp_path):
         assert rel(fused(input_ids=ids).logits, plain(input_ids=ids).logits) < 1e-5
 
 
-def test_training_tracks_peft_loss_curve(seed):
-    fused, ref = pair("llama-3-8b-tiny", seed, checkpointing="offload")
+@pytest.mark.parametrize("load_in_4bit", [False, True])
+def test_training_tracks_peft_loss_curve(seed, load_in_4bit):
+    """30 AdamW steps of the fused model and of HF+PEFT (+bitsandbytes for NF4) from the same start."""
+    fused, ref = pair("llama-3-8b-tiny", seed, load_in_4bit=load_in_4bit, checkpointing=False)
     opt_f = torch.optim.AdamW([p for p in fused.parameters() if p.requires_grad], lr=1e-2)
     opt_r = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=1e-2)
     ids, labels = batch(B=2, T=12)
     curves = []
     for model, opt in ((fused, opt_f), (ref, opt_r)):
         curve = []
-        for _ in range(8):
+        for _ in range(30):
             loss = model(input_ids=ids, labels=labels).loss
             loss.backward()
             opt.step()
