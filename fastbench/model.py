@@ -82,6 +82,7 @@ class FastLanguageModel:
         from peft import LoraConfig, get_peft_model
 
         from fastbench.checkpointing import parse_setting
+        from fastbench.export import attach
         from fastbench.fused.causal_lm import install, unsupported_reason
 
         mode, _ = parse_setting(use_gradient_checkpointing)  # a bad setting raises before the model is touched
@@ -90,7 +91,7 @@ class FastLanguageModel:
         config = LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, bias=bias,
                             target_modules=list(target_modules), use_rslora=use_rslora, task_type="CAUSAL_LM",
                             **lora_kwargs)
-        peft_model = get_peft_model(model, config)
+        peft_model = attach(get_peft_model(model, config))  # + save_pretrained_merged / save_pretrained_gguf
         base = peft_model.get_base_model()
         reason = unsupported_reason(base) or (f'bias="{bias}"' if bias != "none" else None)
         if reason:
