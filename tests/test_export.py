@@ -316,3 +316,35 @@ def test_gguf_sentencepiece_style_tokenizer_gets_scores_and_byte_tokens(tmp_path
     assert set(types[3:259]) == {T.BYTE} and set(types[259:len(pieces)]) == {T.NORMAL}
     assert set(types[len(pieces):]) == {T.UNUSED}
     assert scores[pieces.index("ab")] == 0.0 and scores[pieces.index("\u2581ab")] == -1.0
+
+
+@pytest.mark.gpu
+def test_nf4_merge_on_gpu_uses_the_fused_dequantization(seed, tmp_path):
+    """On CUDA the NF4 base is dequantized by fastbench's kernel: the merged checkpoint reloads to the
+    fused model's logits, and the merged weight is bitsandbytes' dequantized weight plus the delta."""
+    import bitsandbytes.functional as bnbf
+    from transformers import AutoModelForCausalLM
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base, _ = FastLanguageModel.from_pretrained("llama-3-8b-tiny", dtype=torch.float32, device="cuda",
+                                                    load_in_4bit=True, seed=seed)
+        model = FastLanguageModel.get_peft_model(base, r=4, lora_alpha=8, random_state=None)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    q = model.get_base_model().model.layers[0].self_attn.q_proj
+    merged = dict(merged_tensors(model))["model.layers.0.self_attn.q_proj.weight"]
+    delta = q.scaling["default"] * q.lora_B["default"].weight @ q.lora_A["default"].weight
+    dequantized = bnbf.dequantize_4bit(q.base_layer.weight.data, q.base_layer.weight.quant_state).float()
+    assert rel(merged, dequantized + delta) < 1e-6
+
+    ids = torch.randint(0, 512, (2, 11), device="cuda")
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    model.save_pretrained_merged(str(tmp_path / "merged"), save_method="merged_32bit")
+    plain = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), device_map="cuda")
+    with torch.no_grad():
+        logits = plain(input_ids=ids).logits
+    assert logits.isfinite().all() and rel(logits, expected) < 1e-4
