@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from collections import Counter
@@ -13,6 +14,9 @@ import click
 
 NO_GPU = ("tuning needs a CUDA GPU (none is visible here, or TRITON_INTERPRET=1 is set); "
           "without one every op uses its heuristic default. `fastbench tune --list` still works.")
+
+
+DEFAULT_JOBS = max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
 def _parse_tokens(text: str) -> list[int]:
@@ -125,18 +129,24 @@ def _export(path: str, refs, cache_file: Path, device, tools) -> None:
 @click.option("--export", "export", metavar="PATH", help="write this GPU's cache as a bundled-format file (PATH or PATH/<name>.json)")
 @click.option("--timeout", default=60.0, show_default=True, help="seconds a candidate may run before it is killed")
 @click.option("--max-time", type=float, help="start no new problem after this many seconds (run again to carry on)")
+@click.option("--jobs", default=DEFAULT_JOBS, show_default=True, type=click.IntRange(min=1),
+              help="processes that compile and check the candidates in parallel before the serial timing; "
+                   "each holds a CUDA context and one problem's inputs on the GPU (lower it to use less "
+                   "memory); 1: one process compiles, checks and times, as before")
 @click.option("--json-out", type=click.Path(dir_okay=False), help="write the per-problem results (tune or --verify) as JSON")
-def tune(models, tokens, ops, dtype, force, list_, verify, export, timeout, max_time, json_out):
+def tune(models, tokens, ops, dtype, force, list_, verify, export, timeout, max_time, jobs, json_out):
     """Tune every kernel op's launch configs for this GPU and cache the winners.
 
     Each candidate is checked against the op's reference, then timed (CUDA events, median of many
     repeats); it replaces the heuristic default only when faster by more than the noise. Results go
     to the per-GPU cache as soon as each problem is done, so an interrupted run keeps its progress.
+    With --jobs N > 1, N processes first compile and check every candidate in parallel (Triton's
+    on-disk cache keeps the kernels), then one process times the survivors.
     """
     from . import key, lookup, store, tuner
 
     refs = _specs(ops)
-    jobs = _jobs(refs, models, _parse_tokens(tokens), dtype)
+    n_jobs, jobs = jobs, _jobs(refs, models, _parse_tokens(tokens), dtype)
     if list_:
         _list(refs, jobs)
         return
@@ -169,14 +179,17 @@ def tune(models, tokens, ops, dtype, force, list_, verify, export, timeout, max_
                                        "rows": rows})
             return
         outcomes = []
-        with click.progressbar(length=len(jobs), label="tuning", show_eta=True, show_pos=True,
-                               item_show_func=lambda j: j.label if j else "") as bar:
+        # phase 1 (--jobs > 1) reports each problem once as compiled and checked, phase 2 once as tuned
+        checkers = [tuner.Worker(timeout=timeout, timer=None) for _ in range(n_jobs)] if n_jobs > 1 else []
+        with click.progressbar(length=len(jobs) * (2 if checkers else 1), label="tuning", show_eta=True,
+                               show_pos=True, item_show_func=lambda s: s or "") as bar:
             def progress(job, outcome):
-                outcomes.append(outcome)
-                bar.update(1, job)
+                if outcome is not None:
+                    outcomes.append(outcome)
+                bar.update(1, ("checked " if outcome is None else "") + job.label)
             try:
                 tuner.tune(jobs, runner, cache_file, device, tools, force=force, progress=progress,
-                           deadline=started + max_time if max_time is not None else math.inf)
+                           deadline=started + max_time if max_time is not None else math.inf, checkers=checkers)
             except KeyboardInterrupt:
                 click.echo(f"\ninterrupted: results so far are in {cache_file}", err=True)
         _print_summary(outcomes, time.monotonic() - started, cache_file)

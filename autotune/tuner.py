@@ -14,6 +14,15 @@ For each op spec found under ``fastbench.kernels`` (modules with a ``SPEC`` or `
 - a candidate replaces the default only if its p90 is below the default's p10 and its median is more
   than 3% below the default's; of several, the fastest median, then the earliest (deterministic);
 - each problem's result is written to the cache at once, so an interrupted run keeps its progress.
+
+With ``checkers`` (``fastbench tune --jobs N``, N > 1) the tune has two phases. Phase 1 (:func:`check`):
+N spawned workers take problems from a queue and run each candidate once against the reference, so
+that Triton compiles it into its on-disk cache (shared by all processes) and wrong answers, compile
+failures, OOM, hangs and crashes are recorded exactly as in the serial path; nothing is timed. Phase 2
+(serial): only the candidates that passed are screened and timed, their kernels now cache hits. Each
+phase-1 worker holds a CUDA context and the inputs of one problem, so the GPU memory of phase 1 is
+bounded by N times the largest problem (fine on an 80+ GB GPU; fewer jobs use less); the workers are
+closed before phase 2, whose timing never shares the GPU with them.
 """
 from __future__ import annotations
 
@@ -23,6 +32,8 @@ import math
 import multiprocessing as mp
 import os
 import pkgutil
+import queue
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -40,6 +51,7 @@ MARGIN = 0.03
 FINALISTS = 4
 # timer(run, quick) -> per-repeat milliseconds; quick=True is the cheap screening pass
 Timer = Callable[[Callable[[], Any], bool], Sequence[float]]
+CHECKED = "checked"  # the status of a candidate that passed phase 1 (run once, right answer, not timed)
 
 
 # --- discovery and planning ---
@@ -147,6 +159,11 @@ class Measurement:
         return cls(q(0.5), q(0.1), q(0.9))
 
     @classmethod
+    def checked(cls) -> "Measurement":
+        """Usable but not timed (phase 1): zeros, so it is never mistaken for a timing."""
+        return cls(0.0, 0.0, 0.0, CHECKED)
+
+    @classmethod
     def failed(cls, why: str) -> "Measurement":
         return cls(math.inf, math.inf, math.inf, why)
 
@@ -176,12 +193,15 @@ def rel_error(out: Any, expected: Any) -> float:
     return err / ref if ref > 0 else err
 
 
-def evaluate(case: TuneCase, config: Config, timer: Timer, quick: bool = False) -> Measurement:
-    """Check ``config`` against the reference, then time it; any failure scores inf."""
+def evaluate(case: TuneCase, config: Config, timer: Timer | None, quick: bool = False) -> Measurement:
+    """Check ``config`` against the reference, then time it (``timer`` None: check only); any
+    failure scores inf."""
     try:
         err = rel_error(case.run(config), case.expected)
         if not err <= case.tolerance:
             return Measurement.failed(f"wrong answer: relative error {err:.3g} > {case.tolerance:.3g}")
+        if timer is None:
+            return Measurement.checked()
         return Measurement.of(timer(lambda: case.run(config), quick))
     except Exception as e:  # compile error, out of resources, OOM, launch failure
         return Measurement.failed(f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
@@ -253,9 +273,10 @@ class _Cases:
 
 
 class InProcess:
-    """Evaluate in this process (tests with a fake timer; no protection against hangs)."""
+    """Evaluate in this process (tests with a fake timer; no protection against hangs); ``timer``
+    None checks without timing."""
 
-    def __init__(self, timer: Timer = cuda_timer, device: str = "cuda"):
+    def __init__(self, timer: Timer | None = cuda_timer, device: str = "cuda"):
         self.timer, self.cases = timer, _Cases(device)
 
     def measure(self, job: Job, configs: Sequence[Config], quick: bool = False) -> list[Measurement]:
@@ -268,8 +289,10 @@ class InProcess:
     def close(self) -> None:
         pass
 
+    abort = close
 
-def _worker_main(conn, timer: Timer, device: str) -> None:
+
+def _worker_main(conn, timer: Timer | None, device: str) -> None:
     """Child process: for each job, build (or reuse) the case, then report every candidate in turn
     (a pipe, not a queue: each message is written before the next candidate can kill the process)."""
     cases = _Cases(device)
@@ -296,13 +319,14 @@ def _worker_main(conn, timer: Timer, device: str) -> None:
 class Worker:
     """A spawned worker; a candidate that runs past ``timeout`` seconds (or kills the worker) scores
     inf, the worker is restarted and the remaining candidates go on. Building the case (inputs and
-    reference) may take ``setup_timeout`` seconds."""
+    reference) may take ``setup_timeout`` seconds. ``timer`` None: check only (phase 1). The process
+    is spawned (never forked: CUDA cannot survive a fork) at the first ``measure``."""
 
-    def __init__(self, timeout: float = 60.0, timer: Timer = cuda_timer, device: str = "cuda",
+    def __init__(self, timeout: float = 60.0, timer: Timer | None = cuda_timer, device: str = "cuda",
                  setup_timeout: float = 300.0):
         self.timeout, self.timer, self.device, self.setup_timeout = timeout, timer, device, setup_timeout
         self.ctx = mp.get_context("spawn")
-        self.proc = None
+        self.proc, self.aborted = None, False
 
     def _start(self) -> None:
         self.conn, child = self.ctx.Pipe()
@@ -330,6 +354,8 @@ class Worker:
         todo = list(range(len(configs)))
         while todo:
             if self.proc is None or not self.proc.is_alive():
+                if self.aborted:
+                    raise RuntimeError("the worker was aborted")
                 self._start()
             try:
                 self.conn.send((job.ref.module, job.ref.name, job.pass_name, dict(job.problem), job.key, quick,
@@ -368,6 +394,12 @@ class Worker:
         if self.proc is not None and self.proc.is_alive():
             self.conn.send(None)
             self.proc.join(10)
+        self.kill()
+
+    def abort(self) -> None:
+        """Kill the process now and start no other (Ctrl-C, from another thread than the caller of
+        ``measure``: that call then raises)."""
+        self.aborted = True
         self.kill()
 
 
@@ -428,16 +460,25 @@ def finalists(screen: Sequence[Measurement], default: int, k: int = FINALISTS) -
     return ([default] if screen[default].usable else []) + others[:k]
 
 
-def tune_one(job: Job, runner, margin: float = MARGIN, k: int = FINALISTS) -> tuple[Outcome, dict | None]:
+def _measure_into(out: list, runner, job: Job, configs: Sequence[Config], picks: Sequence[int], quick: bool = False) -> None:
+    """``out[i] = `` the measurement of ``configs[i]`` for each ``i`` of ``picks`` (one worker call)."""
+    for i, m in zip(picks, runner.measure(job, [configs[i] for i in picks], quick) if picks else []):
+        out[i] = m
+
+
+def tune_one(job: Job, runner, margin: float = MARGIN, k: int = FINALISTS,
+             checked: Sequence[Measurement] | None = None) -> tuple[Outcome, dict | None]:
     """Screen every candidate of one job (correctness + a few repeats), time the default and the
-    ``k`` fastest in full, choose; the outcome and the cache entry to store (or None)."""
+    ``k`` fastest in full, choose; the outcome and the cache entry to store (or None). ``checked``:
+    the job's phase-1 results (see :func:`check`); the candidates that failed there keep their
+    failure and are not run again."""
     spec = job.ref.spec
     configs, d = _configs(spec, job.pass_name, job.problem)
-    screen = runner.measure(job, configs, quick=True)
+    screen = list(checked) if checked is not None else [None] * len(configs)
+    _measure_into(screen, runner, job, configs, [i for i, m in enumerate(screen) if m is None or m.usable], quick=True)
     picks = finalists(screen, d, k)
     measured = [m if not m.usable else Measurement.failed("screened out") for m in screen]
-    for i, m in zip(picks, runner.measure(job, [configs[i] for i in picks]) if picks else []):
-        measured[i] = m
+    _measure_into(measured, runner, job, configs, picks)
     failures = {str(dict(c)): m.status for c, m in zip(configs, measured) if not m.usable and m.status != "screened out"}
     w = choose(measured, d, margin)
     if w is None:
@@ -448,25 +489,94 @@ def tune_one(job: Job, runner, margin: float = MARGIN, k: int = FINALISTS) -> tu
     return outcome, _entry(job, configs[w], measured[w], measured[d])
 
 
+def check(jobs: Sequence[Job], checkers: Sequence, deadline: float = math.inf,
+          progress: Callable[[Job], None] | None = None) -> dict[str, list[Measurement]]:
+    """Phase 1: run every candidate of every job once against the reference (compiling it into
+    Triton's on-disk cache), on ``len(checkers)`` runners at once; job key -> one measurement per
+    candidate of ``_configs`` (``Measurement.checked()`` or the failure). Each runner (a
+    ``Worker(timer=None)``: its own spawned process) is driven by a thread that takes jobs from a
+    queue, and is closed when the queue is empty. No job starts after ``deadline``; ``progress`` is
+    called here, in the caller's thread, as each job is done; Ctrl-C kills the workers."""
+    todo: queue.SimpleQueue = queue.SimpleQueue()
+    for job in jobs:
+        todo.put(job)
+    done: queue.SimpleQueue = queue.SimpleQueue()
+    stop = threading.Event()
+    results: dict[str, list[Measurement]] = {}
+
+    def drive(runner) -> None:
+        try:
+            while not stop.is_set() and time.monotonic() <= deadline:
+                try:
+                    job = todo.get_nowait()
+                except queue.Empty:
+                    break
+                configs, _ = _configs(job.ref.spec, job.pass_name, job.problem)
+                results[job.key] = runner.measure(job, configs)
+                done.put(job)
+        except Exception as e:  # after a Ctrl-C the runner is killed under this thread's feet
+            if not stop.is_set():
+                log.warning("a checking worker stopped: %s: %s", type(e).__name__, e)
+        finally:
+            if not stop.is_set():
+                runner.close()
+            done.put(None)
+
+    threads = [threading.Thread(target=drive, args=(r,), daemon=True) for r in checkers]
+    for t in threads:
+        t.start()
+    try:
+        running = len(threads)
+        while running:
+            try:
+                job = done.get(timeout=0.2)  # a timeout, so that Ctrl-C reaches this thread
+            except queue.Empty:
+                continue
+            if job is None:
+                running -= 1
+            elif progress:
+                progress(job)
+    except BaseException:
+        stop.set()
+        for r in checkers:
+            r.abort()
+        raise
+    return results
+
+
 def tune(jobs: Sequence[Job], runner, path: Path, device: Mapping, tools: Mapping, force: bool = False,
-         margin: float = MARGIN, progress: Callable[[Job, Outcome], None] | None = None,
-         deadline: float = math.inf) -> list[Outcome]:
+         margin: float = MARGIN, progress: Callable[[Job, Outcome | None], None] | None = None,
+         deadline: float = math.inf, checkers: Sequence = ()) -> list[Outcome]:
     """Tune ``jobs``, writing each result to the cache file ``path`` as soon as it is known; cached
     entries (still candidates) are kept unless ``force``. No job starts after ``deadline``
-    (``time.monotonic()``): a later run carries on from the cache."""
+    (``time.monotonic()``): a later run carries on from the cache. With ``checkers``, phase 1
+    (:func:`check`) runs first on the jobs not cached and ``progress(job, None)`` reports each job
+    once there (cached ones at once); then every job is reported with its outcome."""
     cached = (store.read(path) or {}).get("entries", {}) if not force else {}
+
+    def cached_outcome(job: Job) -> Outcome | None:
+        hit = cached.get(job.key)
+        if hit is None or not any(dict(c) == hit["config"] for c in job.ref.spec.candidates[job.pass_name]):
+            return None
+        return Outcome(job, "cached", hit["config"], hit.get("ms", math.nan), hit.get("default_ms") or math.nan,
+                       hit["config"] == dict(job.ref.spec.heuristic(job.pass_name, job.problem)))
+
+    checked: dict[str, list[Measurement]] = {}
+    if checkers:
+        todo = []
+        for job in jobs:
+            if cached_outcome(job) is None:
+                todo.append(job)
+            elif progress:
+                progress(job, None)
+        checked = check(todo, checkers, deadline, progress and (lambda j: progress(j, None)))
     outcomes = []
     for job in jobs:
         if time.monotonic() > deadline:
             break
-        hit = cached.get(job.key)
-        valid = hit is not None and any(dict(c) == hit["config"] for c in job.ref.spec.candidates[job.pass_name])
-        if valid:
-            outcome = Outcome(job, "cached", hit["config"], hit.get("ms", math.nan),
-                              hit.get("default_ms") or math.nan,
-                              hit["config"] == dict(job.ref.spec.heuristic(job.pass_name, job.problem)))
-        else:
-            outcome, entry = tune_one(job, runner, margin)
+        outcome = cached_outcome(job)
+        if outcome is None:
+            outcome, entry = tune_one(job, runner, margin, checked=checked.get(job.key))
             if entry is not None:
                 store.update(path, device, tools, {job.key: entry})
             elif force:

@@ -10,9 +10,9 @@ import torch
 
 from fastbench.autotune.spec import OpSpec, TuneCase
 
-BEHAVIOUR = {16: "ok", 32: "ok", 64: "raise", 128: "wrong", 256: "nan", 512: "hang", 1024: "crash"}
+BEHAVIOUR = {8: "ok", 16: "ok", 32: "ok", 64: "raise", 128: "wrong", 256: "nan", 512: "hang", 1024: "crash"}
 # per-BLOCK timer samples (ms); tests overwrite entries in-process
-TIMES = {16: [1.0] * 9, 32: [1.0] * 9, 64: [0.1] * 9, 128: [0.1] * 9, 256: [0.1] * 9,
+TIMES = {8: [0.5] * 9, 16: [1.0] * 9, 32: [1.0] * 9, 64: [0.1] * 9, 128: [0.1] * 9, 256: [0.1] * 9,
          512: [0.1] * 9, 1024: [0.1] * 9}
 LAST = {}
 
@@ -64,4 +64,7 @@ SPEC = OpSpec("fake", {"fwd": _candidates([16, 32, 64, 128, 256]), "bwd": _candi
 # candidates that hang or kill the process: only for the tests that run a worker process
 UNRULY = OpSpec("fake_unruly", {"fwd": _candidates([32, 512, 1024, 16])}, heuristic,
                 tune_case=tune_case, problems=problems, kernels=(fake_kernel,))
-SPECS = [UNRULY]
+# a fast one (8), the default (32), a wrong answer, a hang, a compile failure: the two-phase tests
+MIXED = OpSpec("fake_mixed", {"fwd": _candidates([16, 8, 128, 512, 32, 64]), "bwd": _candidates([32, 8])}, heuristic,
+               tune_case=tune_case, problems=problems, kernels=(fake_kernel,))
+SPECS = [UNRULY, MIXED]

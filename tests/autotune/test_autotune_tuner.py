@@ -1,5 +1,5 @@
 """The tuner with a fake op and a fake timer: noise rule, ties, failure scoring, persistence,
-the killable worker, and the `fastbench tune` command."""
+the killable worker, the parallel compile-and-check phase, and the `fastbench tune` command."""
 import json
 import math
 
@@ -175,6 +175,85 @@ def test_worker_kills_hung_and_crashing_candidates():
     assert measured[3].median == 1.0
 
 
+class Recording(tuner.InProcess):
+    """An in-process phase-2 runner that records which BLOCKs it ran (a hang would hang the test)."""
+
+    def __init__(self):
+        super().__init__(timer=fake.fake_timer, device="cpu")
+        self.blocks = []
+
+    def measure(self, job, configs, quick=False):
+        self.blocks += [c["BLOCK"] for c in configs]
+        return super().measure(job, configs, quick)
+
+
+def test_two_phases_match_the_serial_path(tmp_path):
+    """--jobs 2: phase 1 (2 spawned checkers) finds the same unusable candidates as the serial path,
+    the hang killed; phase 2 never runs them again and picks the same winners."""
+    ref = tuner.SpecRef("autotune_fake_op", fake.MIXED)
+    jobs = tuner.plan([ref], [Model(8)], [16], torch.float32)
+    serial = tuner.Worker(timeout=1.0, timer=fake.fake_timer, device="cpu", setup_timeout=120)
+    try:
+        expected = tuner.tune(jobs, serial, tmp_path / "serial.json", DEVICE, TOOLS)
+    finally:
+        serial.close()
+
+    checkers = [tuner.Worker(timeout=1.0, timer=None, device="cpu", setup_timeout=120) for _ in range(2)]
+    checked = tuner.check(jobs, checkers)
+    assert all(w.proc is None for w in checkers)  # closed before any timing
+    fwd = {c["BLOCK"]: m for c, m in zip(fake.MIXED.candidates["fwd"], checked[jobs[0].key])}
+    assert {b for b, m in fwd.items() if m.usable} == {8, 16, 32} and fwd[8].status == tuner.CHECKED
+    assert fwd[512].status == "hung: killed after 1 s" and fwd[128].status.startswith("wrong answer")
+    assert fwd[64].status.startswith("RuntimeError: out of resources")
+
+    timing = Recording()
+    seen = []
+    outcomes = tuner.tune(jobs, timing, tmp_path / "two.json", DEVICE, TOOLS,
+                          progress=lambda j, o: seen.append(o is None),
+                          checkers=[tuner.Worker(timeout=1.0, timer=None, device="cpu", setup_timeout=120) for _ in range(2)])
+    assert seen == [True, True, False, False]  # phase 1 reports each job, then phase 2
+    assert set(timing.blocks) == {8, 16, 32}
+    summary = lambda os_: [(o.status, o.config, {c: why.split(":")[0] for c, why in o.failures.items()}) for o in os_]  # noqa: E731
+    assert summary(outcomes) == summary(expected)  # the error sizes differ: fresh inputs every case
+    assert [o.config["BLOCK"] for o in outcomes] == [8, 8]
+    strip = lambda p: {k: {f: v for f, v in e.items() if f != "tuned"} for k, e in store.read(p)["entries"].items()}  # noqa: E731
+    assert strip(tmp_path / "two.json") == strip(tmp_path / "serial.json")
+
+
+def test_phase_one_skips_cached_jobs_and_stops_on_ctrl_c_or_the_deadline(tmp_path):
+    ref = tuner.SpecRef("autotune_fake_op", fake.MIXED)
+    jobs = [j for j in tuner.plan([ref], [Model(8), Model(9)], [16], torch.float32) if j.pass_name == "bwd"]
+    path = tmp_path / "cache.json"
+    tuner.tune(jobs[:1], Recording(), path, DEVICE, TOOLS)
+
+    class Checker(tuner.InProcess):
+        def __init__(self):
+            super().__init__(timer=None, device="cpu")
+            self.jobs, self.aborted = [], False
+
+        def measure(self, job, configs, quick=False):
+            self.jobs.append(job.key)
+            return super().measure(job, configs, quick)
+
+        def abort(self):
+            self.aborted = True
+
+    def interrupt(job, outcome):
+        if outcome is None and job is jobs[1]:
+            raise KeyboardInterrupt
+
+    checkers = [Checker(), Checker()]
+    with pytest.raises(KeyboardInterrupt):
+        tuner.tune(jobs, Recording(), path, DEVICE, TOOLS, progress=interrupt, checkers=checkers)
+    assert [k for c in checkers for k in c.jobs] == [jobs[1].key]
+    assert all(c.aborted for c in checkers) and len(store.read(path)["entries"]) == 1  # the cached job only
+
+    checkers = [Checker(), Checker()]
+    timing = Recording()
+    assert tuner.tune(jobs, timing, path, DEVICE, TOOLS, checkers=checkers, deadline=0) == []
+    assert not any(c.jobs for c in checkers) and not timing.blocks
+
+
 def test_cli_without_gpu(monkeypatch, tmp_path):
     monkeypatch.setenv(store.CACHE_ENV, str(tmp_path))
     monkeypatch.setattr(tuner, "discover", lambda modules=None: [REF])
@@ -193,12 +272,22 @@ def test_cli_tune_list_verify_export_with_a_fake_gpu(monkeypatch, tmp_path):
     monkeypatch.setenv(store.CACHE_ENV, str(tmp_path / "cache"))
     monkeypatch.setattr(tuner, "discover", lambda modules=None: [REF])
     monkeypatch.setattr(key, "device_fingerprint", lambda index=None: DEVICE)
-    monkeypatch.setattr(tuner, "Worker", lambda timeout: tuner.InProcess(timer=fake.fake_timer, device="cpu"))
+    made = []
+
+    def worker(timeout, timer=tuner.cuda_timer):  # checkers are made with timer=None
+        made.append(timer)
+        return tuner.InProcess(timer=timer and fake.fake_timer, device="cpu")
+
+    monkeypatch.setattr(tuner, "Worker", worker)
     monkeypatch.setitem(fake.TIMES, 16, [0.5] * 9)
     args = ["--models", "llama-3-8b-tiny,gemma-7b-tiny", "--tokens", "1000-2048"]
     try:
-        r = CliRunner().invoke(cli.tune, [*args, "--json-out", str(tmp_path / "tune.json")])
+        check = tuner.check
+        monkeypatch.setattr(tuner, "check", lambda *a, **k: pytest.fail("--jobs 1 runs no phase 1"))
+        r = CliRunner().invoke(cli.tune, [*args, "--jobs", "1", "--json-out", str(tmp_path / "tune.json")])
         assert r.exit_code == 0, r.output
+        assert made == [tuner.cuda_timer]  # one worker: compile, check and time in one process, as before
+        monkeypatch.setattr(tuner, "check", check)
         assert "fake/fwd" in r.output and "2.000x" in r.output and "4 problems (0 already cached)" in r.output
         doc = json.loads((tmp_path / "tune.json").read_text())
         assert len(doc["rows"]) == 4 and {s["op"] for s in doc["summary"]} == {"fake/fwd", "fake/bwd"}
@@ -214,6 +303,15 @@ def test_cli_tune_list_verify_export_with_a_fake_gpu(monkeypatch, tmp_path):
 
         r = CliRunner().invoke(cli.tune, [*args, "--force", "--max-time", "0"])
         assert r.exit_code == 3 and "incomplete: 0 of 4" in r.output, r.output
+
+        made.clear()
+        r = CliRunner().invoke(cli.tune, [*args, "--force", "--jobs", "3", "--json-out", str(tmp_path / "tune3.json")])
+        assert r.exit_code == 0 and "4 problems (0 already cached)" in r.output, r.output
+        assert made == [tuner.cuda_timer] + [None] * 3
+        rows = lambda p: [{**r, "failures": sorted(r["failures"])} for r in json.loads(p.read_text())["rows"]]  # noqa: E731
+        assert rows(tmp_path / "tune3.json") == rows(tmp_path / "tune.json")
+        r = CliRunner().invoke(cli.tune, [*args, "--jobs", "0"])
+        assert r.exit_code != 0 and "--jobs" in r.output
 
         r = CliRunner().invoke(cli.tune, [*args, "--export", str(tmp_path)])
         assert r.exit_code == 0, r.output
