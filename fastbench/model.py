@@ -11,7 +11,6 @@ from fastbench.fused.decoder import SUPPORTED_FAMILIES
 from fastbench.presets import DEFAULT_TARGETS
 
 
-
 def default_dtype(device) -> torch.dtype:
     if torch.device(device).type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
