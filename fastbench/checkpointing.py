@@ -38,9 +38,12 @@ class HostOffloader:
     ahead)."""
 
     def __init__(self):
-        self._saved: dict[int, tuple[torch.Tensor, torch.Tensor, torch.device]] = {}  # index -> (buffer, host view, device)
-        self._prefetched: dict[int, tuple[torch.Tensor, object]] = {}  # index -> (x on its device, copy done)
+        # keys are (forward number, layer index): an entry left by a step whose backward never finished
+        # (an OOM retry) can never be mistaken for the same layer of a later step
+        self._saved: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.device]] = {}  # -> (buffer, host view, device)
+        self._prefetched: dict[tuple[int, int], tuple[torch.Tensor, object]] = {}  # -> (x on its device, copy done)
         self._free: list[torch.Tensor] = []  # flat host buffers to reuse
+        self._forward = 0
         self._stream = None
 
     def _side_stream_after_compute(self):
@@ -61,7 +64,21 @@ class HostOffloader:
             buf = torch.empty(like.numel(), dtype=like.dtype, pin_memory=like.is_cuda)
         return buf, buf[: like.numel()].view(like.shape)
 
-    def save(self, index: int, x: torch.Tensor) -> None:
+    def _release_before(self, forward: int) -> None:
+        """Forget what forwards before ``forward`` left behind (their backward never ran to the end)."""
+        for key in [k for k in self._saved if k[0] < forward]:
+            self._free.append(self._saved.pop(key)[0])
+        for key in [k for k in self._prefetched if k[0] < forward]:
+            del self._prefetched[key]
+
+    def save(self, index: int, x: torch.Tensor) -> tuple[int, int]:
+        """Starts copying ``x`` to the host; returns the key that ``load`` takes. Layer 0 starts a new
+        forward; the entries of the previous forward are kept (two forwards before one backward work),
+        older ones are released."""
+        if index == 0:
+            self._forward += 1
+            self._release_before(self._forward - 1)
+        key = (self._forward, index)
         buf, host = self._host_buffer(x)
         if x.is_cuda:
             stream = self._side_stream_after_compute()
@@ -70,10 +87,14 @@ class HostOffloader:
             x.record_stream(stream)  # x's memory is not reused before the copy has read it
         else:
             host.copy_(x)
-        self._saved[index] = (buf, host, x.device)
+        self._saved[key] = (buf, host, x.device)
+        return key
 
-    def _fetch(self, index: int):
-        buf, host, device = self._saved.pop(index)
+    def _fetch(self, key: tuple[int, int]):
+        if key not in self._saved:
+            raise RuntimeError("the offloaded input of this layer was released: offloaded checkpointing keeps "
+                               "the inputs of the last two forwards until their backward")
+        buf, host, device = self._saved.pop(key)
         self._free.append(buf)  # a later save's copy into it is queued after this copy, on the same stream
         if device.type != "cuda":
             return host.clone(), None
@@ -86,11 +107,12 @@ class HostOffloader:
         x.record_stream(stream)
         return x, done
 
-    def load(self, index: int) -> torch.Tensor:
-        """The input saved under ``index`` on its device; starts fetching ``index - 1``."""
-        x, done = self._prefetched.pop(index, None) or self._fetch(index)
-        if index - 1 in self._saved:
-            self._prefetched[index - 1] = self._fetch(index - 1)
+    def load(self, key: tuple[int, int]) -> torch.Tensor:
+        """The input saved under ``key`` on its device; starts fetching the layer below it."""
+        x, done = self._prefetched.pop(key, None) or self._fetch(key)
+        below = (key[0], key[1] - 1)
+        if below in self._saved:
+            self._prefetched[below] = self._fetch(below)
         if done is not None:
             torch.cuda.current_stream().wait_event(done)
         return x
@@ -103,11 +125,11 @@ class _RecomputedLayer(torch.autograd.Function):
     @staticmethod
     def forward(ctx, layer_fn, offloader, index, x, *params):
         y = layer_fn(x)  # a Function's forward runs without building a graph
-        ctx.layer_fn, ctx.offloader, ctx.index = layer_fn, offloader, index
+        ctx.layer_fn, ctx.offloader = layer_fn, offloader
         device = x.device.type  # the recomputation must run under the same autocast as this forward
         ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
         if offloader is not None:
-            offloader.save(index, x)
+            ctx.key = offloader.save(index, x)
             ctx.save_for_backward(*params)
         else:
             ctx.save_for_backward(x, *params)
@@ -117,7 +139,7 @@ class _RecomputedLayer(torch.autograd.Function):
     def backward(ctx, dy):
         saved = ctx.saved_tensors
         if ctx.offloader is not None:
-            x, params = ctx.offloader.load(ctx.index), saved
+            x, params = ctx.offloader.load(ctx.key), saved
         else:
             x, params = saved[0], saved[1:]
         needs = ctx.needs_input_grad[3:]
