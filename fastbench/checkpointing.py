@@ -24,7 +24,7 @@ GiB = 1 << 30
 OFFLOAD_WARNING = (
     "use_gradient_checkpointing='offload' is experimental: on an H200 (llama-3-8b, NF4) two runs under "
     "`fastbench compare` reported losses far from the reference (results/2026-11-28-h200-ba739f.json); the "
-    "stream-ordering bug that explains it is fixed, but the fix is not yet verified on a GPU. Until it is, "
+    "stream-ordering bug that likely explains it is fixed, but the fix is not yet verified on a GPU. Until it is, "
     "prefer True (recompute) or a memory budget in GiB, and check the loss")
 
 
