@@ -190,3 +190,15 @@ def test_bad_input_is_a_clean_error(bad_inputs, tmp_path, args, message):
     assert isinstance(result.exception, SystemExit)  # a click error, no traceback
     assert message in result.output, result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_loader_failure_is_a_clean_error(tmp_path, monkeypatch):
+    from fastbench import FastLanguageModel
+
+    def missing_bitsandbytes(*args, **kwargs):
+        raise ImportError("No module named 'bitsandbytes'")
+
+    monkeypatch.setattr(FastLanguageModel, "from_pretrained", staticmethod(missing_bitsandbytes))
+    result = invoke(PRESET, "--data", "random", "--steps", "1", "--load-in-4bit", "--output", tmp_path / "out")
+    assert result.exit_code == 1 and "cannot load llama-3-8b-tiny" in result.output and "bitsandbytes" in result.output
+    assert "Traceback" not in result.output
