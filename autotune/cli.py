@@ -31,7 +31,7 @@ def _parse_tokens(text: str) -> list[int]:
             return tuner.token_buckets(lo, hi)
         return sorted({key.bucket(int(x)) for x in text.split(",") if x.strip()})
     except ValueError:
-        raise click.BadParameter(f"{text!r}: expected a range like 1024-16384 or a list like 1024,4096")
+        raise click.BadParameter(f"{text!r}: expected a range like 1024-16384 or a list like 1024,4096") from None
 
 
 def _specs(ops: str | None):
@@ -58,7 +58,7 @@ def _jobs(refs, models: str | None, tokens: list[int], dtype: str):
     try:
         configs = [presets.build_config(n) for n in names]
     except presets.UnknownPreset as e:
-        raise click.BadParameter(str(e))
+        raise click.BadParameter(str(e)) from None
     return tuner.plan(refs, configs, tokens, getattr(torch, dtype))
 
 

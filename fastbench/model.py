@@ -58,13 +58,14 @@ class FastLanguageModel:
             model = build_model(model_name, dtype=dtype, device=device, seed=seed)
             if load_in_4bit:
                 quantize_nf4(model, dtype, device)
-            warnings.warn(f"{model_name} is a preset with random weights and no tokenizer; tokenizer is None")
+            warnings.warn(f"{model_name} is a preset with random weights and no tokenizer; tokenizer is None",
+                          stacklevel=2)
         else:
             model = _load_checkpoint(model_name, dtype, load_in_4bit, device, **kwargs)
             tokenizer = _load_tokenizer(model_name)
         if model.config.model_type not in SUPPORTED_FAMILIES:
             warnings.warn(f"fastbench: {model.config.model_type!r} has no fused path (supported: "
-                          f"{', '.join(SUPPORTED_FAMILIES)}); get_peft_model will give plain PEFT")
+                          f"{', '.join(SUPPORTED_FAMILIES)}); get_peft_model will give plain PEFT", stacklevel=2)
         model.max_seq_length = max_seq_length
         return model, tokenizer
 
@@ -98,7 +99,8 @@ class FastLanguageModel:
                 raise ValueError(f"fastbench's fused path cannot run this model: {reason}")
             dropped = f"; use_gradient_checkpointing={use_gradient_checkpointing!r} becomes recompute" \
                 if mode in ("offload", "budget") else ""
-            warnings.warn(f"fastbench: fused path unavailable ({reason}); training with plain PEFT{dropped}")
+            warnings.warn(f"fastbench: fused path unavailable ({reason}); training with plain PEFT{dropped}",
+                          stacklevel=2)
             if use_gradient_checkpointing:
                 base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             return peft_model
