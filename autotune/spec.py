@@ -43,6 +43,3 @@ class OpSpec:
     problems: Callable[[Any, int, Any], Sequence[tuple[str, Problem]]] | None = None
     # kernel functions whose source is hashed into the cache key
     kernels: Sequence[Any] = field(default_factory=tuple)
-
-    def passes(self) -> list[str]:
-        return list(self.candidates)

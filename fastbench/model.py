@@ -17,6 +17,14 @@ def default_dtype(device) -> torch.dtype:
     return torch.float32
 
 
+def nf4_config(compute_dtype: torch.dtype):
+    """transformers' quantization config for the standard QLoRA base: NF4 with double quantization."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype)
+
+
 def quantize_nf4(model, compute_dtype: torch.dtype, device=None):
     """Replaces every nn.Linear of the decoder layers (not lm_head) by a bitsandbytes NF4 Linear4bit
     with double quantization, as transformers' BitsAndBytesConfig(load_in_4bit=True,
@@ -109,13 +117,11 @@ class FastLanguageModel:
 
 
 def _load_checkpoint(name, dtype, load_in_4bit, device, **kwargs):
-    from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(name)
     if load_in_4bit and getattr(config, "quantization_config", None) is None:
-        kwargs.setdefault("quantization_config", BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype))
+        kwargs.setdefault("quantization_config", nf4_config(dtype))
     kwargs.setdefault("attn_implementation", "sdpa")
     return AutoModelForCausalLM.from_pretrained(name, dtype=dtype, device_map=device, **kwargs)
 

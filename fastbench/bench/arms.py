@@ -241,12 +241,12 @@ def base_model(cfg: RunConfig):
 def load_4bit(cfg: RunConfig):
     """The base model quantized to NF4 with double quantization on load (bitsandbytes through
     transformers), or a pre-quantized bitsandbytes checkpoint as it is."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
+
+    from fastbench.model import nf4_config
 
     path = checkpoint_path(cfg)
-    quant = {} if resolve_model(cfg.model).prequantized_4bit else {"quantization_config": BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=cfg.torch_dtype)}
+    quant = {} if resolve_model(cfg.model).prequantized_4bit else {"quantization_config": nf4_config(cfg.torch_dtype)}
     model = AutoModelForCausalLM.from_pretrained(path, dtype=cfg.torch_dtype, attn_implementation="sdpa",
                                                  device_map={"": _concrete_device(cfg)}, **quant)
     model.config.use_cache = False

@@ -40,6 +40,11 @@ def _window(model, attn):
     return getattr(model.config, "sliding_window", None)
 
 
+def _hf_forward(module, given: dict, **kwargs):
+    """``module``'s own (unpatched) HF forward, with the arguments its caller passed (None ones dropped)."""
+    return type(module).forward(module, **{k: v for k, v in given.items() if v is not None}, **kwargs)
+
+
 def _needs_hf(use_cache, output_attentions, output_hidden_states, kwargs) -> bool:
     return bool(use_cache or output_attentions or output_hidden_states
                 or kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None)
@@ -49,10 +54,10 @@ def fused_backbone_forward(self, input_ids=None, attention_mask=None, position_i
                            use_cache=None, output_attentions=None, output_hidden_states=None, **kwargs):
     """The decoder stack (HF ``*Model.forward``): embeddings -> fused layers -> final RMSNorm."""
     if _needs_hf(use_cache, output_attentions, output_hidden_states, kwargs):
-        given = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                     inputs_embeds=inputs_embeds, use_cache=use_cache, output_attentions=output_attentions,
-                     output_hidden_states=output_hidden_states)
-        return type(self).forward(self, **{k: v for k, v in given.items() if v is not None}, **kwargs)
+        return _hf_forward(self, dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                      inputs_embeds=inputs_embeds, use_cache=use_cache,
+                                      output_attentions=output_attentions,
+                                      output_hidden_states=output_hidden_states), **kwargs)
     from transformers.modeling_outputs import BaseModelOutputWithPast
 
     state: FusedState = self._fastbench
@@ -86,12 +91,12 @@ def fused_forward(self, input_ids=None, attention_mask=None, position_ids=None, 
     the label count of the whole accumulated batch) or by this batch's label count.
     """
     if _needs_hf(use_cache, output_attentions, output_hidden_states, kwargs):
-        given = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                     inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
-                     output_attentions=output_attentions, output_hidden_states=output_hidden_states,
-                     return_dict=return_dict, num_items_in_batch=num_items_in_batch, shift_labels=shift_labels)
-        kwargs.update({k: v for k, v in given.items() if v is not None})
-        return type(self).forward(self, logits_to_keep=logits_to_keep, **kwargs)
+        return _hf_forward(self, dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                      inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
+                                      output_attentions=output_attentions,
+                                      output_hidden_states=output_hidden_states, return_dict=return_dict,
+                                      num_items_in_batch=num_items_in_batch, shift_labels=shift_labels),
+                           logits_to_keep=logits_to_keep, **kwargs)
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     h = self.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
