@@ -29,12 +29,27 @@ from fastbench.kernels._tensors import dtype_name
 
 
 @triton.jit
+def _bits16(values, OUT_BF16: tl.constexpr):
+    """fp32 values -> their bf16 (rounded to nearest even by hand: the interpreter's cast truncates) or
+    fp16 bit patterns, in the low half of a uint32."""
+    if OUT_BF16:
+        bits = values.to(tl.uint32, bitcast=True)
+        return (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    return values.to(tl.float16).to(tl.uint16, bitcast=True).to(tl.uint32)
+
+
+@triton.jit
 def _dequantize_nf4_kernel(
     packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr, numel,
     BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, BLOCKS: tl.constexpr,
+    PAIRS: tl.constexpr, OUT_BF16: tl.constexpr,
 ):
     """Each program dequantizes BLOCKS absmax blocks: a [BLOCKS, BLOCKSIZE / 2] tile of packed bytes
-    becomes a [BLOCKS, BLOCKSIZE] tile of outputs, each row scaled by its block's absmax."""
+    becomes a [BLOCKS, BLOCKSIZE] tile of outputs, each row scaled by its block's absmax.
+
+    PAIRS (16-bit outputs, even numel): out_ptr is the output seen as 32-bit words, and each byte's two
+    values are stored as one word (the even element in the low half, little-endian), one store per
+    byte instead of interleaving the two nibbles' values in registers."""
     block = tl.program_id(0).to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS)
     in_range = block * BLOCKSIZE < numel
     if NESTED:
@@ -47,12 +62,15 @@ def _dequantize_nf4_kernel(
     packed = tl.load(packed_ptr + byte, mask=byte < (numel + 1) // 2, other=0).to(tl.int32)
     high = tl.load(code_ptr + (packed >> 4)) * scale[:, None]  # the even element: high nibble
     low = tl.load(code_ptr + (packed & 15)) * scale[:, None]
-    values = tl.reshape(tl.join(high, low), (BLOCKS, BLOCKSIZE))
-    offs = block[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
-    if out_ptr.dtype.element_ty == tl.int16:  # bf16 written as bits, rounded to nearest even by hand:
-        bits = values.to(tl.uint32, bitcast=True)  # the interpreter's fp32 -> bf16 cast truncates
-        values = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).to(tl.int16)
-    tl.store(out_ptr + offs, values.to(out_ptr.dtype.element_ty), mask=offs < numel)
+    if PAIRS:
+        word = _bits16(high, OUT_BF16) | (_bits16(low, OUT_BF16) << 16)
+        tl.store(out_ptr + byte, word.to(tl.int32, bitcast=True), mask=byte < numel // 2)
+    else:
+        values = tl.reshape(tl.join(high, low), (BLOCKS, BLOCKSIZE))
+        offs = block[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
+        if OUT_BF16:
+            values = _bits16(values, OUT_BF16).to(tl.int16)
+        tl.store(out_ptr + offs, values.to(out_ptr.dtype.element_ty), mask=offs < numel)
 
 
 def problem_key(shape, dtype: torch.dtype, blocksize: int, nested: bool) -> dict:
@@ -65,10 +83,15 @@ def _launch(packed, absmax, code, out, numel, blocksize, nested, config):
     absmax_q, absmax2, code2, offset, blocksize2 = absmax if nested else (absmax, absmax, code, absmax, 1)
     blocks = max(1, config["BLOCK"] // blocksize)  # BLOCK: output elements per program
     grid = (triton.cdiv(triton.cdiv(numel, blocksize), blocks),)
+    bf16 = out.dtype == torch.bfloat16
+    pairs = out.element_size() == 2 and numel % 2 == 0 and out.data_ptr() % 4 == 0
+    if pairs:
+        out = out.view(-1)[:numel].view(torch.int32)
+    elif bf16:
+        out = out.view(torch.int16)
     _dequantize_nf4_kernel[grid](
-        packed, absmax_q, code, absmax2, code2, offset,
-        out.view(torch.int16) if out.dtype == torch.bfloat16 else out, numel,
-        BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2, NESTED=nested, BLOCKS=blocks,
+        packed, absmax_q, code, absmax2, code2, offset, out, numel,
+        BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2, NESTED=nested, BLOCKS=blocks, PAIRS=pairs, OUT_BF16=bf16,
         num_warps=config["num_warps"], num_stages=config["num_stages"], enable_fp_fusion=False,
     )
 

@@ -42,7 +42,7 @@ def _bandwidth_table(df: pd.DataFrame) -> str:
     df = df.copy()
     df["% of copy"] = (100 * df["gb_per_s"] / COPY_CEILING_GBPS).round(0)
     keys = [k for k in ("model", "rows", "cols", "tokens", "pass_name") if k in df and df[k].notna().any()]
-    cols = keys + ["impl", "ms", "gb_per_s", "% of copy"]
+    cols = keys + ["impl", "ms", "gb_per_s", "% of copy"] + (["timing"] if "timing" in df else [])
     return markdown_table(df[cols].round({"ms": 4, "gb_per_s": 0}))
 
 
@@ -56,7 +56,9 @@ def _lce_table(df: pd.DataFrame) -> str:
 
 
 def render(df: pd.DataFrame, source: str) -> str:
-    out = [f"# Kernel benchmarks\n\nSource: `{source}`. Times are medians of `triton.testing.do_bench`; "
+    out = [f"# Kernel benchmarks\n\nSource: `{source}`. Times are medians: `cuda_graph` is GPU time without the "
+           f"launch cost (fastbench.bench.gpu_timing; a backward is (forward + backward) - forward), "
+           f"`do_bench` (and rows without a timing column) is `triton.testing.do_bench`, launch cost included; "
            f"bandwidth counts each input read once and each output written once, against the "
            f"{COPY_CEILING_GBPS:,.0f} GB/s copy ceiling measured on the H200.\n"]
     for op, group in df.groupby("op", sort=False):

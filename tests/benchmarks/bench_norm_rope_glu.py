@@ -4,9 +4,11 @@
 
 Implementations: ``triton`` (fastbench), ``eager`` (the op's reference), ``compile`` (the reference
 under torch.compile) and ``liger`` (Liger-Kernel's op, when installed). ``bwd`` times the autograd
-backward of one forward (retain_graph), as a training step pays it. Each case is timed with
-triton.testing.do_bench (median ms, CUDA events); benchmark.extra_info records ms, the bytes moved
-(each input read once, each output written once), GB/s and the fraction of the card's copy ceiling.
+autograd backward of one forward. Times are GPU time without the CPU's launch cost
+(fastbench.bench.gpu_timing.graph_ms: CUDA-graph replay, L2 flushed before each call); ``bwd`` is
+(forward + backward) minus forward, both captured. benchmark.extra_info records ms, the bytes moved
+(each input read once, each output written once), GB/s and the fraction of the card's copy ceiling;
+pytest-benchmark's own statistics time eager synchronised calls (launch cost included).
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import functools
 import pytest
 import torch
 
+from fastbench.bench.gpu_timing import gpu_ms
 from fastbench.kernels import geglu, rms_norm, rope, swiglu
 from fastbench.presets import build_config
 
@@ -107,31 +110,34 @@ def _config(model):
 @pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("op", list(OPS))
 def test_bandwidth(benchmark, op, model, tokens, pass_name, impl):
-    import triton.testing
-
     torch.manual_seed(0)
     fn, inputs, fwd_bytes, bwd_bytes = OPS[op](_config(model), tokens, impl)
+    leaves = [t.detach().requires_grad_() for t in inputs]
+
+    def forward():
+        inner = [t * 1 for t in leaves]  # non-leaf copies (rope rotates its inputs in place; leaves refuse
+        out = fn(*inner)  # that); elementwise ops keep the strides' order: still [B, T, H, D] in memory
+        return inner, (out if isinstance(out, tuple) else (out,))
+
+    grads = [torch.randn_like(o) for o in forward()[1]]
+
+    def forward_backward():
+        inner, outs = forward()
+        return torch.autograd.grad(outs, inner, grads)
+
+    def forward_only():
+        with torch.no_grad():
+            return fn(*inputs)
+
     if pass_name == "fwd":
-        def run():
-            with torch.no_grad():
-                return fn(*inputs)
-        moved = fwd_bytes
+        run, moved = forward_only, fwd_bytes
+        ms, timing = gpu_ms(forward_only)
     else:
-        # differentiate w.r.t. non-leaf copies (rope rotates its inputs in place; leaves refuse that)
-        leaves = [t.detach().requires_grad_() for t in inputs]
-        inner = [t * 1 for t in leaves]  # elementwise ops keep the strides' order: still [B, T, H, D] in memory
-        out = fn(*inner)
-        outs = out if isinstance(out, tuple) else (out,)
-        grads = [torch.randn_like(o) for o in outs]
-
-        def run():
-            return torch.autograd.grad(outs, inner, grads, retain_graph=True)
-        moved = bwd_bytes
-
-    run()  # compile / look configs up outside the timed region
-    ms = triton.testing.do_bench(run, warmup=25, rep=200, return_mode="median")
+        run, moved = forward_backward, bwd_bytes
+        (both, timing), (fwd, _) = gpu_ms(forward_backward), gpu_ms(forward)
+        ms, timing = both - fwd, f"{timing}: (fwd+bwd) - fwd"
     gbps = moved / (ms * 1e-3) / 1e9
-    benchmark.extra_info.update(op=op, model=model, tokens=tokens, pass_name=pass_name, impl=impl,
+    benchmark.extra_info.update(op=op, model=model, tokens=tokens, pass_name=pass_name, impl=impl, timing=timing,
                                 ms=ms, bytes=moved, gb_per_s=gbps, fraction_of_copy=gbps * 1e9 / COPY_CEILING)
 
     def synced():

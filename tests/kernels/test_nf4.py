@@ -68,6 +68,20 @@ def test_one_buffer_serves_every_layer(seed):
         assert torch.equal(got, bnbf.dequantize_4bit(packed, state))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_word_and_halfword_stores_agree(seed, dtype):
+    """16-bit outputs are stored as 32-bit words (two values each) where the buffer is 4-byte aligned
+    and the count even; a buffer starting at an odd element takes the one-value path: same bits, and
+    nothing outside the output is written."""
+    packed, state = _quantize((17, 64), dtype)
+    buffer = torch.full((17 * 64 + 1,), float("nan"), dtype=dtype)
+    shifted = nf4.dequantize_nf4_weight(packed, buffer[1:], quant_state=state)
+    assert shifted.data_ptr() % 4 != 0 and torch.isnan(buffer[0])
+    aligned = nf4.dequantize_nf4_weight(packed, quant_state=state)
+    assert aligned.data_ptr() % 4 == 0
+    assert torch.equal(shifted, aligned) and torch.equal(aligned, bnbf.dequantize_4bit(packed, state))
+
+
 def test_bad_out_buffer_is_rejected(seed):
     packed, state = _quantize((17, 64), torch.bfloat16)
     with pytest.raises(ValueError):
