@@ -186,6 +186,8 @@ class LayerCheckpointing:
         self._kept = 0
 
     def __call__(self, index: int, layer_fn: Callable, x: torch.Tensor, params) -> torch.Tensor:
+        """``layer_fn(x)`` under the policy; ``params``: the layer's trainable parameters, or a callable
+        returning them (asked for only when the layer is recomputed)."""
         if self.mode == "keep" or not torch.is_grad_enabled():
             return layer_fn(x)
         if self.mode == "budget":
@@ -196,7 +198,7 @@ class LayerCheckpointing:
             if (self._kept + 1) * self.bytes_per_token * x.shape[:-1].numel() <= self._budget(x):
                 self._kept += 1
                 return layer_fn(x)
-        return _RecomputedLayer.apply(layer_fn, self.offloader, index, x, *params)
+        return _RecomputedLayer.apply(layer_fn, self.offloader, index, x, *(params() if callable(params) else params))
 
     def _budget(self, x) -> float:
         if self.budget is None:  # "auto", decided once at the first step

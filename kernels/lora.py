@@ -10,6 +10,11 @@ and, given dY [N, o] (the small [N, r] products first, so no [o, i] matrix is ev
     dA = s (dY B)^T x
     dB = s dY^T (x A^T)
 
+Projections that share an input (Q, K, V; gate and up) stack their A's, so x A^T is one matmul for
+all of them, and so are [s dY_p B_p]_p^T x (every dA) and the LoRA part of dX. The factors are cast
+to the compute dtype (and B scaled by s) once per step: the fused model clears that cache at each
+forward, and a changed parameter version invalidates an entry.
+
 W and b are frozen (no gradient). Only x is saved; x A^T is recomputed in the backward. An NF4 weight
 is dequantized right before each use, in the forward and again in the backward, into one workspace
 per (device, dtype) that all projections share, so at most one dequantized matrix exists at a time.
@@ -71,34 +76,94 @@ def base_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return dequantize_nf4_weight(weight, out=_workspace(state.shape.numel(), dtype, weight.device).view(state.shape))
 
 
-def _forward(x: torch.Tensor, p: Projection) -> torch.Tensor:
-    """x [..., i] -> y [..., o], a fresh tensor (not a view: callers may rotate it in place)."""
-    y = x @ base_weight(p.weight, x.dtype).t()
-    if p.bias is not None:
-        y += p.bias.to(y.dtype)
-    if p.lora is not None:
-        A, B, s = p.lora.A.to(x.dtype), p.lora.B.to(x.dtype), p.lora.scale
-        x2 = x.reshape(-1, x.shape[-1])
-        y.view(-1, y.shape[-1]).addmm_(x2 @ A.t(), B.t(), alpha=s)
-    return y
+class _Factors(NamedTuple):
+    """The LoRA factors of projections that share one input, in the compute dtype: the A's stacked
+    into one [sum r, i] matrix (so x A^T is one matmul for all of them), each B pre-scaled by its s."""
+    A: torch.Tensor | None  # None when no projection has an active LoRA
+    B_scaled: tuple  # per projection: s B [o, r] or None
+    columns: tuple  # per projection: its slice of A's rows (of x A^T's columns) or None
+    scales: tuple
 
 
-def _backward(x2, p: Projection, dy, dx, need_dx: bool):
-    """Adds dY W + s (dY B) A into dx (allocating it if None) and returns (dx, dA, dB)."""
-    dA = dB = None
-    if p.lora is not None:
-        A, B, s = p.lora.A.to(dy.dtype), p.lora.B.to(dy.dtype), p.lora.scale
-        dyB = dy @ B
-        if p.lora.A.requires_grad:
-            dA = (dyB.t() @ x2).mul_(s).to(p.lora.A.dtype)
-        if p.lora.B.requires_grad:
-            dB = (dy.t() @ (x2 @ A.t())).mul_(s).to(p.lora.B.dtype)
+_factor_cache: dict = {}  # (dtype, id of each A) -> (the A/B parameters, their versions, _Factors)
+_MAX_CACHED = 1024
+
+
+def clear_factor_cache() -> None:
+    """Forget the cast LoRA factors; the fused model calls this at the start of every forward, so they
+    are cast once per step (forward, recomputation and backward share them) and never outlive it."""
+    _factor_cache.clear()
+
+
+def _factors(projections, dtype: torch.dtype) -> _Factors:
+    loras = [p.lora for p in projections]
+    key = (dtype, *(id(l.A) if l is not None else None for l in loras))
+    params = tuple(t for l in loras if l is not None for t in (l.A, l.B))
+    versions = tuple(t._version for t in params)
+    hit = _factor_cache.get(key)
+    if hit is not None and hit[1] == versions and all(a is b for a, b in zip(hit[0], params)):
+        return hit[2]
+    columns, start = [], 0
+    for lora in loras:
+        columns.append(None if lora is None else slice(start, start + lora.A.shape[0]))
+        start += 0 if lora is None else lora.A.shape[0]
+    As = [l.A for l in loras if l is not None]
+    A = None if not As else (As[0] if len(As) == 1 else torch.cat(As)).to(dtype)
+    B_scaled = tuple(None if l is None else (l.B.to(dtype) if l.scale == 1 else l.B.to(dtype) * l.scale)
+                     for l in loras)
+    factors = _Factors(A, B_scaled, tuple(columns), tuple(None if l is None else l.scale for l in loras))
+    if len(_factor_cache) >= _MAX_CACHED:  # callers that never clear (direct use of these functions)
+        _factor_cache.clear()
+    _factor_cache[key] = (params, versions, factors)
+    return factors
+
+
+def _forward(x: torch.Tensor, projections) -> list[torch.Tensor]:
+    """x [..., i] -> [y_p [..., o_p]], fresh tensors (not views: callers may rotate them in place)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    f = _factors(projections, x.dtype)
+    xA = None if f.A is None else x2 @ f.A.t()  # [N, sum r]: one matmul for every LoRA of this input
+    ys = []
+    for p, B, cols in zip(projections, f.B_scaled, f.columns):
+        y = x @ base_weight(p.weight, x.dtype).t()
+        if p.bias is not None:
+            y += p.bias.to(y.dtype)
+        if B is not None:
+            y.view(-1, y.shape[-1]).addmm_(xA[:, cols], B.t())
+        ys.append(y)
+    return ys
+
+
+def _backward(x2, projections, dys, need_dx: bool):
+    """For projections sharing the input x2 [N, i], given their dY's [N, o_p]:
+    returns (dX or None, [(dA_p, dB_p)]), with dX = sum_p dY_p W_p + [s dY_p B_p]_p [A_p]_p."""
+    f = _factors(projections, dys[0].dtype)
+    grads = [(None, None)] * len(projections)
+    dyB = None
+    if f.A is not None:
+        dyBs = [dy @ B for dy, B in zip(dys, f.B_scaled) if B is not None]  # s dY B, [N, r] each
+        dyB = dyBs[0] if len(dyBs) == 1 else torch.cat(dyBs, 1)
+        xA = x2 @ f.A.t()  # recomputed rather than saved
+        dA_all = None
+        if any(p.lora.A.requires_grad for p in projections if p.lora is not None):
+            dA_all = (dyB.t() @ x2).to(next(p.lora.A.dtype for p in projections if p.lora is not None))
+        for k, (p, dy, cols, s) in enumerate(zip(projections, dys, f.columns, f.scales)):
+            if cols is None:
+                continue
+            dA = dA_all[cols] if p.lora.A.requires_grad else None
+            dB = None
+            if p.lora.B.requires_grad:
+                dB = dy.t() @ xA[:, cols]
+                dB = (dB if s == 1 else dB.mul_(s)).to(p.lora.B.dtype)
+            grads[k] = (dA, dB)
+    dx = None
     if need_dx:
-        W = base_weight(p.weight, dy.dtype)
-        dx = dy @ W if dx is None else dx.addmm_(dy, W)
-        if p.lora is not None:
-            dx.addmm_(dyB, A, alpha=s)
-    return dx, dA, dB
+        for p, dy in zip(projections, dys):
+            W = base_weight(p.weight, dy.dtype)
+            dx = dy @ W if dx is None else dx.addmm_(dy, W)
+        if dyB is not None:
+            dx.addmm_(dyB, f.A)
+    return dx, grads
 
 
 def _flatten(projections):
@@ -115,16 +180,13 @@ class _LoRAProjections(torch.autograd.Function):
     def forward(ctx, x, projections, *lora_params):
         ctx.save_for_backward(x)
         ctx.projections = projections
-        return tuple(_forward(x, p) for p in projections)
+        return tuple(_forward(x, projections))
 
     @staticmethod
     def backward(ctx, *dys):
         (x,) = ctx.saved_tensors
-        x2 = x.reshape(-1, x.shape[-1])
-        dx, grads = None, []
-        for p, dy in zip(ctx.projections, dys):
-            dx, dA, dB = _backward(x2, p, dy.reshape(-1, dy.shape[-1]), dx, ctx.needs_input_grad[0])
-            grads.append((dA, dB))
+        dys = [dy.reshape(-1, dy.shape[-1]) for dy in dys]
+        dx, grads = _backward(x.reshape(-1, x.shape[-1]), ctx.projections, dys, ctx.needs_input_grad[0])
         dx = None if dx is None else dx.view(x.shape)
         return (dx, None, *_grads_by_input(ctx.projections, grads))
 
@@ -146,10 +208,10 @@ def lora_projections(x: torch.Tensor, *projections: Projection) -> tuple[torch.T
 class _LoRAMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, glu, gate, up, down, *lora_params):
-        g, u = _forward(x, gate), _forward(x, up)
+        g, u = _forward(x, (gate, up))
         ctx.save_for_backward(x, g, u)
         ctx.glu, ctx.projections, ctx.spent = glu, (gate, up, down), False
-        return _forward(glu.forward(g, u), down)
+        return _forward(glu.forward(g, u), (down,))[0]
 
     @staticmethod
     def backward(ctx, dy):
@@ -161,15 +223,13 @@ class _LoRAMLP(torch.autograd.Function):
         gate, up, down = ctx.projections
         x2, g, u = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]), u.reshape(-1, u.shape[-1])
         h = ctx.glu.forward(g, u)
-        dh, dA_down, dB_down = _backward(h, down, dy.reshape(-1, dy.shape[-1]), None, True)
+        dh, (down_grads,) = _backward(h, (down,), [dy.reshape(-1, dy.shape[-1])], True)
         del h
         dg, du = ctx.glu.backward(dh, g, u, dgate=g, dup=u)  # g, u are not needed any more
         del dh
-        dx, dA_gate, dB_gate = _backward(x2, gate, dg, None, ctx.needs_input_grad[0])
-        dx, dA_up, dB_up = _backward(x2, up, du, dx, ctx.needs_input_grad[0])
-        grads = [(dA_gate, dB_gate), (dA_up, dB_up), (dA_down, dB_down)]
+        dx, gate_up_grads = _backward(x2, (gate, up), [dg, du], ctx.needs_input_grad[0])
         dx = None if dx is None else dx.view(x.shape)
-        return (dx, None, None, None, None, *_grads_by_input(ctx.projections, grads))
+        return (dx, None, None, None, None, *_grads_by_input(ctx.projections, [*gate_up_grads, down_grads]))
 
 
 def lora_mlp(x: torch.Tensor, gate: Projection, up: Projection, down: Projection, glu: GLU) -> torch.Tensor:

@@ -18,6 +18,7 @@ One launch dequantizes the absmax and the weights together; the output can be a 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import triton
@@ -106,6 +107,51 @@ def _output_buffer(out, shape, dtype, device) -> torch.Tensor:
     return out.view(-1)[:numel].view(shape)
 
 
+class _Plan(NamedTuple):
+    """Everything a dequantize launch needs but the output buffer, checked and converted once."""
+    packed: torch.Tensor  # flat uint8
+    stats: object  # fp32 absmax, or (uint8 codes, fp32 absmax2, fp32 code2, 0-d offset, blocksize2)
+    code: torch.Tensor  # fp32 table
+    shape: tuple
+    numel: int
+    blocksize: int
+    nested: bool
+    dtype: torch.dtype
+    problem: dict
+
+
+def _plan(packed, absmax, code, *, shape, blocksize, absmax_code, absmax_scale, absmax_offset,
+          absmax_blocksize, dtype) -> _Plan:
+    shape = tuple(int(s) for s in shape)
+    numel = math.prod(shape)
+    nested = absmax.dtype == torch.uint8
+    if nested and (absmax_code is None or absmax_scale is None or absmax_offset is None):
+        raise ValueError("uint8 absmax (double quantization) needs absmax_code, absmax_scale, absmax_offset")
+    if blocksize < 4 or blocksize & (blocksize - 1):
+        raise ValueError(f"blocksize must be a power of two >= 4, got {blocksize}")
+    packed = packed.contiguous().view(torch.uint8).reshape(-1)
+    if packed.numel() < (numel + 1) // 2:
+        raise ValueError(f"{packed.numel()} packed bytes cannot hold {numel} 4-bit values")
+    if code is None:
+        from bitsandbytes.functional import get_4bit_type
+
+        code = get_4bit_type("nf4", device=packed.device)
+    if nested:
+        offset = torch.as_tensor(absmax_offset, dtype=torch.float32, device=packed.device).reshape(())
+        stats = (absmax, absmax_scale.float(), absmax_code.float(), offset, absmax_blocksize)
+    else:
+        stats = absmax.float()
+    return _Plan(packed, stats, code.float(), shape, numel, blocksize, nested, dtype,
+                 problem_key(shape, dtype, blocksize, nested))
+
+
+def _run(plan: _Plan, out) -> torch.Tensor:
+    result = _output_buffer(out, plan.shape, plan.dtype, plan.packed.device)
+    config = config_for(SPEC, "fwd", plan.problem)
+    _launch(plan.packed, plan.stats, plan.code, result, plan.numel, plan.blocksize, plan.nested, config)
+    return result
+
+
 def dequantize_nf4(packed, absmax, code=None, *, shape, blocksize=64, absmax_code=None, absmax_scale=None,
                    absmax_offset=None, absmax_blocksize=256, out=None, dtype=torch.bfloat16):
     """Dequantize bitsandbytes-packed 4-bit codes to a ``shape`` tensor of ``dtype``.
@@ -117,42 +163,34 @@ def dequantize_nf4(packed, absmax, code=None, *, shape, blocksize=64, absmax_cod
     contiguous buffer of ``dtype`` with at least ``prod(shape)`` elements; the result is a view of its
     first elements.
     """
-    shape = tuple(int(s) for s in shape)
-    numel = math.prod(shape)
-    nested = absmax.dtype == torch.uint8
-    if nested and (absmax_code is None or absmax_scale is None or absmax_offset is None):
-        raise ValueError("uint8 absmax (double quantization) needs absmax_code, absmax_scale, absmax_offset")
-    if blocksize < 4 or blocksize & (blocksize - 1):
-        raise ValueError(f"blocksize must be a power of two >= 4, got {blocksize}")
-    packed = packed.contiguous().view(torch.uint8).reshape(-1)
-    if packed.numel() < (numel + 1) // 2:
-        raise ValueError(f"{packed.numel()} packed bytes cannot hold {numel} 4-bit values")
-    result = _output_buffer(out, shape, dtype, packed.device)
-    if code is None:
-        from bitsandbytes.functional import get_4bit_type
+    return _run(_plan(packed, absmax, code, shape=shape, blocksize=blocksize, absmax_code=absmax_code,
+                      absmax_scale=absmax_scale, absmax_offset=absmax_offset, absmax_blocksize=absmax_blocksize,
+                      dtype=dtype), out)
 
-        code = get_4bit_type("nf4", device=packed.device)
-    if nested:
-        offset = torch.as_tensor(absmax_offset, dtype=torch.float32, device=packed.device).reshape(())
-        stats = (absmax, absmax_scale.float(), absmax_code.float(), offset, absmax_blocksize)
-    else:
-        stats = absmax.float()
-    config = config_for(SPEC, "fwd", problem_key(shape, dtype, blocksize, nested))
-    _launch(packed, stats, code.float(), result, numel, blocksize, nested, config)
-    return result
+
+_PLAN_ATTR = "_fastbench_nf4_plan"
 
 
 def dequantize_nf4_weight(weight, out=None, *, quant_state=None):
     """Dequantize a bitsandbytes ``Params4bit`` (or its packed data plus ``quant_state``) to a tensor of
-    ``quant_state.shape`` in ``quant_state.dtype``; bit-exact with ``dequantize_4bit``."""
+    ``quant_state.shape`` in ``quant_state.dtype``; bit-exact with ``dequantize_4bit``.
+
+    The checked launch arguments are kept on the quant state (training dequantizes each weight a few
+    times per step) and rebuilt when the packed data or the state's tensors moved."""
     state = quant_state if quant_state is not None else weight.quant_state
     packed = weight.data if isinstance(weight, torch.nn.Parameter) else weight
-    common = dict(shape=state.shape, blocksize=state.blocksize, out=out, dtype=state.dtype)
-    if state.nested:
-        s2 = state.state2
-        return dequantize_nf4(packed, state.absmax, state.code, absmax_code=s2.code, absmax_scale=s2.absmax,
-                              absmax_offset=state.offset, absmax_blocksize=s2.blocksize, **common)
-    return dequantize_nf4(packed, state.absmax, state.code, **common)
+    tensors = (packed, state.absmax, *((state.offset, state.state2.absmax) if state.nested else ()))
+    where = tuple(t.data_ptr() if isinstance(t, torch.Tensor) else t for t in tensors)
+    cached = getattr(state, _PLAN_ATTR, None)
+    if cached is not None and cached[0] == where and cached[1].dtype == state.dtype:
+        return _run(cached[1], out)
+    s2 = state.state2 if state.nested else None
+    plan = _plan(packed, state.absmax, state.code, shape=state.shape, blocksize=state.blocksize,
+                 absmax_code=s2.code if s2 else None, absmax_scale=s2.absmax if s2 else None,
+                 absmax_offset=state.offset if s2 else None, absmax_blocksize=s2.blocksize if s2 else 256,
+                 dtype=state.dtype)
+    setattr(state, _PLAN_ATTR, (where, plan))
+    return _run(plan, out)
 
 
 def reference(packed, absmax, code, *, shape, blocksize=64, absmax_code=None, absmax_scale=None,

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from fastbench.checkpointing import LayerCheckpointing
 from fastbench.fused.decoder import Family, decoder_layer, family_of, norm_eps, sdpa_mask, unsupported_lora
 from fastbench.kernels.linear_cross_entropy import fused_linear_cross_entropy
+from fastbench.kernels.lora import clear_factor_cache
 from fastbench.kernels.rms_norm import rms_norm
 
 _PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -45,6 +46,10 @@ def _hf_forward(module, given: dict, **kwargs):
     return type(module).forward(module, **{k: v for k, v in given.items() if v is not None}, **kwargs)
 
 
+def _trainable(module) -> list[torch.Tensor]:
+    return [p for p in module.parameters() if p.requires_grad]
+
+
 def _needs_hf(use_cache, output_attentions, output_hidden_states, kwargs) -> bool:
     return bool(use_cache or output_attentions or output_hidden_states
                 or kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None)
@@ -62,6 +67,7 @@ def fused_backbone_forward(self, input_ids=None, attention_mask=None, position_i
 
     state: FusedState = self._fastbench
     family = state.family
+    clear_factor_cache()  # LoRA factors are cast once per step, after the optimizer changed them
     h = inputs_embeds if inputs_embeds is not None else self.embed_tokens(input_ids)
     if family.model_type == "gemma" and not hasattr(self.embed_tokens, "embed_scale"):  # older transformers
         h = h * torch.tensor(self.config.hidden_size ** 0.5, dtype=h.dtype)
@@ -77,7 +83,7 @@ def fused_backbone_forward(self, input_ids=None, attention_mask=None, position_i
         if window not in masks:
             masks[window] = sdpa_mask(attention_mask, packing_ids, T, window, h.device)
         run = functools.partial(decoder_layer, layer, cos=cos, sin=sin, mask=masks[window], family=family)
-        h = state.checkpointing(index, run, h, [p for p in layer.parameters() if p.requires_grad])
+        h = state.checkpointing(index, run, h, functools.partial(_trainable, layer))
     h = rms_norm(h, self.norm.weight, norm_eps(self.norm), family.norm_offset)
     return BaseModelOutputWithPast(last_hidden_state=h)
 

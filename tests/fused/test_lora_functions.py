@@ -90,3 +90,33 @@ def test_mlp_second_backward_is_refused(seed):
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="second backward"):
         loss.backward()
+
+
+def test_stacked_factors_with_different_ranks_scales_and_a_gap(seed):
+    """Q, K, V stack their A's: a projection without LoRA between two with different r and s, and one
+    whose A is frozen (no dA), still give each its own gradients."""
+    q, k, v = make_projection(40, 24, 4, torch.float32), make_projection(40, 8, 4, torch.float32, lora=False), \
+        make_projection(40, 8, 6, torch.float32)
+    q = q._replace(lora=q.lora._replace(scale=2.5))
+    v.lora.A.requires_grad_(False)
+    x = torch.randn(5, 40, requires_grad=True)
+    w = [torch.randn(5, p.weight.shape[0]) for p in (q, k, v)]
+    fused = lora_projections(x, q, k, v)
+    ref = [reference(x, p) for p in (q, k, v)]
+    wanted = [x, q.lora.A, q.lora.B, v.lora.B]
+    g_fused = torch.autograd.grad(sum((y * wi).sum() for y, wi in zip(fused, w)), wanted)
+    g_ref = torch.autograd.grad(sum((y * wi).sum() for y, wi in zip(ref, w)), wanted)
+    for a, b in zip(g_fused, g_ref):
+        assert rel(a, b) < 1e-5
+
+
+def test_cast_factors_follow_an_in_place_update(seed):
+    """The cast LoRA factors are cached within a step; an optimizer's in-place update (a new version
+    of the parameter) is seen by the next call even when nobody clears the cache."""
+    q = make_projection(16, 8, 2, torch.bfloat16)
+    x = torch.randn(3, 16, dtype=torch.bfloat16)
+    before = lora_projections(x, q)[0]
+    with torch.no_grad():
+        q.lora.B.add_(1.0)
+    after = lora_projections(x, q)[0]
+    assert rel(after, reference(x, q)) < 1e-2 and rel(after, before) > 1e-2

@@ -82,6 +82,15 @@ def test_word_and_halfword_stores_agree(seed, dtype):
     assert torch.equal(shifted, aligned) and torch.equal(aligned, bnbf.dequantize_4bit(packed, state))
 
 
+def test_cached_launch_plan_follows_new_data(seed):
+    """The checked launch arguments kept on a quant state are rebuilt when its tensors are replaced."""
+    packed_a, state = _quantize((17, 64), torch.bfloat16)
+    packed_b, state_b = _quantize((17, 64), torch.bfloat16)
+    assert torch.equal(nf4.dequantize_nf4_weight(packed_a, quant_state=state), bnbf.dequantize_4bit(packed_a, state))
+    state.absmax, state.offset, state.state2 = state_b.absmax, state_b.offset, state_b.state2
+    assert torch.equal(nf4.dequantize_nf4_weight(packed_b, quant_state=state), bnbf.dequantize_4bit(packed_b, state_b))
+
+
 def test_bad_out_buffer_is_rejected(seed):
     packed, state = _quantize((17, 64), torch.bfloat16)
     with pytest.raises(ValueError):
