@@ -123,7 +123,9 @@ class _RoPEFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dq, dk):
         cos, sin = ctx.saved_tensors
-        grad_q, grad_k = (torch.empty(g.shape, dtype=g.dtype, device=g.device) for g in (dq, dk))
+        # in the incoming gradients' memory layout ([B, T, H, D] from SDPA), so that the projection's
+        # backward can view them as [B*T, H*D] instead of copying
+        grad_q, grad_k = (torch.empty_like(g) for g in (dq, dk))
         _launch(dq, dk, cos, sin, True, config_for(SPEC, "bwd", _problem(dq, dk)), grad_q, grad_k)
         return grad_q, grad_k, None, None
 
@@ -179,17 +181,22 @@ def problems(model_config, tokens: int, dtype) -> list[tuple[str, dict]]:
 
 
 def tune_case(pass_name: str, problem, device) -> TuneCase:
-    """Random q/k (batch 1) and HF-style cos/sin; run returns the rotated (q, k) in fresh tensors."""
+    """Random q/k (batch 1) in the training layout (transposed [1, T, H, D] views of one projection
+    output) and HF-style cos/sin; run returns the rotated (q, k) in fresh tensors of that layout."""
     dtype = getattr(torch, problem["dtype"])
-    T, D = problem["tokens"], problem["head_dim"]
-    q = torch.randn(1, problem["q_heads"], T, D, device=device, dtype=dtype)
-    k = torch.randn(1, problem["k_heads"], T, D, device=device, dtype=dtype)
+    T, D, n_q, n_k = problem["tokens"], problem["head_dim"], problem["q_heads"], problem["k_heads"]
+
+    def qk(proj):
+        proj = proj.view(1, T, n_q + n_k, D)
+        return proj[:, :, :n_q].transpose(1, 2), proj[:, :, n_q:].transpose(1, 2)
+
+    q, k = qk(torch.randn(1, T, (n_q + n_k) * D, device=device, dtype=dtype))
     angle = torch.rand(T, D // 2, device=device) * 100
     cos, sin = (f(torch.cat((angle, angle), -1)).to(dtype) for f in (torch.cos, torch.sin))
     backward = pass_name == "bwd"
 
     def run(config):  # out of place, so that repeated runs see the same inputs
-        out = torch.empty_like(q), torch.empty_like(k)
+        out = qk(torch.empty(1, T, (n_q + n_k) * D, device=device, dtype=dtype))
         _launch(q, k, cos, sin, backward, config, *out)
         return out
 

@@ -117,6 +117,21 @@ def test_backward_is_inverse_rotation(seed):
     assert rel_err(q3, q) < 1e-5 and rel_err(k3, k) < 1e-5
 
 
+def test_backward_keeps_the_gradient_layout(seed):
+    """Gradients arriving in [B, T, H, D] memory (as SDPA returns them) leave in that layout, so the
+    projection's backward views them as [B*T, H*D] instead of copying."""
+    B, T, n_q, n_k, D = 2, 5, 4, 2, 16
+    _, q, k, _ = fused_qkv(B, T, n_q, n_k, D, torch.float32)
+    cos, sin = hf_cos_sin(torch.arange(T).repeat(B, 1), D, torch.float32)
+    q2, k2 = op.apply_rope(q, k, cos, sin)
+    dq, dk = (torch.randn(B, T, x.shape[1], D).transpose(1, 2) for x in (q2, k2))
+    gq, gk = q2.grad_fn.apply(dq, dk)[:2]  # the rope node's backward alone
+    assert gq.stride() == dq.stride() and gk.stride() == dk.stride()
+    assert gq.transpose(1, 2).reshape(B * T, -1)._base is not None  # a view, no copy
+    want_q, want_k = op.reference(dq, dk, cos, -sin)
+    assert rel_err(gq, want_q) < 1e-5 and rel_err(gk, want_k) < 1e-5
+
+
 @pytest.mark.parametrize("block_h", sorted({c["BLOCK_H"] for c in op.CANDIDATES["fwd"]}))
 def test_every_candidate_agrees(seed, poison, block_h):
     B, T, D = 1, 3, 24
