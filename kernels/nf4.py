@@ -261,4 +261,4 @@ def tune_case(pass_name, problem, device):
 
 
 SPEC = OpSpec(name="nf4_dequantize", candidates={"fwd": _CANDIDATES}, heuristic=heuristic,
-              tune_case=tune_case, problems=problems, kernels=(_dequantize_nf4_kernel,))
+              tune_case=tune_case, problems=problems, kernels=(_dequantize_nf4_kernel, _bits16))
