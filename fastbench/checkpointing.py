@@ -15,17 +15,11 @@ A recomputed layer must be deterministic (no dropout): the fused path refuses lo
 """
 from __future__ import annotations
 
-import warnings
 from typing import Callable
 
 import torch
 
 GiB = 1 << 30
-OFFLOAD_WARNING = (
-    "use_gradient_checkpointing='offload' is experimental: on an H200 (llama-3-8b, NF4) two runs under "
-    "`fastbench compare` reported losses far from the reference (results/2026-11-28-h200-ba739f.json); the "
-    "stream-ordering bug that likely explains it is fixed, but the fix is not yet verified on a GPU. Until it is, "
-    "prefer True (recompute) or a memory budget in GiB, and check the loss")
 
 
 class HostOffloader:
@@ -180,8 +174,6 @@ class LayerCheckpointing:
         self.setting = setting
         self.mode, self.budget = parse_setting(setting)
         self.offloader = HostOffloader() if self.mode == "offload" else None
-        if self.mode == "offload":
-            warnings.warn(OFFLOAD_WARNING, stacklevel=3)
         self.bytes_per_token: float | None = None  # measured by the budget mode
         self._kept = 0
 
