@@ -125,7 +125,8 @@ def _export(path: str, refs, cache_file: Path, device, tools) -> None:
 @click.option("--dtype", default="bfloat16", show_default=True, type=click.Choice(["bfloat16", "float16", "float32"]))
 @click.option("--force", is_flag=True, help="re-tune problems already in the cache")
 @click.option("--list", "list_", is_flag=True, help="show what the cache holds here and which tier serves each op")
-@click.option("--verify", is_flag=True, help="re-time cached winners against the default; flag those within noise or slower")
+@click.option("--verify", is_flag=True, help="re-time cached winners (the user cache's, and the bundled ones it "
+              "does not override) against the default; flag those within noise or slower")
 @click.option("--export", "export", metavar="PATH", help="write this GPU's cache as a bundled-format file (PATH or PATH/<name>.json)")
 @click.option("--timeout", default=60.0, show_default=True, help="seconds a candidate may run before it is killed")
 @click.option("--max-time", type=float, help="start no new problem after this many seconds (run again to carry on)")
@@ -165,12 +166,17 @@ def tune(models, tokens, ops, dtype, force, list_, verify, export, timeout, max_
     started = time.monotonic()
     try:
         if verify:
-            entries = (store.read(cache_file) or {}).get("entries", {})
+            # the user cache's winners, and the bundled ones it does not override (what lookup serves)
+            sources = {}
+            for _, doc in reversed(lookup.default().bundled_files()):
+                sources.update({k: (e, "bundled") for k, e in doc["entries"].items()})
+            sources.update({k: (e, "cache") for k, e in (store.read(cache_file) or {}).get("entries", {}).items()})
+            entries = {k: e for k, (e, _) in sources.items()}
             todo = [j for j in jobs if j.key in entries]
             with click.progressbar(length=len(todo), label="verifying", show_eta=True) as bar:
                 rows = []
                 for job in todo:
-                    rows += tuner.verify([job], entries, runner)
+                    rows += [{**row, "source": sources[job.key][1]} for row in tuner.verify([job], entries, runner)]
                     bar.update(1)
             _print_verify(rows)
             if json_out:
@@ -262,10 +268,11 @@ def _print_verify(rows: list[dict]) -> None:
     if not rows:
         click.echo("no cached winner differs from its default: nothing to verify")
         return
-    table = [["op/pass", "problem", "config", "ms", "default ms", "speedup", "verdict"]]
+    table = [["op/pass", "problem", "config", "from", "ms", "default ms", "speedup", "verdict"]]
     for r in rows:
         table.append([f"{r['op']}/{r['pass']}", key.problem_string(r["problem"]), key.problem_string(r["config"]),
-                      _fmt_ms(r["ms"]), _fmt_ms(r["default_ms"]), f"{r['speedup']:.3f}x", r["verdict"]])
+                      r.get("source", "cache"), _fmt_ms(r["ms"]), _fmt_ms(r["default_ms"]), f"{r['speedup']:.3f}x",
+                      r["verdict"]])
     click.echo(_table(table))
     summary = [["op/pass", "problems", "faster", "within noise", "slower", "geomean speedup"]]
     for s in _verify_summary(rows):

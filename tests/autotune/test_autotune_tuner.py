@@ -317,5 +317,12 @@ def test_cli_tune_list_verify_export_with_a_fake_gpu(monkeypatch, tmp_path):
         assert r.exit_code == 0, r.output
         exported = tmp_path / key.file_name(DEVICE, key.toolchain())
         assert len(store.read(exported)["entries"]) == 4
+
+        # a fresh user cache: --verify re-times the bundled winners that serve instead
+        monkeypatch.setenv(store.CACHE_ENV, str(tmp_path / "fresh"))
+        monkeypatch.setattr(store, "bundled_dir", lambda: tmp_path)
+        r = CliRunner().invoke(cli.tune, [*args, "--verify", "--json-out", str(tmp_path / "verify-bundled.json")])
+        assert r.exit_code == 0 and "faster: 4" in r.output and "bundled" in r.output, r.output
+        assert {row["source"] for row in json.loads((tmp_path / "verify-bundled.json").read_text())["rows"]} == {"bundled"}
     finally:
         lookup.reset()
