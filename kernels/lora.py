@@ -150,7 +150,7 @@ def _backward(x2, projections, dys, need_dx: bool):
         for k, (p, dy, cols, s) in enumerate(zip(projections, dys, f.columns, f.scales)):
             if cols is None:
                 continue
-            dA = dA_all[cols] if p.lora.A.requires_grad else None
+            dA = dA_all[cols].to(p.lora.A.dtype) if p.lora.A.requires_grad else None  # no-op unless dtypes mix
             dB = None
             if p.lora.B.requires_grad:
                 dB = dy.t() @ xA[:, cols]
