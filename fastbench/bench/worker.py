@@ -63,6 +63,9 @@ def new_record(label: str, model: str, repeat: int, config: dict, status: str = 
 
 
 def run(spec: dict) -> dict:
+    if not str(spec["config"].get("device", "cpu")).startswith("cuda"):
+        # Triton kernels (the fused arms) on a CPU: its interpreter, chosen before anything imports triton
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     from fastbench.bench import arms
 
     label = spec["arm"]

@@ -11,6 +11,7 @@ states) go to the model's own HF forwards, which runs the same weights and adapt
 from __future__ import annotations
 
 import functools
+import os
 import types
 from dataclasses import dataclass
 
@@ -120,12 +121,19 @@ def fused_forward(self, input_ids=None, attention_mask=None, position_ids=None, 
     return out.to_tuple() if return_dict is False else out
 
 
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
 def unsupported_reason(model) -> str | None:
     """Why the fused forward cannot run this (PEFT-wrapped) causal LM exactly, or None."""
     try:
         family_of(model.config)
     except ValueError as e:
         return str(e)
+    if next(model.parameters()).device.type != "cuda" and not _interpreting():
+        return ("its Triton kernels need a CUDA GPU; on a CPU, start Python with TRITON_INTERPRET=1 to run them "
+                "(slowly) in Triton's interpreter")
     inner = model.get_decoder()
     if not isinstance(model.lm_head, torch.nn.Linear) or model.lm_head.bias is not None:
         return "LoRA or modules_to_save on lm_head"

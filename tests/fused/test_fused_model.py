@@ -169,3 +169,15 @@ def test_unsupported_option_falls_back_with_warning(seed):
     assert not hasattr(model.get_base_model(), "fastbench_patches")
     with pytest.raises(ValueError, match="lora_dropout > 0"):
         FastLanguageModel.get_peft_model(base, lora_dropout=0.1, fallback=False)
+
+
+def test_cpu_without_triton_interpreter_says_so(seed, monkeypatch):
+    """Triton needs a GPU driver; on a CPU without TRITON_INTERPRET=1 the kernels could not run, so the
+    fused path says why (and how to run it anyway) instead of failing at the first forward."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    base = FastLanguageModel.from_pretrained("llama-3-8b-tiny", dtype=torch.float32, device="cpu")[0]
+    with pytest.warns(UserWarning, match="need a CUDA GPU.*TRITON_INTERPRET=1"):
+        model = FastLanguageModel.get_peft_model(copy.deepcopy(base))
+    assert not hasattr(model.get_base_model(), "fastbench_patches")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        FastLanguageModel.get_peft_model(base, fallback=False)
