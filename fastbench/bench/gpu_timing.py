@@ -53,19 +53,24 @@ def graph_ms(fn: Callable[[], object], n: int = 20, replays: int = 7) -> float:
         return statistics.median(times)
 
     with_fn, flush_only = capture(flushed), capture(flush.zero_)
-    ms = (replay_ms(with_fn) - replay_ms(flush_only)) / n
-    del with_fn, flush_only
-    return max(ms, 0.0)
+    return max((replay_ms(with_fn) - replay_ms(flush_only)) / n, 0.0)
+
+
+def eager_ms(fn: Callable[[], object], rep: int = 200) -> float:
+    """Median ms of eager ``fn()`` calls by triton's do_bench (CUDA events, launch cost included): for
+    ops long enough that launching them costs nothing measurable, or that a graph cannot capture."""
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=25, rep=rep, return_mode="median")
 
 
 def gpu_ms(fn: Callable[[], object]) -> tuple[float, str]:
     """(ms, how): :func:`graph_ms`, or triton's do_bench (launch cost included) where ``fn`` cannot be
     captured in a CUDA graph."""
     import torch
-    from triton.testing import do_bench
 
     try:
         return graph_ms(fn), "cuda_graph"
     except RuntimeError:
         torch.cuda.synchronize()
-        return do_bench(fn, warmup=25, rep=200, return_mode="median"), "do_bench"
+        return eager_ms(fn), "do_bench"

@@ -14,17 +14,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastbench.bench.gpu_timing import gpu_ms
+from fastbench.bench.gpu_timing import eager_ms, gpu_ms
 from fastbench.kernels import linear_cross_entropy as lce
 from fastbench.kernels import nf4
 
 pytestmark = pytest.mark.gpu
-
-
-def _median_ms(fn, rep=200):
-    from triton.testing import do_bench
-
-    return do_bench(fn, warmup=25, rep=rep, return_mode="median")
 
 
 def _peak_bytes(fn):
@@ -80,7 +74,7 @@ def test_lce_fwd_bwd(benchmark, impl, hidden_size, vocab, tokens):
 
     step()  # compile / warm up
     peak = _peak_bytes(step)
-    ms = _median_ms(step, rep=1500)  # a step takes 20-200 ms: enough repeats for a median
+    ms = eager_ms(step, rep=1500)  # a step takes 20-200 ms: enough repeats for a median
     benchmark.group = f"lce {tokens}x{hidden_size}x{vocab}"
     benchmark.extra_info.update(op="linear_cross_entropy", impl=impl, tokens=tokens, hidden=hidden_size,
                                 vocab=vocab, median_ms=ms, peak_bytes=peak, peak_gib=peak / 2 ** 30)
