@@ -60,7 +60,10 @@ def _dequantize_nf4_kernel(
     else:
         scale = tl.load(absmax_ptr + block, mask=in_range, other=0)
     byte = block[:, None] * (BLOCKSIZE // 2) + tl.arange(0, BLOCKSIZE // 2)[None, :]
-    packed = tl.load(packed_ptr + byte, mask=byte < (numel + 1) // 2, other=0).to(tl.int32)
+    # PAIRS: numel is even, so numel // 2 bytes; a bound Triton knows to be aligned (numel's divisibility
+    # carries over, (numel + 1) // 2's does not) lets it load the packed bytes as vectors, not byte by byte
+    n_bytes = numel // 2 if PAIRS else (numel + 1) // 2
+    packed = tl.load(packed_ptr + byte, mask=byte < n_bytes, other=0).to(tl.int32)
     high = tl.load(code_ptr + (packed >> 4)) * scale[:, None]  # the even element: high nibble
     low = tl.load(code_ptr + (packed & 15)) * scale[:, None]
     if PAIRS:
