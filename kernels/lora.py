@@ -23,6 +23,10 @@ per (device, dtype) that all projections share, so at most one dequantized matri
 - :func:`lora_mlp`: gate/up -> GLU -> down in one Function; saves x and the two pre-activations
   (gate, up), recomputes the GLU in the backward and writes its gradients over gate and up in place.
 
+With ``graph_only=True`` (a checkpointed part recomputed for its backward, whose output is never read)
+these Functions save what their backward needs but skip the products that make only their output,
+and return placeholders (a zero broadcast to the output's shape) that carry the autograd graph.
+
 A projection is a :class:`Projection`; ``lora`` is None for a layer without an active adapter.
 These are cuBLAS matmuls around Triton elementwise ops, so this module has no launch configs.
 """
@@ -118,6 +122,16 @@ def _factors(projections, dtype: torch.dtype) -> _Factors:
     return factors
 
 
+def _out_features(p: Projection) -> int:
+    state = getattr(p.weight, "quant_state", None)
+    return (state.shape if state is not None else p.weight.shape)[0]
+
+
+def _placeholder(x: torch.Tensor, p: Projection) -> torch.Tensor:
+    """Stands for p's output in a graph-only forward: the right shape and dtype, no memory, no values."""
+    return x.new_zeros(()).expand(*x.shape[:-1], _out_features(p))
+
+
 def _forward(x: torch.Tensor, projections) -> list[torch.Tensor]:
     """x [..., i] -> [y_p [..., o_p]], fresh tensors (not views: callers may rotate them in place)."""
     x2 = x.reshape(-1, x.shape[-1])
@@ -177,9 +191,11 @@ def _grads_by_input(projections, grads):
 
 class _LoRAProjections(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, projections, *lora_params):
+    def forward(ctx, x, projections, graph_only, *lora_params):
         ctx.save_for_backward(x)
         ctx.projections = projections
+        if graph_only:
+            return tuple(_placeholder(x, p) for p in projections)
         return tuple(_forward(x, projections))
 
     @staticmethod
@@ -188,7 +204,7 @@ class _LoRAProjections(torch.autograd.Function):
         dys = [dy.reshape(-1, dy.shape[-1]) for dy in dys]
         dx, grads = _backward(x.reshape(-1, x.shape[-1]), ctx.projections, dys, ctx.needs_input_grad[0])
         dx = None if dx is None else dx.view(x.shape)
-        return (dx, None, *_grads_by_input(ctx.projections, grads))
+        return (dx, None, None, *_grads_by_input(ctx.projections, grads))
 
 
 def _outside_autocast(function, x, *args):
@@ -200,17 +216,19 @@ def _outside_autocast(function, x, *args):
         return function.apply(x.to(torch.get_autocast_dtype(device)), *args)
 
 
-def lora_projections(x: torch.Tensor, *projections: Projection) -> tuple[torch.Tensor, ...]:
+def lora_projections(x: torch.Tensor, *projections: Projection, graph_only: bool = False) -> tuple[torch.Tensor, ...]:
     """``(x W_p^T + b_p + s_p (x A_p^T) B_p^T for p in projections)``; x [..., i] -> [..., o_p] each."""
-    return _outside_autocast(_LoRAProjections, x, projections, *_flatten(projections))
+    return _outside_autocast(_LoRAProjections, x, projections, graph_only, *_flatten(projections))
 
 
 class _LoRAMLP(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, glu, gate, up, down, *lora_params):
+    def forward(ctx, x, glu, gate, up, down, graph_only, *lora_params):
         g, u = _forward(x, (gate, up))
         ctx.save_for_backward(x, g, u)
         ctx.glu, ctx.projections, ctx.spent = glu, (gate, up, down), False
+        if graph_only:
+            return _placeholder(x, down)
         return _forward(glu.forward(g, u), (down,))[0]
 
     @staticmethod
@@ -229,12 +247,13 @@ class _LoRAMLP(torch.autograd.Function):
         del dh
         dx, gate_up_grads = _backward(x2, (gate, up), [dg, du], ctx.needs_input_grad[0])
         dx = None if dx is None else dx.view(x.shape)
-        return (dx, None, None, None, None, *_grads_by_input(ctx.projections, [*gate_up_grads, down_grads]))
+        return (dx, None, None, None, None, None, *_grads_by_input(ctx.projections, [*gate_up_grads, down_grads]))
 
 
-def lora_mlp(x: torch.Tensor, gate: Projection, up: Projection, down: Projection, glu: GLU) -> torch.Tensor:
+def lora_mlp(x: torch.Tensor, gate: Projection, up: Projection, down: Projection, glu: GLU,
+             graph_only: bool = False) -> torch.Tensor:
     """``down(glu(gate(x), up(x)))`` with LoRA on each projection."""
-    return _outside_autocast(_LoRAMLP, x, glu, gate, up, down, *_flatten((gate, up, down)))
+    return _outside_autocast(_LoRAMLP, x, glu, gate, up, down, graph_only, *_flatten((gate, up, down)))
 
 
 def reference(x: torch.Tensor, p: Projection) -> torch.Tensor:

@@ -10,7 +10,6 @@ states) go to the model's own HF forwards, which runs the same weights and adapt
 """
 from __future__ import annotations
 
-import functools
 import os
 import types
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from fastbench.checkpointing import LayerCheckpointing
-from fastbench.fused.decoder import Family, decoder_layer, family_of, norm_eps, sdpa_mask, unsupported_lora
+from fastbench.fused.decoder import Family, family_of, layer_parts, norm_eps, sdpa_mask, unsupported_lora
 from fastbench.kernels.linear_cross_entropy import fused_linear_cross_entropy
 from fastbench.kernels.lora import clear_factor_cache
 from fastbench.kernels.rms_norm import rms_norm
@@ -45,10 +44,6 @@ def _window(model, attn):
 def _hf_forward(module, given: dict, **kwargs):
     """``module``'s own (unpatched) HF forward, with the arguments its caller passed (None ones dropped)."""
     return type(module).forward(module, **{k: v for k, v in given.items() if v is not None}, **kwargs)
-
-
-def _trainable(module) -> list[torch.Tensor]:
-    return [p for p in module.parameters() if p.requires_grad]
 
 
 def _needs_hf(use_cache, output_attentions, output_hidden_states, kwargs) -> bool:
@@ -83,8 +78,7 @@ def fused_backbone_forward(self, input_ids=None, attention_mask=None, position_i
         window = _window(self, layer.self_attn)
         if window not in masks:
             masks[window] = sdpa_mask(attention_mask, packing_ids, T, window, h.device)
-        run = functools.partial(decoder_layer, layer, cos=cos, sin=sin, mask=masks[window], family=family)
-        h = state.checkpointing(index, run, h, functools.partial(_trainable, layer))
+        h = state.checkpointing(index, h, layer_parts(layer, cos, sin, masks[window], family))
     h = rms_norm(h, self.norm.weight, norm_eps(self.norm), family.norm_offset)
     return BaseModelOutputWithPast(last_hidden_state=h)
 

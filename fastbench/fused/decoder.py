@@ -4,7 +4,11 @@ of the layer's own modules (PEFT LoRA wrappers included) and calling no module's
     h = x + O(attention(RoPE(norm_qk(Q(n))), RoPE(norm_qk(K(n))), V(n))),  n = RMSNorm(x)
     y = h + down(GLU(gate(m), up(m))),                                     m = RMSNorm(h)
 
-Q, K, V run as one fused LoRA Function (they share n), O as another, the MLP as a third.
+Q, K, V run as one fused LoRA Function (they share n), O as another, the MLP as a third. A layer is two
+checkpointing parts (:func:`layer_parts`), x -> h and h -> y; while a part is recomputed for its
+backward (``fastbench.checkpointing.recomputing()``) its output is only the root of that backward, so
+the O projection, the GLU and the down projection are not recomputed: their Functions return
+placeholders and save what their backward needs.
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from fastbench.checkpointing import recomputing
 from fastbench.kernels.geglu import geglu, geglu_backward
 from fastbench.kernels.lora import GLU, LoRA, Projection, lora_mlp, lora_projections
 from fastbench.kernels.rms_norm import rms_norm
@@ -112,10 +117,13 @@ def sdpa_mask(attention_mask, position_ids, T, window, device):
     return mask | torch.eye(T, dtype=torch.bool, device=device)
 
 
-def attention_block(attn, x, cos, sin, mask, family: Family):
-    B, T, _ = x.shape
+def attention_residual(layer, x, cos, sin, mask, family: Family):
+    """x + attention(RMSNorm(x)): the first part of a decoder layer, [B, T, hidden] -> [B, T, hidden]."""
+    attn = layer.self_attn
+    n = rms_norm(x, layer.input_layernorm.weight, norm_eps(layer.input_layernorm), family.norm_offset)
+    B, T, _ = n.shape
     D = attn.head_dim
-    q, k, v = lora_projections(x, projection(attn.q_proj), projection(attn.k_proj), projection(attn.v_proj))
+    q, k, v = lora_projections(n, projection(attn.q_proj), projection(attn.k_proj), projection(attn.v_proj))
     q, k, v = q.view(B, T, -1, D), k.view(B, T, -1, D), v.view(B, T, -1, D)
     if family.qk_norm:
         q = rms_norm(q, attn.q_norm.weight, norm_eps(attn.q_norm))
@@ -124,16 +132,32 @@ def attention_block(attn, x, cos, sin, mask, family: Family):
     v = v.transpose(1, 2)
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=attn.scaling,
                                        enable_gqa=q.shape[1] != k.shape[1])
-    (out,) = lora_projections(o.transpose(1, 2).reshape(B, T, -1), projection(attn.o_proj))
-    return out
+    (out,) = lora_projections(o.transpose(1, 2).reshape(B, T, -1), projection(attn.o_proj),
+                              graph_only=recomputing())
+    return x + out
 
 
-def decoder_layer(layer, x, cos, sin, mask, family: Family):
-    """One decoder layer: x [B, T, hidden] -> [B, T, hidden]."""
-    n = rms_norm(x, layer.input_layernorm.weight, norm_eps(layer.input_layernorm), family.norm_offset)
-    h = x + attention_block(layer.self_attn, n, cos, sin, mask, family)
+def mlp_residual(layer, h, family: Family):
+    """h + MLP(RMSNorm(h)): the second part of a decoder layer."""
     m = rms_norm(h, layer.post_attention_layernorm.weight, norm_eps(layer.post_attention_layernorm),
-                     family.norm_offset)
+                 family.norm_offset)
     mlp = layer.mlp
     return h + lora_mlp(m, projection(mlp.gate_proj), projection(mlp.up_proj), projection(mlp.down_proj),
-                        family.glu)
+                        family.glu, graph_only=recomputing())
+
+
+def _attention_params(layer) -> list[torch.Tensor]:
+    return [p for m in (layer.input_layernorm, layer.self_attn) for p in m.parameters() if p.requires_grad]
+
+
+def _mlp_params(layer) -> list[torch.Tensor]:
+    """The layer's other trainable parameters (the MLP's and its norm's)."""
+    attention = {id(p) for p in _attention_params(layer)}
+    return [p for p in layer.parameters() if p.requires_grad and id(p) not in attention]
+
+
+def layer_parts(layer, cos, sin, mask, family: Family):
+    """One decoder layer as the checkpointing parts [(fn, its trainable parameters)] (see fastbench.checkpointing)."""
+    return [(functools.partial(attention_residual, layer, cos=cos, sin=sin, mask=mask, family=family),
+             functools.partial(_attention_params, layer)),
+            (functools.partial(mlp_residual, layer, family=family), functools.partial(_mlp_params, layer))]

@@ -90,8 +90,8 @@ def test_trl_sft_trainer_runs_fused_and_saves_an_adapter(seed, tmp_path, monkeyp
     import fastbench.fused.causal_lm as causal_lm
     trl = pytest.importorskip("trl")
 
-    calls, layer = [], causal_lm.decoder_layer
-    monkeypatch.setattr(causal_lm, "decoder_layer", lambda *a, **k: (calls.append(1), layer(*a, **k))[1])
+    calls, parts = [], causal_lm.layer_parts
+    monkeypatch.setattr(causal_lm, "layer_parts", lambda *a, **k: (calls.append(1), parts(*a, **k))[1])
 
     tok, rng = tiny_tokenizer(), np.random.default_rng(seed)
     data = Dataset.from_dict({"text": texts(8, rng)})

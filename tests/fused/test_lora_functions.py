@@ -120,3 +120,23 @@ def test_cast_factors_follow_an_in_place_update(seed):
         q.lora.B.add_(1.0)
     after = lora_projections(x, q)[0]
     assert rel(after, reference(x, q)) < 1e-2 and rel(after, before) > 1e-2
+
+
+def test_graph_only_forward_gives_the_same_gradients(seed):
+    """A recomputed part returns placeholders for the O/down outputs; its backward must not change."""
+    x = torch.randn(2, 5, 24, requires_grad=True)
+    o = make_projection(24, 16, 3, torch.float32)
+    gate, up, down = make_projection(24, 40, 3, torch.float32), make_projection(24, 40, 3, torch.float32), \
+        make_projection(40, 24, 3, torch.float32)
+    dy_o, dy_mlp = torch.randn(2, 5, 16), torch.randn(2, 5, 24)
+    results = []
+    for graph_only in (False, True):
+        (y_o,) = lora_projections(x, o, graph_only=graph_only)
+        y_mlp = lora_mlp(x, gate, up, down, _GLUS["silu"], graph_only=graph_only)
+        assert y_o.shape == (2, 5, 16) and y_mlp.shape == (2, 5, 24)
+        if graph_only:  # a broadcast zero: no memory of the output's size
+            assert y_o.stride() == (0, 0, 0) and y_mlp.stride() == (0, 0, 0)
+        results.append(torch.autograd.grad((y_o, y_mlp), [x] + [t for p in (o, gate, up, down)
+                                                             for t in (p.lora.A, p.lora.B)], (dy_o, dy_mlp)))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)

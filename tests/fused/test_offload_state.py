@@ -23,7 +23,7 @@ class Layers:
 
     def loss(self, ckpt, x):
         for i, w in enumerate(self.weights):
-            x = ckpt(i, self.layer_fn(i), x, [w])
+            x = ckpt(i, x, [(self.layer_fn(i), [w])])
         return (x ** 2).sum()
 
     def grads(self, ckpt, *inputs):
@@ -49,3 +49,29 @@ def test_two_forwards_before_one_backward(seed):
     offload = LayerCheckpointing("offload")
     expected = layers.grads(LayerCheckpointing(False), x1, x2)
     assert torch.allclose(layers.grads(offload, x1, x2), expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("mode", [True, "offload"])
+def test_layers_of_two_parts(seed, mode):
+    """Each part is checkpointed on its own (slots 2i, 2i+1) and knows when it is being recomputed."""
+    from fastbench.checkpointing import recomputing
+
+    layers, x = Layers(), torch.randn(5, 8, requires_grad=True)
+    seen = []
+
+    def square(x):
+        seen.append(recomputing())
+        return x * x
+
+    def loss(ckpt):
+        h = x
+        for i, w in enumerate(layers.weights):
+            h = ckpt(i, h, [(layers.layer_fn(i), [w]), (square, [])])
+        return h.sum()
+
+    expected = torch.autograd.grad(loss(LayerCheckpointing(False)), [x, *layers.weights])
+    seen.clear()
+    got = torch.autograd.grad(loss(LayerCheckpointing(mode)), [x, *layers.weights])
+    assert seen == [False] * 4 + [True] * 4 and not recomputing()
+    for a, b in zip(got, expected):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
