@@ -146,18 +146,19 @@ def mlp_residual(layer, h, family: Family):
                         family.glu, graph_only=recomputing())
 
 
-def _attention_params(layer) -> list[torch.Tensor]:
-    return [p for m in (layer.input_layernorm, layer.self_attn) for p in m.parameters() if p.requires_grad]
-
-
-def _mlp_params(layer) -> list[torch.Tensor]:
-    """The layer's other trainable parameters (the MLP's and its norm's)."""
-    attention = {id(p) for p in _attention_params(layer)}
-    return [p for p in layer.parameters() if p.requires_grad and id(p) not in attention]
+def _trainable_by_part(layer) -> tuple[list, list]:
+    """The layer's trainable parameters: (attention part's: its norm and self_attn; MLP part's: the rest)."""
+    parts = ([], [])
+    for name, p in layer.named_parameters():
+        if p.requires_grad:
+            parts[not name.startswith(("input_layernorm.", "self_attn."))].append(p)
+    return parts
 
 
 def layer_parts(layer, cos, sin, mask, family: Family):
-    """One decoder layer as the checkpointing parts [(fn, its trainable parameters)] (see fastbench.checkpointing)."""
+    """One decoder layer as the checkpointing parts [(fn, its trainable parameters)] (see fastbench.checkpointing);
+    the parameters are listed when first asked for (only recomputed parts ask), in one pass for both parts."""
+    trainable = functools.cache(functools.partial(_trainable_by_part, layer))
     return [(functools.partial(attention_residual, layer, cos=cos, sin=sin, mask=mask, family=family),
-             functools.partial(_attention_params, layer)),
-            (functools.partial(mlp_residual, layer, family=family), functools.partial(_mlp_params, layer))]
+             lambda: trainable()[0]),
+            (functools.partial(mlp_residual, layer, family=family), lambda: trainable()[1])]
