@@ -162,11 +162,44 @@ def resolve_model(name_or_path: str) -> ModelSource:
                        prequantized_4bit=bool(quant.get("load_in_4bit")) or quant.get("quant_type") == "nf4")
 
 
+_CHECKPOINT_MARK = ".fastbench-checkpoint"  # marks directories save_checkpoint wrote (the only ones it may evict)
+
+
+def _make_room(parent: str, needed: int, keep: str) -> None:
+    """Ensure ``needed`` bytes are free under ``parent``, removing the least recently used checkpoints
+    that save_checkpoint wrote there (never ``keep``, nothing else); OSError saying what to do otherwise."""
+    import os
+    import shutil
+
+    def free() -> int:
+        return shutil.disk_usage(parent).free
+
+    if free() >= needed:
+        return
+    ours = [os.path.join(parent, d) for d in os.listdir(parent)
+            if os.path.isfile(os.path.join(parent, d, _CHECKPOINT_MARK)) and os.path.join(parent, d) != keep]
+    ours.sort(key=lambda d: os.path.getmtime(os.path.join(d, _CHECKPOINT_MARK)))
+    removed = []
+    while ours and free() < needed:
+        victim = ours.pop(0)
+        shutil.rmtree(victim, ignore_errors=True)
+        removed.append(os.path.basename(victim))
+    if free() < needed:
+        raise OSError(f"writing a {needed / 2 ** 30:.1f} GiB random-weight checkpoint needs that much free disk in "
+                      f"{parent}, which has {free() / 2 ** 30:.1f} GiB"
+                      + (f" after removing older checkpoints ({', '.join(removed)})" if removed else "")
+                      + "; set $FASTBENCH_CHECKPOINT_CACHE to a directory on a larger disk")
+
+
 def save_checkpoint(preset: Preset | str, directory: str, dtype=None, device="cpu", seed: int = 0) -> str:
     """Write the preset's random-weight model (``build_model(preset, dtype, device, seed)``) and a small
     word-level tokenizer to ``directory`` as a Hugging Face checkpoint, atomically (a temporary
     directory renamed into place), so loaders that need a path (bitsandbytes quantization on load,
-    Unsloth) see exactly the weights the in-memory arms build."""
+    Unsloth) see exactly the weights the in-memory arms build.
+
+    Checkpoints written here are marked; when the disk lacks room for a new one, the least recently
+    used marked checkpoints beside it are removed first (a later run rebuilds them: same seed, same weights).
+    """
     import os
     import shutil
     import tempfile
@@ -175,13 +208,18 @@ def save_checkpoint(preset: Preset | str, directory: str, dtype=None, device="cp
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
+    mark = os.path.join(directory, _CHECKPOINT_MARK)
     if os.path.isdir(directory):
+        if os.path.isfile(mark):
+            os.utime(mark)  # recently used: evicted last
         return directory
     parent = os.path.dirname(os.path.abspath(directory))
     os.makedirs(parent, exist_ok=True)
+    model = build_model(preset, dtype=dtype, device=device, seed=seed)
+    weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    _make_room(parent, int(weight_bytes * 1.02) + (64 << 20), keep=os.path.abspath(directory))
     tmp = tempfile.mkdtemp(prefix=".partial-", dir=parent)
     try:
-        model = build_model(preset, dtype=dtype, device=device, seed=seed)
         model.save_pretrained(tmp)
         del model
         if torch.cuda.is_available():
@@ -192,6 +230,7 @@ def save_checkpoint(preset: Preset | str, directory: str, dtype=None, device="cp
         tok.pre_tokenizer = pre_tokenizers.Whitespace()
         PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
                                 eos_token="</s>", unk_token="<unk>").save_pretrained(tmp)
+        open(os.path.join(tmp, _CHECKPOINT_MARK), "w").close()
         try:
             os.rename(tmp, directory)
         except OSError:  # another process won the race; its copy holds the same weights
