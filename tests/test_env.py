@@ -23,3 +23,12 @@ def test_env_command_text_and_json():
     as_json = runner.invoke(main, ["env", "--json"])
     assert as_json.exit_code == 0
     assert json.loads(as_json.output)["versions"]["transformers"]
+
+
+def test_fastbench_git_sha_names_the_commit_of_a_copied_tree(monkeypatch):
+    """A copy of the tree may carry a stale .git; the commit named by FASTBENCH_GIT_SHA wins."""
+    from fastbench.env import collect_environment
+
+    monkeypatch.setenv("FASTBENCH_GIT_SHA", "0123abc")
+    env = collect_environment()
+    assert env["git_sha"] == "0123abc" and env["git_dirty"] is None
