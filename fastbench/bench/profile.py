@@ -61,15 +61,30 @@ def summarize_times(times_us: dict[str, float], top: int = 8) -> dict:
     return {"ms": ms, "total_ms": sum(ms.values()), "top_other": [[n[:160], t] for n, t in other[:top]]}
 
 
+def host_issue(run_step: Callable[[], object], sync: Callable[[], None]) -> dict:
+    """One step from an idle GPU, unprofiled: ``issue_ms``, the host's time until ``run_step()`` returns
+    (every kernel queued), and ``step_ms``, until the GPU has run them. Their ratio near 1 means the
+    GPU finished as soon as the host had issued the last kernel: the step is bound by the CPU (Python,
+    launches), and GPU work saved will not show. Well below 1: the GPU is the bottleneck."""
+    sync()
+    t = time.perf_counter()
+    run_step()
+    issue = time.perf_counter() - t
+    sync()
+    return {"issue_ms": issue * 1e3, "step_ms": (time.perf_counter() - t) * 1e3}
+
+
 def profile_step(run_step: Callable[[], object], cuda: bool) -> dict:
-    """Run ``run_step()`` once under ``torch.profiler``; returns ``summarize_times`` of its device
-    kernels (``cuda``) or CPU ops' self times, plus ``activity`` ("cuda"/"cpu") and ``wall_ms``."""
+    """Run ``run_step()`` once under ``torch.profiler`` (after one unprofiled step timed by :func:`host_issue`);
+    returns ``summarize_times`` of its device kernels (``cuda``) or CPU ops' self times, plus
+    ``activity`` ("cuda"/"cpu"), ``wall_ms`` and ``host`` (host_issue's times)."""
     import torch
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     sync = torch.cuda.synchronize if cuda else (lambda: None)
+    host = host_issue(run_step, sync)
     sync()
     with profile(activities=activities) as prof:
         t = time.perf_counter()
@@ -84,4 +99,4 @@ def profile_step(run_step: Callable[[], object], cuda: bool) -> dict:
             times_us[e.key] = times_us.get(e.key, 0.0) + us
     if not any(times_us.values()):
         raise RuntimeError(f"the profiler saw no {'device kernels (is CUPTI usable here?)' if cuda else 'ops'}")
-    return {"activity": "cuda" if cuda else "cpu", "wall_ms": wall_ms, **summarize_times(times_us)}
+    return {"activity": "cuda" if cuda else "cpu", "wall_ms": wall_ms, "host": host, **summarize_times(times_us)}

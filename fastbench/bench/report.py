@@ -83,9 +83,15 @@ def profile_lines(results: dict) -> list[str]:
         for arm, ps in arms.items():
             timed = step_s.get((model, arm))
             others = ", ".join(f"`{n[:80]}` {t:,.1f} ms" for n, t in ps[0]["top_other"][:4])
+            hosts = [p["host"] for p in ps if "host" in p]  # absent in files from before it was measured
+            host = ""
+            if hosts:
+                issue, step = (sum(h[k] for h in hosts) / len(hosts) for k in ("issue_ms", "step_ms"))
+                host = (f"; host CPU issued an unprofiled step in {issue:,.1f} of its {step:,.1f} ms "
+                        f"({100 * issue / step:.0f}%{': CPU-bound' if issue >= 0.95 * step else ''})")
             lines.append(f"- {arm}: profiled step {sum(p['wall_ms'] for p in ps) / len(ps):,.1f} ms wall "
                          f"(profiler overhead included), timed steps {_fmt(timed and 1e3 * timed, ',.1f')} ms median"
-                         + (f"; largest 'other': {others}" if others else ""))
+                         + host + (f"; largest 'other': {others}" if others else ""))
     lines += [f"- profiling failed for {r['arm']} on {r['model']}, repeat {r['repeat'] + 1}: "
               f"{r['profile']['error'][:300]}" for r in failed]
     return lines

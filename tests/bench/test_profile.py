@@ -128,7 +128,21 @@ def test_profile_step_on_cpu(rng):
     for region in ("matmul", "loss", "optimizer"):
         assert p["ms"][region] > 0, (region, p)
     assert p["total_ms"] == pytest.approx(sum(p["ms"].values()))
+    assert 0 < p["host"]["issue_ms"] <= p["host"]["step_ms"]
     assert json.loads(json.dumps(p)) == p
+
+
+def test_report_says_when_the_host_cpu_bounds_the_step(tmp_path, rng, make_record, make_results):
+    recs = [make_record(a, rng=rng) for a in ("peft", "qlora")]
+    for r, issue in zip(recs, (398.0, 120.0)):
+        r["profile"] = {**_profile(rng), "host": {"issue_ms": issue, "step_ms": 400.0}}
+    res = make_results(recs, ["peft", "qlora"])
+    res["summary"] = summarize_results(res)
+    text = open(report.write_report(res, str(tmp_path))).read()
+    peft = next(line for line in text.splitlines() if line.startswith("- peft: profiled step"))
+    qlora = next(line for line in text.splitlines() if line.startswith("- qlora: profiled step"))
+    assert "398.0 of its 400.0 ms (100%: CPU-bound)" in peft
+    assert "120.0 of its 400.0 ms (30%)" in qlora and "CPU-bound" not in qlora
 
 
 @pytest.mark.gpu
