@@ -35,6 +35,7 @@ from __future__ import annotations
 from typing import Callable, NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from fastbench.kernels.nf4 import dequantize_nf4_weight
 
@@ -61,13 +62,14 @@ _workspaces: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
 
 def _workspace(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A flat buffer of at least ``numel`` elements, shared by every dequantization on this device."""
+    """A flat buffer of at least ``numel`` elements, shared by every dequantization on this device
+    (whole: the dequantizer views its first elements itself)."""
     key = (device, dtype)
     buf = _workspaces.get(key)
     if buf is None or buf.numel() < numel:
         _workspaces.pop(key, None)
         buf = _workspaces[key] = torch.empty(numel, dtype=dtype, device=device)
-    return buf[:numel]
+    return buf
 
 
 def base_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -77,7 +79,7 @@ def base_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return weight if weight.dtype == dtype else weight.to(dtype)
     if state.dtype != dtype:
         return dequantize_nf4_weight(weight).to(dtype)
-    return dequantize_nf4_weight(weight, out=_workspace(state.shape.numel(), dtype, weight.device).view(state.shape))
+    return dequantize_nf4_weight(weight, out=_workspace(state.shape.numel(), dtype, weight.device))
 
 
 class _Factors(NamedTuple):
@@ -133,18 +135,18 @@ def _placeholder(x: torch.Tensor, p: Projection) -> torch.Tensor:
 
 
 def _forward(x: torch.Tensor, projections) -> list[torch.Tensor]:
-    """x [..., i] -> [y_p [..., o_p]], fresh tensors (not views: callers may rotate them in place)."""
+    """x [..., i] -> [y_p [..., o_p]], each a view of its own fresh tensor (callers may rotate them in place).
+    Written for few host calls per projection: the step is often bound by the CPU issuing it."""
     x2 = x.reshape(-1, x.shape[-1])
     f = _factors(projections, x.dtype)
-    xA = None if f.A is None else x2 @ f.A.t()  # [N, sum r]: one matmul for every LoRA of this input
+    xA = None if f.A is None else F.linear(x2, f.A)  # [N, sum r]: one matmul for every LoRA of this input
     ys = []
     for p, B, cols in zip(projections, f.B_scaled, f.columns):
-        y = x @ base_weight(p.weight, x.dtype).t()
-        if p.bias is not None:
-            y += p.bias.to(y.dtype)
+        bias = None if p.bias is None or p.bias.dtype == x.dtype else p.bias.to(x.dtype)
+        y = F.linear(x2, base_weight(p.weight, x.dtype), p.bias if bias is None else bias)
         if B is not None:
-            y.view(-1, y.shape[-1]).addmm_(xA[:, cols], B.t())
-        ys.append(y)
+            y.addmm_(xA[:, cols], B.t())
+        ys.append(y.view(*x.shape[:-1], y.shape[-1]))
     return ys
 
 

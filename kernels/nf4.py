@@ -83,31 +83,37 @@ def problem_key(shape, dtype: torch.dtype, blocksize: int, nested: bool) -> dict
             "blocksize": int(blocksize), "nested": bool(nested)}
 
 
-def _launch(packed, absmax, code, out, numel, blocksize, nested, config):
+def _launch(packed, absmax, code, flat_out, numel, blocksize, nested, config):
+    """``flat_out``: the 1-D output, exactly ``numel`` elements."""
     absmax_q, absmax2, code2, offset, blocksize2 = absmax if nested else (absmax, absmax, code, absmax, 1)
     blocks = max(1, config["BLOCK"] // blocksize)  # BLOCK: output elements per program
     grid = (triton.cdiv(triton.cdiv(numel, blocksize), blocks),)
-    bf16 = out.dtype == torch.bfloat16
-    pairs = out.element_size() == 2 and numel % 2 == 0 and out.data_ptr() % 4 == 0
+    bf16 = flat_out.dtype == torch.bfloat16
+    pairs = flat_out.element_size() == 2 and numel % 2 == 0 and flat_out.data_ptr() % 4 == 0
     if pairs:
-        out = out.view(-1)[:numel].view(torch.int32)
+        flat_out = flat_out.view(torch.int32)
     elif bf16:
-        out = out.view(torch.int16)
+        flat_out = flat_out.view(torch.int16)
     _dequantize_nf4_kernel[grid](
-        packed, absmax_q, code, absmax2, code2, offset, out, numel,
+        packed, absmax_q, code, absmax2, code2, offset, flat_out, numel,
         BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2, NESTED=nested, BLOCKS=blocks, PAIRS=pairs, OUT_BF16=bf16,
         num_warps=config["num_warps"], num_stages=config["num_stages"], enable_fp_fusion=False,
     )
 
 
-def _output_buffer(out, shape, dtype, device) -> torch.Tensor:
+def _output_buffer(out, shape, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the flat first prod(shape) elements of ``out``, or of a new buffer; the same shaped ``shape``)."""
     numel = math.prod(shape)
     if out is None:
-        return torch.empty(shape, dtype=dtype, device=device)
-    if out.dtype != dtype or not out.is_contiguous() or out.numel() < numel or out.device != device:
-        raise ValueError(f"out must be a contiguous {dtype} tensor on {device} with at least {numel} "
-                         f"elements, got {out.dtype} {tuple(out.shape)} on {out.device}")
-    return out.view(-1)[:numel].view(shape)
+        flat = torch.empty(numel, dtype=dtype, device=device)
+    else:
+        if out.dtype != dtype or not out.is_contiguous() or out.numel() < numel or out.device != device:
+            raise ValueError(f"out must be a contiguous {dtype} tensor on {device} with at least {numel} "
+                             f"elements, got {out.dtype} {tuple(out.shape)} on {out.device}")
+        flat = out if out.dim() == 1 else out.view(-1)
+        if flat.numel() != numel:
+            flat = flat[:numel]
+    return flat, flat.view(shape)
 
 
 class _Plan(NamedTuple):
@@ -149,9 +155,9 @@ def _plan(packed, absmax, code, *, shape, blocksize, absmax_code, absmax_scale, 
 
 
 def _run(plan: _Plan, out) -> torch.Tensor:
-    result = _output_buffer(out, plan.shape, plan.dtype, plan.packed.device)
+    flat, result = _output_buffer(out, plan.shape, plan.dtype, plan.packed.device)
     config = config_for(SPEC, "fwd", plan.problem)
-    _launch(plan.packed, plan.stats, plan.code, result, plan.numel, plan.blocksize, plan.nested, config)
+    _launch(plan.packed, plan.stats, plan.code, flat, plan.numel, plan.blocksize, plan.nested, config)
     return result
 
 
@@ -163,8 +169,8 @@ def dequantize_nf4(packed, absmax, code=None, *, shape, blocksize=64, absmax_cod
     or, double quantized, their uint8 codes, with ``absmax_code`` (256 fp32 values), ``absmax_scale``
     (fp32, one per ``absmax_blocksize`` codes) and ``absmax_offset`` (a 0-d fp32 tensor).
     ``code``: the 16-entry fp32 table (default: bitsandbytes' NF4 table). ``out``: an optional
-    contiguous buffer of ``dtype`` with at least ``prod(shape)`` elements; the result is a view of its
-    first elements.
+    contiguous buffer of ``dtype`` with at least ``prod(shape)`` elements (any shape; a flat one costs
+    the fewest views); the result is a view of its first elements.
     """
     return _run(_plan(packed, absmax, code, shape=shape, blocksize=blocksize, absmax_code=absmax_code,
                       absmax_scale=absmax_scale, absmax_offset=absmax_offset, absmax_blocksize=absmax_blocksize,
@@ -181,12 +187,12 @@ def dequantize_nf4_weight(weight, out=None, *, quant_state=None):
     The checked launch arguments are kept on the quant state (training dequantizes each weight a few
     times per step) and rebuilt when the packed data or the state's tensors moved."""
     state = quant_state if quant_state is not None else weight.quant_state
-    packed = weight.data if isinstance(weight, torch.nn.Parameter) else weight
-    tensors = (packed, state.absmax, *((state.offset, state.state2.absmax) if state.nested else ()))
+    tensors = (weight, state.absmax, *((state.offset, state.state2.absmax) if state.nested else ()))
     where = tuple(t.data_ptr() if isinstance(t, torch.Tensor) else t for t in tensors)
     cached = getattr(state, _PLAN_ATTR, None)
     if cached is not None and cached[0] == where and cached[1].dtype == state.dtype:
         return _run(cached[1], out)
+    packed = weight.data if isinstance(weight, torch.nn.Parameter) else weight
     s2 = state.state2 if state.nested else None
     plan = _plan(packed, state.absmax, state.code, shape=state.shape, blocksize=state.blocksize,
                  absmax_code=s2.code if s2 else None, absmax_scale=s2.absmax if s2 else None,
@@ -257,7 +263,7 @@ def tune_case(pass_name, problem, device):
     numel = math.prod(shape)
 
     def run(config):
-        _launch(packed.view(-1), stats, state.code, out, numel, state.blocksize, state.nested, config)
+        _launch(packed.view(-1), stats, state.code, out.view(-1), numel, state.blocksize, state.nested, config)
         return out
 
     return TuneCase(run=run, expected=expected, tolerance=0.0)
