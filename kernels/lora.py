@@ -58,18 +58,20 @@ class Projection(NamedTuple):
     lora: LoRA | None
 
 
-_workspaces: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+# (device, dtype) -> (flat buffer, {shape: a view of its first elements}); the views are made once
+_workspaces: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, dict]] = {}
 
 
-def _workspace(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A flat buffer of at least ``numel`` elements, shared by every dequantization on this device
-    (whole: the dequantizer views its first elements itself)."""
+def _workspace(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A ``shape`` view into a buffer shared by every dequantization on this device (grown as needed)."""
     key = (device, dtype)
-    buf = _workspaces.get(key)
-    if buf is None or buf.numel() < numel:
-        _workspaces.pop(key, None)
-        buf = _workspaces[key] = torch.empty(numel, dtype=dtype, device=device)
-    return buf
+    buf, views = _workspaces.get(key) or (None, None)
+    if buf is None or buf.numel() < shape.numel():
+        buf, views = _workspaces[key] = (torch.empty(shape.numel(), dtype=dtype, device=device), {})
+    view = views.get(shape)
+    if view is None:
+        view = views[shape] = buf[: shape.numel()].view(shape)
+    return view
 
 
 def base_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -79,7 +81,7 @@ def base_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return weight if weight.dtype == dtype else weight.to(dtype)
     if state.dtype != dtype:
         return dequantize_nf4_weight(weight).to(dtype)
-    return dequantize_nf4_weight(weight, out=_workspace(state.shape.numel(), dtype, weight.device))
+    return dequantize_nf4_weight(weight, out=_workspace(state.shape, dtype, weight.device))
 
 
 class _Factors(NamedTuple):
@@ -87,6 +89,7 @@ class _Factors(NamedTuple):
     into one [sum r, i] matrix (so x A^T is one matmul for all of them), each B pre-scaled by its s."""
     A: torch.Tensor | None  # None when no projection has an active LoRA
     B_scaled: tuple  # per projection: s B [o, r] or None
+    B_scaled_t: tuple  # the same transposed (views), for the forward's addmm
     columns: tuple  # per projection: its slice of A's rows (of x A^T's columns) or None
     scales: tuple
 
@@ -117,7 +120,8 @@ def _factors(projections, dtype: torch.dtype) -> _Factors:
     A = None if not As else (As[0] if len(As) == 1 else torch.cat(As)).to(dtype)
     B_scaled = tuple(None if l is None else (l.B.to(dtype) if l.scale == 1 else l.B.to(dtype) * l.scale)
                      for l in loras)
-    factors = _Factors(A, B_scaled, tuple(columns), tuple(None if l is None else l.scale for l in loras))
+    factors = _Factors(A, B_scaled, tuple(None if B is None else B.t() for B in B_scaled), tuple(columns),
+                       tuple(None if l is None else l.scale for l in loras))
     if len(_factor_cache) >= _MAX_CACHED:  # callers that never clear (direct use of these functions)
         _factor_cache.clear()
     _factor_cache[key] = (params, versions, factors)
@@ -141,11 +145,11 @@ def _forward(x: torch.Tensor, projections) -> list[torch.Tensor]:
     f = _factors(projections, x.dtype)
     xA = None if f.A is None else F.linear(x2, f.A)  # [N, sum r]: one matmul for every LoRA of this input
     ys = []
-    for p, B, cols in zip(projections, f.B_scaled, f.columns):
+    for p, Bt, cols in zip(projections, f.B_scaled_t, f.columns):
         bias = None if p.bias is None or p.bias.dtype == x.dtype else p.bias.to(x.dtype)
         y = F.linear(x2, base_weight(p.weight, x.dtype), p.bias if bias is None else bias)
-        if B is not None:
-            y.addmm_(xA[:, cols], B.t())
+        if Bt is not None:
+            y.addmm_(xA[:, cols], Bt)
         ys.append(y.view(*x.shape[:-1], y.shape[-1]))
     return ys
 

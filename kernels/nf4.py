@@ -84,16 +84,17 @@ def problem_key(shape, dtype: torch.dtype, blocksize: int, nested: bool) -> dict
 
 
 def _launch(packed, absmax, code, flat_out, numel, blocksize, nested, config):
-    """``flat_out``: the 1-D output, exactly ``numel`` elements."""
+    """``flat_out``: the contiguous output, exactly ``numel`` elements (1-D, or any shape with an even
+    last dimension)."""
     absmax_q, absmax2, code2, offset, blocksize2 = absmax if nested else (absmax, absmax, code, absmax, 1)
     blocks = max(1, config["BLOCK"] // blocksize)  # BLOCK: output elements per program
     grid = (triton.cdiv(triton.cdiv(numel, blocksize), blocks),)
     bf16 = flat_out.dtype == torch.bfloat16
     pairs = flat_out.element_size() == 2 and numel % 2 == 0 and flat_out.data_ptr() % 4 == 0
-    if pairs:
-        flat_out = flat_out.view(torch.int32)
-    elif bf16:
-        flat_out = flat_out.view(torch.int16)
+    if pairs or bf16:
+        if flat_out.dim() > 1 and flat_out.shape[-1] % 2:
+            flat_out = flat_out.view(-1)
+        flat_out = flat_out.view(torch.int32 if pairs else torch.int16)
     _dequantize_nf4_kernel[grid](
         packed, absmax_q, code, absmax2, code2, offset, flat_out, numel,
         BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2, NESTED=nested, BLOCKS=blocks, PAIRS=pairs, OUT_BF16=bf16,
@@ -102,10 +103,13 @@ def _launch(packed, absmax, code, flat_out, numel, blocksize, nested, config):
 
 
 def _output_buffer(out, shape, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the flat first prod(shape) elements of ``out``, or of a new buffer; the same shaped ``shape``)."""
+    """(the first prod(shape) elements of ``out`` (or of a new buffer) as a contiguous tensor whose last
+    dimension is even where it can be (what the 32-bit store view needs); the same shaped ``shape``)."""
     numel = math.prod(shape)
     if out is None:
         flat = torch.empty(numel, dtype=dtype, device=device)
+    elif out.shape == shape and out.dtype == dtype and out.device == device and out.is_contiguous():
+        return out, out  # no views at all: the fused path passes views it made once
     else:
         if out.dtype != dtype or not out.is_contiguous() or out.numel() < numel or out.device != device:
             raise ValueError(f"out must be a contiguous {dtype} tensor on {device} with at least {numel} "
