@@ -23,6 +23,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from torch.utils.weak import WeakIdKeyDictionary
 
 from fastbench.autotune.lookup import config_for
 from fastbench.autotune.spec import OpSpec, TuneCase
@@ -83,18 +84,28 @@ def problem_key(shape, dtype: torch.dtype, blocksize: int, nested: bool) -> dict
             "blocksize": int(blocksize), "nested": bool(nested)}
 
 
+# output tensor -> its 32/16-bit store view, made once per output object (the fused path passes the same
+# workspace views every step); weak keys: an entry goes with its tensor
+_store_views = WeakIdKeyDictionary()
+
+
+def _store_view(out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    view = _store_views.get(out)
+    if view is None or view.dtype != dtype:
+        flat = out.view(-1) if out.dim() > 1 and out.shape[-1] % 2 else out
+        view = _store_views[out] = flat.view(dtype)
+    return view
+
+
 def _launch(packed, absmax, code, flat_out, numel, blocksize, nested, config):
-    """``flat_out``: the contiguous output, exactly ``numel`` elements (1-D, or any shape with an even
-    last dimension)."""
+    """``flat_out``: the contiguous output, exactly ``numel`` elements (1-D, or any shape)."""
     absmax_q, absmax2, code2, offset, blocksize2 = absmax if nested else (absmax, absmax, code, absmax, 1)
     blocks = max(1, config["BLOCK"] // blocksize)  # BLOCK: output elements per program
     grid = (triton.cdiv(triton.cdiv(numel, blocksize), blocks),)
     bf16 = flat_out.dtype == torch.bfloat16
     pairs = flat_out.element_size() == 2 and numel % 2 == 0 and flat_out.data_ptr() % 4 == 0
     if pairs or bf16:
-        if flat_out.dim() > 1 and flat_out.shape[-1] % 2:
-            flat_out = flat_out.view(-1)
-        flat_out = flat_out.view(torch.int32 if pairs else torch.int16)
+        flat_out = _store_view(flat_out, torch.int32 if pairs else torch.int16)
     _dequantize_nf4_kernel[grid](
         packed, absmax_q, code, absmax2, code2, offset, flat_out, numel,
         BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2, NESTED=nested, BLOCKS=blocks, PAIRS=pairs, OUT_BF16=bf16,

@@ -75,6 +75,17 @@ def _rope_kernel(q_ptr, k_ptr, q_out, k_out, cos_ptr, sin_ptr, seq_len, n_q_head
                   c1, c2, p1, p2, d, d_ok, HALF, BLOCK_H, COMPUTE)
 
 
+def _btd_strides(c: torch.Tensor, B: int, T: int, D: int) -> tuple[int, int, int]:
+    """The strides of cos/sin ([B, T, D], [1, T, D] or [T, D]) seen as [B, T, D] (0 along a broadcast
+    batch), without an expand op (these launches run a few times per layer and step)."""
+    if c.dim() == 2 and tuple(c.shape) == (T, D):
+        return 0, c.stride(0), c.stride(1)
+    if c.dim() == 3 and c.shape[0] in (1, B) and tuple(c.shape[1:]) == (T, D):
+        return 0 if c.shape[0] == 1 else c.stride(0), c.stride(1), c.stride(2)
+    raise ValueError(f"apply_rope: cos/sin must be [B, T, D], [1, T, D] or [T, D] for B={B}, T={T}, D={D}; "
+                     f"got {tuple(c.shape)}")
+
+
 def _launch(q, k, cos, sin, backward: bool, config, q_out=None, k_out=None):
     """Rotate q [B, Hq, T, D] and k [B, Hk, T, D] by cos/sin [B or 1, T, D] or [T, D] into q_out and
     k_out (of the same shapes; in place where None); the transpose of the rotation if backward."""
@@ -86,10 +97,10 @@ def _launch(q, k, cos, sin, backward: bool, config, q_out=None, k_out=None):
             or q_out.shape != q.shape or k_out.shape != k.shape):
         raise ValueError(f"apply_rope: q {tuple(q.shape)} and k {tuple(k.shape)} must be [B, H, T, D] "
                          "with the same B, T, even D, dtype and device")
-    cos, sin = (c.expand(B, T, D) for c in (cos, sin))
     meta = dict(config)
     _rope_kernel[(B * T,)](q, k, q_out, k_out, cos, sin, T, n_q, n_k, *q.stride(), *k.stride(),
-                           *q_out.stride(), *k_out.stride(), *cos.stride(), *sin.stride(),
+                           *q_out.stride(), *k_out.stride(), *_btd_strides(cos, B, T, D),
+                           *_btd_strides(sin, B, T, D),
                            HALF=D // 2, BLOCK_D=triton.next_power_of_2(D // 2), BACKWARD=backward,
                            COMPUTE=tl.float64 if q.dtype == torch.float64 else tl.float32, **meta)
 

@@ -69,6 +69,21 @@ def test_one_buffer_serves_every_layer(seed):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_shaped_output_view_reused_across_weights(seed, dtype):
+    """The fused path passes the same [o, i] workspace view for every weight of that shape, step after
+    step (its 32-bit store view is made once); each call must write that weight's values."""
+    layers = [_quantize((64, 128), dtype) for _ in range(3)]
+    view = torch.full((64 * 128 + 32,), float("nan"), dtype=dtype)[: 64 * 128].view(64, 128)
+    for _ in range(2):
+        for packed, state in layers:
+            got = nf4.dequantize_nf4_weight(packed, view, quant_state=state)
+            assert got is view and torch.equal(got, bnbf.dequantize_4bit(packed, state))
+    odd = torch.empty(4, 3, dtype=dtype)  # an odd last dimension: the store view is taken flat
+    packed, state = bnbf.quantize_4bit(torch.randn(4, 3, dtype=dtype), quant_type="nf4")
+    assert torch.equal(nf4.dequantize_nf4_weight(packed, odd, quant_state=state), bnbf.dequantize_4bit(packed, state))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_word_and_halfword_stores_agree(seed, dtype):
     """16-bit outputs are stored as 32-bit words (two values each) where the buffer is 4-byte aligned
     and the count even; a buffer starting at an odd element takes the one-value path: same bits, and
