@@ -59,8 +59,8 @@ class HostOffloader:
     ahead)."""
 
     def __init__(self):
-        # keys are (forward number, slot): slots number the checkpointed parts of a forward 0, 1, ...; an entry left by a step whose backward never finished
-        # (an OOM retry) can never be mistaken for the same layer of a later step
+        # keys are (forward number, slot), slots numbering a forward's checkpointed parts 0, 1, ...: an entry
+        # left by a step whose backward never finished (an OOM retry) can never be mistaken for a later step's
         self._saved: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.device]] = {}  # -> (buffer, host view, device)
         self._prefetched: dict[tuple[int, int], tuple[torch.Tensor, object]] = {}  # -> (x on its device, copy done)
         self._free: list[torch.Tensor] = []  # flat host buffers to reuse
@@ -194,7 +194,8 @@ def parse_setting(setting) -> tuple[str, float | None]:
                      f"got {setting!r}")
 
 
-Part = tuple[Callable, "Sequence[torch.Tensor] | Callable"]  # (fn, its trainable parameters or a callable returning them)
+# (fn, its trainable parameters or a callable returning them)
+Part = tuple[Callable, "Sequence[torch.Tensor] | Callable"]
 
 
 class LayerCheckpointing:
