@@ -1,18 +1,20 @@
 """Activation checkpointing per decoder layer, for the fused path.
 
 A layer comes as consecutive parts (the fused decoder: attention with its residual, then the MLP with
-its residual), and a recomputed layer checkpoints each part on its own: each part's input is kept,
-and the backward of a part recomputes only that part. A part's output is then only the root of its
-backward, so while :func:`recomputing` is true a part may skip the products that compute nothing but
-its output (the fused decoder skips the O and down projections' forwards and the GLU: about a third of
-a layer's recomputed matmul FLOPs).
+its residual). A recomputed unit keeps its input and, in the backward, recomputes its parts from it;
+the output of its last part is then only the root of that backward, so while :func:`recomputing` is
+true the last part may skip the products that compute nothing but its output. The offload and budget
+modes recompute each part as a unit of its own (two inputs kept per layer; the fused decoder then skips
+the O and down projections' forwards and the GLU: about a third of a layer's recomputed matmul FLOPs);
+``True`` recomputes the whole layer as one unit (one input per layer, the least memory; it skips the
+down projection and the GLU).
 
 ``use_gradient_checkpointing`` picks one policy for all layers of a model:
 
 - ``False``: keep every layer's activations (fastest, most memory).
-- ``True``: keep only each part's input, recompute the part in the backward.
-- ``"offload"``: as True, but the inputs go to pinned CPU memory on a side stream (overlapped with
-  the next layers' compute) and come back, one part ahead, during the backward.
+- ``True``: keep only each layer's input, recompute the layer in the backward.
+- ``"offload"``: keep each part's input in pinned CPU memory (copied on a side stream, overlapped with
+  the next layers' compute; back one part ahead during the backward) and recompute the part.
 - a number (GiB) or ``"auto"``: a budget. The first layer of the first step runs un-checkpointed
   while the bytes its autograd graph saves are counted; from then on the first
   ``budget // bytes_per_layer`` layers keep their activations and the rest recompute. ``"auto"``
@@ -139,14 +141,17 @@ class HostOffloader:
         return x
 
 
-class _RecomputedPart(torch.autograd.Function):
-    """Runs ``part_fn(x)`` without a graph; the backward recomputes it from the kept (or offloaded) x
-    and returns the gradients of x and of ``params`` (the part's trainable parameters)."""
+class _RecomputedUnit(torch.autograd.Function):
+    """Runs the parts ``fns`` one after the other on x without a graph; the backward recomputes them from
+    the kept (or offloaded) x, the last one with :func:`recomputing` true, and returns the gradients of x
+    and of ``params`` (the parts' trainable parameters)."""
 
     @staticmethod
-    def forward(ctx, part_fn, offloader, slot, x, *params):
-        y = part_fn(x)  # a Function's forward runs without building a graph
-        ctx.part_fn, ctx.offloader = part_fn, offloader
+    def forward(ctx, fns, offloader, slot, x, *params):
+        y = x
+        for fn in fns:  # a Function's forward runs without building a graph
+            y = fn(y)
+        ctx.fns, ctx.offloader = fns, offloader
         device = x.device.type  # the recomputation must run under the same autocast as this forward
         ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
         if offloader is not None:
@@ -166,8 +171,12 @@ class _RecomputedPart(torch.autograd.Function):
         needs = ctx.needs_input_grad[3:]
         x = x.detach().requires_grad_(needs[0])
         device, dtype, enabled = ctx.autocast
-        with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled), _recomputation():
-            y = ctx.part_fn(x)
+        with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
+            y = x
+            for fn in ctx.fns[:-1]:
+                y = fn(y)
+            with _recomputation():
+                y = ctx.fns[-1](y)
         inputs = [t for t, need in zip((x, *params), needs) if need]
         grads = iter(torch.autograd.grad(y, inputs, dy, allow_unused=True))
         return (None, None, None, *[next(grads) if need else None for need in needs])
@@ -222,9 +231,11 @@ class LayerCheckpointing:
             if (self._kept + 1) * self.bytes_per_token * x.shape[:-1].numel() <= self._budget(x):
                 self._kept += 1
                 return _run(parts, x)
-        for k, (fn, params) in enumerate(parts):
-            x = _RecomputedPart.apply(fn, self.offloader, index * len(parts) + k, x,
-                                      *(params() if callable(params) else params))
+        units = [parts] if self.mode == "recompute" else [[part] for part in parts]
+        for k, unit in enumerate(units):
+            params = [t for _, p in unit for t in (p() if callable(p) else p)]
+            x = _RecomputedUnit.apply(tuple(fn for fn, _ in unit), self.offloader, index * len(units) + k, x,
+                                      *params)
         return x
 
     def _budget(self, x) -> float:

@@ -5,9 +5,9 @@ of the layer's own modules (PEFT LoRA wrappers included) and calling no module's
     y = h + down(GLU(gate(m), up(m))),                                     m = RMSNorm(h)
 
 Q, K, V run as one fused LoRA Function (they share n), O as another, the MLP as a third. A layer is two
-checkpointing parts (:func:`layer_parts`), x -> h and h -> y; while a part is recomputed for its
-backward (``fastbench.checkpointing.recomputing()``) its output is only the root of that backward, so
-the O projection, the GLU and the down projection are not recomputed: their Functions return
+checkpointing parts (:func:`layer_parts`), x -> h and h -> y. While a part runs as the last one of a
+recomputed unit (``fastbench.checkpointing.recomputing()``), its output is only the root of the backward,
+so its last projection (O, or the GLU and the down projection) is not recomputed: the Functions return
 placeholders and save what their backward needs.
 """
 from __future__ import annotations

@@ -51,27 +51,45 @@ def test_two_forwards_before_one_backward(seed):
     assert torch.allclose(layers.grads(offload, x1, x2), expected, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("mode", [True, "offload"])
+@pytest.mark.parametrize("mode", [True, "offload", 1e-9])
 def test_layers_of_two_parts(seed, mode):
-    """Each part is checkpointed on its own (slots 2i, 2i+1) and knows when it is being recomputed."""
+    """Offload and budget recompute each part alone (slots 2i, 2i+1), True the whole layer from its
+    input; only the last part of a recomputed unit runs with recomputing() true."""
     from fastbench.checkpointing import recomputing
 
     layers, x = Layers(), torch.randn(5, 8, requires_grad=True)
     seen = []
 
-    def square(x):
-        seen.append(recomputing())
-        return x * x
+    def first(i):
+        inner = layers.layer_fn(i)
+
+        def run(h):
+            seen.append(("first", recomputing()))
+            return inner(h)
+        return run
+
+    def square(h):
+        seen.append(("square", recomputing()))
+        return h * h
 
     def loss(ckpt):
         h = x
         for i, w in enumerate(layers.weights):
-            h = ckpt(i, h, [(layers.layer_fn(i), [w]), (square, [])])
+            h = ckpt(i, h, [(first(i), [w]), (square, [])])
         return h.sum()
 
     expected = torch.autograd.grad(loss(LayerCheckpointing(False)), [x, *layers.weights])
     seen.clear()
-    got = torch.autograd.grad(loss(LayerCheckpointing(mode)), [x, *layers.weights])
-    assert seen == [False] * 4 + [True] * 4 and not recomputing()
+    ckpt = LayerCheckpointing(mode)
+    if mode == 1e-9:  # a budget no layer fits: measured on a first forward, then every layer recomputed
+        loss(ckpt)
+        seen.clear()
+    got = torch.autograd.grad(loss(ckpt), [x, *layers.weights])
+    forward, backward = seen[:8], seen[8:]
+    assert forward == [("first", False), ("square", False)] * 4 and not recomputing()
+    if mode is True:  # one unit per layer: its first part recomputes in full
+        assert backward == [("first", False), ("square", True)] * 4
+    else:  # one unit per part, last layer first
+        assert backward == [("square", True), ("first", True)] * 4
     for a, b in zip(got, expected):
         assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
