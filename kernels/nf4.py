@@ -90,6 +90,7 @@ _store_views = WeakIdKeyDictionary()
 
 
 def _store_view(out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``out``'s memory seen as ``dtype`` (int32 words for paired stores, int16 for bf16 halves)."""
     view = _store_views.get(out)
     if view is None or view.dtype != dtype:
         flat = out.view(-1) if out.dim() > 1 and out.shape[-1] % 2 else out
@@ -114,8 +115,9 @@ def _launch(packed, absmax, code, flat_out, numel, blocksize, nested, config):
 
 
 def _output_buffer(out, shape, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the first prod(shape) elements of ``out`` (or of a new buffer) as a contiguous tensor whose last
-    dimension is even where it can be (what the 32-bit store view needs); the same shaped ``shape``)."""
+    """(where the kernel writes, the result): ``out`` itself twice when it already is a contiguous
+    ``shape`` tensor, else a flat slice of its first prod(shape) elements (or of a new buffer) and that
+    slice viewed as ``shape``."""
     numel = math.prod(shape)
     if out is None:
         flat = torch.empty(numel, dtype=dtype, device=device)
