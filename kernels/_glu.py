@@ -22,7 +22,7 @@ import triton.language as tl
 
 from fastbench.autotune.lookup import config_for
 from fastbench.autotune.spec import TuneCase
-from fastbench.kernels._tensors import as_rows, compute_dtype, dtype_name
+from fastbench.kernels._tensors import as_rows, cdiv, compute_dtype, dtype_name, next_power_of_2
 
 _SQRT_2_OVER_PI = tl.constexpr(math.sqrt(2.0 / math.pi))
 _INV_SQRT_2 = tl.constexpr(1.0 / math.sqrt(2.0))
@@ -82,7 +82,7 @@ ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
 
 
 def _grid(shape, meta):
-    return triton.cdiv(shape[0], meta["BLOCK_M"]), triton.cdiv(shape[1], meta["BLOCK_N"])
+    return cdiv(shape[0], meta["BLOCK_M"]), cdiv(shape[1], meta["BLOCK_N"])
 
 
 def _check(*tensors: torch.Tensor):
@@ -173,7 +173,7 @@ CANDIDATES = {"fwd": _configs(), "bwd": _configs()}
 
 def heuristic(pass_name: str, problem) -> dict:
     """Tiles of 4096 elements (several rows when the width is small), 16 elements per thread."""
-    block_n = max(256, min(4096, triton.next_power_of_2(problem["width"])))
+    block_n = max(256, min(4096, next_power_of_2(problem["width"])))
     return {"BLOCK_M": 4096 // block_n, "BLOCK_N": block_n, "num_warps": 8, "num_stages": 1}
 
 

@@ -5,6 +5,17 @@ import torch
 import triton.language as tl
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for the host's launch grids (``triton.cdiv`` costs ~1.5 us a call: it goes through
+    Triton's constexpr-function wrapper, and launches take several per layer and step)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (>= 1), as ``triton.next_power_of_2`` but a plain host function."""
+    return 1 << max(0, n - 1).bit_length()
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     """``torch.bfloat16`` -> ``"bfloat16"``: the form problem keys store."""
     return str(dtype).removeprefix("torch.")

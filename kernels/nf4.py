@@ -27,7 +27,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from fastbench.autotune.lookup import config_for
 from fastbench.autotune.spec import OpSpec, TuneCase
-from fastbench.kernels._tensors import dtype_name
+from fastbench.kernels._tensors import cdiv, dtype_name
 
 
 @triton.jit
@@ -102,7 +102,7 @@ def _launch(packed, absmax, code, flat_out, numel, blocksize, nested, config):
     """``flat_out``: the contiguous output, exactly ``numel`` elements (1-D, or any shape)."""
     absmax_q, absmax2, code2, offset, blocksize2 = absmax if nested else (absmax, absmax, code, absmax, 1)
     blocks = max(1, config["BLOCK"] // blocksize)  # BLOCK: output elements per program
-    grid = (triton.cdiv(triton.cdiv(numel, blocksize), blocks),)
+    grid = (cdiv(cdiv(numel, blocksize), blocks),)
     bf16 = flat_out.dtype == torch.bfloat16
     pairs = flat_out.element_size() == 2 and numel % 2 == 0 and flat_out.data_ptr() % 4 == 0
     if pairs or bf16:

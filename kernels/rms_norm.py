@@ -16,7 +16,7 @@ import triton.language as tl
 
 from fastbench.autotune.lookup import config_for
 from fastbench.autotune.spec import OpSpec, TuneCase
-from fastbench.kernels._tensors import as_rows, compute_dtype, dtype_name
+from fastbench.kernels._tensors import as_rows, cdiv, compute_dtype, dtype_name, next_power_of_2
 
 MAX_HIDDEN = 65536
 
@@ -66,7 +66,7 @@ def _rms_norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, dx_ptr, dw_ptr, n_rows, n_cols,
 def _block_n(n_cols: int) -> int:
     if n_cols > MAX_HIDDEN:
         raise ValueError(f"rms_norm supports hidden sizes up to {MAX_HIDDEN}, got {n_cols}")
-    return triton.next_power_of_2(n_cols)
+    return next_power_of_2(n_cols)
 
 
 def _forward(x: torch.Tensor, w: torch.Tensor, eps: float, offset: float, config) -> torch.Tensor:
@@ -74,7 +74,7 @@ def _forward(x: torch.Tensor, w: torch.Tensor, eps: float, offset: float, config
     rows, n = x.shape
     y = torch.empty((rows, n), dtype=x.dtype, device=x.device)
     meta = dict(config)
-    grid = (triton.cdiv(rows, meta["BLOCK_ROWS"]),)
+    grid = (cdiv(rows, meta["BLOCK_ROWS"]),)
     _rms_norm_fwd_kernel[grid](x, w, y, rows, n, x.stride(0), y.stride(0), eps, offset,
                                BLOCK_N=_block_n(n), COMPUTE=compute_dtype(x), **meta)
     return y
@@ -84,7 +84,7 @@ def _backward(dy, x, w, eps: float, offset: float, need_dw: bool, config):
     """dy, x: [rows, n] with unit last stride; returns (dx, dw or None)."""
     rows, n = x.shape
     meta = dict(config)
-    grid = (triton.cdiv(rows, meta["BLOCK_ROWS"] * meta["ROW_STEPS"]),)
+    grid = (cdiv(rows, meta["BLOCK_ROWS"] * meta["ROW_STEPS"]),)
     dx = torch.empty((rows, n), dtype=x.dtype, device=x.device)
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     partial = torch.empty((grid[0] if need_dw else 1, n), dtype=compute, device=x.device)
@@ -146,7 +146,7 @@ CANDIDATES = {
 
 def heuristic(pass_name: str, problem) -> dict:
     """One row per program for wide rows, several for narrow ones; ~16 elements per thread."""
-    block_n = triton.next_power_of_2(problem["hidden"])
+    block_n = next_power_of_2(problem["hidden"])
     rows = max(1, min(16, 2048 // block_n))
     warps = max(1, min(16, rows * block_n // 512))
     if pass_name == "fwd":

@@ -26,7 +26,7 @@ from torch.autograd.graph import increment_version
 
 from fastbench.autotune.lookup import config_for
 from fastbench.autotune.spec import OpSpec, TuneCase
-from fastbench.kernels._tensors import dtype_name
+from fastbench.kernels._tensors import dtype_name, next_power_of_2
 
 
 @triton.jit
@@ -101,7 +101,7 @@ def _launch(q, k, cos, sin, backward: bool, config, q_out=None, k_out=None):
     _rope_kernel[(B * T,)](q, k, q_out, k_out, cos, sin, T, n_q, n_k, *q.stride(), *k.stride(),
                            *q_out.stride(), *k_out.stride(), *_btd_strides(cos, B, T, D),
                            *_btd_strides(sin, B, T, D),
-                           HALF=D // 2, BLOCK_D=triton.next_power_of_2(D // 2), BACKWARD=backward,
+                           HALF=D // 2, BLOCK_D=next_power_of_2(D // 2), BACKWARD=backward,
                            COMPUTE=tl.float64 if q.dtype == torch.float64 else tl.float32, **meta)
 
 
@@ -178,8 +178,8 @@ CANDIDATES = {"fwd": _CONFIGS, "bwd": _CONFIGS}
 
 def heuristic(pass_name: str, problem) -> dict:
     """Tiles of up to 2048 elements per half (all Q heads of a token at head_dim 128), 8 per thread."""
-    block_d = triton.next_power_of_2(problem["head_dim"] // 2)
-    block_h = min(32, triton.next_power_of_2(problem["q_heads"]), max(1, 2048 // block_d))
+    block_d = next_power_of_2(problem["head_dim"] // 2)
+    block_h = min(32, next_power_of_2(problem["q_heads"]), max(1, 2048 // block_d))
     warps = max(1, min(16, block_h * block_d // 256))
     return {"BLOCK_H": block_h, "num_warps": warps, "num_stages": 1}
 
