@@ -147,11 +147,27 @@ def mlp_residual(layer, h, family: Family):
 
 
 def _trainable_by_part(layer) -> tuple[list, list]:
-    """The layer's trainable parameters: (attention part's: its norm and self_attn; MLP part's: the rest)."""
-    parts = ([], [])
-    for name, p in layer.named_parameters():
-        if p.requires_grad:
-            parts[not name.startswith(("input_layernorm.", "self_attn."))].append(p)
+    """The layer's trainable parameters: (attention part's: its norm and self_attn; MLP part's: the rest).
+    A plain walk of the module tree (each parameter once): ``named_parameters`` builds every name, and
+    this runs for each recomputed layer at every step."""
+    parts, seen = ([], []), set()
+
+    def walk(module, part):
+        for p in module._parameters.values():
+            if p is not None and p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                part.append(p)
+        for child in module._modules.values():
+            if child is not None:
+                walk(child, part)
+
+    for p in layer._parameters.values():
+        if p is not None and p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            parts[1].append(p)
+    for name, child in layer._modules.items():
+        if child is not None:
+            walk(child, parts[name not in ("input_layernorm", "self_attn")])
     return parts
 
 

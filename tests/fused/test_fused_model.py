@@ -181,3 +181,22 @@ def test_cpu_without_triton_interpreter_says_so(seed, monkeypatch):
     assert not hasattr(model.get_base_model(), "fastbench_patches")
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         FastLanguageModel.get_peft_model(base, fallback=False)
+
+
+def test_recomputed_parts_list_every_trainable_parameter(seed):
+    """The parameters a recomputed layer's parts return gradients for: every trainable one of the layer,
+    in named_parameters' order, split at the attention (its norm, self_attn) / MLP boundary."""
+    from fastbench.fused.decoder import _trainable_by_part
+
+    fused, _ = pair("qwen3-8b-tiny", seed)
+    layer = fused.get_base_model().model.layers[0]
+    layer.input_layernorm.weight.requires_grad_(True)  # trained norms, and a frozen LoRA factor
+    layer.post_attention_layernorm.weight.requires_grad_(True)
+    layer.mlp.down_proj.lora_B["default"].weight.requires_grad_(False)
+    expected = ([], [])
+    for name, p in layer.named_parameters():
+        if p.requires_grad:
+            expected[not name.startswith(("input_layernorm.", "self_attn."))].append(p)
+    got = _trainable_by_part(layer)
+    assert [list(map(id, part)) for part in got] == [list(map(id, part)) for part in expected]
+    assert len(got[0]) > 0 and len(got[1]) > 0
