@@ -148,9 +148,7 @@ class _RecomputedUnit(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, fns, offloader, slot, x, *params):
-        y = x
-        for fn in fns:  # a Function's forward runs without building a graph
-            y = fn(y)
+        y = _chain(fns, x)  # a Function's forward runs without building a graph
         ctx.fns, ctx.offloader = fns, offloader
         device = x.device.type  # the recomputation must run under the same autocast as this forward
         ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
@@ -172,9 +170,7 @@ class _RecomputedUnit(torch.autograd.Function):
         x = x.detach().requires_grad_(needs[0])
         device, dtype, enabled = ctx.autocast
         with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
-            y = x
-            for fn in ctx.fns[:-1]:
-                y = fn(y)
+            y = _chain(ctx.fns[:-1], x)
             with _recomputation():
                 y = ctx.fns[-1](y)
         inputs = [t for t, need in zip((x, *params), needs) if need]
@@ -222,7 +218,7 @@ class LayerCheckpointing:
         fn_2(...) ...), under the policy; ``params``: the part's trainable parameters, or a callable
         returning them (asked for only when the part is recomputed)."""
         if self.mode == "keep" or not torch.is_grad_enabled():
-            return _run(parts, x)
+            return _chain((fn for fn, _ in parts), x)
         if self.mode == "budget":
             if index == 0:
                 self._kept = 0
@@ -230,7 +226,7 @@ class LayerCheckpointing:
                 return self._measure(parts, x)
             if (self._kept + 1) * self.bytes_per_token * x.shape[:-1].numel() <= self._budget(x):
                 self._kept += 1
-                return _run(parts, x)
+                return _chain((fn for fn, _ in parts), x)
         units = [parts] if self.mode == "recompute" else [[part] for part in parts]
         for k, unit in enumerate(units):
             params = [t for _, p in unit for t in (p() if callable(p) else p)]
@@ -259,7 +255,7 @@ class LayerCheckpointing:
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            y = _run(parts, x)
+            y = _chain((fn for fn, _ in parts), x)
         self.bytes_per_token = sum(storages.values()) / x.shape[:-1].numel()
         self._kept = 1
         return y
@@ -270,7 +266,8 @@ class LayerCheckpointing:
                 "budget": f"keep layers within a budget of {self.setting} GiB, recompute the rest"}[self.mode]
 
 
-def _run(parts, x):
-    for fn, _ in parts:
+def _chain(fns, x):
+    """fn_n(... fn_1(x))."""
+    for fn in fns:
         x = fn(x)
     return x

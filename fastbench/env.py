@@ -60,13 +60,14 @@ PATCHES = ("importing fastbench patches nothing; on each model returned by FastL
 def collect_environment() -> dict:
     import torch
 
+    named_sha = os.environ.get("FASTBENCH_GIT_SHA")
     env = {"python": platform.python_version(), "platform": platform.platform(),
            "cpu_count": os.cpu_count(), "cuda": torch.version.cuda, "gpu": None, "gpu_count": 0,
            "compute_capability": None, "gpu_memory_gib": None, "driver": _driver(),
            "versions": {lib: _version(lib) for lib in LIBRARIES},
            # FASTBENCH_GIT_SHA, when set, names the commit a copied tree holds (its .git may be absent or stale)
-           "git_sha": os.environ.get("FASTBENCH_GIT_SHA") or _git("rev-parse", "HEAD")}
-    status = None if os.environ.get("FASTBENCH_GIT_SHA") else _git("status", "--porcelain", "--untracked-files=no")
+           "git_sha": named_sha or _git("rev-parse", "HEAD")}
+    status = None if named_sha else _git("status", "--porcelain", "--untracked-files=no")
     env["git_dirty"] = None if status is None else bool(status)
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)

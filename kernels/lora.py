@@ -163,7 +163,7 @@ def _backward(x2, projections, dys, need_dx: bool):
     if f.A is not None:
         dyBs = [dy @ B for dy, B in zip(dys, f.B_scaled) if B is not None]  # s dY B, [N, r] each
         dyB = dyBs[0] if len(dyBs) == 1 else torch.cat(dyBs, 1)
-        xA = x2 @ f.A.t()  # recomputed rather than saved
+        xA = F.linear(x2, f.A)  # recomputed rather than saved, as the forward computes it
         dA_all = None
         if any(p.lora.A.requires_grad for p in projections if p.lora is not None):
             dA_all = (dyB.t() @ x2).to(next(p.lora.A.dtype for p in projections if p.lora is not None))

@@ -152,22 +152,19 @@ def _trainable_by_part(layer) -> tuple[list, list]:
     this runs for each recomputed layer at every step."""
     parts, seen = ([], []), set()
 
-    def walk(module, part):
+    def take(module, part, recurse=True):
         for p in module._parameters.values():
             if p is not None and p.requires_grad and id(p) not in seen:
                 seen.add(id(p))
                 part.append(p)
-        for child in module._modules.values():
+        for child in module._modules.values() if recurse else ():
             if child is not None:
-                walk(child, part)
+                take(child, part)
 
-    for p in layer._parameters.values():
-        if p is not None and p.requires_grad and id(p) not in seen:
-            seen.add(id(p))
-            parts[1].append(p)
+    take(layer, parts[1], recurse=False)  # parameters held by the layer itself
     for name, child in layer._modules.items():
         if child is not None:
-            walk(child, parts[name not in ("input_layernorm", "self_attn")])
+            take(child, parts[name not in ("input_layernorm", "self_attn")])
     return parts
 
 
