@@ -17,7 +17,8 @@ forward, and a changed parameter version invalidates an entry.
 
 W and b are frozen (no gradient). Only x is saved; x A^T is recomputed in the backward. An NF4 weight
 is dequantized right before each use, in the forward and again in the backward, into one workspace
-per (device, dtype) that all projections share, so at most one dequantized matrix exists at a time.
+per (device, dtype) that all projections share; the NF4 weights of one input (Q/K/V, gate/up) are
+dequantized together in one launch, so at most one group's dequantized matrices exist at a time.
 
 - :func:`lora_projections`: several projections of one input (Q, K, V; or O alone), one Function.
 - :func:`lora_mlp`: gate/up -> GLU -> down in one Function; saves x and the two pre-activations
@@ -37,7 +38,7 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from fastbench.kernels.nf4 import dequantize_nf4_weight
+from fastbench.kernels.nf4 import dequantize_nf4_weight, dequantize_nf4_weights
 
 
 class LoRA(NamedTuple):
@@ -82,6 +83,17 @@ def base_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if state.dtype != dtype:
         return dequantize_nf4_weight(weight).to(dtype)
     return dequantize_nf4_weight(weight, out=_workspace(state.shape, dtype, weight.device))
+
+
+def base_weights(projections, dtype: torch.dtype) -> list[torch.Tensor]:
+    """The projections' dense weights; NF4 weights of one input (Q/K/V, gate/up) in ``dtype`` are
+    dequantized together, in one launch, stacked in the shared workspace (so they all exist at once)."""
+    states = [getattr(p.weight, "quant_state", None) for p in projections]
+    if len(projections) > 1 and all(st is not None and st.dtype == dtype for st in states):
+        rows = sum(st.shape[0] for st in states)
+        out = _workspace(torch.Size((rows, states[0].shape[1])), dtype, projections[0].weight.device)
+        return dequantize_nf4_weights([p.weight for p in projections], out, quant_states=states)
+    return [base_weight(p.weight, dtype) for p in projections]
 
 
 class _Factors(NamedTuple):
@@ -145,9 +157,9 @@ def _forward(x: torch.Tensor, projections) -> list[torch.Tensor]:
     f = _factors(projections, x.dtype)
     xA = None if f.A is None else F.linear(x2, f.A)  # [N, sum r]: one matmul for every LoRA of this input
     ys = []
-    for p, Bt, cols in zip(projections, f.B_scaled_t, f.columns):
+    for p, W, Bt, cols in zip(projections, base_weights(projections, x.dtype), f.B_scaled_t, f.columns):
         bias = None if p.bias is None or p.bias.dtype == x.dtype else p.bias.to(x.dtype)
-        y = F.linear(x2, base_weight(p.weight, x.dtype), p.bias if bias is None else bias)
+        y = F.linear(x2, W, p.bias if bias is None else bias)
         if Bt is not None:
             y.addmm_(xA[:, cols], Bt)
         ys.append(y.view(*x.shape[:-1], y.shape[-1]))
@@ -178,8 +190,7 @@ def _backward(x2, projections, dys, need_dx: bool):
             grads[k] = (dA, dB)
     dx = None
     if need_dx:
-        for p, dy in zip(projections, dys):
-            W = base_weight(p.weight, dy.dtype)
+        for W, dy in zip(base_weights(projections, dys[0].dtype), dys):
             dx = dy @ W if dx is None else dx.addmm_(dy, W)
         if dyB is not None:
             dx.addmm_(dyB, f.A)

@@ -41,18 +41,16 @@ def _bits16(values, OUT_BF16: tl.constexpr):
 
 
 @triton.jit
-def _dequantize_nf4_kernel(
-    packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr, numel,
-    BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, BLOCKS: tl.constexpr,
-    PAIRS: tl.constexpr, OUT_BF16: tl.constexpr,
-):
-    """Each program dequantizes BLOCKS absmax blocks: a [BLOCKS, BLOCKSIZE / 2] tile of packed bytes
-    becomes a [BLOCKS, BLOCKSIZE] tile of outputs, each row scaled by its block's absmax.
+def _dequantize_blocks(program, packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr,
+                       numel, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
+                       BLOCKS: tl.constexpr, PAIRS: tl.constexpr, OUT_BF16: tl.constexpr):
+    """Program ``program`` of one weight: a [BLOCKS, BLOCKSIZE / 2] tile of packed bytes becomes a
+    [BLOCKS, BLOCKSIZE] tile of outputs, each row scaled by its block's absmax.
 
     PAIRS (16-bit outputs, even numel): out_ptr is the output seen as 32-bit words, and each byte's two
     values are stored as one word (the even element in the low half, little-endian), one store per
     byte instead of interleaving the two nibbles' values in registers."""
-    block = tl.program_id(0).to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS)
+    block = program * BLOCKS + tl.arange(0, BLOCKS)
     in_range = block * BLOCKSIZE < numel
     if NESTED:
         q = tl.load(absmax_ptr + block, mask=in_range, other=0).to(tl.int32)
@@ -78,6 +76,44 @@ def _dequantize_nf4_kernel(
         tl.store(out_ptr + offs, values.to(out_ptr.dtype.element_ty), mask=offs < numel)
 
 
+@triton.jit
+def _dequantize_nf4_kernel(
+    packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr, numel,
+    BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, BLOCKS: tl.constexpr,
+    PAIRS: tl.constexpr, OUT_BF16: tl.constexpr,
+):
+    """One weight: each program dequantizes BLOCKS absmax blocks."""
+    _dequantize_blocks(tl.program_id(0).to(tl.int64), packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr,
+                       offset_ptr, out_ptr, numel, BLOCKSIZE, BLOCKSIZE2, NESTED, BLOCKS, PAIRS, OUT_BF16)
+
+
+@triton.jit
+def _dequantize_nf4_group_kernel(
+    code_ptr, code2_ptr, out_ptr,
+    packed0, absmax0, scale2_0, offset0, numel0,
+    packed1, absmax1, scale2_1, offset1, numel1, start1,
+    packed2, absmax2, scale2_2, offset2, numel2, start2,
+    BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, BLOCKS: tl.constexpr,
+    PAIRS: tl.constexpr, OUT_BF16: tl.constexpr,
+):
+    """Two or three weights (the third may be empty: numel2 = 0) of one table and blocksize, stacked in
+    one output: weight g's values start at element (or 32-bit word, PAIRS) ``start_g``; absmax_g and
+    scale2_g/offset_g are its (nested) absmax as in the one-weight kernel. The first cdiv(numel0, per
+    program) programs take weight 0, the next ones weight 1, the rest weight 2."""
+    program = tl.program_id(0).to(tl.int64)
+    n0 = tl.cdiv(numel0, BLOCKSIZE * BLOCKS)
+    n1 = tl.cdiv(numel1, BLOCKSIZE * BLOCKS)
+    if program < n0:
+        _dequantize_blocks(program, packed0, absmax0, code_ptr, scale2_0, code2_ptr, offset0, out_ptr,
+                           numel0, BLOCKSIZE, BLOCKSIZE2, NESTED, BLOCKS, PAIRS, OUT_BF16)
+    elif program < n0 + n1:
+        _dequantize_blocks(program - n0, packed1, absmax1, code_ptr, scale2_1, code2_ptr, offset1,
+                           out_ptr + start1, numel1, BLOCKSIZE, BLOCKSIZE2, NESTED, BLOCKS, PAIRS, OUT_BF16)
+    else:
+        _dequantize_blocks(program - n0 - n1, packed2, absmax2, code_ptr, scale2_2, code2_ptr, offset2,
+                           out_ptr + start2, numel2, BLOCKSIZE, BLOCKSIZE2, NESTED, BLOCKS, PAIRS, OUT_BF16)
+
+
 def problem_key(shape, dtype: torch.dtype, blocksize: int, nested: bool) -> dict:
     rows = math.prod(shape[:-1]) if len(shape) > 1 else 1
     return {"rows": int(rows), "cols": int(shape[-1]), "dtype": dtype_name(dtype),
@@ -98,9 +134,15 @@ def _store_view(out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return view
 
 
+def _kernel_stats(stats, code, nested: bool):
+    """(absmax or its codes, nested scales, nested table, offset, nested blocksize) as the kernels take
+    them; without nesting the nested arguments are unused placeholders."""
+    return stats if nested else (stats, stats, code, stats, 1)
+
+
 def _launch(packed, absmax, code, flat_out, numel, blocksize, nested, config):
     """``flat_out``: the contiguous output, exactly ``numel`` elements (1-D, or any shape)."""
-    absmax_q, absmax2, code2, offset, blocksize2 = absmax if nested else (absmax, absmax, code, absmax, 1)
+    absmax_q, absmax2, code2, offset, blocksize2 = _kernel_stats(absmax, code, nested)
     blocks = max(1, config["BLOCK"] // blocksize)  # BLOCK: output elements per program
     grid = (cdiv(cdiv(numel, blocksize), blocks),)
     bf16 = flat_out.dtype == torch.bfloat16
@@ -178,6 +220,33 @@ def _run(plan: _Plan, out) -> torch.Tensor:
     return result
 
 
+def _launch_group(plans, flat_out, config):
+    """Two or three weights' plans (one table, blocksize, nesting and dtype) into ``flat_out`` (contiguous,
+    exactly their total number of elements), stacked."""
+    numels = [p.numel for p in plans]
+    blocksize = plans[0].blocksize
+    blocks = max(1, config["BLOCK"] // blocksize)
+    grid = (sum(cdiv(cdiv(n, blocksize), blocks) for n in numels),)
+    bf16 = flat_out.dtype == torch.bfloat16
+    pairs = flat_out.element_size() == 2 and all(n % 2 == 0 for n in numels) and flat_out.data_ptr() % 4 == 0
+    if pairs or bf16:
+        flat_out = _store_view(flat_out, torch.int32 if pairs else torch.int16)
+    unit = 2 if pairs else 1
+    stats = [_kernel_stats(p.stats, p.code, p.nested) for p in plans]
+    parts = [(p.packed, st[0], st[1], st[3], p.numel) for p, st in zip(plans, stats)]
+    if len(parts) == 2:
+        parts.append((*parts[0][:4], 0))  # an empty third weight: no program reaches it
+    starts = (numels[0] // unit, (numels[0] + numels[1]) // unit)
+    (p0, a0, s0, o0, n0), (p1, a1, s1, o1, n1), (p2, a2, s2, o2, n2) = parts
+    code2, blocksize2 = stats[0][2], stats[0][4]
+    _dequantize_nf4_group_kernel[grid](
+        plans[0].code, code2, flat_out, p0, a0, s0, o0, n0, p1, a1, s1, o1, n1, starts[0],
+        p2, a2, s2, o2, n2, starts[1],
+        BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2, NESTED=plans[0].nested, BLOCKS=blocks, PAIRS=pairs,
+        OUT_BF16=bf16, num_warps=config["num_warps"], num_stages=config["num_stages"], enable_fp_fusion=False,
+    )
+
+
 def dequantize_nf4(packed, absmax, code=None, *, shape, blocksize=64, absmax_code=None, absmax_scale=None,
                    absmax_offset=None, absmax_blocksize=256, out=None, dtype=torch.bfloat16):
     """Dequantize bitsandbytes-packed 4-bit codes to a ``shape`` tensor of ``dtype``.
@@ -197,18 +266,14 @@ def dequantize_nf4(packed, absmax, code=None, *, shape, blocksize=64, absmax_cod
 _PLAN_ATTR = "_fastbench_nf4_plan"
 
 
-def dequantize_nf4_weight(weight, out=None, *, quant_state=None):
-    """Dequantize a bitsandbytes ``Params4bit`` (or its packed data plus ``quant_state``) to a tensor of
-    ``quant_state.shape`` in ``quant_state.dtype``; bit-exact with ``dequantize_4bit``.
-
-    The checked launch arguments are kept on the quant state (training dequantizes each weight a few
-    times per step) and rebuilt when the packed data or the state's tensors moved."""
-    state = quant_state if quant_state is not None else weight.quant_state
+def _weight_plan(weight, state) -> _Plan:
+    """The checked launch arguments of a weight, kept on its quant state (training dequantizes each
+    weight a few times per step) and rebuilt when the packed data or the state's tensors moved."""
     tensors = (weight, state.absmax, *((state.offset, state.state2.absmax) if state.nested else ()))
     where = tuple(t.data_ptr() if isinstance(t, torch.Tensor) else t for t in tensors)
     cached = getattr(state, _PLAN_ATTR, None)
     if cached is not None and cached[0] == where and cached[1].dtype == state.dtype:
-        return _run(cached[1], out)
+        return cached[1]
     packed = weight.data if isinstance(weight, torch.nn.Parameter) else weight
     s2 = state.state2 if state.nested else None
     plan = _plan(packed, state.absmax, state.code, shape=state.shape, blocksize=state.blocksize,
@@ -216,7 +281,67 @@ def dequantize_nf4_weight(weight, out=None, *, quant_state=None):
                  absmax_offset=state.offset if s2 else None, absmax_blocksize=s2.blocksize if s2 else 256,
                  dtype=state.dtype)
     setattr(state, _PLAN_ATTR, (where, plan))
-    return _run(plan, out)
+    return plan
+
+
+def dequantize_nf4_weight(weight, out=None, *, quant_state=None):
+    """Dequantize a bitsandbytes ``Params4bit`` (or its packed data plus ``quant_state``) to a tensor of
+    ``quant_state.shape`` in ``quant_state.dtype``; bit-exact with ``dequantize_4bit``."""
+    state = quant_state if quant_state is not None else weight.quant_state
+    return _run(_weight_plan(weight, state), out)
+
+
+def _groupable(plans) -> bool:
+    """Whether these weights can share one launch: 2 or 3 of them, one 4-bit table, blocksize, nesting
+    (and nested table and blocksize), dtype and device."""
+    first = plans[0]
+    if not 2 <= len(plans) <= 3:
+        return False
+    if not all(p.blocksize == first.blocksize and p.nested == first.nested and p.dtype == first.dtype
+               and p.packed.device == first.packed.device and torch.equal(p.code, first.code) for p in plans):
+        return False
+    return not first.nested or all(p.stats[4] == first.stats[4] and torch.equal(p.stats[2], first.stats[2])
+                                   for p in plans)
+
+
+_GROUP_ATTR = "_fastbench_nf4_group"  # on the first weight's quant state: (the group's plans, groupable)
+_group_views = WeakIdKeyDictionary()  # output tensor -> (the weights' shapes, each one's view of it)
+
+
+def dequantize_nf4_weights(weights, out=None, *, quant_states=None) -> list[torch.Tensor]:
+    """Several ``Params4bit`` weights (or packed data with ``quant_states``) stacked in one output,
+    weight g's values right after weight g-1's. Two or three weights sharing their tables, blocksize and
+    dtype take one launch (the fused path's Q/K/V and gate/up: fewer launches, and the small k/v
+    matrices no longer run alone); others one launch each. Bit-exact with ``dequantize_4bit``.
+
+    ``out``: contiguous, at least the total number of elements (the fused path passes a [sum of rows,
+    cols] view, the same object every step). Returns each weight's view of it, in its own shape."""
+    states = quant_states or [w.quant_state for w in weights]
+    plans = [_weight_plan(w, st) for w, st in zip(weights, states)]
+    total = sum(p.numel for p in plans)
+    shape = tuple(out.shape) if out is not None and out.numel() == total else (total,)
+    flat, whole = _output_buffer(out, shape, plans[0].dtype, plans[0].packed.device)
+    shapes = tuple(p.shape for p in plans)
+    views = _group_views.get(whole)
+    if views is None or views[0] != shapes:
+        flat_whole, start, made = whole.view(-1), 0, []
+        for p in plans:
+            made.append(flat_whole[start:start + p.numel].view(p.shape))
+            start += p.numel
+        views = _group_views[whole] = (shapes, made)
+    group = getattr(states[0], _GROUP_ATTR, None)
+    if group is None or len(group[0]) != len(plans) or any(a is not b for a, b in zip(group[0], plans)):
+        group = (tuple(plans), _groupable(plans))
+        setattr(states[0], _GROUP_ATTR, group)
+    if not group[1]:
+        for p, view in zip(plans, views[1]):
+            _run(p, view)
+        return views[1]
+    cols = plans[0].shape[-1]
+    rows = (total // cols,) if all(p.shape[-1] == cols for p in plans) else ()
+    problem = problem_key((*rows, cols) if rows else (total,), plans[0].dtype, plans[0].blocksize, plans[0].nested)
+    _launch_group(plans, flat, config_for(SPEC, "fwd", problem))
+    return views[1]
 
 
 def reference(packed, absmax, code, *, shape, blocksize=64, absmax_code=None, absmax_scale=None,
@@ -253,8 +378,11 @@ def _projection_shapes(model_config):
 
 
 def problems(model_config, tokens, dtype):
-    """One dequantize per distinct projection shape; the token count does not enter."""
-    keys = [problem_key(s, dtype, 64, True) for s in _projection_shapes(model_config)]
+    """One dequantize per distinct projection shape, and per stacked group of the fused path (Q/K/V and
+    gate/up, tuned as one weight of their total rows); the token count does not enter."""
+    q, k, v, o, gate, up, down = _projection_shapes(model_config)
+    groups = [(q[0] + k[0] + v[0], q[1]), (gate[0] + up[0], gate[1])]
+    keys = [problem_key(s, dtype, 64, True) for s in [q, k, v, o, gate, up, down, *groups]]
     unique = {tuple(sorted(k.items())): k for k in keys}
     return [("fwd", k) for k in unique.values()]
 
@@ -287,4 +415,5 @@ def tune_case(pass_name, problem, device):
 
 
 SPEC = OpSpec(name="nf4_dequantize", candidates={"fwd": _CANDIDATES}, heuristic=heuristic,
-              tune_case=tune_case, problems=problems, kernels=(_dequantize_nf4_kernel, _bits16))
+              tune_case=tune_case, problems=problems,
+              kernels=(_dequantize_nf4_kernel, _dequantize_nf4_group_kernel, _dequantize_blocks, _bits16))

@@ -83,6 +83,32 @@ def test_a_shaped_output_view_reused_across_weights(seed, dtype):
     assert torch.equal(nf4.dequantize_nf4_weight(packed, odd, quant_state=state), bnbf.dequantize_4bit(packed, state))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shapes", [[(64, 128), (16, 128), (16, 128)], [(128, 64), (64, 64)], [(3, 33), (5, 33)]])
+def test_stacked_weights_in_one_launch(seed, dtype, shapes):
+    """Q/K/V (or gate/up) dequantized together, each bit-exact, at its offset in the one output; the
+    same output view again next step; weights that cannot share a launch still come out right."""
+    layers = [_quantize(shape, dtype) for shape in shapes]
+    total = sum(a * b for a, b in shapes)
+    out = torch.full((total + 40,), float("nan"), dtype=dtype)[:total]
+    if all(s[1] == shapes[0][1] for s in shapes):
+        out = out.view(-1, shapes[0][1])
+    for _ in range(2):
+        views = nf4.dequantize_nf4_weights([p for p, _ in layers], out, quant_states=[s for _, s in layers])
+        start = 0
+        for view, (packed, state) in zip(views, layers):
+            expected = (nf4.reference(packed, state.absmax, state.code, shape=state.shape,
+                                      blocksize=state.blocksize, absmax_code=state.state2.code,
+                                      absmax_scale=state.state2.absmax, absmax_offset=state.offset, dtype=dtype)
+                        if state.shape[1] % 64 and state.shape[1] % 2 == 0 else bnbf.dequantize_4bit(packed, state))
+            assert view.shape == state.shape and torch.equal(view, expected)
+            assert view.data_ptr() == out.data_ptr() + start * out.element_size()
+            start += view.numel()
+    mixed = [layers[0], _quantize(shapes[1], dtype, nested=False)]  # no shared nesting: one launch each
+    views = nf4.dequantize_nf4_weights([p for p, _ in mixed], quant_states=[s for _, s in mixed])
+    assert all(torch.equal(v, bnbf.dequantize_4bit(p, s)) for v, (p, s) in zip(views, mixed))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_word_and_halfword_stores_agree(seed, dtype):
     """16-bit outputs are stored as 32-bit words (two values each) where the buffer is 4-byte aligned
@@ -126,7 +152,8 @@ def test_problems_cover_the_projections():
 
     probs = nf4.problems(build_config("llama-3-8b"), 4096, torch.bfloat16)
     shapes = {(p["rows"], p["cols"]) for _, p in probs}
-    assert shapes == {(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)}
+    # q, k/v, o, gate/up, down, and the stacked groups Q/K/V and gate/up
+    assert shapes == {(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336), (6144, 4096), (28672, 4096)}
     assert all(p == "fwd" and nf4.heuristic(p, prob) in nf4.SPEC.candidates["fwd"] for p, prob in probs)
 
 
