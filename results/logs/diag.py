@@ -42,5 +42,5 @@ for arg in sys.argv[1:]:
     for k, v in sites.most_common(8): print("   ", v, k)
     torch.cuda.synchronize()
     pr = cProfile.Profile(); pr.enable(); step(m, opt, ids); torch.cuda.synchronize(); pr.disable()
-    out = io.StringIO(); pstats.Stats(pr, stream=out).sort_stats("tottime").print_stats(22); print(out.getvalue()[-6000:], flush=True)
+    out = io.StringIO(); pstats.Stats(pr, stream=out).sort_stats("tottime").print_stats(35); print(out.getvalue()[-9000:], flush=True)
     del m, opt; torch.cuda.empty_cache()
