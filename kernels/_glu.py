@@ -100,7 +100,7 @@ def forward(gate: torch.Tensor, up: torch.Tensor, activation: str, config) -> to
     h = torch.empty(g.shape, dtype=g.dtype, device=g.device)
     meta = dict(config)
     launch(_glu_fwd_kernel, _grid(g.shape, meta), g, u, h, *g.shape, g.stride(0), u.stride(0), h.stride(0),
-                                          ACT=activation, COMPUTE=compute_dtype(g), **meta)
+           ACT=activation, COMPUTE=compute_dtype(g), **meta)
     return h.view(gate.shape)
 
 
@@ -115,7 +115,7 @@ def backward(grad, gate, up, activation: str, config, dgate=None, dup=None):
         raise ValueError("glu backward needs tensors whose last dim has unit stride")
     meta = dict(config)
     launch(_glu_bwd_kernel, _grid(views[0].shape, meta), *views, *views[0].shape, *(v.stride(0) for v in views),
-                                                 ACT=activation, COMPUTE=compute_dtype(gate), **meta)
+           ACT=activation, COMPUTE=compute_dtype(gate), **meta)
     return dgate, dup
 
 

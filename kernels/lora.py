@@ -33,6 +33,8 @@ These are cuBLAS matmuls around Triton elementwise ops, so this module has no la
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable, NamedTuple
 
 import torch
@@ -85,18 +87,29 @@ def base_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return dequantize_nf4_weight(weight, out=_workspace(state.shape, dtype, weight.device))
 
 
-def base_weights(projections, dtype: torch.dtype) -> list[torch.Tensor]:
-    """The projections' dense weights; NF4 weights of one input (Q/K/V, gate/up) in ``dtype`` are
-    dequantized together, in one launch, stacked in the shared workspace (so they all exist at once)."""
+def _nf4_group(projections, dtype: torch.dtype) -> list | None:
+    """The quant states of projections whose NF4 weights are dequantized together (more than one, all
+    NF4 in ``dtype``), else None."""
     states = [getattr(p.weight, "quant_state", None) for p in projections]
     if len(projections) > 1 and all(st is not None and st.dtype == dtype for st in states):
-        rows = sum(st.shape[0] for st in states)
-        out = _workspace(torch.Size((rows, states[0].shape[1])), dtype, projections[0].weight.device)
-        return dequantize_nf4_weights([p.weight for p in projections], out, quant_states=states)
-    return [base_weight(p.weight, dtype) for p in projections]
+        return states
+    return None
 
 
-class _Factors(NamedTuple):
+def base_weights(projections, dtype: torch.dtype) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+    """(W, [W_p]): the projections' dense weights; NF4 weights of one input (Q/K/V, gate/up) in ``dtype``
+    are dequantized together, in one launch, side by side in the shared workspace: W [sum o, i] is
+    then that matrix (else None), and the W_p its row blocks."""
+    states = _nf4_group(projections, dtype)
+    if states is None:
+        return None, [base_weight(p.weight, dtype) for p in projections]
+    out = _workspace(torch.Size((sum(st.shape[0] for st in states), states[0].shape[1])), dtype,
+                     projections[0].weight.device)
+    return out, dequantize_nf4_weights([p.weight for p in projections], out, quant_states=states)
+
+
+@dataclass
+class _Factors:
     """The LoRA factors of projections that share one input, in the compute dtype: the A's stacked
     into one [sum r, i] matrix (so x A^T is one matmul for all of them), each B pre-scaled by its s."""
     A: torch.Tensor | None  # None when no projection has an active LoRA
@@ -104,6 +117,16 @@ class _Factors(NamedTuple):
     B_scaled_t: tuple  # the same transposed (views), for the forward's addmm
     columns: tuple  # per projection: its slice of A's rows (of x A^T's columns) or None
     scales: tuple
+
+    @cached_property
+    def B_block(self) -> torch.Tensor:
+        """Block-diagonal [sum o, sum r] of the s B's (every projection has a LoRA), so that for
+        side-by-side outputs (x A^T) B_block^T = [s (x A_p^T) B_p^T]_p and dY B_block = [s dY_p B_p]_p."""
+        return torch.block_diag(*self.B_scaled)
+
+    @cached_property
+    def B_block_t(self) -> torch.Tensor:
+        return self.B_block.t()
 
 
 _factor_cache: dict = {}  # (dtype, id of each A) -> (the A/B parameters, their versions, _Factors)
@@ -150,14 +173,47 @@ def _placeholder(x: torch.Tensor, p: Projection) -> torch.Tensor:
     return x.new_zeros(()).expand(*x.shape[:-1], _out_features(p))
 
 
+def _columns_of_one_buffer(blocks) -> torch.Tensor | None:
+    """The [N, sum o] tensor whose consecutive column blocks are ``blocks`` ([N, o_p] each), when they
+    lie so in one buffer (the gradients the MLP writes over its side-by-side gate/up outputs), as a
+    view; else None."""
+    base = blocks[0]._base
+    if base is None or any(b._base is not base or b.dim() != 2 for b in blocks):
+        return None
+    rows, total = blocks[0].shape[0], sum(b.shape[1] for b in blocks)
+    offset = blocks[0].storage_offset()
+    for b in blocks:
+        if b.shape[0] != rows or b.stride() != (total, 1) or b.storage_offset() != offset:
+            return None
+        offset += b.shape[1]
+    return base.as_strided((rows, total), (total, 1), blocks[0].storage_offset())
+
+
+def _agree(projections) -> bool:
+    """All or none of the projections have a LoRA, and all or none a bias: side by side, they then
+    need one product each."""
+    return len({p.lora is None for p in projections}) == 1 and len({p.bias is None for p in projections}) == 1
+
+
 def _forward(x: torch.Tensor, projections) -> list[torch.Tensor]:
-    """x [..., i] -> [y_p [..., o_p]], each a view of its own fresh tensor (callers may rotate them in place).
+    """x [..., i] -> [y_p [..., o_p]], each a view of a fresh tensor (callers may rotate them in place).
     Written for few host calls per projection: the step is often bound by the CPU issuing it."""
     x2 = x.reshape(-1, x.shape[-1])
     f = _factors(projections, x.dtype)
     xA = None if f.A is None else F.linear(x2, f.A)  # [N, sum r]: one matmul for every LoRA of this input
+    W, weights = base_weights(projections, x.dtype)
+    if W is not None and _agree(projections):  # y = x W^T + b + (x A^T) B_block^T, then each projection's columns
+        bias = None if projections[0].bias is None else torch.cat([p.bias for p in projections]).to(x.dtype)
+        y = F.linear(x2, W, bias)
+        if xA is not None:
+            y.addmm_(xA, f.B_block_t)
+        ys, start = [], 0
+        for w in weights:
+            ys.append(y[:, start:start + w.shape[0]].view(*x.shape[:-1], w.shape[0]))
+            start += w.shape[0]
+        return ys
     ys = []
-    for p, W, Bt, cols in zip(projections, base_weights(projections, x.dtype), f.B_scaled_t, f.columns):
+    for p, W, Bt, cols in zip(projections, weights, f.B_scaled_t, f.columns):
         bias = None if p.bias is None or p.bias.dtype == x.dtype else p.bias.to(x.dtype)
         y = F.linear(x2, W, p.bias if bias is None else bias)
         if Bt is not None:
@@ -168,33 +224,58 @@ def _forward(x: torch.Tensor, projections) -> list[torch.Tensor]:
 
 def _backward(x2, projections, dys, need_dx: bool):
     """For projections sharing the input x2 [N, i], given their dY's [N, o_p]:
-    returns (dX or None, [(dA_p, dB_p)]), with dX = sum_p dY_p W_p + [s dY_p B_p]_p [A_p]_p."""
+    returns (dX or None, [(dA_p, dB_p)]), with dX = sum_p dY_p W_p + [s dY_p B_p]_p [A_p]_p.
+    Where the weights lie side by side in one buffer, dY = [dY_p]_p (a view when the dY's do too) is
+    multiplied once: dX = dY W + (dY B_block) A, and every dB_p is a block of dY^T (x A^T)."""
     f = _factors(projections, dys[0].dtype)
+    dy = None  # [dY_p]_p, when the weights lie side by side
+    if _nf4_group(projections, dys[0].dtype) is not None and _agree(projections):
+        dy = _columns_of_one_buffer(dys)
+        if dy is None:
+            dy = torch.cat(dys, 1)
     grads = [(None, None)] * len(projections)
     dyB = None
     if f.A is not None:
-        dyBs = [dy @ B for dy, B in zip(dys, f.B_scaled) if B is not None]  # s dY B, [N, r] each
-        dyB = dyBs[0] if len(dyBs) == 1 else torch.cat(dyBs, 1)
+        if dy is not None:
+            dyB = dy @ f.B_block  # [s dY_p B_p]_p, [N, sum r]
+        else:
+            dyBs = [d @ B for d, B in zip(dys, f.B_scaled) if B is not None]  # s dY B, [N, r] each
+            dyB = dyBs[0] if len(dyBs) == 1 else torch.cat(dyBs, 1)
         xA = F.linear(x2, f.A)  # recomputed rather than saved, as the forward computes it
         dA_all = None
         if any(p.lora.A.requires_grad for p in projections if p.lora is not None):
             dA_all = (dyB.t() @ x2).to(next(p.lora.A.dtype for p in projections if p.lora is not None))
-        for k, (p, dy, cols, s) in enumerate(zip(projections, dys, f.columns, f.scales)):
+        dB_all = dy.t() @ xA if dy is not None and any(p.lora.B.requires_grad for p in projections) else None
+        start = 0
+        for k, (p, d, cols, s) in enumerate(zip(projections, dys, f.columns, f.scales)):
+            rows = slice(start, start + d.shape[1])
+            start = rows.stop
             if cols is None:
                 continue
             dA = dA_all[cols].to(p.lora.A.dtype) if p.lora.A.requires_grad else None  # no-op unless dtypes mix
             dB = None
             if p.lora.B.requires_grad:
-                dB = dy.t() @ xA[:, cols]
+                dB = dB_all[rows, cols] if dB_all is not None else d.t() @ xA[:, cols]
                 dB = (dB if s == 1 else dB.mul_(s)).to(p.lora.B.dtype)
             grads[k] = (dA, dB)
     dx = None
     if need_dx:
-        for W, dy in zip(base_weights(projections, dys[0].dtype), dys):
-            dx = dy @ W if dx is None else dx.addmm_(dy, W)
+        W, weights = base_weights(projections, dys[0].dtype)
+        if dy is not None:
+            dx = dy @ W
+        else:
+            for Wp, d in zip(weights, dys):
+                dx = d @ Wp if dx is None else dx.addmm_(d, Wp)
         if dyB is not None:
             dx.addmm_(dyB, f.A)
     return dx, grads
+
+
+def _unlinked(t: torch.Tensor) -> torch.Tensor:
+    """t's memory as a tensor autograd does not know as a view. Side by side, Q, K and V are views of
+    one product; RoPE then rotates Q and K in place, and autograd refuses any later use of views that
+    one Function returned once their shared base has changed, V's too, though V's memory is untouched."""
+    return t.new_empty(0).set_(t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
 
 
 def _flatten(projections):
@@ -213,7 +294,9 @@ class _LoRAProjections(torch.autograd.Function):
         ctx.projections = projections
         if graph_only:
             return tuple(_placeholder(x, p) for p in projections)
-        return tuple(_forward(x, projections))
+        ys = _forward(x, projections)
+        side_by_side = len(ys) > 1 and ys[0]._base is ys[1]._base
+        return tuple(_unlinked(y) for y in ys) if side_by_side else tuple(ys)
 
     @staticmethod
     def backward(ctx, *dys):

@@ -77,7 +77,7 @@ def _forward(x: torch.Tensor, w: torch.Tensor, eps: float, offset: float, config
     meta = dict(config)
     grid = (cdiv(rows, meta["BLOCK_ROWS"]),)
     launch(_rms_norm_fwd_kernel, grid, x, w, y, rows, n, x.stride(0), y.stride(0), eps, offset,
-                               BLOCK_N=_block_n(n), COMPUTE=compute_dtype(x), **meta)
+           BLOCK_N=_block_n(n), COMPUTE=compute_dtype(x), **meta)
     return y
 
 
@@ -90,8 +90,8 @@ def _backward(dy, x, w, eps: float, offset: float, need_dw: bool, config):
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     partial = torch.empty((grid[0] if need_dw else 1, n), dtype=compute, device=x.device)
     launch(_rms_norm_bwd_kernel, grid, dy, x, w, dx, partial, rows, n, dy.stride(0), x.stride(0), dx.stride(0),
-                               eps, offset, BLOCK_N=_block_n(n), HAS_DW=need_dw,
-                               COMPUTE=compute_dtype(x), **meta)
+           eps, offset, BLOCK_N=_block_n(n), HAS_DW=need_dw,
+           COMPUTE=compute_dtype(x), **meta)
     return dx, (partial.sum(0).to(w.dtype) if need_dw else None)
 
 

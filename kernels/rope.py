@@ -100,10 +100,10 @@ def _launch(q, k, cos, sin, backward: bool, config, q_out=None, k_out=None):
                          "with the same B, T, even D, dtype and device")
     meta = dict(config)
     launch(_rope_kernel, (B * T,), q, k, q_out, k_out, cos, sin, T, n_q, n_k, *q.stride(), *k.stride(),
-                           *q_out.stride(), *k_out.stride(), *_btd_strides(cos, B, T, D),
-                           *_btd_strides(sin, B, T, D),
-                           HALF=D // 2, BLOCK_D=next_power_of_2(D // 2), BACKWARD=backward,
-                           COMPUTE=tl.float64 if q.dtype == torch.float64 else tl.float32, **meta)
+           *q_out.stride(), *k_out.stride(), *_btd_strides(cos, B, T, D),
+           *_btd_strides(sin, B, T, D),
+           HALF=D // 2, BLOCK_D=next_power_of_2(D // 2), BACKWARD=backward,
+           COMPUTE=tl.float64 if q.dtype == torch.float64 else tl.float32, **meta)
 
 
 def _problem(q: torch.Tensor, k: torch.Tensor) -> dict:
