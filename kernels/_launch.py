@@ -2,8 +2,8 @@
 
 On every call, Triton's launch path (``JITFunction.run``) specialises each argument, builds a cache
 key, checks the kernel's globals and assembles launch metadata before it calls the kernel's
-launcher: ~80 us a launch under cProfile (its own overhead included) on the H200's host, where a 4-bit offloaded llama-3-8b
-step launches ~700 kernels and is bound by the host issuing it
+launcher: ~80 us a launch under cProfile (its own overhead included) on the H200's host, where a
+4-bit offloaded llama-3-8b step launches ~700 kernels and is bound by the host issuing it
 (results/logs/2026-11-28-h200-diag-*.log). :func:`launch` keeps, per kernel and *argument key*, the
 kernel Triton compiled on the first call, and later calls its launcher directly.
 
