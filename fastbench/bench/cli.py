@@ -11,7 +11,7 @@ _RUN_OPTIONS = {"seq_len": "seq_len", "batch": "batch", "grad_accum": "grad_accu
                 "lora_dropout": "lora_dropout", "targets": "targets", "lr": "lr", "seed": "seed",
                 "dtype": "dtype", "gradient_checkpointing": "gradient_checkpointing", "device": "device",
                 "pad_fraction": "pad_fraction", "profile": "profile"}
-_COMPARE_OPTIONS = ("models", "arms", "repeats", "baseline_arm", "loss_tolerance")
+_COMPARE_OPTIONS = ("models", "arms", "repeats", "baseline_arm", "loss_tolerance", "arm_models")
 
 # what a bare `fastbench compare` runs
 GPU_DEFAULTS = dict(models="llama-3.2-1b", arms="peft,qlora", seq_len=2048, batch=2, steps=10, warmup=3, repeats=2)
@@ -64,9 +64,28 @@ def _resolve(opts: dict) -> dict:
     if value.get("loss_tolerance") is not None:
         tol = {"same": value["loss_tolerance"], "cross": max(value["loss_tolerance"], tol["cross"])}
     compare = {"models": models, "arms": labels, "repeats": value["repeats"], "baseline_arm": baseline,
-               "loss_tolerance": tol, "run": {k: v for k, v in run.to_dict().items() if k != "model"}}
+               "loss_tolerance": tol, "run": {k: v for k, v in run.to_dict().items() if k != "model"},
+               "arm_models": _arm_models(value.get("arm_models") or (), labels, models)}
     compare["kinds"] = {label: get_arm(label, check_installed=False).loss_kind for label in labels}
     return compare
+
+
+def _arm_models(specs, labels: list[str], models: list[str]) -> dict[str, list[str]]:
+    """``("unsloth@llama-3-8b+mistral-7b", ...)`` -> {arm: [models it runs on]}; arms not named run on every model."""
+    restricted = {}
+    for spec in specs:
+        label, at, names = spec.rpartition("@")
+        chosen = [m.strip() for m in names.split("+") if m.strip()]
+        if not at or not label or not chosen:
+            raise click.UsageError(f"--arm-models {spec!r}: write ARM@MODEL[+MODEL...], e.g. unsloth@llama-3-8b")
+        if label not in labels:
+            raise click.UsageError(f"--arm-models {spec!r}: {label!r} is not among --arms ({', '.join(labels)})")
+        unknown = [m for m in chosen if m not in models]
+        if unknown:
+            raise click.UsageError(f"--arm-models {spec!r}: {', '.join(unknown)} not among --models "
+                                   f"({', '.join(models)})")
+        restricted[label] = chosen
+    return restricted
 
 
 def _validate(compare: dict) -> None:
@@ -83,7 +102,8 @@ def summarize_results(results: dict) -> dict:
     from fastbench.bench.stats import summarize
 
     c = results["compare"]
-    return summarize(results["runs"], c["arms"], c["models"], c["baseline_arm"], c["kinds"], c["loss_tolerance"])
+    return summarize(results["runs"], c["arms"], c["models"], c["baseline_arm"], c["kinds"], c["loss_tolerance"],
+                     c.get("arm_models"))
 
 
 @click.command("compare")
@@ -92,6 +112,9 @@ def summarize_results(results: dict) -> dict:
                    "[GPU: llama-3.2-1b; CPU: llama-3.2-1b-tiny].")
 @click.option("--arms", metavar="LIST", help="Comma-separated arm labels, e.g. peft,qlora,fused-4bit:ckpt=offload; "
                                              "repeat one (peft,peft) for an A/A run [peft,qlora].")
+@click.option("--arm-models", "arm_models", multiple=True, metavar="ARM@MODELS",
+              help="Run ARM only on these '+'-separated models, e.g. unsloth@llama-3-8b (repeatable) "
+                   "[every arm on every model].")
 @click.option("--seq-len", type=int, help="Tokens per sequence [GPU 2048; CPU 128].")
 @click.option("--batch", type=int, help="Sequences per micro-batch [2].")
 @click.option("--grad-accum", type=int, help="Micro-batches per optimizer step [1].")

@@ -151,8 +151,9 @@ def write_report(results: dict, reports_dir: str, regressions: list[dict] | None
              f"- status: {results['status']}; created {results['created']}",
              f"- GPU: {env['gpu'] or 'none (CPU)'}; driver {env['driver'] or 'n/a'}; CUDA {env['cuda'] or 'n/a'}",
              f"- versions: {versions}; git {env['git_sha'] or 'n/a'}{' (dirty)' if env.get('git_dirty') else ''}",
-             f"- models {', '.join(compare['models'])}; arms {', '.join(compare['arms'])}; "
-             f"{compare['repeats']} repeats, {run['warmup']} warm-up + {run['steps']} timed steps",
+             f"- models {', '.join(compare['models'])}; arms {', '.join(compare['arms'])}"
+             + "".join(f"; {arm} on {', '.join(models)} only" for arm, models in compare.get("arm_models", {}).items())
+             + f"; {compare['repeats']} repeats, {run['warmup']} warm-up + {run['steps']} timed steps",
              f"- seq {run['seq_len']}, batch {run['batch']}, grad accum {run['grad_accum']}, LoRA r={run['lora_r']} "
              f"alpha={run['lora_alpha']} dropout={run['lora_dropout']} on {', '.join(run['targets'])}, lr {run['lr']}, "
              f"{run['dtype']}, checkpointing {'on' if run['gradient_checkpointing'] else 'off'}, seed {run['seed']}, "

@@ -23,12 +23,15 @@ from fastbench.bench import results as results_io
 from fastbench.bench.worker import new_record
 
 
-def plan(labels: list[str], models: list[str], repeats: int) -> list[tuple[int, str, str]]:
-    """(repeat, model, arm) in run order: repeat r runs the arms rotated by r."""
+def plan(labels: list[str], models: list[str], repeats: int,
+         arm_models: dict[str, list[str]] | None = None) -> list[tuple[int, str, str]]:
+    """(repeat, model, arm) in run order: repeat r runs the arms rotated by r; an arm named in
+    ``arm_models`` runs only on the models listed for it."""
     order = []
     for r in range(repeats):
         rotated = labels[r % len(labels):] + labels[:r % len(labels)]
-        order += [(r, model, arm) for model in models for arm in rotated]
+        order += [(r, model, arm) for model in models for arm in rotated
+                  if model in (arm_models or {}).get(arm, [model])]
     return order
 
 
@@ -79,7 +82,8 @@ def run_compare(results: dict, results_dir: str, timeout: float | None = None,
     interrupted (Ctrl-C); the file then has status "interrupted"."""
     compare = results["compare"]
     done = {(r["arm"], r["model"], r["repeat"]) for r in results["runs"]}
-    todo = [p for p in plan(compare["arms"], compare["models"], compare["repeats"]) if (p[2], p[1], p[0]) not in done]
+    todo = [p for p in plan(compare["arms"], compare["models"], compare["repeats"], compare.get("arm_models"))
+            if (p[2], p[1], p[0]) not in done]
     scratch = tempfile.mkdtemp(prefix="fastbench-compare-")
     env = worker_env(os.path.join(scratch, "checkpoints"))
     workdir = os.path.join(scratch, "runs")

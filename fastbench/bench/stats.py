@@ -97,43 +97,47 @@ def median_losses(records: list[dict]) -> list[float]:
 
 
 def summarize(records: list[dict], labels: list[str], models: list[str], baseline: str,
-              kinds: dict[str, str], loss_tolerance: dict[str, float] = LOSS_TOLERANCE) -> dict:
+              kinds: dict[str, str], loss_tolerance: dict[str, float] = LOSS_TOLERANCE,
+              arm_models: dict[str, list[str]] | None = None) -> dict:
     """Rows per (model, arm) with ratios to ``baseline``; the loss check; the A/A noise floor.
 
     ``kinds`` maps each label to "bf16" or "nf4". An arm's losses are compared with the baseline's
     when both are the same kind (tolerance "same"); otherwise with the first arm of its own kind in
-    ``labels`` (tolerance "same"), and the first of each kind with the baseline (tolerance "cross").
+    ``labels`` (tolerance "same"), and the first of each kind with the baseline (tolerance "cross"); where
+    the baseline has no losses for a model, with the first arm of its own kind. An arm restricted by
+    ``arm_models`` has rows only for its models.
     """
     rows, loss_checks, noise = [], [], []
     for model in models:
-        by_arm = {a: [r for r in records if r["model"] == model and r["arm"] == a] for a in labels}
+        planned = [a for a in labels if model in (arm_models or {}).get(a, [model])]
+        by_arm = {a: [r for r in records if r["model"] == model and r["arm"] == a] for a in planned}
         base_ok = _ok(by_arm.get(baseline, []))
         base_steps = [step_tokens_per_s(r) for r in base_ok]
         base_losses = median_losses(by_arm.get(baseline, []))
-        for label in labels:
+        for label in planned:
             row = {"model": model, "arm": label, "kind": kinds[label], **summarize_arm(by_arm[label])}
             ok = _ok(by_arm[label])
             if ok and base_steps:
                 row["ratio"], row["ratio_lo"], row["ratio_hi"] = bootstrap_ratio(
                     [step_tokens_per_s(r) for r in ok], base_steps)
             rows.append(row)
-            if label == baseline or not by_arm[label]:
-                continue
-            same_kind = [a for a in labels if kinds[a] == kinds[label] and _ok(by_arm[a])]
-            if kinds[label] == kinds[baseline] or not same_kind or same_kind[0] == label:
+            if label == baseline or not ok:
+                continue  # nothing to compare (OOM or failed runs are reported as such)
+            same_kind = [a for a in planned if kinds[a] == kinds[label] and _ok(by_arm[a])]
+            if base_losses and (kinds[label] == kinds[baseline] or same_kind[0] == label):
                 ref, tol = baseline, loss_tolerance["same" if kinds[label] == kinds[baseline] else "cross"]
                 ref_losses = base_losses
-            else:
+            elif same_kind[0] != label:  # the first arm of its kind (also where the baseline did not run)
                 ref, tol = same_kind[0], loss_tolerance["same"]
                 ref_losses = median_losses(by_arm[ref])
+            else:
+                continue
             losses = median_losses(by_arm[label])
-            if not ref_losses or not _ok(by_arm[label]):
-                continue  # nothing to compare (OOM or failed runs are reported as such)
             diff = loss_rel_diff(losses, ref_losses)
             loss_checks.append({"model": model, "arm": label, "reference": ref, "tolerance": tol,
                                 "losses": losses[:LOSS_STEPS], "reference_losses": ref_losses[:LOSS_STEPS],
                                 "max_rel_diff": diff, "mismatch": not diff <= tol})
-        for label in labels:  # A/A pairs: "x" and "x#2" measure the noise floor
+        for label in planned:  # A/A pairs: "x" and "x#2" measure the noise floor
             twin = label.split("#")[0]
             if "#" in label and twin in by_arm and _ok(by_arm[twin]) and _ok(by_arm[label]):
                 ratio, lo, hi = bootstrap_ratio([step_tokens_per_s(r) for r in _ok(by_arm[label])],

@@ -28,6 +28,9 @@ def _compare(*args, tmp_path):
     (["--warmup", "-1"], "warmup must be zero or more"),
     (["--arms", "qlora", "--baseline-arm", "peft"], "not among --arms"),
     (["--max-regression", "lots"], "write e.g. 5%"),
+    (["--arm-models", "qlora"], "write ARM@MODEL"),
+    (["--arm-models", "lora@llama-3.2-1b-tiny"], "'lora' is not among --arms"),
+    (["--arm-models", "qlora@mistral-7b"], "mistral-7b not among --models"),
     (["--device", "cuda:7"] , None),
 ])
 def test_bad_options(tmp_path, args, message):
@@ -101,3 +104,30 @@ def test_resume_runs_only_what_is_missing(tmp_path, make_record, make_results, m
     assert done["status"] == "complete" and len(done["runs"]) == 4
     assert done["summary"]["noise_floor"][0]["twin"] == "peft#2"
     assert "A/A noise floor" in (tmp_path / "p" / (res["id"] + ".md")).read_text()
+
+
+def test_arm_models_restricts_an_arm_to_some_models(tmp_path, make_record, monkeypatch):
+    """Peers on one model only: the other models run the rest; the report has no rows for the skipped
+    pairs, and the loss check falls back to an arm of the same kind where the baseline did not run."""
+    from fastbench.bench import runner
+
+    ran = []
+
+    def fake_run_one(label, model, repeat, run_config, workdir, env, timeout):
+        ran.append((label, model))
+        return make_record(label, model=model, repeat=repeat)
+
+    monkeypatch.setattr(runner, "run_one", fake_run_one)
+    result = CliRunner().invoke(main, ["compare", "--models", "llama-3-8b-tiny,qwen3-8b-tiny", "--arms",
+                                       "qlora,fused-4bit,peft", "--baseline-arm", "qlora", "--arm-models",
+                                       "qlora@llama-3-8b-tiny", "--results-dir", str(tmp_path / "r"),
+                                       "--reports-dir", str(tmp_path / "p")])
+    assert result.exit_code == 0, result.output
+    assert ran == [("qlora", "llama-3-8b-tiny"), ("fused-4bit", "llama-3-8b-tiny"), ("peft", "llama-3-8b-tiny"),
+                   ("fused-4bit", "qwen3-8b-tiny"), ("peft", "qwen3-8b-tiny")]
+    done = json.loads(next((tmp_path / "r").glob("*.json")).read_text())
+    assert done["compare"]["arm_models"] == {"qlora": ["llama-3-8b-tiny"]}
+    rows = {(r["model"], r["arm"]) for r in done["summary"]["rows"]}
+    assert ("qwen3-8b-tiny", "qlora") not in rows and ("qwen3-8b-tiny", "fused-4bit") in rows
+    report = next((tmp_path / "p").glob("*.md")).read_text()
+    assert "qlora on llama-3-8b-tiny only" in report
