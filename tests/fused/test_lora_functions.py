@@ -64,8 +64,16 @@ def test_mlp_matches_autograd(seed, dtype, glu):
     assert rel(y, y_ref) < TOL[dtype]
     g_fused = grads((y * w).sum(), x, (gate, up, down))
     g_ref = grads((y_ref * w.float()).sum(), x32, (g32, u32, d32))
-    for a, b in zip(g_fused, g_ref):
-        assert torch.isfinite(a).all() and rel(a, b) < TOL[dtype]
+    # in bf16 the gradients go through a chain of roundings (gate, up, h, dh, dgate, dup): on shapes this
+    # small, plain autograd in bf16 itself lands up to ~1.3% from the fp32 oracle, ours as far (the
+    # ratio of the two errors: median 1.0, up to ~2 over 200 draws); ours may be off by 1e-2, or 2.5x
+    # what autograd in bf16 is, never over 3%
+    x16 = x.detach().clone().requires_grad_()
+    y16 = reference(fn(reference(x16, gate), reference(x16, up)), down)
+    g16 = grads((y16 * w).sum(), x16, (gate, up, down))
+    for a, b, c in zip(g_fused, g_ref, g16):
+        bound = TOL[dtype] if dtype == torch.float32 else min(3e-2, max(TOL[dtype], 2.5 * rel(c, b)))
+        assert torch.isfinite(a).all() and rel(a, b) < bound
 
 
 def test_nf4_weight_is_dequantized(seed):
