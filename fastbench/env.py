@@ -75,9 +75,6 @@ def collect_environment() -> dict:
                    compute_capability=f"{props.major}.{props.minor}",
                    gpu_memory_gib=round(props.total_memory / 2**30, 1), sm_count=props.multi_processor_count)
     env["autotune"] = _autotune_state()
-    from fastbench.kernels._launch import enabled
-
-    env["direct_launches"] = enabled()  # False: every launch through Triton (FASTBENCH_FAST_LAUNCH=0, interpreter)
     env["patches"] = PATCHES
     return env
 
@@ -99,9 +96,6 @@ def format_environment(env: dict) -> str:
         lines.append(f"  bundled {bundled['file'].rsplit('/', 1)[-1]}: {entries} entries"
                      f"{'' if bundled.get('valid') else ' (invalid)'}")
     lines.append("  `fastbench tune --list` shows which tier serves each op")
-    if "direct_launches" in env:
-        lines.append("launches:  " + ("straight to the compiled kernel after its first call (FASTBENCH_FAST_LAUNCH=0: "
-                                      "through Triton)" if env["direct_launches"] else "through Triton's launch path"))
     lines.append(f"patches:   {env['patches']}")
     return "\n".join(lines)
 

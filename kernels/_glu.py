@@ -22,7 +22,6 @@ import triton.language as tl
 
 from fastbench.autotune.lookup import config_for
 from fastbench.autotune.spec import TuneCase
-from fastbench.kernels._launch import launch
 from fastbench.kernels._tensors import as_rows, cdiv, compute_dtype, dtype_name, next_power_of_2
 
 _SQRT_2_OVER_PI = tl.constexpr(math.sqrt(2.0 / math.pi))
@@ -99,8 +98,8 @@ def forward(gate: torch.Tensor, up: torch.Tensor, activation: str, config) -> to
     g, u = as_rows(gate), as_rows(up)
     h = torch.empty(g.shape, dtype=g.dtype, device=g.device)
     meta = dict(config)
-    launch(_glu_fwd_kernel, _grid(g.shape, meta), g, u, h, *g.shape, g.stride(0), u.stride(0), h.stride(0),
-           ACT=activation, COMPUTE=compute_dtype(g), **meta)
+    _glu_fwd_kernel[_grid(g.shape, meta)](g, u, h, *g.shape, g.stride(0), u.stride(0), h.stride(0),
+                                          ACT=activation, COMPUTE=compute_dtype(g), **meta)
     return h.view(gate.shape)
 
 
@@ -114,8 +113,8 @@ def backward(grad, gate, up, activation: str, config, dgate=None, dup=None):
     if any(v.stride(-1) != 1 for v in views):
         raise ValueError("glu backward needs tensors whose last dim has unit stride")
     meta = dict(config)
-    launch(_glu_bwd_kernel, _grid(views[0].shape, meta), *views, *views[0].shape, *(v.stride(0) for v in views),
-           ACT=activation, COMPUTE=compute_dtype(gate), **meta)
+    _glu_bwd_kernel[_grid(views[0].shape, meta)](*views, *views[0].shape, *(v.stride(0) for v in views),
+                                                 ACT=activation, COMPUTE=compute_dtype(gate), **meta)
     return dgate, dup
 
 

@@ -24,7 +24,6 @@ import triton.language as tl
 
 from fastbench.autotune.lookup import config_for
 from fastbench.autotune.spec import OpSpec, TuneCase
-from fastbench.kernels._launch import launch
 from fastbench.kernels._tensors import dtype_name
 
 # Largest logits buffer of one chunk, in bytes (its dtype is the input's): 512 MiB.
@@ -93,8 +92,7 @@ def rows_per_chunk(n_rows: int, vocab: int, element_size: int) -> int:
 
 
 def _launch_rows(logits, grad, labels, loss_rows, scale, ignore_index, softcap, compute_grad, config):
-    launch(
-        _cross_entropy_rows_kernel, (logits.shape[0],),
+    _cross_entropy_rows_kernel[(logits.shape[0],)](
         logits, grad, logits.stride(0), labels, loss_rows, scale, logits.shape[1], ignore_index,
         1.0 if softcap is None else float(softcap),
         HAS_SOFTCAP=softcap is not None, COMPUTE_GRAD=compute_grad, BLOCK_V=config["BLOCK_V"],

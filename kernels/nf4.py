@@ -27,7 +27,6 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from fastbench.autotune.lookup import config_for
 from fastbench.autotune.spec import OpSpec, TuneCase
-from fastbench.kernels._launch import launch
 from fastbench.kernels._tensors import cdiv, dtype_name
 
 
@@ -150,8 +149,7 @@ def _launch(packed, absmax, code, flat_out, numel, blocksize, nested, config):
     pairs = flat_out.element_size() == 2 and numel % 2 == 0 and flat_out.data_ptr() % 4 == 0
     if pairs or bf16:
         flat_out = _store_view(flat_out, torch.int32 if pairs else torch.int16)
-    launch(
-        _dequantize_nf4_kernel, grid,
+    _dequantize_nf4_kernel[grid](
         packed, absmax_q, code, absmax2, code2, offset, flat_out, numel,
         BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2, NESTED=nested, BLOCKS=blocks, PAIRS=pairs, OUT_BF16=bf16,
         num_warps=config["num_warps"], num_stages=config["num_stages"], enable_fp_fusion=False,
@@ -241,8 +239,7 @@ def _launch_group(plans, flat_out, config):
     starts = (numels[0] // unit, (numels[0] + numels[1]) // unit)
     (p0, a0, s0, o0, n0), (p1, a1, s1, o1, n1), (p2, a2, s2, o2, n2) = parts
     code2, blocksize2 = stats[0][2], stats[0][4]
-    launch(
-        _dequantize_nf4_group_kernel, grid,
+    _dequantize_nf4_group_kernel[grid](
         plans[0].code, code2, flat_out, p0, a0, s0, o0, n0, p1, a1, s1, o1, n1, starts[0],
         p2, a2, s2, o2, n2, starts[1],
         BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2, NESTED=plans[0].nested, BLOCKS=blocks, PAIRS=pairs,

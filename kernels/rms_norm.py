@@ -16,7 +16,6 @@ import triton.language as tl
 
 from fastbench.autotune.lookup import config_for
 from fastbench.autotune.spec import OpSpec, TuneCase
-from fastbench.kernels._launch import launch
 from fastbench.kernels._tensors import as_rows, cdiv, compute_dtype, dtype_name, next_power_of_2
 
 MAX_HIDDEN = 65536
@@ -76,8 +75,8 @@ def _forward(x: torch.Tensor, w: torch.Tensor, eps: float, offset: float, config
     y = torch.empty((rows, n), dtype=x.dtype, device=x.device)
     meta = dict(config)
     grid = (cdiv(rows, meta["BLOCK_ROWS"]),)
-    launch(_rms_norm_fwd_kernel, grid, x, w, y, rows, n, x.stride(0), y.stride(0), eps, offset,
-           BLOCK_N=_block_n(n), COMPUTE=compute_dtype(x), **meta)
+    _rms_norm_fwd_kernel[grid](x, w, y, rows, n, x.stride(0), y.stride(0), eps, offset,
+                               BLOCK_N=_block_n(n), COMPUTE=compute_dtype(x), **meta)
     return y
 
 
@@ -89,9 +88,9 @@ def _backward(dy, x, w, eps: float, offset: float, need_dw: bool, config):
     dx = torch.empty((rows, n), dtype=x.dtype, device=x.device)
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     partial = torch.empty((grid[0] if need_dw else 1, n), dtype=compute, device=x.device)
-    launch(_rms_norm_bwd_kernel, grid, dy, x, w, dx, partial, rows, n, dy.stride(0), x.stride(0), dx.stride(0),
-           eps, offset, BLOCK_N=_block_n(n), HAS_DW=need_dw,
-           COMPUTE=compute_dtype(x), **meta)
+    _rms_norm_bwd_kernel[grid](dy, x, w, dx, partial, rows, n, dy.stride(0), x.stride(0), dx.stride(0),
+                               eps, offset, BLOCK_N=_block_n(n), HAS_DW=need_dw,
+                               COMPUTE=compute_dtype(x), **meta)
     return dx, (partial.sum(0).to(w.dtype) if need_dw else None)
 
 

@@ -26,7 +26,6 @@ from torch.autograd.graph import increment_version
 
 from fastbench.autotune.lookup import config_for
 from fastbench.autotune.spec import OpSpec, TuneCase
-from fastbench.kernels._launch import launch
 from fastbench.kernels._tensors import dtype_name, next_power_of_2
 
 
@@ -99,11 +98,11 @@ def _launch(q, k, cos, sin, backward: bool, config, q_out=None, k_out=None):
         raise ValueError(f"apply_rope: q {tuple(q.shape)} and k {tuple(k.shape)} must be [B, H, T, D] "
                          "with the same B, T, even D, dtype and device")
     meta = dict(config)
-    launch(_rope_kernel, (B * T,), q, k, q_out, k_out, cos, sin, T, n_q, n_k, *q.stride(), *k.stride(),
-           *q_out.stride(), *k_out.stride(), *_btd_strides(cos, B, T, D),
-           *_btd_strides(sin, B, T, D),
-           HALF=D // 2, BLOCK_D=next_power_of_2(D // 2), BACKWARD=backward,
-           COMPUTE=tl.float64 if q.dtype == torch.float64 else tl.float32, **meta)
+    _rope_kernel[(B * T,)](q, k, q_out, k_out, cos, sin, T, n_q, n_k, *q.stride(), *k.stride(),
+                           *q_out.stride(), *k_out.stride(), *_btd_strides(cos, B, T, D),
+                           *_btd_strides(sin, B, T, D),
+                           HALF=D // 2, BLOCK_D=next_power_of_2(D // 2), BACKWARD=backward,
+                           COMPUTE=tl.float64 if q.dtype == torch.float64 else tl.float32, **meta)
 
 
 def _problem(q: torch.Tensor, k: torch.Tensor) -> dict:
