@@ -117,13 +117,24 @@ def sdpa_mask(attention_mask, position_ids, T, window, device):
     return mask | torch.eye(T, dtype=torch.bool, device=device)
 
 
-def attention_residual(layer, x, cos, sin, mask, family: Family):
-    """x + attention(RMSNorm(x)): the first part of a decoder layer, [B, T, hidden] -> [B, T, hidden]."""
+def layer_projections(layer) -> tuple[tuple[Projection, ...], tuple[Projection, ...]]:
+    """((Q, K, V, O), (gate, up, down)) of a decoder layer as its modules stand now (which LoRA is active,
+    its scale). A part recomputed in the backward takes them from its forward: the adapters may have been
+    disabled for the forward (``with model.disable_adapter():``) and enabled again since."""
+    attn, mlp = layer.self_attn, layer.mlp
+    return (tuple(projection(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)),
+            tuple(projection(m) for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)))
+
+
+def attention_residual(layer, x, cos, sin, mask, family: Family, projections=None):
+    """x + attention(RMSNorm(x)): the first part of a decoder layer, [B, T, hidden] -> [B, T, hidden].
+    ``projections``: (Q, K, V, O), by default the layer's as they stand."""
     attn = layer.self_attn
+    q_p, k_p, v_p, o_p = projections or layer_projections(layer)[0]
     n = rms_norm(x, layer.input_layernorm.weight, norm_eps(layer.input_layernorm), family.norm_offset)
     B, T, _ = n.shape
     D = attn.head_dim
-    q, k, v = lora_projections(n, projection(attn.q_proj), projection(attn.k_proj), projection(attn.v_proj))
+    q, k, v = lora_projections(n, q_p, k_p, v_p)
     q, k, v = q.view(B, T, -1, D), k.view(B, T, -1, D), v.view(B, T, -1, D)
     if family.qk_norm:
         q = rms_norm(q, attn.q_norm.weight, norm_eps(attn.q_norm))
@@ -132,18 +143,17 @@ def attention_residual(layer, x, cos, sin, mask, family: Family):
     v = v.transpose(1, 2)
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=attn.scaling,
                                        enable_gqa=q.shape[1] != k.shape[1])
-    (out,) = lora_projections(o.transpose(1, 2).reshape(B, T, -1), projection(attn.o_proj),
-                              graph_only=recomputing())
+    (out,) = lora_projections(o.transpose(1, 2).reshape(B, T, -1), o_p, graph_only=recomputing())
     return x + out
 
 
-def mlp_residual(layer, h, family: Family):
-    """h + MLP(RMSNorm(h)): the second part of a decoder layer."""
+def mlp_residual(layer, h, family: Family, projections=None):
+    """h + MLP(RMSNorm(h)): the second part of a decoder layer. ``projections``: (gate, up, down), by
+    default the layer's as they stand."""
+    gate, up, down = projections or layer_projections(layer)[1]
     m = rms_norm(h, layer.post_attention_layernorm.weight, norm_eps(layer.post_attention_layernorm),
                  family.norm_offset)
-    mlp = layer.mlp
-    return h + lora_mlp(m, projection(mlp.gate_proj), projection(mlp.up_proj), projection(mlp.down_proj),
-                        family.glu, graph_only=recomputing())
+    return h + lora_mlp(m, gate, up, down, family.glu, graph_only=recomputing())
 
 
 def _trainable_by_part(layer) -> tuple[list, list]:
@@ -170,8 +180,10 @@ def _trainable_by_part(layer) -> tuple[list, list]:
 
 def layer_parts(layer, cos, sin, mask, family: Family):
     """One decoder layer as the checkpointing parts [(fn, its trainable parameters)] (see fastbench.checkpointing);
-    the parameters are listed when first asked for (only recomputed parts ask), in one pass for both parts."""
+    the parameters are listed when first asked for (only recomputed parts ask), in one pass for both parts.
+    The parts hold the layer's projections as they stand now, so a recomputation repeats this forward."""
     trainable = functools.cache(functools.partial(_trainable_by_part, layer))
-    return [(functools.partial(attention_residual, layer, cos=cos, sin=sin, mask=mask, family=family),
-             lambda: trainable()[0]),
-            (functools.partial(mlp_residual, layer, family=family), lambda: trainable()[1])]
+    attn_p, mlp_p = layer_projections(layer)
+    return [(functools.partial(attention_residual, layer, cos=cos, sin=sin, mask=mask, family=family,
+                               projections=attn_p), lambda: trainable()[0]),
+            (functools.partial(mlp_residual, layer, family=family, projections=mlp_p), lambda: trainable()[1])]

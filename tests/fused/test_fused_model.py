@@ -200,3 +200,23 @@ def test_recomputed_parts_list_every_trainable_parameter(seed):
     got = _trainable_by_part(layer)
     assert [list(map(id, part)) for part in got] == [list(map(id, part)) for part in expected]
     assert len(got[0]) > 0 and len(got[1]) > 0
+
+
+@pytest.mark.parametrize("load_in_4bit, checkpointing", [(False, True), (True, True), (False, "offload"),
+                                                         (True, 1e-6), (False, False)])
+def test_disabled_adapters_match_peft(seed, load_in_4bit, checkpointing):
+    """Under ``disable_adapter()`` the fused layers run without LoRA (the NF4 groups side by side with
+    no LoRA at all): the loss and the input gradient equal PEFT's with its adapters disabled, also where
+    the backward recomputes layers after the adapters were enabled again (it repeats the forward's)."""
+    fused, ref = pair("llama-3-8b-tiny", seed, load_in_4bit=load_in_4bit, checkpointing=checkpointing)
+    ids, labels = batch()
+    losses, grads = [], []
+    for model in (fused, ref):
+        embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
+        with model.disable_adapter():
+            loss = model(inputs_embeds=embeds, labels=labels).loss
+        loss.backward()
+        losses.append(loss.item())
+        grads.append(embeds.grad)
+    assert abs(losses[0] - losses[1]) / abs(losses[1]) < 1e-5
+    assert cosine(grads[0], grads[1]) > 0.99999
