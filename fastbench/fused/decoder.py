@@ -62,6 +62,17 @@ def norm_eps(norm) -> float:
     return getattr(norm, "variance_epsilon", None) or norm.eps
 
 
+def _adapter_problem(module, name: str) -> str | None:
+    """Why adapter ``name`` of a PEFT LoRA layer cannot run fused, or None."""
+    if name in getattr(module, "lora_variant", {}) or module.use_dora.get(name, False):
+        return "LoRA variants (DoRA, ...)"
+    if not isinstance(module.lora_dropout[name], torch.nn.Identity):
+        return "lora_dropout > 0"
+    if module.lora_B[name].bias is not None:
+        return "lora_bias"
+    return None
+
+
 def unsupported_lora(module) -> str | None:
     """Why the fused path cannot run ``module`` (a linear layer, maybe PEFT-wrapped), or None."""
     from peft.tuners.lora import LoraLayer
@@ -71,12 +82,9 @@ def unsupported_lora(module) -> str | None:
     if type(module).__name__ not in ("Linear", "Linear4bit"):  # peft.tuners.lora.Linear, lora.bnb.Linear4bit
         return f"PEFT layer type {type(module).__name__}"
     for name in module.active_adapters:
-        if name in getattr(module, "lora_variant", {}) or module.use_dora.get(name, False):
-            return "LoRA variants (DoRA, ...)"
-        if not isinstance(module.lora_dropout[name], torch.nn.Identity):
-            return "lora_dropout > 0"
-        if module.lora_B[name].bias is not None:
-            return "lora_bias"
+        problem = _adapter_problem(module, name) if name in module.lora_A else None
+        if problem:
+            return problem
     if len([a for a in module.active_adapters if a in module.lora_A]) > 1:
         return "more than one active adapter"
     return None
@@ -84,13 +92,21 @@ def unsupported_lora(module) -> str | None:
 
 def projection(module) -> Projection:
     """The frozen weight, bias and active LoRA of a linear layer (nn.Linear, bnb Linear4bit, or a
-    PEFT LoRA wrapper of either); no LoRA while adapters are disabled or merged into the weight."""
+    PEFT LoRA wrapper of either); no LoRA while adapters are disabled or merged into the weight.
+    Raises if the adapters active now cannot run fused (activated after get_peft_model checked them)."""
     base = getattr(module, "base_layer", module)
     lora = None
     if base is not module and not module.disable_adapters and not module.merged:
-        for name in module.active_adapters:
-            if name in module.lora_A:
-                lora = LoRA(module.lora_A[name].weight, module.lora_B[name].weight, module.scaling[name])
+        names = [name for name in module.active_adapters if name in module.lora_A]
+        if names:
+            problem = "more than one active adapter" if len(names) > 1 else _adapter_problem(module, names[0])
+            if problem:
+                raise RuntimeError(
+                    f"fastbench's fused path cannot run the adapters now active ({problem}: {', '.join(names)}); "
+                    "it runs one plain LoRA adapter at a time, without DoRA, dropout or bias. Activate one such "
+                    "adapter, or build the model with FastLanguageModel.get_peft_model(..., fallback=True) from "
+                    "a config with what you need (it then trains with plain PEFT)")
+            lora = LoRA(module.lora_A[names[0]].weight, module.lora_B[names[0]].weight, module.scaling[names[0]])
     return Projection(base.weight, base.bias, lora)
 
 

@@ -220,3 +220,30 @@ def test_disabled_adapters_match_peft(seed, load_in_4bit, checkpointing):
         grads.append(embeds.grad)
     assert abs(losses[0] - losses[1]) / abs(losses[1]) < 1e-5
     assert cosine(grads[0], grads[1]) > 0.99999
+
+
+def test_adapters_activated_later_run_fused_or_say_why(seed):
+    """get_peft_model checks the adapter it made; one added and activated later runs fused when it is a
+    plain LoRA (and matches PEFT), and raises a clear error when it has dropout or when two are active."""
+    fused, ref = pair("llama-3-8b-tiny", seed)
+    plain = LoraConfig(r=2, lora_alpha=4, target_modules=list(DEFAULT_TARGETS), task_type="CAUSAL_LM")
+    for model in (fused, ref):
+        torch.manual_seed(seed)
+        model.add_adapter("other", plain)
+        model.set_adapter("other")
+    with torch.no_grad():
+        for (name, p), (_, q) in zip(fused.named_parameters(), ref.named_parameters()):
+            if "lora_B.other" in name:
+                p.normal_(0, 0.05)
+                q.copy_(p)
+    ids, labels = batch()
+    loss_f, loss_r = (m(input_ids=ids, labels=labels).loss.item() for m in (fused, ref))
+    assert abs(loss_f - loss_r) / abs(loss_r) < 1e-5
+    fused.add_adapter("dropped", LoraConfig(r=2, lora_dropout=0.1, target_modules=list(DEFAULT_TARGETS),
+                                            task_type="CAUSAL_LM"))
+    fused.set_adapter("dropped")
+    with pytest.raises(RuntimeError, match="lora_dropout > 0.*one plain LoRA adapter at a time"):
+        fused(input_ids=ids, labels=labels)
+    fused.base_model.set_adapter(["default", "other"])
+    with pytest.raises(RuntimeError, match="more than one active adapter"):
+        fused(input_ids=ids, labels=labels)
