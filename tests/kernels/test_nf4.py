@@ -165,3 +165,17 @@ def test_bit_exact_with_bitsandbytes_gpu(seed, shape, dtype):
     packed, state = bnbf.quantize_4bit(weight, quant_type="nf4", compress_statistics=True)
     out = torch.full(shape, float("nan"), dtype=dtype, device="cuda")
     assert torch.equal(nf4.dequantize_nf4_weight(packed, out, quant_state=state), bnbf.dequantize_4bit(packed, state))
+
+
+@pytest.mark.parametrize("shape", [(48, 32), (96, 16), (2048, 32)])
+def test_rows_shorter_than_a_block_match_a_decode_by_hand(seed, shape):
+    """Rows shorter than the 64-element block: the blocks run across rows of the flat array. Here this
+    CPU's bitsandbytes dequantize_4bit (0.50.2) disagrees with its own quantize_4bit (about twice NF4's
+    error against the weight), so the oracle is a decode by hand of its packed codes: two codes per byte,
+    high nibble first, the NF4 table, one absmax per 64 elements of the flat array (double quantized)."""
+    weight = torch.randn(shape)
+    packed, state = bnbf.quantize_4bit(weight, quant_type="nf4", compress_statistics=True)
+    codes = torch.stack([packed.view(-1) >> 4, packed.view(-1) & 15], -1).view(-1).long()
+    absmax = bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    by_hand = (state.code[codes] * absmax.repeat_interleave(64)[: codes.numel()]).view(shape)
+    assert torch.equal(nf4.dequantize_nf4_weight(packed, quant_state=state), by_hand)
