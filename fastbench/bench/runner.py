@@ -110,6 +110,10 @@ def describe_record(r: dict) -> str:
     if r["status"] != "ok":
         first_line = (r["error"] or "").splitlines()[0] if r["error"] else ""
         return f"{r['status'].upper()} ({r['phase']}): {first_line[:200]}"
-    tps = sum(r["tokens_per_step"]) / sum(r["step_s"])
+    from statistics import median
+
+    from fastbench.bench.stats import step_tokens_per_s
+
+    tps = median(step_tokens_per_s(r).tolist())  # the report's statistic: one slow step does not move it
     mem = f", peak {r['peak_allocated_gib']:.1f} GiB" if r["peak_allocated_gib"] is not None else ""
-    return f"{tps:,.0f} tokens/s{mem} (load {r['load_s']:.1f} s, first step {r['first_step_s']:.2f} s)"
+    return f"{tps:,.0f} tokens/s (median step){mem} (load {r['load_s']:.1f} s, first step {r['first_step_s']:.2f} s)"
