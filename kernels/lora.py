@@ -14,7 +14,7 @@ Projections that share an input (Q, K, V; gate and up) stack their A's, so x A^T
 all of them, and so are [s dY_p B_p]_p^T x (every dA) and the LoRA part of dX. Where their weights
 lie side by side (NF4 weights dequantized together), so do their outputs, and the rest is one matmul
 each too: x W^T, (x A^T) B_block^T with B_block the block-diagonal of the s B_p, dY W, dY B_block and
-dY^T (x A^T), whose diagonal blocks are the dB_p. The factors are cast
+dY^T (x A^T), whose diagonal blocks times s_p are the dB_p. The factors are cast
 to the compute dtype (and B scaled by s) once per step: the fused model clears that cache at each
 forward, and a changed parameter version invalidates an entry.
 
