@@ -59,5 +59,6 @@ def describe(regression: dict) -> str:
     r = regression
     if r["metric"] == "status":
         return f"REGRESSION {r['arm']} on {r['model']}: ran before ({r['old']}), now {r['new']}"
-    return (f"REGRESSION {r['arm']} on {r['model']}: {r['metric']} {r['old']:,.4g} -> {r['new']:,.4g} "
+    spec = ",.0f" if abs(r["old"]) >= 100 else ".3g"  # tokens/s as 10,287; GiB as 7.02
+    return (f"REGRESSION {r['arm']} on {r['model']}: {r['metric']} {r['old']:{spec}} -> {r['new']:{spec}} "
             f"({r['change']:+.1%}; noise {r['noise']:.1%})")
