@@ -13,7 +13,7 @@ down projection and the GLU).
 
 - ``False``: keep every layer's activations (fastest, most memory).
 - ``True``: keep only each layer's input, recompute the layer in the backward.
-- ``"offload"``: keep each part's input in pinned CPU memory (copied on a side stream, overlapped with
+- ``"offload"`` (or ``"unsloth"``, the name Unsloth's users know it by): keep each part's input in pinned CPU memory (copied on a side stream, overlapped with
   the next layers' compute; back one part ahead during the backward) and recompute the part.
 - a number (GiB) or ``"auto"``: a budget. The first layer of the first step runs un-checkpointed
   while the bytes its autograd graph saves are counted; from then on the first
@@ -184,7 +184,7 @@ def parse_setting(setting) -> tuple[str, float | None]:
         return "keep", None
     if setting is True:
         return "recompute", None
-    if setting == "offload":
+    if setting in ("offload", "unsloth"):  # "unsloth": what Unsloth's users pass for its offloaded checkpointing
         return "offload", None
     if setting == "auto":
         return "budget", None
@@ -195,8 +195,8 @@ def parse_setting(setting) -> tuple[str, float | None]:
             setting = None
     if isinstance(setting, (int, float)) and setting >= 0:
         return "budget", float(setting) * GiB
-    raise ValueError(f"use_gradient_checkpointing must be True, False, 'offload', 'auto' or a budget in GiB; "
-                     f"got {setting!r}")
+    raise ValueError(f"use_gradient_checkpointing must be True, False, 'offload' (or 'unsloth', the same), 'auto' "
+                     f"or a budget in GiB; got {setting!r}")
 
 
 # (fn, its trainable parameters or a callable returning them)

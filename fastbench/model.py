@@ -78,12 +78,25 @@ class FastLanguageModel:
         return model, tokenizer
 
     @staticmethod
+    def for_inference(model):
+        """Evaluation mode before generating (as Unsloth's ``for_inference``); ``generate`` runs the
+        transformers forward with its KV cache, the fused one serves the training steps. Returns ``model``."""
+        model.eval()
+        return model
+
+    @staticmethod
+    def for_training(model):
+        """Back to training mode after :meth:`for_inference`. Returns ``model``."""
+        model.train()
+        return model
+
+    @staticmethod
     def get_peft_model(model, r: int = 16, target_modules=DEFAULT_TARGETS, lora_alpha: int = 16,
                        lora_dropout: float = 0.0, bias: str = "none", use_gradient_checkpointing=True,
                        random_state: int | None = 3407, use_rslora: bool = False, fallback: bool = True,
                        **lora_kwargs):
         """A PEFT model whose decoder layers run fused. ``use_gradient_checkpointing``: True
-        (recompute every layer), False, "offload", a budget in GiB, or "auto" (see
+        (recompute every layer), False, "offload" (or "unsloth", the same), a budget in GiB, or "auto" (see
         fastbench.checkpointing). ``random_state`` seeds the LoRA init (None: leave the RNG as it is).
         What the fused path cannot run exactly falls back to plain PEFT with a warning
         (``fallback=False``: raises instead)."""

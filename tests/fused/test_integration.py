@@ -128,3 +128,16 @@ def test_bad_checkpointing_setting_leaves_the_model_untouched():
     with pytest.raises(ValueError, match="use_gradient_checkpointing"):
         FastLanguageModel.get_peft_model(base, use_gradient_checkpointing="sometimes")
     assert not any("lora" in name for name, _ in base.named_modules())
+
+
+def test_unsloth_names_work(seed):
+    """What Unsloth's users write: use_gradient_checkpointing="unsloth" is the offloaded checkpointing,
+    and for_inference/for_training switch the model's mode."""
+    from fastbench.checkpointing import parse_setting
+
+    assert parse_setting("unsloth") == parse_setting("offload") == ("offload", None)
+    base, _ = FastLanguageModel.from_pretrained("llama-3-8b-tiny", dtype=torch.float32, device="cpu")
+    model = FastLanguageModel.get_peft_model(base, r=4, use_gradient_checkpointing="unsloth", fallback=False)
+    assert "offloaded" in " ".join(model.get_base_model().fastbench_patches)
+    assert FastLanguageModel.for_inference(model) is model and not model.training
+    assert FastLanguageModel.for_training(model) is model and model.training
