@@ -140,15 +140,23 @@ def _kernel_stats(stats, code, nested: bool):
     return stats if nested else (stats, stats, code, stats, 1)
 
 
+def _store_target(flat_out, numels) -> tuple[torch.Tensor, bool, bool]:
+    """(what the kernel stores into, PAIRS, OUT_BF16) for a contiguous output holding weights of
+    ``numels`` elements each: 16-bit outputs of even counts at a 4-byte-aligned address take one 32-bit
+    store per packed byte; bf16 is stored as its 16 bits."""
+    bf16 = flat_out.dtype == torch.bfloat16
+    pairs = flat_out.element_size() == 2 and all(n % 2 == 0 for n in numels) and flat_out.data_ptr() % 4 == 0
+    if pairs or bf16:
+        flat_out = _store_view(flat_out, torch.int32 if pairs else torch.int16)
+    return flat_out, pairs, bf16
+
+
 def _launch(packed, absmax, code, flat_out, numel, blocksize, nested, config):
     """``flat_out``: the contiguous output, exactly ``numel`` elements (1-D, or any shape)."""
     absmax_q, absmax2, code2, offset, blocksize2 = _kernel_stats(absmax, code, nested)
     blocks = max(1, config["BLOCK"] // blocksize)  # BLOCK: output elements per program
     grid = (cdiv(cdiv(numel, blocksize), blocks),)
-    bf16 = flat_out.dtype == torch.bfloat16
-    pairs = flat_out.element_size() == 2 and numel % 2 == 0 and flat_out.data_ptr() % 4 == 0
-    if pairs or bf16:
-        flat_out = _store_view(flat_out, torch.int32 if pairs else torch.int16)
+    flat_out, pairs, bf16 = _store_target(flat_out, (numel,))
     _dequantize_nf4_kernel[grid](
         packed, absmax_q, code, absmax2, code2, offset, flat_out, numel,
         BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2, NESTED=nested, BLOCKS=blocks, PAIRS=pairs, OUT_BF16=bf16,
@@ -227,10 +235,7 @@ def _launch_group(plans, flat_out, config):
     blocksize = plans[0].blocksize
     blocks = max(1, config["BLOCK"] // blocksize)
     grid = (sum(cdiv(cdiv(n, blocksize), blocks) for n in numels),)
-    bf16 = flat_out.dtype == torch.bfloat16
-    pairs = flat_out.element_size() == 2 and all(n % 2 == 0 for n in numels) and flat_out.data_ptr() % 4 == 0
-    if pairs or bf16:
-        flat_out = _store_view(flat_out, torch.int32 if pairs else torch.int16)
+    flat_out, pairs, bf16 = _store_target(flat_out, numels)
     unit = 2 if pairs else 1
     stats = [_kernel_stats(p.stats, p.code, p.nested) for p in plans]
     parts = [(p.packed, st[0], st[1], st[3], p.numel) for p, st in zip(plans, stats)]

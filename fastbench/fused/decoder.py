@@ -73,6 +73,16 @@ def _adapter_problem(module, name: str) -> str | None:
     return None
 
 
+def _active_loras(module) -> tuple[list[str], str | None]:
+    """(the active adapters this PEFT LoRA layer holds, why they cannot run fused or None)."""
+    names = [name for name in module.active_adapters if name in module.lora_A]
+    for name in names:
+        problem = _adapter_problem(module, name)
+        if problem:
+            return names, problem
+    return names, "more than one active adapter" if len(names) > 1 else None
+
+
 def unsupported_lora(module) -> str | None:
     """Why the fused path cannot run ``module`` (a linear layer, maybe PEFT-wrapped), or None."""
     from peft.tuners.lora import LoraLayer
@@ -81,13 +91,7 @@ def unsupported_lora(module) -> str | None:
         return None if hasattr(module, "weight") else f"{type(module).__name__} has no weight"
     if type(module).__name__ not in ("Linear", "Linear4bit"):  # peft.tuners.lora.Linear, lora.bnb.Linear4bit
         return f"PEFT layer type {type(module).__name__}"
-    for name in module.active_adapters:
-        problem = _adapter_problem(module, name) if name in module.lora_A else None
-        if problem:
-            return problem
-    if len([a for a in module.active_adapters if a in module.lora_A]) > 1:
-        return "more than one active adapter"
-    return None
+    return _active_loras(module)[1]
 
 
 def projection(module) -> Projection:
@@ -97,9 +101,8 @@ def projection(module) -> Projection:
     base = getattr(module, "base_layer", module)
     lora = None
     if base is not module and not module.disable_adapters and not module.merged:
-        names = [name for name in module.active_adapters if name in module.lora_A]
+        names, problem = _active_loras(module)
         if names:
-            problem = "more than one active adapter" if len(names) > 1 else _adapter_problem(module, names[0])
             if problem:
                 raise RuntimeError(
                     f"fastbench's fused path cannot run the adapters now active ({problem}: {', '.join(names)}); "
