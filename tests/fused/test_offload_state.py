@@ -93,3 +93,54 @@ def test_layers_of_two_parts(seed, mode):
         assert backward == [("square", True), ("first", True)] * 4
     for a, b in zip(got, expected):
         assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+class FakeCudart:
+    """Records what the offloader registers with CUDA; ``fail`` makes registration fail."""
+
+    class cudaError:
+        success = 0
+
+    def __init__(self, fail=False):
+        self.fail, self.registered = fail, {}
+
+    def cudaHostRegister(self, ptr, nbytes, flags):
+        if self.fail:
+            return 1
+        self.registered[ptr] = nbytes
+        return 0
+
+    def cudaHostUnregister(self, ptr):
+        del self.registered[ptr]
+        return 0
+
+
+def test_pinned_buffers_are_registered_until_the_offloader_goes(monkeypatch):
+    import gc
+    from fastbench.checkpointing import HostOffloader, _pinned_empty
+    fake = FakeCudart()
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: fake)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    offloader = HostOffloader()
+    bufs = [_pinned_empty(n, dtype, offloader._registered) for n, dtype in ((1000, torch.bfloat16), (7, torch.float32))]
+    assert fake.registered == {b.data_ptr(): b.numel() * b.element_size() for b in bufs}
+    assert all(not b.any() for b in bufs)  # every page touched before registration
+    del offloader
+    gc.collect()
+    assert fake.registered == {}
+
+
+def test_pinning_falls_back_to_pin_memory_when_registration_fails(monkeypatch):
+    from fastbench.checkpointing import _pinned_empty
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: FakeCudart(fail=True))
+    calls = []
+    real_empty = torch.empty
+
+    def empty(*args, pin_memory=False, **kwargs):
+        calls.append(pin_memory)
+        return real_empty(*args, **kwargs)
+    monkeypatch.setattr(torch, "empty", empty)
+    registered = []
+    buf = _pinned_empty(10, torch.float32, registered)
+    assert calls == [False, True] and registered == [] and buf.numel() == 10
