@@ -153,6 +153,7 @@ def _pinned_empty(numel: int, dtype: torch.dtype, registered: list[torch.Tensor]
     buf = torch.empty(numel, dtype=dtype)
     buf.zero_()
     cudart = torch.cuda.cudart()
+    # flags 0 (cudaHostRegisterDefault): with unified addressing, portable to every device's context and mapped
     if cudart.cudaHostRegister(buf.data_ptr(), buf.untyped_storage().nbytes(), 0) != cudart.cudaError.success:
         return torch.empty(numel, dtype=dtype, pin_memory=True)
     registered.append(buf)

@@ -20,7 +20,7 @@ clm.fused_linear_cross_entropy = lambda h, w, labels, num_items_in_batch=None: F
 import fastbench.kernels.nf4 as nf4
 class _NoLaunch:  # the dequantize kernel skipped, its host-side wrapper kept
     def __getitem__(self, grid): return lambda *a, **k: None
-nf4._dequantize_nf4_kernel = _NoLaunch()
+nf4._dequantize_nf4_kernel = nf4._dequantize_nf4_group_kernel = _NoLaunch()
 from fastbench import FastLanguageModel
 from fastbench.presets import PRESETS, Preset
 p = PRESETS["llama-3-8b-tiny"]; c = dict(p.config); c["num_hidden_layers"] = 32
