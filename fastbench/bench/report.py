@@ -4,6 +4,7 @@ its p10-p90 spread, peak memory with its min-max over repeats), drawn with matpl
 from __future__ import annotations
 
 import os
+import statistics
 
 from fastbench.bench.regress import describe as describe_regression
 
@@ -141,6 +142,23 @@ def plot(summary: dict, path_stem: str) -> list[str]:
     return names
 
 
+def host_lines(results: dict) -> list[str]:
+    """Per process: its median step beside what the CPUs did meanwhile (fastbench.bench.host_cpu)."""
+    runs = [r for r in results["runs"] if r["status"] == "ok" and r.get("host_own_cores") is not None]
+    if not runs:
+        return []
+    cpus = results["environment"].get("cpu_count")
+    lines = ["", "## Host CPU during the timed steps", "",
+             "A slow process next to busy cores points at the host, not the code. Cores: CPU seconds per "
+             "second of the timed steps" + (f", of {cpus} on this machine" if cpus else "") + ".", "",
+             "| model | arm | repeat | median step s | this process's cores | other processes' cores | steal % |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in runs:
+        lines.append(f"| {r['model']} | {r['arm']} | {r['repeat'] + 1} | {statistics.median(r['step_s']):.3f} | "
+                     f"{r['host_own_cores']:.2f} | {r['host_other_cores']:.2f} | {r['host_steal_pct']:.1f} |")
+    return lines
+
+
 def write_report(results: dict, reports_dir: str, regressions: list[dict] | None = None,
                  against: str | None = None) -> str:
     os.makedirs(reports_dir, exist_ok=True)
@@ -178,6 +196,7 @@ def write_report(results: dict, reports_dir: str, regressions: list[dict] | None
     profile = profile_lines(results)
     if profile:
         lines += [""] + profile
+    lines += host_lines(results)
     tiers = {r["arm"]: r["autotune_tiers"] for r in results["runs"] if r.get("autotune_tiers")}
     if tiers:
         lines += ["", "## Autotune tier per op", ""] + [f"- {arm}: {t}" for arm, t in tiers.items()]

@@ -15,6 +15,8 @@ import os
 import re
 import secrets
 
+from fastbench.bench import host_cpu
+
 SCHEMA = "fastbench.compare/1"
 
 
@@ -73,7 +75,7 @@ def read(path: str) -> dict:
 
 
 _RUN_METRICS = ("load_s", "materialize_s", "first_step_s", "peak_allocated_gib", "peak_reserved_gib",
-                "nvml_process_gib", "nvml_device_gib")
+                "nvml_process_gib", "nvml_device_gib", *host_cpu.FIELDS)
 
 
 def long_frame(results: dict):

@@ -12,6 +12,8 @@ import math
 
 import numpy as np
 
+from fastbench.bench import host_cpu
+
 BOOTSTRAP_SAMPLES = 2000
 LOSS_STEPS = 3  # the first steps' losses compared across arms
 LOSS_TOLERANCE = {"same": 0.01, "cross": 0.02}  # relative; "cross": bf16 vs nf4 arms
@@ -56,6 +58,8 @@ def summarize_arm(records: list[dict]) -> dict:
         values = [r[key] for r in ok if r[key] is not None]
         row[key + "_min"], row[key + "_max"] = (min(values), max(values)) if values else (None, None)
     row["memory_spread"] = _spread([r["peak_allocated_gib"] for r in ok])
+    for key in host_cpu.FIELDS:  # records written before fastbench measured the host lack them
+        row[key] = _median(r.get(key) for r in ok)
     return row
 
 

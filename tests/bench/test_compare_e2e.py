@@ -25,10 +25,12 @@ def test_compare_then_rerun_with_oom_against_doctored_baseline(tmp_path, monkeyp
     for r in run["runs"]:
         assert len(r["step_s"]) == 2 and len(r["losses"]) == 3 and r["load_s"] > 0
         assert 0 < sum(r["tokens_per_step"]) < 2 * 2 * 32  # padding is not counted
+        assert r["host_own_cores"] > 0 and r["host_other_cores"] >= 0 and 0 <= r["host_steal_pct"] <= 100
     (check,) = run["summary"]["loss_checks"]
     assert check["arm"] == "qlora" and not check["mismatch"]  # same weights, same data, NF4 vs bf16
     report = (reports / (run["id"] + ".md")).read_text()
     assert "| llama-3.2-1b-tiny | qlora |" in report and "ok: qlora vs peft" in report
+    assert "## Host CPU during the timed steps" in report and "| llama-3.2-1b-tiny | peft | 1 |" in report
     assert (reports / (run["id"] + "-tokens_per_s.png")).stat().st_size > 0
     assert (results / (run["id"] + ".csv")).exists()
 
