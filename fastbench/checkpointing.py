@@ -25,6 +25,7 @@ A recomputed part must be deterministic (no dropout): the fused path refuses lor
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import threading
 import weakref
 from typing import Callable, Sequence
@@ -145,19 +146,40 @@ class HostOffloader:
         return x
 
 
+_registration = {"works": True}  # False once cudaHostRegister failed in this process (WSL, some ARM boards)
+
+
 def _pinned_empty(numel: int, dtype: torch.dtype, registered: list[torch.Tensor]) -> torch.Tensor:
     """A host buffer of ``numel`` elements that the GPU copies to and from asynchronously, appended to
-    ``registered``. Its pages are faulted in by torch's intra-op threads (``zero_``) and then registered with
-    CUDA: 2 GiB took 0.21 s so on the H200's host, against 0.74 s through ``pin_memory=True``
-    (cudaHostAlloc, one thread), which the offload mode's first step paid in full."""
+    ``registered`` when pinned by registration. Its pages are faulted in by torch's intra-op threads
+    (``zero_``) and then registered with CUDA: 2 GiB took 0.21 s so on the H200's host, against 0.74 s
+    through ``pin_memory=True`` (cudaHostAlloc, one thread), which the offload mode's first step paid in
+    full. Where registration fails, ``pin_memory=True`` from then on."""
+    if not _registration["works"]:
+        return torch.empty(numel, dtype=dtype, pin_memory=True)
     buf = torch.empty(numel, dtype=dtype)
     buf.zero_()
     cudart = torch.cuda.cudart()
     # flags 0 (cudaHostRegisterDefault): with unified addressing, portable to every device's context and mapped
     if cudart.cudaHostRegister(buf.data_ptr(), buf.untyped_storage().nbytes(), 0) != cudart.cudaError.success:
+        _registration["works"] = False
+        _clear_cuda_error()
         return torch.empty(numel, dtype=dtype, pin_memory=True)
     registered.append(buf)
     return buf
+
+
+def _clear_cuda_error() -> None:
+    """Reads (and so resets) CUDA's last error: a failed cudaHostRegister leaves it set, and torch's next
+    kernel-launch check would raise it as that kernel's error. torch does not bind cudaGetLastError; the
+    CUDA runtime it loaded does."""
+    try:
+        with open("/proc/self/maps") as maps:  # Linux only; elsewhere the error is left set
+            paths = {line.split()[-1] for line in maps if "libcudart.so" in line}
+    except OSError:
+        return
+    for path in paths:
+        ctypes.CDLL(path).cudaGetLastError()
 
 
 def _unregister(registered: list[torch.Tensor]) -> None:

@@ -132,8 +132,12 @@ def test_pinned_buffers_are_registered_until_the_offloader_goes(monkeypatch):
 
 
 def test_pinning_falls_back_to_pin_memory_when_registration_fails(monkeypatch):
-    from fastbench.checkpointing import _pinned_empty
-    monkeypatch.setattr(torch.cuda, "cudart", lambda: FakeCudart(fail=True))
+    import fastbench.checkpointing as ckpt
+    fake = FakeCudart(fail=True)
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: fake)
+    monkeypatch.setattr(ckpt, "_registration", {"works": True})
+    cleared = []
+    monkeypatch.setattr(ckpt, "_clear_cuda_error", lambda: cleared.append(True))
     calls = []
     real_empty = torch.empty
 
@@ -142,5 +146,9 @@ def test_pinning_falls_back_to_pin_memory_when_registration_fails(monkeypatch):
         return real_empty(*args, **kwargs)
     monkeypatch.setattr(torch, "empty", empty)
     registered = []
-    buf = _pinned_empty(10, torch.float32, registered)
+    buf = ckpt._pinned_empty(10, torch.float32, registered)
     assert calls == [False, True] and registered == [] and buf.numel() == 10
+    assert cleared == [True]  # the failure is not left for torch's next launch check to raise
+    fake.fail = False
+    ckpt._pinned_empty(10, torch.float32, registered)
+    assert calls[2:] == [True] and registered == []  # no second try in this process
