@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from typing import Callable
 
 import click
@@ -88,13 +89,14 @@ def run_compare(results: dict, results_dir: str, timeout: float | None = None,
     env = worker_env(os.path.join(scratch, "checkpoints"))
     workdir = os.path.join(scratch, "runs")
     os.makedirs(workdir)
+    started = time.monotonic()
     try:
         for i, (repeat, model, label) in enumerate(todo, 1):
             echo(f"[{i}/{len(todo)}] {label} on {model}, repeat {repeat + 1}/{compare['repeats']} ... ", nl=False)
             record = run_one(label, model, repeat, compare["run"], workdir, env, timeout)
             results["runs"].append(record)
             results_io.write(results, results_dir)
-            echo(describe_record(record))
+            echo(describe_record(record) + time_left(time.monotonic() - started, i, len(todo)))
     except KeyboardInterrupt:
         results["status"] = "interrupted"
         results_io.write(results, results_dir)
@@ -104,6 +106,15 @@ def run_compare(results: dict, results_dir: str, timeout: float | None = None,
         shutil.rmtree(scratch, ignore_errors=True)
     results["status"] = "complete"
     return True
+
+
+def time_left(elapsed_s: float, done: int, total: int) -> str:
+    """`` [3 min 20 s so far, about 5 min left]``: the processes still to run at the mean time of those run."""
+    def fmt(s):
+        s = round(s)
+        return f"{s // 60} min {s % 60} s" if s >= 60 else f"{s} s"
+    left = f", about {fmt(elapsed_s / done * (total - done))} left" if done < total else ""
+    return f" [{fmt(elapsed_s)} so far{left}]"
 
 
 def describe_record(r: dict) -> str:

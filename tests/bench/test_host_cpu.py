@@ -41,10 +41,3 @@ def test_report_lists_each_process(rng, make_record, make_results):
 def test_report_without_host_figures_has_no_section(rng, make_record, make_results):
     assert host_lines(make_results([make_record("peft", rng=rng)], ["peft"])) == []
 
-
-def test_progress_line_names_the_other_processes(rng, make_record):
-    from fastbench.bench.runner import describe_record
-    r = make_record("peft", rng=rng)
-    assert "other processes" not in describe_record(r)
-    r["host_other_cores"] = 3.3
-    assert describe_record(r).endswith("first step 2.00 s, other processes busy on 3.3 cores)")
