@@ -82,15 +82,30 @@ class HostOffloader:
         return self._stream
 
     def _host_buffer(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """A flat buffer of at least like.numel() elements (reused where one is free) and its view shaped like ``like``."""
+        """A flat buffer of at least like.numel() elements and its view shaped like ``like``: a free one
+        where one is large enough; else a new one, rounded up (so that inputs a little longer than the last
+        ones reuse it), and the free buffers too small for this input are released. Pinned host memory then
+        stays about one forward's worth when the lengths of a run's batches vary, instead of growing with
+        each new longest batch."""
+        need = like.numel()
         for i, buf in enumerate(self._free):
-            if buf.dtype == like.dtype and buf.numel() >= like.numel():
-                buf = self._free.pop(i)
-                break
-        else:
-            buf = (_pinned_empty(like.numel(), like.dtype, self._registered) if like.is_cuda
-                   else torch.empty(like.numel(), dtype=like.dtype))
-        return buf, buf[: like.numel()].view(like.shape)
+            if buf.dtype == like.dtype and buf.numel() >= need:
+                return self._free.pop(i), buf[:need].view(like.shape)
+        self._release_smaller(need, like.dtype)
+        size = _rounded_up(need)
+        buf = (_pinned_empty(size, like.dtype, self._registered) if like.is_cuda
+               else torch.empty(size, dtype=like.dtype))
+        return buf, buf[:need].view(like.shape)
+
+    def _release_smaller(self, numel: int, dtype: torch.dtype) -> None:
+        small = [b for b in self._free if b.dtype == dtype and b.numel() < numel]
+        if not small:
+            return
+        self._free = [b for b in self._free if all(b is not s for s in small)]
+        registered = [b for b in small if any(b is r for r in self._registered)]
+        if registered:
+            self._registered[:] = [r for r in self._registered if all(r is not b for b in registered)]
+            _unregister(registered)  # after the copies still queued on them
 
     def _release_before(self, forward: int) -> None:
         """Forget what forwards before ``forward`` left behind (their backward never ran to the end)."""
@@ -144,6 +159,12 @@ class HostOffloader:
         if done is not None:
             torch.cuda.current_stream().wait_event(done)
         return x
+
+
+def _rounded_up(n: int) -> int:
+    """n rounded up to a multiple of 1/8 of the power of two below it (at most 12.5% more)."""
+    step = max(1, (1 << (n.bit_length() - 1)) >> 3)
+    return -(-n // step) * step
 
 
 _registration = {"works": True}  # False once cudaHostRegister failed in this process (WSL, some ARM boards)

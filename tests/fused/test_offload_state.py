@@ -51,6 +51,19 @@ def test_two_forwards_before_one_backward(seed):
     assert torch.allclose(layers.grads(offload, x1, x2), expected, rtol=1e-6, atol=1e-7)
 
 
+def test_host_memory_stays_one_forward_when_batch_lengths_vary(seed):
+    """Batches of varying length: every new longest one used to add a forward's worth of host buffers."""
+    layers, offload = Layers(n=4), LayerCheckpointing("offload")
+    reference = LayerCheckpointing(False)
+    for rows in (3, 5, 4, 9, 2, 17, 16, 12):
+        x = torch.randn(rows, 8, requires_grad=True)
+        expected = layers.grads(reference, x)
+        assert torch.allclose(layers.grads(offload, x), expected, rtol=1e-6, atol=1e-7)
+        held = offload.offloader._free
+        assert len(held) == 4 and all(b.numel() >= rows * 8 for b in held)
+    assert sum(b.numel() for b in held) <= 4 * 17 * 8 * 1.125
+
+
 @pytest.mark.parametrize("mode", [True, "offload", 1e-9])
 def test_layers_of_two_parts(seed, mode):
     """Offload and budget recompute each part alone (slots 2i, 2i+1), True the whole layer from its
@@ -115,13 +128,19 @@ class FakeCudart:
         return 0
 
 
-def test_pinned_buffers_are_registered_until_the_offloader_goes(monkeypatch):
-    import gc
-    from fastbench.checkpointing import HostOffloader, _pinned_empty
+@pytest.fixture
+def fake(monkeypatch):
+    """A CUDA runtime that records registrations, in a process where CUDA is 'initialized'."""
     fake = FakeCudart()
     monkeypatch.setattr(torch.cuda, "cudart", lambda: fake)
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    return fake
+
+
+def test_pinned_buffers_are_registered_until_the_offloader_goes(fake):
+    import gc
+    from fastbench.checkpointing import HostOffloader, _pinned_empty
     offloader = HostOffloader()
     bufs = [_pinned_empty(n, dtype, offloader._registered) for n, dtype in ((1000, torch.bfloat16), (7, torch.float32))]
     assert fake.registered == {b.data_ptr(): b.numel() * b.element_size() for b in bufs}
@@ -131,10 +150,9 @@ def test_pinned_buffers_are_registered_until_the_offloader_goes(monkeypatch):
     assert fake.registered == {}
 
 
-def test_pinning_falls_back_to_pin_memory_when_registration_fails(monkeypatch):
+def test_pinning_falls_back_to_pin_memory_when_registration_fails(fake, monkeypatch):
     import fastbench.checkpointing as ckpt
-    fake = FakeCudart(fail=True)
-    monkeypatch.setattr(torch.cuda, "cudart", lambda: fake)
+    fake.fail = True
     monkeypatch.setattr(ckpt, "_registration", {"works": True})
     cleared = []
     monkeypatch.setattr(ckpt, "_clear_cuda_error", lambda: cleared.append(True))
@@ -152,3 +170,13 @@ def test_pinning_falls_back_to_pin_memory_when_registration_fails(monkeypatch):
     fake.fail = False
     ckpt._pinned_empty(10, torch.float32, registered)
     assert calls[2:] == [True] and registered == []  # no second try in this process
+
+
+def test_released_buffers_are_unregistered(fake):
+    from fastbench.checkpointing import HostOffloader, _pinned_empty
+    offloader = HostOffloader()
+    small, large = (_pinned_empty(n, torch.bfloat16, offloader._registered) for n in (10, 100))
+    offloader._free += [small, large]
+    offloader._release_smaller(50, torch.bfloat16)
+    assert [b is large for b in offloader._free + offloader._registered] == [True, True]
+    assert list(fake.registered) == [large.data_ptr()]
