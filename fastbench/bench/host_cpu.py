@@ -4,8 +4,8 @@ A step whose CPU issues kernels as fast as the GPU runs them is only as steady a
 processes take the machine's cores, its steps slow down and the GPU waits. Each process therefore records,
 over its timed steps, how many cores it used itself (``host_own_cores``: its CPU seconds per wall second,
 every thread), how many the rest of the machine used (``host_other_cores``), and the share of CPU time the
-hypervisor took (``host_steal_pct``). From Linux's ``/proc/stat`` (machine-wide, also inside a container)
-and ``time.process_time``; None where there is no ``/proc/stat``.
+hypervisor took (``host_steal_pct``). From Linux's ``/proc/stat`` (the whole machine, inside most
+containers too) and ``time.process_time``; None where there is no ``/proc/stat``.
 """
 from __future__ import annotations
 
