@@ -142,20 +142,25 @@ def plot(summary: dict, path_stem: str) -> list[str]:
     return names
 
 
-def host_lines(results: dict) -> list[str]:
-    """Per process: its median step beside what the CPUs did meanwhile (fastbench.bench.host_cpu)."""
-    runs = [r for r in results["runs"] if r["status"] == "ok" and r.get("host_own_cores") is not None]
+def busy_lines(results: dict) -> list[str]:
+    """Per process: its median step beside how busy the CPUs and the GPU were meanwhile (fastbench.bench.busy)."""
+    runs = [r for r in results["runs"] if r["status"] == "ok"
+            and any(r.get(k) is not None for k in ("host_own_cores", "gpu_busy_pct"))]
     if not runs:
         return []
     cpus = results["environment"].get("cpu_count")
-    lines = ["", "## Host CPU during the timed steps", "",
-             "A slow process next to busy cores points at the host, not the code. Cores: CPU seconds per "
-             "second of the timed steps" + (f", of {cpus} on this machine" if cpus else "") + ".", "",
-             "| model | arm | repeat | median step s | this process's cores | other processes' cores | steal % |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["", "## How busy the machine was during the timed steps", "",
+             "A slow process next to busy cores points at the host, not the code; a GPU busy well under 100% "
+             "waited for its host. Cores: CPU seconds per second of the timed steps"
+             + (f", of {cpus} on this machine" if cpus else "") + "; GPU busy: the share of time a kernel ran "
+             "(NVML).", "",
+             "| model | arm | repeat | median step s | GPU busy % | this process's cores | other processes' cores "
+             "| steal % |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in runs:
+        cells = [_fmt(r.get(k), spec) for k, spec in (("gpu_busy_pct", ".0f"), ("host_own_cores", ".2f"),
+                                                      ("host_other_cores", ".2f"), ("host_steal_pct", ".1f"))]
         lines.append(f"| {r['model']} | {r['arm']} | {r['repeat'] + 1} | {statistics.median(r['step_s']):.3f} | "
-                     f"{r['host_own_cores']:.2f} | {r['host_other_cores']:.2f} | {r['host_steal_pct']:.1f} |")
+                     + " | ".join(cells) + " |")
     return lines
 
 
@@ -196,7 +201,7 @@ def write_report(results: dict, reports_dir: str, regressions: list[dict] | None
     profile = profile_lines(results)
     if profile:
         lines += [""] + profile
-    lines += host_lines(results)
+    lines += busy_lines(results)
     tiers = {r["arm"]: r["autotune_tiers"] for r in results["runs"] if r.get("autotune_tiers")}
     if tiers:
         lines += ["", "## Autotune tier per op", ""] + [f"- {arm}: {t}" for arm, t in tiers.items()]

@@ -15,7 +15,7 @@ import os
 import re
 import secrets
 
-from fastbench.bench import host_cpu
+from fastbench.bench import busy
 
 SCHEMA = "fastbench.compare/1"
 
@@ -75,7 +75,7 @@ def read(path: str) -> dict:
 
 
 _RUN_METRICS = ("load_s", "materialize_s", "first_step_s", "peak_allocated_gib", "peak_reserved_gib",
-                "nvml_process_gib", "nvml_device_gib", *host_cpu.FIELDS)
+                "nvml_process_gib", "nvml_device_gib", *busy.FIELDS)
 
 
 def long_frame(results: dict):

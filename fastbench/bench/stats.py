@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-from fastbench.bench import host_cpu
+from fastbench.bench import busy
 
 BOOTSTRAP_SAMPLES = 2000
 LOSS_STEPS = 3  # the first steps' losses compared across arms
@@ -58,7 +58,7 @@ def summarize_arm(records: list[dict]) -> dict:
         values = [r[key] for r in ok if r[key] is not None]
         row[key + "_min"], row[key + "_max"] = (min(values), max(values)) if values else (None, None)
     row["memory_spread"] = _spread([r["peak_allocated_gib"] for r in ok])
-    for key in host_cpu.FIELDS:  # records written before fastbench measured the host lack them
+    for key in busy.FIELDS:  # records written before fastbench measured the host lack them
         row[key] = _median(r.get(key) for r in ok)
     return row
 

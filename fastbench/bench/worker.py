@@ -4,9 +4,8 @@ The spec holds ``arm`` (a label), ``repeat`` and ``config`` (a RunConfig dict). 
 arm (load time), runs ``warmup`` steps timed on the wall clock (the first one is the time to first
 step) and ``steps`` timed steps (CUDA events on a GPU, no synchronisation in between; perf_counter on
 a CPU), and writes one record: per-step times, tokens and losses, peak memory three ways (torch
-allocated, torch reserved, NVML for this process), the autotune tier per op, and what the CPUs did during
-the timed steps (fastbench.bench.host_cpu). Running out of memory
-gives status "oom" (simulate with FASTBENCH_SIMULATE_OOM=<label or arm name>); any other failure
+allocated, torch reserved, NVML for this process), the autotune tier per op, and how busy the CPUs and
+the GPU were during the timed steps (fastbench.bench.busy). Running out of memory gives status "oom" (simulate with FASTBENCH_SIMULATE_OOM=<label or arm name>); any other failure
 status "error" with its message. A step is: forward with labels and backward for each micro-batch
 (loss divided by grad_accum), optimizer step, zero grad. With ``config.profile``, one more step after
 everything above is measured runs under torch.profiler and gives ``profile`` (time per region, see
@@ -20,7 +19,7 @@ import sys
 import time
 import traceback
 
-from fastbench.bench import host_cpu
+from fastbench.bench import busy
 
 GIB = 2**30
 
@@ -62,7 +61,7 @@ def new_record(label: str, model: str, repeat: int, config: dict, status: str = 
             "phase": "load", "load_s": None, "materialize_s": 0.0, "first_step_s": None,
             "warmup_step_s": [], "step_s": [], "tokens_per_step": [], "losses": [],
             "peak_allocated_gib": None, "peak_reserved_gib": None, "nvml_process_gib": None,
-            "nvml_device_gib": None, **dict.fromkeys(host_cpu.FIELDS), "autotune_tiers": None, "profile": None,
+            "nvml_device_gib": None, **dict.fromkeys(busy.FIELDS), "autotune_tiers": None, "profile": None,
             "config": config}
 
 
@@ -123,7 +122,7 @@ def run(spec: dict) -> dict:
         if simulate in (label, name):
             raise torch.OutOfMemoryError(f"simulated out of memory (FASTBENCH_SIMULATE_OOM={simulate})")
         timed = batches[cfg.warmup:]
-        cpu_start = host_cpu.sample()
+        busy_start = busy.Sample()
         if cuda:
             events = [torch.cuda.Event(enable_timing=True) for _ in range(len(timed) + 1)]
             events[0].record()
@@ -137,7 +136,7 @@ def run(spec: dict) -> dict:
                 t = time.perf_counter()
                 losses.append(step(b))
                 record["step_s"].append(time.perf_counter() - t)
-        record.update(host_cpu.between(cpu_start, host_cpu.sample()))
+        record.update(busy.between(busy_start, busy.Sample(), torch.cuda.current_device() if cuda else None))
         record["first_step_s"] = (record["warmup_step_s"] or record["step_s"])[0]
         record["tokens_per_step"] = [count_tokens(b) for b in timed]
         record["phase"] = "done"

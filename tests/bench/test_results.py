@@ -25,7 +25,8 @@ def test_round_trip_json_and_long_csv(tmp_path, rng, make_record, make_results):
     assert set(frame[frame.status == "oom"].metric) <= {"load_s", "materialize_s", "first_step_s",
                                                        "peak_allocated_gib", "peak_reserved_gib",
                                                        "nvml_process_gib", "nvml_device_gib",
-                                                       "host_own_cores", "host_other_cores", "host_steal_pct"}
+                                                       "host_own_cores", "host_other_cores", "host_steal_pct",
+                                                       "gpu_busy_pct"}
 
 
 def test_run_id_names_date_and_gpu():

@@ -1,0 +1,68 @@
+"""How busy the machine was during the timed steps: arithmetic over /proc/stat samples, NVML's
+utilisation samples, and the report's table."""
+import sys
+import types
+
+import pytest
+
+from fastbench.bench import busy
+from fastbench.bench.report import busy_lines
+
+
+def sample(wall, own, ticks, epoch_us=0):
+    s = busy.Sample()
+    s.wall, s.own, s.ticks, s.epoch_us = wall, own, ticks, epoch_us
+    return s
+
+
+def test_cores_and_steal_from_two_samples():
+    # 2 s of wall clock at 100 ticks/s; ticks: user nice system idle iowait irq softirq steal
+    start = sample(10.0, 5.0, [1000, 0, 500, 9000, 100, 0, 0, 0])
+    end = sample(12.0, 6.5, [1000 + 700, 0, 500 + 100, 9000 + 1000, 100 + 100, 0, 0, 100])
+    got = busy.between(start, end, ticks_per_s=100)
+    assert got["host_own_cores"] == pytest.approx(0.75)  # 1.5 CPU s over 2 s
+    assert got["host_other_cores"] == pytest.approx(800 / 100 / 2 - 0.75)  # busy = user + system
+    assert got["host_steal_pct"] == pytest.approx(100 * 100 / 2000)
+    assert got["gpu_busy_pct"] is None  # a CPU run
+
+
+def test_missing_proc_stat_gives_none():
+    assert busy.between(sample(1.0, 1.0, None), busy.Sample()) == dict.fromkeys(busy.FIELDS)
+
+
+def test_this_machine_is_sampled():
+    start = busy.Sample()
+    sum(i * i for i in range(200_000))  # some CPU time of our own
+    got = busy.between(start, busy.Sample())
+    assert got["host_own_cores"] > 0 and got["host_other_cores"] >= 0 and 0 <= got["host_steal_pct"] <= 100
+
+
+def test_gpu_busy_is_the_mean_of_the_samples_inside_the_interval(monkeypatch):
+    def nvml_sample(t, value):
+        return types.SimpleNamespace(timeStamp=t, sampleValue=types.SimpleNamespace(uiVal=value))
+    asked = []
+    fake = types.SimpleNamespace(
+        NVML_GPU_UTILIZATION_SAMPLES=1, nvmlInit=lambda: None, nvmlDeviceGetHandleByIndex=lambda i: f"gpu{i}",
+        nvmlDeviceGetSamples=lambda h, kind, since: asked.append((h, kind, since)) or (
+            0, [nvml_sample(t, v) for t, v in ((90, 10), (110, 100), (150, 80), (210, 0))]))
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    assert busy.gpu_busy_pct(3, 100, 200) == 90.0 and asked == [("gpu3", 1, 100)]
+    assert busy.gpu_busy_pct(3, 300, 400) is None  # no sample inside
+    got = busy.between(sample(1.0, 0.0, None, 100), sample(2.0, 0.5, None, 200), gpu_index=3)
+    assert got == {**dict.fromkeys(busy.FIELDS), "gpu_busy_pct": 90.0}
+
+
+def test_report_lists_each_process(rng, make_record, make_results):
+    records = [make_record("peft", rng=rng), make_record("fused", rng=rng), make_record("fused", repeat=1, status="oom")]
+    records[0].update(host_own_cores=1.0, host_other_cores=3.25, host_steal_pct=0.5, gpu_busy_pct=97.4)
+    records[1].update(host_own_cores=0.9, host_other_cores=3.25, host_steal_pct=0.5)
+    results = make_results(records, ["peft", "fused"])
+    results["environment"]["cpu_count"] = 16
+    lines = busy_lines(results)
+    assert "of 16 on this machine" in lines[3]
+    assert [l.rstrip(" |").split(" | ")[4:] for l in lines[-2:]] == [["97", "1.00", "3.25", "0.5"],
+                                                                     ["n/a", "0.90", "3.25", "0.5"]]
+
+
+def test_report_without_busy_figures_has_no_section(rng, make_record, make_results):
+    assert busy_lines(make_results([make_record("peft", rng=rng)], ["peft"])) == []
