@@ -128,7 +128,7 @@ def describe_record(r: dict) -> str:
     tps = median(step_tokens_per_s(r).tolist())  # the report's statistic: one slow step does not move it
     mem = f", peak {r['peak_allocated_gib']:.1f} GiB" if r["peak_allocated_gib"] is not None else ""
     gpu, others = r.get("gpu_busy_pct"), r.get("host_other_cores")
-    busy = (f", GPU busy {gpu:.0f}%" if gpu is not None else "") + (
+    machine = (f", GPU busy {gpu:.0f}%" if gpu is not None else "") + (
         f", other processes busy on {others:.1f} cores" if others is not None else "")
     return (f"{tps:,.0f} tokens/s (median step){mem} (load {r['load_s']:.1f} s, first step {r['first_step_s']:.2f} s"
-            f"{busy})")
+            f"{machine})")
