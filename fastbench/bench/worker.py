@@ -6,8 +6,9 @@ step) and ``steps`` timed steps (CUDA events on a GPU, no synchronisation in bet
 a CPU), and writes one record: per-step times, tokens and losses, peak memory three ways (torch
 allocated, torch reserved, NVML for this process), the autotune tier per op, and how busy the CPUs and
 the GPU were during the timed steps (fastbench.bench.busy). Running out of memory gives status "oom"
-(simulate with FASTBENCH_SIMULATE_OOM=<label or arm name>); any other failure status "error" with its message. A step is: forward with labels and backward for each micro-batch
-(loss divided by grad_accum), optimizer step, zero grad. With ``config.profile``, one more step after
+(simulate with FASTBENCH_SIMULATE_OOM=<label or arm name>); any other failure status "error" with its
+message. A step is: forward with labels and backward for each micro-batch (loss divided by grad_accum),
+optimizer step, zero grad. With ``config.profile``, one more step after
 everything above is measured runs under torch.profiler and gives ``profile`` (time per region, see
 fastbench.bench.profile; ``{"error": ...}`` if that step fails); it is in no other figure.
 """
