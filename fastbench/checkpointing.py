@@ -163,7 +163,7 @@ class HostOffloader:
 
 def _rounded_up(n: int) -> int:
     """n rounded up to a multiple of 1/8 of the power of two below it (at most 12.5% more)."""
-    step = max(1, (1 << (n.bit_length() - 1)) >> 3)
+    step = max(1, (1 << max(0, n.bit_length() - 1)) >> 3)
     return -(-n // step) * step
 
 

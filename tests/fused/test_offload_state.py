@@ -172,6 +172,13 @@ def test_pinning_falls_back_to_pin_memory_when_registration_fails(fake, monkeypa
     assert calls[2:] == [True] and registered == []  # no second try in this process
 
 
+def test_buffer_sizes_round_up_by_at_most_an_eighth():
+    from fastbench.checkpointing import _rounded_up
+    for n in [0, 1, 7, 8, 9, 17, 1000, 2**24, 3 * 2**22, 2**24 + 1, 12_300_000]:
+        assert n <= _rounded_up(n) <= max(n, n * 1.125)
+    assert _rounded_up(2**24 + 1) == 2**24 + 2**21 and _rounded_up(3 * 2**22) == 3 * 2**22  # 8B shapes: exact
+
+
 def test_released_buffers_are_unregistered(fake):
     from fastbench.checkpointing import HostOffloader, _pinned_empty
     offloader = HostOffloader()
