@@ -196,11 +196,11 @@ def _clear_cuda_error() -> None:
     CUDA runtime it loaded does."""
     try:
         with open("/proc/self/maps") as maps:  # Linux only; elsewhere the error is left set
-            paths = {line.split()[-1] for line in maps if "libcudart.so" in line}
-    except OSError:
+            paths = {line.split(maxsplit=5)[5].strip() for line in maps if "libcudart.so" in line}
+        for path in paths:
+            ctypes.CDLL(path).cudaGetLastError()
+    except (OSError, IndexError, AttributeError):  # no such file or symbol: nothing more to do
         return
-    for path in paths:
-        ctypes.CDLL(path).cudaGetLastError()
 
 
 def _unregister(registered: list[torch.Tensor]) -> None:

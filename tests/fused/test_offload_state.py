@@ -187,3 +187,22 @@ def test_released_buffers_are_unregistered(fake):
     offloader._release_smaller(50, torch.bfloat16)
     assert [b is large for b in offloader._free + offloader._registered] == [True, True]
     assert list(fake.registered) == [large.data_ptr()]
+
+
+def test_the_registration_error_is_read_back_from_the_loaded_cuda_runtime(monkeypatch):
+    import ctypes
+    import io
+
+    import fastbench.checkpointing as ckpt
+    maps = ("7f00-7f01 r-xp 00000000 08:01 12 /opt/nvidia/lib/libcudart.so.13\n"
+            "7f02-7f03 r--p 00000000 08:01 12 /opt/nvidia/lib/libcudart.so.13\n"
+            "7f04-7f05 r-xp 00000000 08:01 13 /usr/lib/libc.so.6\n")
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda path, *a, **k: io.StringIO(maps) if path == "/proc/self/maps"
+                        else real_open(path, *a, **k))
+    read = []
+    monkeypatch.setattr(ctypes, "CDLL", lambda path: type("Lib", (), {"cudaGetLastError": lambda self: read.append(path)})())
+    ckpt._clear_cuda_error()
+    assert read == ["/opt/nvidia/lib/libcudart.so.13"]
+    monkeypatch.setattr(ctypes, "CDLL", lambda path: (_ for _ in ()).throw(OSError("gone")))
+    ckpt._clear_cuda_error()  # a runtime that cannot be opened again is not an error of its own
