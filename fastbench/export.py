@@ -20,7 +20,7 @@ import types
 
 import torch
 
-MERGED_METHODS = {"merged_16bit", "merged_32bit"}
+SAVE_METHODS = {"merged_16bit", "merged_32bit", "lora"}
 
 
 # --- merging -------------------------------------------------------------------------------------
@@ -122,14 +122,17 @@ def save_pretrained_merged(model, save_directory: str, tokenizer=None, save_meth
     """Writes the merged model as a plain transformers checkpoint (safetensors, config without
     quantization_config, the tokenizer if given) that ``AutoModelForCausalLM.from_pretrained`` loads.
 
-    ``save_method``: "merged_16bit" (``dtype`` torch.bfloat16, or torch.float16) or "merged_32bit"
-    (fp32). The directory appears whole or not at all (written beside it, then renamed; an existing
-    one is replaced). Returns ``save_directory``."""
+    ``save_method``: "merged_16bit" (``dtype`` torch.bfloat16, or torch.float16), "merged_32bit"
+    (fp32), or "lora": the adapter alone, as ``model.save_pretrained`` writes it (what Unsloth's users
+    pass for that). The directory appears whole or not at all (written beside it, then renamed; an
+    existing one is replaced). Returns ``save_directory``."""
     from transformers import AutoModelForCausalLM
 
-    if save_method not in MERGED_METHODS:
-        raise ValueError(f"save_method must be one of {sorted(MERGED_METHODS)}, got {save_method!r} "
-                         "(the adapter alone: model.save_pretrained(dir))")
+    if save_method not in SAVE_METHODS:
+        raise ValueError(f"save_method must be one of {sorted(SAVE_METHODS)}, got {save_method!r}")
+    if save_method == "lora":
+        _write_directory(save_directory, model.save_pretrained, tokenizer)
+        return save_directory
     if save_method == "merged_32bit":
         dtype = torch.float32
     elif dtype not in (torch.bfloat16, torch.float16):
@@ -150,18 +153,24 @@ def save_pretrained_merged(model, save_directory: str, tokenizer=None, save_meth
     if getattr(base, "generation_config", None) is not None:
         plain.generation_config = copy.deepcopy(base.generation_config)
 
+    _write_directory(save_directory, plain.save_pretrained, tokenizer)
+    return save_directory
+
+
+def _write_directory(save_directory: str, write, tokenizer=None) -> None:
+    """``write(dir)`` (and the tokenizer's files) into a directory beside ``save_directory``, renamed into
+    place once complete."""
     target = os.path.abspath(save_directory)
     os.makedirs(os.path.dirname(target), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.partial-", dir=os.path.dirname(target))
     try:
-        plain.save_pretrained(tmp)
+        write(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         _publish(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return save_directory
 
 
 # --- GGUF ----------------------------------------------------------------------------------------

@@ -118,10 +118,35 @@ def test_merged_16bit_casts_the_fp32_merge_once(seed, tmp_path):
 def test_bad_save_method_is_refused(tmp_path):
     model = lora_model("llama-3-8b-tiny")
     with pytest.raises(ValueError, match="merged_16bit"):
-        model.save_pretrained_merged(str(tmp_path / "x"), save_method="lora")
+        model.save_pretrained_merged(str(tmp_path / "x"), save_method="merged_4bit")
     with pytest.raises(ValueError, match="bfloat16 or torch.float16"):
         model.save_pretrained_merged(str(tmp_path / "x"), dtype=torch.float32)
     assert not (tmp_path / "x").exists()
+
+
+def test_lora_save_method_writes_the_adapter_that_plain_peft_loads(tmp_path):
+    """save_method="lora" (Unsloth's name for the adapter alone): the adapter and the tokenizer, no merge."""
+    from peft import PeftModel
+
+    seed = int(torch.randint(1 << 30, ()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base, _ = FastLanguageModel.from_pretrained("llama-3-8b-tiny", dtype=torch.float32, device="cpu", seed=seed)
+        model = FastLanguageModel.get_peft_model(base, r=4, lora_alpha=8, random_state=None)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    out = tmp_path / "adapter"
+    assert model.save_pretrained_merged(str(out), tokenizer(), save_method="lora") == str(out)
+    files = {p.name for p in out.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= files
+    assert "model.safetensors" not in files
+    plain_base = FastLanguageModel.from_pretrained("llama-3-8b-tiny", dtype=torch.float32, device="cpu", seed=seed)[0]
+    plain = PeftModel.from_pretrained(plain_base, str(out))
+    ids = torch.randint(0, plain_base.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        assert rel(model(input_ids=ids).logits, plain(input_ids=ids).logits) < 1e-5
 
 
 def test_methods_are_bound_to_the_instance_only():
