@@ -94,10 +94,11 @@ class FastLanguageModel:
     def get_peft_model(model, r: int = 16, target_modules=DEFAULT_TARGETS, lora_alpha: int = 16,
                        lora_dropout: float = 0.0, bias: str = "none", use_gradient_checkpointing=True,
                        random_state: int | None = 3407, use_rslora: bool = False, fallback: bool = True,
-                       **lora_kwargs):
+                       max_seq_length: int | None = None, **lora_kwargs):
         """A PEFT model whose decoder layers run fused. ``use_gradient_checkpointing``: True
         (recompute every layer), False, "offload" (or "unsloth", the same), a budget in GiB, or "auto" (see
         fastbench.checkpointing). ``random_state`` seeds the LoRA init (None: leave the RNG as it is).
+        ``max_seq_length`` (as Unsloth takes it here too) replaces the one from_pretrained recorded.
         What the fused path cannot run exactly falls back to plain PEFT with a warning
         (``fallback=False``: raises instead)."""
         from peft import LoraConfig, get_peft_model
@@ -107,6 +108,8 @@ class FastLanguageModel:
         from fastbench.fused.causal_lm import install, unsupported_reason
 
         mode, _ = parse_setting(use_gradient_checkpointing)  # a bad setting raises before the model is touched
+        if max_seq_length is not None:
+            model.max_seq_length = max_seq_length
         if random_state is not None:
             torch.manual_seed(random_state)
         config = LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, bias=bias,

@@ -131,13 +131,18 @@ def test_bad_checkpointing_setting_leaves_the_model_untouched():
 
 
 def test_unsloth_names_work(seed):
-    """What Unsloth's users write: use_gradient_checkpointing="unsloth" is the offloaded checkpointing,
-    and for_inference/for_training switch the model's mode."""
+    """What Unsloth's users write (its notebooks' get_peft_model call): use_gradient_checkpointing="unsloth"
+    is the offloaded checkpointing, max_seq_length and loftq_config=None are taken, and
+    for_inference/for_training switch the model's mode."""
     from fastbench.checkpointing import parse_setting
 
     assert parse_setting("unsloth") == parse_setting("offload") == ("offload", None)
-    base, _ = FastLanguageModel.from_pretrained("llama-3-8b-tiny", dtype=torch.float32, device="cpu")
-    model = FastLanguageModel.get_peft_model(base, r=4, use_gradient_checkpointing="unsloth", fallback=False)
+    base, _ = FastLanguageModel.from_pretrained("llama-3-8b-tiny", max_seq_length=2048, dtype=None, device="cpu")
+    model = FastLanguageModel.get_peft_model(
+        base, r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        lora_alpha=16, lora_dropout=0, bias="none", use_gradient_checkpointing="unsloth", random_state=3407,
+        use_rslora=False, loftq_config=None, max_seq_length=4096, fallback=False)
     assert "offloaded" in " ".join(model.get_base_model().fastbench_patches)
+    assert model.get_base_model().max_seq_length == 4096
     assert FastLanguageModel.for_inference(model) is model and not model.training
     assert FastLanguageModel.for_training(model) is model and model.training
