@@ -4,12 +4,12 @@ Importing fastbench changes nothing in transformers or anywhere else; ``FastLang
 imported on first use.
 """
 __version__ = "0.1.0"
-__all__ = ["FastLanguageModel", "__version__"]
+__all__ = ["FastLanguageModel", "is_bfloat16_supported", "__version__"]
 
 
 def __getattr__(name):
-    if name == "FastLanguageModel":
-        from fastbench.model import FastLanguageModel
+    if name in ("FastLanguageModel", "is_bfloat16_supported"):
+        from fastbench import model
 
-        return FastLanguageModel
+        return getattr(model, name)
     raise AttributeError(f"module 'fastbench' has no attribute {name!r}")

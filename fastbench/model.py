@@ -13,8 +13,14 @@ from fastbench.presets import DEFAULT_TARGETS
 
 def default_dtype(device) -> torch.dtype:
     if torch.device(device).type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if is_bfloat16_supported() else torch.float16
     return torch.float32
+
+
+def is_bfloat16_supported() -> bool:
+    """Whether this machine's GPU computes in bf16 (what ``dtype=None`` picks then); False without a GPU.
+    Unsloth's notebooks call it for TrainingArguments(bf16=..., fp16=not ...)."""
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
 def nf4_config(compute_dtype: torch.dtype):
