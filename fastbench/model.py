@@ -62,8 +62,17 @@ class FastLanguageModel:
                         device=None, seed: int = 0, **kwargs):
         """A local checkpoint directory, a hub id, or a fastbench preset name (random weights from
         ``seed``). ``load_in_4bit`` quantizes to NF4 on load; a bitsandbytes pre-quantized checkpoint
-        loads as it is. Returns (model, tokenizer); tokenizer is None when there is none."""
+        loads as it is. Other keywords go to transformers' ``from_pretrained`` (``token``,
+        ``device_map`` in place of ``device``, ...); Unsloth's ``load_in_8bit`` and ``full_finetuning``
+        are taken when False and refused, saying why, when True. Returns (model, tokenizer); tokenizer
+        is None when there is none."""
         from fastbench.presets import PRESETS, build_model
+
+        if kwargs.pop("load_in_8bit", False):
+            raise ValueError("fastbench loads a base in bf16/fp16 or as NF4 (load_in_4bit=True), not in 8 bits")
+        if kwargs.pop("full_finetuning", False):
+            raise ValueError("fastbench trains LoRA adapters (FastLanguageModel.get_peft_model); full fine-tuning "
+                             "is not supported: use transformers' Trainer on the plain model for that")
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = dtype or default_dtype(device)
@@ -145,7 +154,8 @@ def _load_checkpoint(name, dtype, load_in_4bit, device, **kwargs):
     if load_in_4bit and getattr(config, "quantization_config", None) is None:
         kwargs.setdefault("quantization_config", nf4_config(dtype))
     kwargs.setdefault("attn_implementation", "sdpa")
-    return AutoModelForCausalLM.from_pretrained(name, dtype=dtype, device_map=device, **kwargs)
+    kwargs.setdefault("device_map", device)
+    return AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kwargs)
 
 
 def _load_tokenizer(name):

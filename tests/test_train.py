@@ -202,3 +202,17 @@ def test_loader_failure_is_a_clean_error(tmp_path, monkeypatch):
     result = invoke(PRESET, "--data", "random", "--steps", "1", "--load-in-4bit", "--output", tmp_path / "out")
     assert result.exit_code == 1 and "cannot load llama-3-8b-tiny" in result.output and "bitsandbytes" in result.output
     assert "Traceback" not in result.output
+
+
+def test_from_pretrained_takes_what_unsloths_notebooks_pass(checkpoint):
+    """token, device_map, and load_in_8bit / full_finetuning when False; True is refused with the reason."""
+    from fastbench import FastLanguageModel
+
+    model, tok = FastLanguageModel.from_pretrained(checkpoint, max_seq_length=512, dtype=None, load_in_4bit=False,
+                                                   token=None, device_map="cpu", load_in_8bit=False,
+                                                   full_finetuning=False)
+    assert model.device.type == "cpu" and tok is not None and model.max_seq_length == 512
+    with pytest.raises(ValueError, match="8 bits"):
+        FastLanguageModel.from_pretrained(checkpoint, load_in_8bit=True, device="cpu")
+    with pytest.raises(ValueError, match="full fine-tuning"):
+        FastLanguageModel.from_pretrained(checkpoint, full_finetuning=True, device="cpu")
