@@ -4,15 +4,17 @@ One optimizer step = ``grad_accum`` micro-batches. Each micro-batch's loss is it
 divided by N, the label count of the whole step (``num_items_in_batch``), so the accumulated
 gradient is that of the mean token loss over the step, however the tokens fall across micro-batches
 (padding, ragged lengths, a short last step). AdamW, linear warm-up then linear decay to 0, gradient
-norm clipped at 1. The adapter is saved to --output at the end, every --save-every steps and on
-Ctrl-C; ``train_log.jsonl`` there has one line per step.
+norm clipped at 1. The adapter is saved to --output at the end, every --save-every steps, and on
+Ctrl-C or SIGTERM (what job schedulers and ``timeout`` send); ``train_log.jsonl`` there has one line per step.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
 import os
+import signal
 import time
 import warnings
 
@@ -118,6 +120,28 @@ def accumulate(model, micro_batches: list[dict]) -> tuple[float, int]:
         total = total + loss.detach()
     return float(total), tokens
 
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the training loop stands, so that it stops the way Ctrl-C does."""
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """While training, SIGTERM raises :class:`Terminated` (the adapter of the finished steps is then saved);
+    the previous handler comes back after. Outside the main thread signals cannot be handled: nothing changes."""
+    def handler(signum, frame):
+        raise Terminated
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 def save_adapter(model, tokenizer, output: str) -> None:
     """Writes the adapter (and tokenizer) to ``output``: first to a scratch folder inside it, then each
@@ -263,7 +287,7 @@ def train_command(model, data, text_field, output, max_seq_length, load_in_4bit,
     from tqdm.auto import tqdm
 
     done = 0
-    with open(os.path.join(output, "train_log.jsonl"), "w") as log, \
+    with open(os.path.join(output, "train_log.jsonl"), "w") as log, _terminate_as_interrupt(), \
             tqdm(total=steps, desc="train", unit="step", dynamic_ncols=True) as bar:
         try:
             for micro_batches in itertools.islice(batches, steps):
@@ -283,10 +307,12 @@ def train_command(model, data, text_field, output, max_seq_length, load_in_4bit,
                 bar.update()
                 if save_every and done % save_every == 0 and done < steps:
                     save_adapter(peft_model, tokenizer, output)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as stop:
             bar.close()
             save_adapter(peft_model, tokenizer, output)
-            click.echo(f"interrupted after step {done}: adapter saved to {output}", err=True)
-            raise SystemExit(130) from None
+            terminated = isinstance(stop, Terminated)
+            click.echo(f"{'terminated (SIGTERM)' if terminated else 'interrupted'} after step {done}: adapter saved "
+                       f"to {output}", err=True)
+            raise SystemExit(143 if terminated else 130) from None
     save_adapter(peft_model, tokenizer, output)
     click.echo(f"{done} steps; adapter saved to {output}", err=True)

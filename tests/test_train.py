@@ -1,7 +1,8 @@
-"""``fastbench train`` on tiny models (CPU, fp32): adapters PEFT can load, an overfit check, Ctrl-C,
+"""``fastbench train`` on tiny models (CPU, fp32): adapters PEFT can load, an overfit check, Ctrl-C and SIGTERM,
 exact gradient accumulation, and clean errors for bad input."""
 import json
 import math
+import os
 import random
 import shutil
 import warnings
@@ -105,21 +106,28 @@ def test_txt_epochs_of_ragged_batches_with_offloaded_checkpoints(seed, tmp_path,
     assert log[0]["tokens"] + log[1]["tokens"] == log[2]["tokens"] + log[3]["tokens"] == tokens_per_epoch
 
 
-def test_ctrl_c_saves_the_adapter_of_the_finished_steps(seed, tmp_path, monkeypatch):
+@pytest.mark.parametrize("stop", ["ctrl-c", "sigterm"])
+def test_ctrl_c_or_sigterm_saves_the_adapter_of_the_finished_steps(seed, tmp_path, monkeypatch, stop):
+    import signal
+
     calls, accumulate = [], train_module.accumulate
 
     def interrupted_on_third_step(model, micro_batches):
         calls.append(1)
         if len(calls) == 3:
-            raise KeyboardInterrupt
+            if stop == "ctrl-c":
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGTERM)  # what a job scheduler or `timeout` sends
         return accumulate(model, micro_batches)
 
     monkeypatch.setattr(train_module, "accumulate", interrupted_on_third_step)
     out = tmp_path / "adapter"
+    before = signal.getsignal(signal.SIGTERM)
     result = invoke(PRESET, "--data", "random", "--output", out, "--steps", 5, "--max-seq-length", 7, "--batch", 1,
                     "--grad-accum", 1, "--r", 4, "--seed", seed % 10_000)
-    assert result.exit_code == 130
-    assert "interrupted after step 2" in result.output
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert result.exit_code == {"ctrl-c": 130, "sigterm": 143}[stop]
+    assert f"{'interrupted' if stop == 'ctrl-c' else 'terminated (SIGTERM)'} after step 2" in result.output
     assert len(read_log(out)) == 2
     assert (out / "adapter_model.safetensors").exists() and (out / "adapter_config.json").exists()
     assert not list(out.glob(".saving-*"))
