@@ -12,6 +12,8 @@ from pathlib import Path
 
 import click
 
+from fastbench.interrupt import sigterm_as_interrupt
+
 NO_GPU = ("tuning needs a CUDA GPU (none is visible here, or TRITON_INTERPRET=1 is set); "
           "without one every op uses its heuristic default. `fastbench tune --list` still works.")
 
@@ -194,8 +196,9 @@ def tune(models, tokens, ops, dtype, force, list_, verify, export, timeout, max_
                     outcomes.append(outcome)
                 bar.update(1, ("checked " if outcome is None else "") + job.label)
             try:
-                tuner.tune(jobs, runner, cache_file, device, tools, force=force, progress=progress,
-                           deadline=started + max_time if max_time is not None else math.inf, checkers=checkers)
+                with sigterm_as_interrupt():  # a scheduler's SIGTERM keeps the results so far, as Ctrl-C does
+                    tuner.tune(jobs, runner, cache_file, device, tools, force=force, progress=progress,
+                               deadline=started + max_time if max_time is not None else math.inf, checkers=checkers)
             except KeyboardInterrupt:
                 click.echo(f"\ninterrupted: results so far are in {cache_file}", err=True)
         _print_summary(outcomes, time.monotonic() - started, cache_file)

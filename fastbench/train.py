@@ -9,17 +9,16 @@ Ctrl-C or SIGTERM (what job schedulers and ``timeout`` send); ``train_log.jsonl`
 """
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import math
 import os
-import signal
 import time
 import warnings
 
 import click
 
+from fastbench.interrupt import exit_code, sigterm_as_interrupt
 from fastbench.presets import DEFAULT_TARGETS
 
 IGNORE_INDEX = -100
@@ -121,27 +120,6 @@ def accumulate(model, micro_batches: list[dict]) -> tuple[float, int]:
     return float(total), tokens
 
 
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the training loop stands, so that it stops the way Ctrl-C does."""
-
-
-@contextlib.contextmanager
-def _terminate_as_interrupt():
-    """While training, SIGTERM raises :class:`Terminated` (the adapter of the finished steps is then saved);
-    the previous handler comes back after. Outside the main thread signals cannot be handled: nothing changes."""
-    def handler(signum, frame):
-        raise Terminated
-
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 def save_adapter(model, tokenizer, output: str) -> None:
     """Writes the adapter (and tokenizer) to ``output``: first to a scratch folder inside it, then each
@@ -287,7 +265,7 @@ def train_command(model, data, text_field, output, max_seq_length, load_in_4bit,
     from tqdm.auto import tqdm
 
     done = 0
-    with open(os.path.join(output, "train_log.jsonl"), "w") as log, _terminate_as_interrupt(), \
+    with open(os.path.join(output, "train_log.jsonl"), "w") as log, sigterm_as_interrupt() as stop, \
             tqdm(total=steps, desc="train", unit="step", dynamic_ncols=True) as bar:
         try:
             for micro_batches in itertools.islice(batches, steps):
@@ -307,12 +285,11 @@ def train_command(model, data, text_field, output, max_seq_length, load_in_4bit,
                 bar.update()
                 if save_every and done % save_every == 0 and done < steps:
                     save_adapter(peft_model, tokenizer, output)
-        except KeyboardInterrupt as stop:
+        except KeyboardInterrupt:
             bar.close()
             save_adapter(peft_model, tokenizer, output)
-            terminated = isinstance(stop, Terminated)
-            click.echo(f"{'terminated (SIGTERM)' if terminated else 'interrupted'} after step {done}: adapter saved "
-                       f"to {output}", err=True)
-            raise SystemExit(143 if terminated else 130) from None
+            click.echo(f"{'terminated (SIGTERM)' if stop.terminated else 'interrupted'} after step {done}: adapter "
+                       f"saved to {output}", err=True)
+            raise SystemExit(exit_code(stop)) from None
     save_adapter(peft_model, tokenizer, output)
     click.echo(f"{done} steps; adapter saved to {output}", err=True)

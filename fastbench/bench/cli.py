@@ -157,11 +157,12 @@ def compare(ctx, from_path, resume_path, against_path, max_regression, results_d
 
     Writes RESULTS_DIR/<date>-<gpu>-<id>.json (+ .csv) and REPORTS_DIR/<id>.md with plots. Exit code 1
     if an arm failed (other than out of memory), a loss mismatched, or --against found a regression;
-    130 if interrupted. With no options: a short llama-3.2-1b peft vs qlora run on a GPU, the tiny
-    preset on a CPU."""
+    130 if interrupted, 143 on SIGTERM (the processes measured are kept). With no options: a short
+    llama-3.2-1b peft vs qlora run on a GPU, the tiny preset on a CPU."""
     from fastbench.bench import regress, report, results as results_io
     from fastbench.bench.arms import MissingPackage, UnknownArm
     from fastbench.bench.runner import run_compare
+    from fastbench.interrupt import exit_code, sigterm_as_interrupt
     from fastbench.env import collect_environment
     from fastbench.presets import NotAModel, UnknownPreset
 
@@ -199,7 +200,8 @@ def compare(ctx, from_path, resume_path, against_path, max_regression, results_d
         click.echo(f"note: {report.CPU_NOTE}")
     click.echo(f"fastbench compare {results['id']}: {', '.join(compare_cfg['arms'])} on "
                f"{', '.join(compare_cfg['models'])}, {compare_cfg['repeats']} repeat(s)")
-    finished = run_compare(results, results_dir, timeout=timeout)
+    with sigterm_as_interrupt() as stop:  # a scheduler's SIGTERM keeps what was measured, as Ctrl-C does
+        finished = run_compare(results, results_dir, timeout=timeout)
 
     results["summary"] = summarize_results(results)
     regressions = None
@@ -220,7 +222,7 @@ def compare(ctx, from_path, resume_path, against_path, max_regression, results_d
         click.echo(regress.describe(r))
     click.echo(f"\nresults: {json_path}\nreport:  {report_path}")
     if not finished:
-        ctx.exit(130)
+        ctx.exit(exit_code(stop))
     failed = [r for r in results["runs"] if r["status"] not in ("ok", "oom")]
     problems = ([f"{r['arm']} on {r['model']} (repeat {r['repeat'] + 1}) {r['status']}" for r in failed]
                 + [f"loss mismatch: {c['arm']} vs {c['reference']} on {c['model']}"

@@ -131,3 +131,30 @@ def test_arm_models_restricts_an_arm_to_some_models(tmp_path, make_record, monke
     assert ("qwen3-8b-tiny", "qlora") not in rows and ("qwen3-8b-tiny", "fused-4bit") in rows
     report = next((tmp_path / "p").glob("*.md")).read_text()
     assert "qlora on llama-3-8b-tiny only" in report
+
+
+@pytest.mark.parametrize("stop", ["ctrl-c", "sigterm"])
+def test_interrupted_compare_keeps_the_measured_processes(tmp_path, make_record, monkeypatch, stop):
+    """Ctrl-C, or the SIGTERM a job scheduler sends, during the second process: the first one's record is
+    kept with status "interrupted" and a report; exit 130 or 143; the SIGTERM handler is restored after."""
+    import os
+    import signal
+
+    from fastbench.bench import runner
+
+    def fake_run_one(label, model, repeat, run_config, workdir, env, timeout):
+        if repeat == 1:
+            if stop == "ctrl-c":
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGTERM)
+        return make_record(label, model=model, repeat=repeat)
+
+    monkeypatch.setattr(runner, "run_one", fake_run_one)
+    before = signal.getsignal(signal.SIGTERM)
+    result = CliRunner().invoke(main, ["compare", "--models", "llama-3-8b-tiny", "--arms", "peft", "--repeats", "2",
+                                       "--results-dir", str(tmp_path / "r"), "--reports-dir", str(tmp_path / "p")])
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert result.exit_code == {"ctrl-c": 130, "sigterm": 143}[stop], result.output
+    done = json.loads(next((tmp_path / "r").glob("*.json")).read_text())
+    assert done["status"] == "interrupted" and [r["repeat"] for r in done["runs"]] == [0]
+    assert next((tmp_path / "p").glob("*.md")).exists()
