@@ -4,8 +4,9 @@ One optimizer step = ``grad_accum`` micro-batches. Each micro-batch's loss is it
 divided by N, the label count of the whole step (``num_items_in_batch``), so the accumulated
 gradient is that of the mean token loss over the step, however the tokens fall across micro-batches
 (padding, ragged lengths, a short last step). AdamW, linear warm-up then linear decay to 0, gradient
-norm clipped at 1. The adapter is saved to --output at the end, every --save-every steps, and on
-Ctrl-C or SIGTERM (what job schedulers and ``timeout`` send); ``train_log.jsonl`` there has one line per step.
+norm clipped at 1. The adapter is saved to --output at the end, every --save-every steps, when a step
+fails (the finished steps'; out of memory says what to change), and on Ctrl-C or SIGTERM (what job
+schedulers and ``timeout`` send); ``train_log.jsonl`` there has one line per step.
 """
 from __future__ import annotations
 
@@ -291,5 +292,16 @@ def train_command(model, data, text_field, output, max_seq_length, load_in_4bit,
             click.echo(f"{'terminated (SIGTERM)' if stop.terminated else 'interrupted'} after step {done}: adapter "
                        f"saved to {output}", err=True)
             raise SystemExit(exit_code(stop)) from None
+        except Exception as error:  # the optimizer has not stepped on a failed step: the finished ones are kept
+            bar.close()
+            if done:
+                save_adapter(peft_model, tokenizer, output)
+            kept = f"the adapter of the {done} finished steps is saved to {output}" if done else "no step finished"
+            if isinstance(error, torch.OutOfMemoryError):
+                raise click.ClickException(
+                    f"out of GPU memory in step {done + 1}; {kept}. Lower --batch (raise --grad-accum to keep the "
+                    "step size) or --max-seq-length, or use --checkpointing offload or --load-in-4bit") from None
+            click.echo(f"failed in step {done + 1}; {kept}", err=True)
+            raise
     save_adapter(peft_model, tokenizer, output)
     click.echo(f"{done} steps; adapter saved to {output}", err=True)

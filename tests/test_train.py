@@ -106,31 +106,58 @@ def test_txt_epochs_of_ragged_batches_with_offloaded_checkpoints(seed, tmp_path,
     assert log[0]["tokens"] + log[1]["tokens"] == log[2]["tokens"] + log[3]["tokens"] == tokens_per_epoch
 
 
+def train_with_third_step(monkeypatch, tmp_path, seed, third_step):
+    """fastbench train for 5 steps whose third step first runs ``third_step()`` (which raises or signals);
+    returns (the output directory, click's result)."""
+    calls, accumulate = [], train_module.accumulate
+
+    def patched(model, micro_batches):
+        calls.append(1)
+        if len(calls) == 3:
+            third_step()
+        return accumulate(model, micro_batches)
+
+    monkeypatch.setattr(train_module, "accumulate", patched)
+    out = tmp_path / "adapter"
+    return out, invoke(PRESET, "--data", "random", "--output", out, "--steps", 5, "--max-seq-length", 7,
+                       "--batch", 1, "--grad-accum", 1, "--r", 4, "--seed", seed % 10_000)
+
+
 @pytest.mark.parametrize("stop", ["ctrl-c", "sigterm"])
 def test_ctrl_c_or_sigterm_saves_the_adapter_of_the_finished_steps(seed, tmp_path, monkeypatch, stop):
     import signal
 
-    calls, accumulate = [], train_module.accumulate
+    def interrupt():
+        if stop == "ctrl-c":
+            raise KeyboardInterrupt
+        os.kill(os.getpid(), signal.SIGTERM)  # what a job scheduler or `timeout` sends
 
-    def interrupted_on_third_step(model, micro_batches):
-        calls.append(1)
-        if len(calls) == 3:
-            if stop == "ctrl-c":
-                raise KeyboardInterrupt
-            os.kill(os.getpid(), signal.SIGTERM)  # what a job scheduler or `timeout` sends
-        return accumulate(model, micro_batches)
-
-    monkeypatch.setattr(train_module, "accumulate", interrupted_on_third_step)
-    out = tmp_path / "adapter"
     before = signal.getsignal(signal.SIGTERM)
-    result = invoke(PRESET, "--data", "random", "--output", out, "--steps", 5, "--max-seq-length", 7, "--batch", 1,
-                    "--grad-accum", 1, "--r", 4, "--seed", seed % 10_000)
+    out, result = train_with_third_step(monkeypatch, tmp_path, seed, interrupt)
     assert signal.getsignal(signal.SIGTERM) is before
     assert result.exit_code == {"ctrl-c": 130, "sigterm": 143}[stop]
     assert f"{'interrupted' if stop == 'ctrl-c' else 'terminated (SIGTERM)'} after step 2" in result.output
     assert len(read_log(out)) == 2
     assert (out / "adapter_model.safetensors").exists() and (out / "adapter_config.json").exists()
     assert not list(out.glob(".saving-*"))
+
+
+@pytest.mark.parametrize("error", ["oom", "other"])
+def test_a_failing_step_keeps_the_finished_ones(seed, tmp_path, monkeypatch, error):
+    """Out of memory in step 3: a clear message with what to change, exit 1, no traceback; another error
+    propagates. Either way the adapter of steps 1-2 is saved."""
+    def fail():
+        raise torch.OutOfMemoryError("CUDA out of memory") if error == "oom" else RuntimeError("boom")
+
+    out, result = train_with_third_step(monkeypatch, tmp_path, seed, fail)
+    assert len(read_log(out)) == 2
+    assert (out / "adapter_model.safetensors").exists()
+    assert "the adapter of the 2 finished steps is saved" in result.output
+    if error == "oom":
+        assert result.exit_code == 1 and "out of GPU memory in step 3" in result.output
+        assert "--checkpointing offload" in result.output and "Traceback" not in result.output
+    else:
+        assert isinstance(result.exception, RuntimeError) and "failed in step 3" in result.output
 
 
 def test_accumulated_step_equals_one_batch_of_ragged_padded_examples(seed):
