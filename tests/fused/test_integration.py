@@ -146,3 +146,26 @@ def test_unsloth_names_work(seed):
     assert model.get_base_model().max_seq_length == 4096
     assert FastLanguageModel.for_inference(model) is model and not model.training
     assert FastLanguageModel.for_training(model) is model and model.training
+
+
+@pytest.mark.parametrize("kwargs", [None, {"use_reentrant": False}])
+def test_hf_gradient_checkpointing_enable_changes_nothing(seed, monkeypatch, kwargs):
+    """TrainingArguments(gradient_checkpointing=True) makes Trainer call gradient_checkpointing_enable on the
+    model: the layers still run fused, under the checkpointing get_peft_model chose, with the same gradients."""
+    import fastbench.fused.causal_lm as causal_lm
+
+    calls, parts = [], causal_lm.layer_parts
+    monkeypatch.setattr(causal_lm, "layer_parts", lambda *a, **k: (calls.append(1), parts(*a, **k))[1])
+    ids = torch.randint(0, VOCAB, (2, 12))
+
+    def loss_and_grads(model):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+
+    loss, grads = loss_and_grads(fused_model(seed))
+    model = fused_model(seed)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    calls.clear()
+    loss_hf, grads_hf = loss_and_grads(model)
+    assert calls and torch.equal(loss, loss_hf) and torch.equal(grads, grads_hf)
