@@ -22,12 +22,14 @@ def cosine(a, b):
     return F.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0).item()
 
 
-def pair(preset, seed, load_in_4bit=False, checkpointing=True, r=4):
-    """(fused, reference): the same base weights and LoRA weights (B made non-zero), fp32."""
+def pair(preset, seed, load_in_4bit=False, checkpointing=True, r=4, prepare=None):
+    """(fused, reference): the same base weights and LoRA weights (B made non-zero), fp32; ``prepare``
+    runs on the base model first (as a user's recipe may)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         base, _ = FastLanguageModel.from_pretrained(preset, dtype=torch.float32, load_in_4bit=load_in_4bit,
                                                     device="cpu", seed=seed)
+        base = prepare(base) if prepare else base
     ref_base = copy.deepcopy(base)
     fused = FastLanguageModel.get_peft_model(base, r=r, lora_alpha=2 * r, random_state=seed,
                                              use_gradient_checkpointing=checkpointing, fallback=False)
@@ -70,6 +72,17 @@ def assert_same_step(fused, ref, ids, labels, **kwargs):
 @pytest.mark.parametrize("preset", FAMILIES)
 def test_loss_and_grads_match_peft(seed, preset):
     fused, ref = pair(preset, seed)
+    assert fused.get_base_model().fastbench_patches
+    assert_same_step(fused, ref, *batch())
+
+
+def test_qlora_recipes_prepare_model_for_kbit_training_first(seed):
+    """The standard QLoRA recipe calls peft.prepare_model_for_kbit_training on the NF4 base before
+    get_peft_model: the fused model then still matches PEFT."""
+    from peft import prepare_model_for_kbit_training
+
+    fused, ref = pair("llama-3-8b-tiny", seed, load_in_4bit=True, checkpointing=False,
+                      prepare=lambda m: prepare_model_for_kbit_training(m, use_gradient_checkpointing=False))
     assert fused.get_base_model().fastbench_patches
     assert_same_step(fused, ref, *batch())
 
