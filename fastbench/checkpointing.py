@@ -176,18 +176,17 @@ def _pinned_empty(numel: int, dtype: torch.dtype, registered: list[torch.Tensor]
     (``zero_``) and then registered with CUDA: 2 GiB took 0.21 s so on the H200's host, against 0.74 s
     through ``pin_memory=True`` (cudaHostAlloc, one thread), which the offload mode's first step paid in
     full. Where registration fails, ``pin_memory=True`` from then on."""
-    if not _registration["works"]:
-        return torch.empty(numel, dtype=dtype, pin_memory=True)
-    buf = torch.empty(numel, dtype=dtype)
-    buf.zero_()
-    cudart = torch.cuda.cudart()
-    # flags 0 (cudaHostRegisterDefault): with unified addressing, portable to every device's context and mapped
-    if cudart.cudaHostRegister(buf.data_ptr(), buf.untyped_storage().nbytes(), 0) != cudart.cudaError.success:
+    if _registration["works"]:
+        buf = torch.empty(numel, dtype=dtype)
+        buf.zero_()
+        cudart = torch.cuda.cudart()
+        # flags 0 (cudaHostRegisterDefault): with unified addressing, portable to every device's context and mapped
+        if cudart.cudaHostRegister(buf.data_ptr(), buf.untyped_storage().nbytes(), 0) == cudart.cudaError.success:
+            registered.append(buf)
+            return buf
         _registration["works"] = False
         _clear_cuda_error()
-        return torch.empty(numel, dtype=dtype, pin_memory=True)
-    registered.append(buf)
-    return buf
+    return torch.empty(numel, dtype=dtype, pin_memory=True)
 
 
 def _clear_cuda_error() -> None:

@@ -121,7 +121,6 @@ def accumulate(model, micro_batches: list[dict]) -> tuple[float, int]:
     return float(total), tokens
 
 
-
 def save_adapter(model, tokenizer, output: str) -> None:
     """Writes the adapter (and tokenizer) to ``output``: first to a scratch folder inside it, then each
     file moved into place, so an interruption never leaves a half-written adapter file."""

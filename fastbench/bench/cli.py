@@ -162,8 +162,8 @@ def compare(ctx, from_path, resume_path, against_path, max_regression, results_d
     from fastbench.bench import regress, report, results as results_io
     from fastbench.bench.arms import MissingPackage, UnknownArm
     from fastbench.bench.runner import run_compare
-    from fastbench.interrupt import exit_code, sigterm_as_interrupt
     from fastbench.env import collect_environment
+    from fastbench.interrupt import exit_code, sigterm_as_interrupt
     from fastbench.presets import NotAModel, UnknownPreset
 
     explicit = {k for k in opts if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}

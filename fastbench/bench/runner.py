@@ -24,15 +24,19 @@ from fastbench.bench import results as results_io
 from fastbench.bench.worker import new_record
 
 
+def runs_on(arm: str, model: str, arm_models: dict[str, list[str]] | None) -> bool:
+    """Whether ``arm`` runs on ``model``: an arm named in ``arm_models`` only on the models listed for it."""
+    return model in (arm_models or {}).get(arm, [model])
+
+
 def plan(labels: list[str], models: list[str], repeats: int,
          arm_models: dict[str, list[str]] | None = None) -> list[tuple[int, str, str]]:
-    """(repeat, model, arm) in run order: repeat r runs the arms rotated by r; an arm named in
-    ``arm_models`` runs only on the models listed for it."""
+    """(repeat, model, arm) in run order: repeat r runs the arms rotated by r, each on the models it
+    :func:`runs_on`."""
     order = []
     for r in range(repeats):
         rotated = labels[r % len(labels):] + labels[:r % len(labels)]
-        order += [(r, model, arm) for model in models for arm in rotated
-                  if model in (arm_models or {}).get(arm, [model])]
+        order += [(r, model, arm) for model in models for arm in rotated if runs_on(arm, model, arm_models)]
     return order
 
 

@@ -13,6 +13,7 @@ import math
 import numpy as np
 
 from fastbench.bench import busy
+from fastbench.bench.runner import runs_on
 
 BOOTSTRAP_SAMPLES = 2000
 LOSS_STEPS = 3  # the first steps' losses compared across arms
@@ -113,7 +114,7 @@ def summarize(records: list[dict], labels: list[str], models: list[str], baselin
     """
     rows, loss_checks, noise = [], [], []
     for model in models:
-        planned = [a for a in labels if model in (arm_models or {}).get(a, [model])]
+        planned = [a for a in labels if runs_on(a, model, arm_models)]
         by_arm = {a: [r for r in records if r["model"] == model and r["arm"] == a] for a in planned}
         base_ok = _ok(by_arm.get(baseline, []))
         base_steps = [step_tokens_per_s(r) for r in base_ok]
