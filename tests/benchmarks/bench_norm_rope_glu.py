@@ -3,7 +3,7 @@
     pytest tests/benchmarks/bench_norm_rope_glu.py --benchmark-only -m gpu --benchmark-json=OUT.json
 
 Implementations: ``triton`` (fastbench), ``eager`` (the op's reference), ``compile`` (the reference
-under torch.compile) and ``liger`` (Liger-Kernel's op, when installed). ``bwd`` times the autograd
+under torch.compile) and ``liger`` (Liger-Kernel's op, when installed). ``bwd`` times the
 autograd backward of one forward. Times are GPU time without the CPU's launch cost
 (fastbench.bench.gpu_timing.graph_ms: CUDA-graph replay, L2 flushed before each call); ``bwd`` is
 (forward + backward) minus forward, both captured. benchmark.extra_info records ms, the bytes moved
@@ -36,6 +36,11 @@ def _liger(module: str, name: str):
 
 
 def _compiled(fn):
+    """fn under torch.compile, compiled afresh for this case. Dynamo keeps at most
+    ``torch._dynamo.config.recompile_limit`` (8) versions of one function and runs it eagerly past that:
+    without the reset, the 9th to 12th shapes of an op (qwen2.5-7b's rms_norm and rope in the 2026-11-29
+    run) were timed as eager."""
+    torch._dynamo.reset()
     return torch.compile(fn, dynamic=False)
 
 
