@@ -1,0 +1,69 @@
+"""Probe: when in a step the peak of allocated GPU memory falls, and what is allocated then.
+llama-3-8b arms given as bits:ckpt (e.g. 4bit:offload), all-ones attention_mask as the harness passes. Per arm:
+2 warm-up steps, then one step with torch.cuda.memory's allocation history recorded; replaying it (alloc adds a
+block, free_completed removes it) from memory_allocated() at the step's start gives the peak and the blocks alive
+then, each named by its innermost frame in fastbench/kernels (else the innermost frame with a file name).
+Whatever is not freed between steps (weights, LoRA, optimizer state, the host-offload bookkeeping) is the
+baseline; the rest is the step's own."""
+import collections, sys, warnings, torch
+warnings.simplefilter("ignore")
+from fastbench import FastLanguageModel
+
+ids = torch.randint(0, 128256, (2, 2048), device="cuda")
+batch = dict(input_ids=ids, labels=ids, attention_mask=torch.ones_like(ids))
+MiB = 1 << 20
+
+
+def where(frames):
+    names = [f for f in frames if f.get("filename")]
+    ours = [f for f in names if "fastbench" in f["filename"] or "/kernels/" in f["filename"]]
+    f = (ours or names or [{"filename": "?", "line": 0, "name": "?"}])[0]
+    return f"{f['filename'].split('/site-packages/')[-1].split('/work/')[-1]}:{f['line']} {f['name']}"
+
+
+def replay(events, start):
+    """(peak bytes, index of the event that reached it, {addr: (size, site, index)} alive then)."""
+    live, now, peak, at, peak_live = {}, start, start, 0, {}
+    for i, e in enumerate(events):
+        if e["action"] == "alloc":
+            live[e["addr"]] = (e["size"], where(e.get("frames", [])), i)
+            now += e["size"]
+            if now > peak:
+                peak, at, peak_live = now, i, dict(live)
+        elif e["action"] == "free_completed" and e["addr"] in live:
+            now -= live.pop(e["addr"])[0]
+    return peak, at, peak_live
+
+
+for arg in sys.argv[1:]:
+    bits, ckpt = arg.split(":")
+    ckpt = ckpt if ckpt == "offload" else float(ckpt)
+    base, _ = FastLanguageModel.from_pretrained("llama-3-8b", dtype=torch.bfloat16, device="cuda", load_in_4bit=bits == "4bit", seed=1)
+    m = FastLanguageModel.get_peft_model(base, r=16, random_state=2, use_gradient_checkpointing=ckpt, fallback=False)
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=2e-4, fused=True)
+
+    def step():
+        m(**batch).loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
+
+    for _ in range(2):
+        step()
+    torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
+    start = torch.cuda.memory_allocated()
+    torch.cuda.memory._record_memory_history(max_entries=2_000_000)
+    step()
+    torch.cuda.synchronize()
+    snap = torch.cuda.memory._snapshot()
+    torch.cuda.memory._record_memory_history(enabled=None)
+    events = snap["device_traces"][torch.cuda.current_device()]
+    peak, at, peak_live = replay(events, start)
+    print(f"{arg}: baseline {start / 2**30:.2f} GiB; step's peak {peak / 2**30:.2f} GiB (replayed), torch's "
+          f"max_memory_allocated {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB; peak at event {at} of {len(events)} "
+          f"({100 * at / max(1, len(events)):.0f}% through the step's allocations)")
+    groups = collections.defaultdict(lambda: [0, 0])
+    for size, site, _ in peak_live.values():
+        groups[site][0] += size; groups[site][1] += 1
+    print(f"  alive at the peak beyond the baseline: {sum(g[0] for g in groups.values()) / MiB:.0f} MiB in {len(peak_live)} blocks")
+    for site, (size, n) in sorted(groups.items(), key=lambda kv: -kv[1][0])[:16]:
+        print(f"    {size / MiB:8.1f} MiB  {n:4d} blocks  {site}")
+    sys.stdout.flush()
+    del m, base, opt; torch.cuda.empty_cache()
