@@ -61,6 +61,32 @@ def summarize_times(times_us: dict[str, float], top: int = 8) -> dict:
     return {"ms": ms, "total_ms": sum(ms.values()), "top_other": [[n[:160], t] for n, t in other[:top]]}
 
 
+def union_ms(intervals_ns) -> float:
+    """Milliseconds covered by at least one of the ``(start, end)`` intervals (nanoseconds)."""
+    covered, reach = 0, None
+    for start, end in sorted(intervals_ns):
+        if reach is None or start > reach:
+            covered, reach = covered + end - start, end
+        elif end > reach:
+            covered, reach = covered + end - reach, end
+    return covered / 1e6
+
+
+def compute_stream_busy_ms(kineto_events) -> float | None:
+    """How long a kernel ran on the compute stream (the one with the most kernel time; copies and memsets
+    aside): the step's time minus this is time the GPU's main stream sat idle, waiting for its host or for
+    another stream."""
+    from torch.autograd import DeviceType
+
+    streams: dict[int, list[tuple[int, int]]] = {}
+    for e in kineto_events:
+        if e.device_type() == DeviceType.CUDA and not e.name().startswith(("Memcpy", "Memset")):
+            streams.setdefault(e.device_resource_id(), []).append((e.start_ns(), e.start_ns() + e.duration_ns()))
+    if not streams:
+        return None
+    return union_ms(max(streams.values(), key=lambda spans: sum(b - a for a, b in spans)))
+
+
 def host_issue(run_step: Callable[[], object], sync: Callable[[], None]) -> dict:
     """One step from an idle GPU, unprofiled: ``issue_ms``, the host's time until ``run_step()`` returns
     (every kernel queued), and ``step_ms``, until the GPU has run them. Their ratio near 1 means the
@@ -77,7 +103,8 @@ def host_issue(run_step: Callable[[], object], sync: Callable[[], None]) -> dict
 def profile_step(run_step: Callable[[], object], cuda: bool) -> dict:
     """Run ``run_step()`` once under ``torch.profiler`` (after one unprofiled step timed by :func:`host_issue`);
     returns ``summarize_times`` of its device kernels (``cuda``) or CPU ops' self times, plus
-    ``activity`` ("cuda"/"cpu"), ``wall_ms`` and ``host`` (host_issue's times)."""
+    ``activity`` ("cuda"/"cpu"), ``wall_ms``, ``host`` (host_issue's times) and, on a GPU,
+    ``gpu_busy_ms`` (:func:`compute_stream_busy_ms` of the profiled step)."""
     import torch
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
@@ -99,4 +126,8 @@ def profile_step(run_step: Callable[[], object], cuda: bool) -> dict:
             times_us[e.key] = times_us.get(e.key, 0.0) + us
     if not any(times_us.values()):
         raise RuntimeError(f"the profiler saw no {'device kernels (is CUPTI usable here?)' if cuda else 'ops'}")
-    return {"activity": "cuda" if cuda else "cpu", "wall_ms": wall_ms, "host": host, **summarize_times(times_us)}
+    out = {"activity": "cuda" if cuda else "cpu", "wall_ms": wall_ms, "host": host, **summarize_times(times_us)}
+    if cuda:
+        kineto = getattr(prof.profiler, "kineto_results", None)  # torch's raw trace; None: the figure is missing
+        out["gpu_busy_ms"] = compute_stream_busy_ms(kineto.events()) if kineto is not None else None
+    return out

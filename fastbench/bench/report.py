@@ -90,6 +90,11 @@ def profile_lines(results: dict) -> list[str]:
                 issue, step = (sum(h[k] for h in hosts) / len(hosts) for k in ("issue_ms", "step_ms"))
                 host = (f"; host CPU issued an unprofiled step in {issue:,.1f} of its {step:,.1f} ms "
                         f"({100 * issue / step:.0f}%{': CPU-bound' if issue >= 0.95 * step else ''})")
+                busy = [p["gpu_busy_ms"] for p in ps if p.get("gpu_busy_ms") is not None]
+                if busy:
+                    mean_busy = sum(busy) / len(busy)
+                    host += (f"; the GPU's compute stream ran kernels for {mean_busy:,.1f} ms of it "
+                             f"(idle {max(0.0, step - mean_busy):,.1f} ms: waiting for the host or other streams)")
             lines.append(f"- {arm}: profiled step {sum(p['wall_ms'] for p in ps) / len(ps):,.1f} ms wall "
                          f"(profiler overhead included), timed steps {_fmt(timed and 1e3 * timed, ',.1f')} ms median"
                          + host + (f"; largest 'other': {others}" if others else ""))

@@ -81,7 +81,7 @@ _RUN_METRICS = ("load_s", "materialize_s", "first_step_s", "peak_allocated_gib",
 def long_frame(results: dict):
     """One row per measured value: run id, arm, model, repeat, status, metric, step, value
     (step is empty for per-process metrics; warm-up steps are metric ``warmup_step_s``; a profiled
-step gives ``profile_<region>_ms`` and ``profile_total_ms``)."""
+step gives ``profile_<region>_ms``, ``profile_total_ms`` and, on a GPU, ``profile_gpu_busy_ms``)."""
     import pandas as pd
 
     rows = []
@@ -94,6 +94,8 @@ step gives ``profile_<region>_ms`` and ``profile_total_ms``)."""
             rows += [{**key, "metric": f"profile_{region}_ms", "step": None, "value": ms}
                      for region, ms in profile["ms"].items()]
             rows.append({**key, "metric": "profile_total_ms", "step": None, "value": profile["total_ms"]})
+            if profile.get("gpu_busy_ms") is not None:
+                rows.append({**key, "metric": "profile_gpu_busy_ms", "step": None, "value": profile["gpu_busy_ms"]})
         rows += [{**key, "metric": "warmup_step_s", "step": i, "value": v} for i, v in enumerate(r["warmup_step_s"])]
         rows += [{**key, "metric": "loss", "step": i, "value": v} for i, v in enumerate(r["losses"])]
         warm = len(r["warmup_step_s"])

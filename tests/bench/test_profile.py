@@ -145,6 +145,49 @@ def test_report_says_when_the_host_cpu_bounds_the_step(tmp_path, rng, make_recor
     assert "120.0 of its 400.0 ms (30%)" in qlora and "CPU-bound" not in qlora
 
 
+def test_union_of_kernel_intervals():
+    from fastbench.bench.profile import union_ms
+
+    assert union_ms([]) == 0
+    # overlapping, nested, touching and disjoint spans (ns), out of order
+    spans = [(5_000_000, 7_000_000), (0, 2_000_000), (1_000_000, 3_000_000), (1_500_000, 1_600_000),
+             (3_000_000, 4_000_000)]
+    assert union_ms(spans) == pytest.approx(6.0)  # [0, 4] and [5, 7] ms
+
+
+def test_compute_stream_is_the_busiest_and_copies_do_not_count():
+    from torch.autograd import DeviceType
+
+    from fastbench.bench.profile import compute_stream_busy_ms
+
+    class Event:
+        def __init__(self, name, stream, start_ms, ms, device=DeviceType.CUDA):
+            self.args = name, stream, int(start_ms * 1e6), int(ms * 1e6), device
+
+        def name(self): return self.args[0]
+        def device_resource_id(self): return self.args[1]
+        def start_ns(self): return self.args[2]
+        def duration_ns(self): return self.args[3]
+        def device_type(self): return self.args[4]
+
+    events = [Event("gemm", 7, 0, 2), Event("gemm", 7, 1, 2), Event("_rms_norm_fwd_kernel", 7, 4, 1),
+              Event("Memcpy DtoH (Device -> Pinned)", 20, 0, 9), Event("small", 20, 9, 0.5),
+              Event("aten::mm", 0, 0, 50, DeviceType.CPU)]
+    assert compute_stream_busy_ms(events) == pytest.approx(4.0)  # stream 7: [0, 3] and [4, 5] ms
+    assert compute_stream_busy_ms([events[-1]]) is None
+
+
+def test_report_says_how_long_the_gpu_stream_sat_idle(tmp_path, rng, make_record, make_results):
+    recs = [make_record("qlora", rng=rng)]
+    recs[0]["profile"] = {**_profile(rng), "host": {"issue_ms": 300.0, "step_ms": 400.0}, "gpu_busy_ms": 350.0}
+    res = make_results(recs, ["qlora"])
+    res["summary"] = summarize_results(res)
+    text = open(report.write_report(res, str(tmp_path))).read()
+    assert "compute stream ran kernels for 350.0 ms of it (idle 50.0 ms" in text
+    frame = results_io.long_frame(res)
+    assert frame[frame.metric == "profile_gpu_busy_ms"].value.tolist() == [350.0]
+
+
 @pytest.mark.gpu
 def test_profile_step_on_gpu_sees_kernels_and_copies():
     x = torch.randn(1024, 1024, device="cuda", dtype=torch.bfloat16)
@@ -160,6 +203,7 @@ def test_profile_step_on_gpu_sees_kernels_and_copies():
 
     p = profile_step(step, cuda=True)
     assert p["activity"] == "cuda"
+    assert 0 < p["gpu_busy_ms"] <= p["wall_ms"]
     for region in ("matmul", "loss", "optimizer", "offload"):
         assert p["ms"][region] > 0, (region, p)
 
