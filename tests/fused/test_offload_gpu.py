@@ -2,6 +2,9 @@
 fused-4bit with offloaded checkpointing must train the same model as with recomputation. One warm-up
 step only: the loss check reads the first three losses, and the race showed in steps the worker does
 not synchronise (the CPU runs ahead of the GPU)."""
+import glob
+import json
+
 import pytest
 from click.testing import CliRunner
 
@@ -16,4 +19,17 @@ def test_offload_matches_recompute_at_llama_3_8b(tmp_path):
             "--warmup", "1", "--repeats", "1", "--loss-tolerance", "0.005",
             "--results-dir", str(tmp_path / "results"), "--reports-dir", str(tmp_path / "reports")]
     result = CliRunner().invoke(main, args)
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 0, _why(tmp_path / "results") + "\n" + result.output
+
+
+def _why(results_dir) -> str:
+    """One line first (pytest -rf shows it in the short summary): each process's status and error, each loss check."""
+    files = glob.glob(str(results_dir / "*.json"))
+    if not files:
+        return "no results file"
+    res = json.loads(open(files[0]).read())
+    runs = [f"{r['arm']}: {r['status']} {(r.get('error') or '')[:200]} losses {r.get('losses', [])[:3]}"
+            for r in res["runs"]]
+    checks = [f"{c['arm']} vs {c['reference']}: max rel diff {c.get('max_rel_diff')} "
+              f"{'MISMATCH' if c['mismatch'] else 'ok'}" for c in (res.get("summary") or {}).get("loss_checks", [])]
+    return " | ".join(runs + checks)
