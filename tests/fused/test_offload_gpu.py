@@ -28,7 +28,7 @@ def _why(results_dir) -> str:
     if not files:
         return "no results file"
     res = json.loads(open(files[0]).read())
-    runs = [f"{r['arm']}: {r['status']} {(r.get('error') or '')[:200]} losses {r.get('losses', [])[:3]}"
+    runs = [f"{r['arm']}: {r['status']} {(r.get('error') or '')[:200].replace(chr(10), ' ')} losses {r.get('losses', [])[:3]}"
             for r in res["runs"]]
     checks = [f"{c['arm']} vs {c['reference']}: max rel diff {c.get('max_rel_diff')} "
               f"{'MISMATCH' if c['mismatch'] else 'ok'}" for c in (res.get("summary") or {}).get("loss_checks", [])]
