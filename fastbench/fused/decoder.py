@@ -117,7 +117,8 @@ def sdpa_mask(attention_mask, position_ids, T, window, device):
     """Boolean [B, 1, T, T] mask (True = attend) for SDPA, or None when plain causal attention is exact.
 
     Key padding comes from the 2D ``attention_mask``; packed sequences from ``position_ids`` restarting
-    at 0; a sliding window keeps keys with i - j < window. Each query sees itself, so padding rows stay finite.
+    at 0; a sliding window keeps keys with i - j < window. A query with no key left (a left-padding row) gets
+    a zero attention output, as SDPA gives it (torch >= 2.5) and as transformers' own mask leaves it.
     """
     padded = attention_mask is not None and not bool(attention_mask.all())
     seq = (position_ids == 0).cumsum(-1) if position_ids is not None else None
@@ -133,7 +134,7 @@ def sdpa_mask(attention_mask, position_ids, T, window, device):
         mask = mask & attention_mask.bool()[:, None, None, :]
     if packed:
         mask = mask & (seq[:, None, :, None] == seq[:, None, None, :])
-    return mask | torch.eye(T, dtype=torch.bool, device=device)
+    return mask
 
 
 def layer_projections(layer) -> tuple[tuple[Projection, ...], tuple[Projection, ...]]:

@@ -109,6 +109,38 @@ def test_padding_matches_peft(seed):
     assert_same_step(fused, ref, ids, labels, attention_mask=mask)
 
 
+def test_left_padding_matches_peft(seed):
+    fused, ref = pair("llama-3-8b-tiny", seed)
+    ids, labels = batch(T=9)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # left padding: the last pad row predicts the first real token, as transformers computes it
+    labels[0, :4] = -100
+    assert_same_step(fused, ref, ids, labels, attention_mask=mask)
+
+
+def test_packed_sequences_match_peft(seed):
+    """Two sequences packed in one row (position ids restarting at 0, no attention_mask): each attends only
+    within itself, as transformers' SDPA mask makes it from the position ids when it runs without a KV cache
+    (use_cache=False, as in training)."""
+    fused, ref = pair("qwen2.5-7b-tiny", seed)
+    ids, labels = batch(B=1, T=12)
+    position_ids = torch.cat((torch.arange(5), torch.arange(7)))[None]
+    labels[0, 4] = -100  # the first sequence's last token does not predict the second's first
+    assert_same_step(fused, ref, ids, labels, position_ids=position_ids, use_cache=False)
+
+
+def test_sliding_window_matches_peft(seed, monkeypatch):
+    """A Mistral-style window shorter than the sequence (keys with i - j < window)."""
+    from fastbench.presets import PRESETS, Preset
+
+    tiny = PRESETS["mistral-7b-tiny"]
+    monkeypatch.setitem(PRESETS, "mistral-window-tiny",
+                        Preset("mistral-window-tiny", tiny.model_type, {**tiny.config, "sliding_window": 4}, "test"))
+    fused, ref = pair("mistral-window-tiny", seed)
+    assert ref.get_base_model().config.sliding_window == 4
+    assert_same_step(fused, ref, *batch(T=11))
+
+
 def test_logits_without_labels_match_peft(seed):
     fused, ref = pair("gemma-7b-tiny", seed)
     ids, _ = batch()
