@@ -22,20 +22,23 @@ def cosine(a, b):
     return F.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0).item()
 
 
-def pair(preset, seed, load_in_4bit=False, checkpointing=True, r=4, prepare=None):
+def pair(preset, seed, load_in_4bit=False, checkpointing=True, r=4, prepare=None, targets=DEFAULT_TARGETS,
+         alpha=None, rslora=False):
     """(fused, reference): the same base weights and LoRA weights (B made non-zero), fp32; ``prepare``
     runs on the base model first (as a user's recipe may)."""
+    alpha = 2 * r if alpha is None else alpha
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         base, _ = FastLanguageModel.from_pretrained(preset, dtype=torch.float32, load_in_4bit=load_in_4bit,
                                                     device="cpu", seed=seed)
         base = prepare(base) if prepare else base
     ref_base = copy.deepcopy(base)
-    fused = FastLanguageModel.get_peft_model(base, r=r, lora_alpha=2 * r, random_state=seed,
-                                             use_gradient_checkpointing=checkpointing, fallback=False)
+    fused = FastLanguageModel.get_peft_model(base, r=r, lora_alpha=alpha, random_state=seed, target_modules=targets,
+                                             use_rslora=rslora, use_gradient_checkpointing=checkpointing,
+                                             fallback=False)
     torch.manual_seed(seed)
-    ref = get_peft_model(ref_base, LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(DEFAULT_TARGETS),
-                                              task_type="CAUSAL_LM"))
+    ref = get_peft_model(ref_base, LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets),
+                                              use_rslora=rslora, task_type="CAUSAL_LM"))
     with torch.no_grad():
         for (name, p), (ref_name, q) in zip(fused.named_parameters(), ref.named_parameters()):
             assert name == ref_name and torch.equal(p.data.view(-1)[:64], q.data.view(-1)[:64])
@@ -139,6 +142,21 @@ def test_sliding_window_matches_peft(seed, monkeypatch):
     fused, ref = pair("mistral-window-tiny", seed)
     assert ref.get_base_model().config.sliding_window == 4
     assert_same_step(fused, ref, *batch(T=11))
+
+
+@pytest.mark.parametrize("targets", [("q_proj", "v_proj"), ("gate_proj", "up_proj", "down_proj"), ("k_proj", "o_proj")])
+@pytest.mark.parametrize("load_in_4bit", [False, True])
+def test_some_projections_adapted_match_peft(seed, targets, load_in_4bit):
+    """LoRA on a subset of the projections: grouped Q/K/V and gate/up products with some members unadapted."""
+    fused, ref = pair("llama-3-8b-tiny", seed, load_in_4bit=load_in_4bit, targets=targets)
+    assert_same_step(fused, ref, *batch())
+
+
+def test_rank_stabilized_scaling_matches_peft(seed):
+    """use_rslora: scale alpha / sqrt(r) instead of alpha / r; r and alpha unlike the other tests'."""
+    fused, ref = pair("qwen3-8b-tiny", seed, r=8, alpha=5, rslora=True)
+    assert ref.get_base_model().model.layers[0].self_attn.q_proj.scaling["default"] == pytest.approx(5 / 8 ** 0.5)
+    assert_same_step(fused, ref, *batch())
 
 
 def test_logits_without_labels_match_peft(seed):
