@@ -114,11 +114,14 @@ def projection(module) -> Projection:
 
 
 def sdpa_mask(attention_mask, position_ids, T, window, device):
-    """Boolean [B, 1, T, T] mask (True = attend) for SDPA, or None when plain causal attention is exact.
+    """(attend, keyless) for SDPA, or None when plain causal attention is exact. ``attend``: boolean
+    [B, 1, T, T], True where a query attends a key; ``keyless``: [B, 1, T, 1], True for the queries with no
+    key left (left-padding rows), or None when there can be none.
 
     Key padding comes from the 2D ``attention_mask``; packed sequences from ``position_ids`` restarting
-    at 0; a sliding window keeps keys with i - j < window. A query with no key left (a left-padding row) gets
-    a zero attention output, as SDPA gives it (torch >= 2.5) and as transformers' own mask leaves it.
+    at 0; a sliding window keeps keys with i - j < window. A keyless query attends to itself only and its
+    output is zeroed afterwards: transformers' result (SDPA's zero output for a row with no key), without
+    ever handing a kernel a row with no key.
     """
     padded = attention_mask is not None and not bool(attention_mask.all())
     seq = (position_ids == 0).cumsum(-1) if position_ids is not None else None
@@ -130,11 +133,13 @@ def sdpa_mask(attention_mask, position_ids, T, window, device):
     mask = (i[:, None] >= i[None, :])[None, None]
     if windowed:
         mask = mask & ((i[:, None] - i[None, :]) < window)
-    if padded:
-        mask = mask & attention_mask.bool()[:, None, None, :]
     if packed:
         mask = mask & (seq[:, None, :, None] == seq[:, None, None, :])
-    return mask
+    if not padded:  # every query keeps itself as a key
+        return mask, None
+    mask = mask & attention_mask.bool()[:, None, None, :]
+    keyless = ~mask.any(-1, keepdim=True)
+    return mask | (torch.eye(T, dtype=torch.bool, device=device) & keyless), keyless
 
 
 def layer_projections(layer) -> tuple[tuple[Projection, ...], tuple[Projection, ...]]:
@@ -148,7 +153,8 @@ def layer_projections(layer) -> tuple[tuple[Projection, ...], tuple[Projection, 
 
 def attention_residual(layer, x, cos, sin, mask, family: Family, projections=None):
     """x + attention(RMSNorm(x)): the first part of a decoder layer, [B, T, hidden] -> [B, T, hidden].
-    ``projections``: (Q, K, V, O), by default the layer's as they stand."""
+    ``mask``: :func:`sdpa_mask`'s (attend, keyless) or None; ``projections``: (Q, K, V, O), by default the
+    layer's as they stand."""
     attn = layer.self_attn
     q_p, k_p, v_p, o_p = projections or layer_projections(layer)[0]
     n = rms_norm(x, layer.input_layernorm.weight, norm_eps(layer.input_layernorm), family.norm_offset)
@@ -161,8 +167,11 @@ def attention_residual(layer, x, cos, sin, mask, family: Family, projections=Non
         k = rms_norm(k, attn.k_norm.weight, norm_eps(attn.k_norm))
     q, k = apply_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
     v = v.transpose(1, 2)
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=attn.scaling,
+    attend, keyless = mask if mask is not None else (None, None)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=attend, is_causal=attend is None, scale=attn.scaling,
                                        enable_gqa=q.shape[1] != k.shape[1])
+    if keyless is not None:
+        o = o.masked_fill(keyless, 0.0)
     (out,) = lora_projections(o.transpose(1, 2).reshape(B, T, -1), o_p, graph_only=recomputing())
     return x + out
 

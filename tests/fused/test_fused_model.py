@@ -333,3 +333,21 @@ def test_adapters_activated_later_run_fused_or_say_why(seed):
     fused.base_model.set_adapter(["default", "other"])
     with pytest.raises(RuntimeError, match="more than one active adapter"):
         fused(input_ids=ids, labels=labels)
+
+
+def test_sdpa_mask_leaves_no_row_without_a_key():
+    """Left-padding rows are reported keyless and attend to themselves only (zeroed after SDPA); every other
+    row keeps its causal keys minus the padding."""
+    from fastbench.fused.decoder import sdpa_mask
+
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[0, :2] = 0  # left padding
+    mask[1, 5:] = 0  # right padding
+    attend, keyless = sdpa_mask(mask, None, 6, None, "cpu")
+    assert attend.any(-1).all()
+    assert keyless[:, 0, :, 0].tolist() == [[True, True] + [False] * 4, [False] * 6]
+    assert attend[0, 0, 1].tolist() == [False, True] + [False] * 4
+    assert attend[0, 0, 4].tolist() == [False, False, True, True, True, False]
+    assert attend[1, 0, 5].tolist() == [True] * 5 + [False]  # a right-pad row keeps the real keys, not itself
+    assert sdpa_mask(torch.ones(2, 6, dtype=torch.long), None, 6, None, "cpu") is None
+    assert sdpa_mask(None, None, 6, 4, "cpu")[1] is None  # a window alone leaves every row a key
