@@ -121,6 +121,16 @@ def test_left_padding_matches_peft(seed):
     assert_same_step(fused, ref, ids, labels, attention_mask=mask)
 
 
+@pytest.mark.parametrize("preset", FAMILIES)
+def test_every_family_with_left_padding_on_nf4_with_offload_matches_peft(seed, preset):
+    """Padding, the NF4 base and offloaded checkpointing together, in each family (one each alone above)."""
+    fused, ref = pair(preset, seed, load_in_4bit=True, checkpointing="offload")
+    ids, labels = batch(T=10)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    assert_same_step(fused, ref, ids, labels.masked_fill(mask == 0, -100), attention_mask=mask)
+
+
 def test_packed_sequences_match_peft(seed):
     """Two sequences packed in one row (position ids restarting at 0, no attention_mask): each attends only
     within itself, as transformers' SDPA mask makes it from the position ids when it runs without a KV cache
