@@ -116,14 +116,18 @@ def projection(module) -> Projection:
 def sdpa_mask(attention_mask, position_ids, T, window, device):
     """(attend, keyless) for SDPA, or None when plain causal attention is exact. ``attend``: boolean
     [B, 1, T, T], True where a query attends a key; ``keyless``: [B, 1, T, 1], True for the queries with no
-    key left (left-padding rows), or None when there can be none.
+    key left (left-padding rows), or None when there can be none (no row starts with padding, no window,
+    no packing: right padding, the usual case in training).
 
     Key padding comes from the 2D ``attention_mask``; packed sequences from ``position_ids`` restarting
     at 0; a sliding window keeps keys with i - j < window. A keyless query attends to itself only and its
     output is zeroed afterwards: transformers' result (SDPA's zero output for a row with no key), without
     ever handing a kernel a row with no key.
     """
-    padded = attention_mask is not None and not bool(attention_mask.all())
+    padded = left = False
+    if attention_mask is not None:  # one read back from the device for both
+        all_ones, first_ones = torch.stack((attention_mask.bool().all(), attention_mask[:, 0].bool().all())).tolist()
+        padded, left = not all_ones, not first_ones
     seq = (position_ids == 0).cumsum(-1) if position_ids is not None else None
     packed = seq is not None and bool((seq > 1).any())
     windowed = window is not None and T > window
@@ -138,6 +142,8 @@ def sdpa_mask(attention_mask, position_ids, T, window, device):
     if not padded:  # every query keeps itself as a key
         return mask, None
     mask = mask & attention_mask.bool()[:, None, None, :]
+    if not (left or windowed or packed):  # causal keys from 0 with key 0 kept: no row loses all its keys
+        return mask, None
     keyless = ~mask.any(-1, keepdim=True)
     return mask | (torch.eye(T, dtype=torch.bool, device=device) & keyless), keyless
 

@@ -363,6 +363,7 @@ def test_sdpa_mask_leaves_no_row_without_a_key():
     assert attend[0, 0, 4].tolist() == [False, False, True, True, True, False]
     assert attend[1, 0, 5].tolist() == [True] * 5 + [False]  # a right-pad row keeps the real keys, not itself
     assert sdpa_mask(torch.ones(2, 6, dtype=torch.long), None, 6, None, "cpu") is None
+    assert sdpa_mask(mask[1:], None, 6, None, "cpu")[1] is None  # right padding only: no keyless row possible
     assert sdpa_mask(None, None, 6, 4, "cpu")[1] is None  # a window alone leaves every row a key
 
 
