@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import types
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -46,15 +47,28 @@ def _hf_forward(module, given: dict, **kwargs):
     return type(module).forward(module, **{k: v for k, v in given.items() if v is not None}, **kwargs)
 
 
-def _needs_hf(use_cache, output_attentions, output_hidden_states, kwargs) -> bool:
+def _needs_hf(use_cache, output_attentions, output_hidden_states, kwargs, attention_mask=None) -> bool:
+    """Whether this call runs transformers' own forward: a KV cache, attention weights or hidden states asked
+    for, or an attention mask other than the 2D key-padding one (a custom 4D mask), which the fused layers do
+    not read (said once per process)."""
+    if attention_mask is not None and attention_mask.dim() != 2:
+        if not _warned_4d_mask:
+            _warned_4d_mask.append(True)
+            warnings.warn(f"fastbench: a {attention_mask.dim()}D attention_mask runs through transformers' own "
+                          "layers (unfused); the fused path reads the 2D padding mask (and packed position_ids)",
+                          stacklevel=3)
+        return True
     return bool(use_cache or output_attentions or output_hidden_states
                 or kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None)
+
+
+_warned_4d_mask: list[bool] = []
 
 
 def fused_backbone_forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
                            use_cache=None, output_attentions=None, output_hidden_states=None, **kwargs):
     """The decoder stack (HF ``*Model.forward``): embeddings -> fused layers -> final RMSNorm."""
-    if _needs_hf(use_cache, output_attentions, output_hidden_states, kwargs):
+    if _needs_hf(use_cache, output_attentions, output_hidden_states, kwargs, attention_mask):
         return _hf_forward(self, dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                       inputs_embeds=inputs_embeds, use_cache=use_cache,
                                       output_attentions=output_attentions,
@@ -91,7 +105,7 @@ def fused_forward(self, input_ids=None, attention_mask=None, position_ids=None, 
     The loss sums the token losses and divides by ``num_items_in_batch`` when given (HF Trainer passes
     the label count of the whole accumulated batch) or by this batch's label count.
     """
-    if _needs_hf(use_cache, output_attentions, output_hidden_states, kwargs):
+    if _needs_hf(use_cache, output_attentions, output_hidden_states, kwargs, attention_mask):
         return _hf_forward(self, dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                       inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
                                       output_attentions=output_attentions,

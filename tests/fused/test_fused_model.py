@@ -131,6 +131,22 @@ def test_every_family_with_left_padding_on_nf4_with_offload_matches_peft(seed, p
     assert_same_step(fused, ref, ids, labels.masked_fill(mask == 0, -100), attention_mask=mask)
 
 
+def test_a_4d_attention_mask_runs_through_transformers(seed):
+    """A custom 4D mask (here two blocks that do not see each other) is not the fused path's to read: the call
+    runs transformers' own layers, says so once, and computes what PEFT computes."""
+    import fastbench.fused.causal_lm as causal_lm
+
+    fused, ref = pair("llama-3-8b-tiny", seed)
+    ids, labels = batch(T=10)
+    causal = torch.ones(10, 10, dtype=torch.bool).tril()
+    blocks = torch.zeros(10, 10, dtype=torch.bool)
+    blocks[:4, :4] = blocks[4:, 4:] = True
+    mask = (causal & blocks)[None, None].expand(2, 1, 10, 10)
+    causal_lm._warned_4d_mask.clear()
+    with pytest.warns(UserWarning, match="4D attention_mask runs through transformers"):
+        assert_same_step(fused, ref, ids, labels, attention_mask=mask)
+
+
 def test_packed_sequences_match_peft(seed):
     """Two sequences packed in one row (position ids restarting at 0, no attention_mask): each attends only
     within itself, as transformers' SDPA mask makes it from the position ids when it runs without a KV cache
