@@ -103,7 +103,8 @@ def fused_forward(self, input_ids=None, attention_mask=None, position_ids=None, 
     """Same arguments and outputs as the HF ``ForCausalLM.forward``; with labels, ``logits`` is None.
 
     The loss sums the token losses and divides by ``num_items_in_batch`` when given (HF Trainer passes
-    the label count of the whole accumulated batch) or by this batch's label count.
+    the label count of the whole accumulated batch) or by this batch's label count. A batch without a single
+    label gives a loss of 0 and zero gradients, where transformers' mean over no tokens gives NaN.
     """
     if _needs_hf(use_cache, output_attentions, output_hidden_states, kwargs, attention_mask):
         return _hf_forward(self, dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,

@@ -237,6 +237,20 @@ def test_grad_accumulation_equals_one_batch(seed):
         assert rel(accumulated[name], whole[name]) < 1e-5
 
 
+def test_a_batch_without_labels_gives_zero_not_nan(seed):
+    """Every label -100 (a micro-batch of prompts only): loss 0 and zero gradients; transformers gives NaN
+    without num_items_in_batch (a mean over no tokens) and 0 with it, which the fused path matches."""
+    fused, ref = pair("llama-3-8b-tiny", seed)
+    ids, labels = batch()
+    labels[:] = -100
+    loss = fused(input_ids=ids, labels=labels).loss
+    assert loss.item() == 0.0 and torch.isnan(ref(input_ids=ids, labels=labels).loss)
+    loss.backward()
+    assert all((g == 0).all() for g in lora_grads(fused).values())
+    counted = fused(input_ids=ids, labels=labels, num_items_in_batch=torch.tensor(5)).loss
+    assert counted.item() == 0.0 == ref(input_ids=ids, labels=labels, num_items_in_batch=torch.tensor(5)).loss.item()
+
+
 def test_saved_adapter_reproduces_logits_in_plain_peft(seed, tmp_path):
     fused, _ = pair("qwen2.5-7b-tiny", seed)
     fused.save_pretrained(tmp_path)
