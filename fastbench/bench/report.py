@@ -147,6 +147,18 @@ def plot(summary: dict, path_stem: str) -> list[str]:
     return names
 
 
+def compile_lines(results: dict) -> list[str]:
+    """The processes whose first step compiled Triton kernels (a cold Triton cache, as on a fresh machine):
+    their first step times the compiler too."""
+    runs = [r for r in results["runs"] if r["status"] == "ok" and r.get("first_step_compiles")]
+    if not runs:
+        return []
+    return ["", "First steps that compiled Triton kernels (their time includes the compiler; later processes "
+                "find them in Triton's cache): " + "; ".join(
+                    f"{r['arm']} on {r['model']}, repeat {r['repeat'] + 1}: {r['first_step_compiles']} kernels, "
+                    f"{r['first_step_s']:.2f} s" for r in runs) + "."]
+
+
 def busy_lines(results: dict) -> list[str]:
     """Per process: its median step beside how busy the CPUs and the GPU were meanwhile (fastbench.bench.busy)."""
     runs = [r for r in results["runs"] if r["status"] == "ok"
@@ -206,7 +218,7 @@ def write_report(results: dict, reports_dir: str, regressions: list[dict] | None
     profile = profile_lines(results)
     if profile:
         lines += [""] + profile
-    lines += busy_lines(results)
+    lines += compile_lines(results) + busy_lines(results)
     tiers = {r["arm"]: r["autotune_tiers"] for r in results["runs"] if r.get("autotune_tiers")}
     if tiers:
         lines += ["", "## Autotune tier per op", ""] + [f"- {arm}: {t}" for arm, t in tiers.items()]

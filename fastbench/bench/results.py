@@ -74,8 +74,8 @@ def read(path: str) -> dict:
     return results
 
 
-_RUN_METRICS = ("load_s", "materialize_s", "first_step_s", "peak_allocated_gib", "peak_reserved_gib",
-                "nvml_process_gib", "nvml_device_gib", *busy.FIELDS)
+_RUN_METRICS = ("load_s", "materialize_s", "first_step_s", "first_step_compiles", "peak_allocated_gib",
+                "peak_reserved_gib", "nvml_process_gib", "nvml_device_gib", *busy.FIELDS)
 
 
 def long_frame(results: dict):

@@ -134,5 +134,6 @@ def describe_record(r: dict) -> str:
     gpu, others = r.get("gpu_busy_pct"), r.get("host_other_cores")
     machine = (f", GPU busy {gpu:.0f}%" if gpu is not None else "") + (
         f", other processes busy on {others:.1f} cores" if others is not None else "")
-    return (f"{tps:,.0f} tokens/s (median step){mem} (load {r['load_s']:.1f} s, first step {r['first_step_s']:.2f} s"
-            f"{machine})")
+    compiles = r.get("first_step_compiles")
+    first = f"first step {r['first_step_s']:.2f} s" + (f" with {compiles} Triton compiles" if compiles else "")
+    return f"{tps:,.0f} tokens/s (median step){mem} (load {r['load_s']:.1f} s, {first}{machine})"

@@ -49,6 +49,18 @@ def _autotune_tiers() -> dict | None:
     return dict(tiers()) if callable(tiers) else None
 
 
+def _triton_compiled() -> int | None:
+    """How many kernels Triton's on-disk cache holds (one entry per compiled kernel), or None where that
+    cache cannot be read (an old Triton, no cache dir). The difference over the first step says how many
+    kernels it compiled: a first step slowed by compiling, not by the code."""
+    try:
+        from triton import knobs
+
+        return len(os.listdir(knobs.cache.dir))
+    except (ImportError, AttributeError, OSError, TypeError):
+        return None
+
+
 def _is_oom(exc: BaseException) -> bool:
     import torch
 
@@ -59,7 +71,7 @@ def new_record(label: str, model: str, repeat: int, config: dict, status: str = 
                error: str | None = None) -> dict:
     """A worker record with nothing measured yet (the runner also uses it for processes that died)."""
     return {"arm": label, "model": model, "repeat": repeat, "status": status, "error": error,
-            "phase": "load", "load_s": None, "materialize_s": 0.0, "first_step_s": None,
+            "phase": "load", "load_s": None, "materialize_s": 0.0, "first_step_s": None, "first_step_compiles": None,
             "warmup_step_s": [], "step_s": [], "tokens_per_step": [], "losses": [],
             "peak_allocated_gib": None, "peak_reserved_gib": None, "nvml_process_gib": None,
             "nvml_device_gib": None, **dict.fromkeys(busy.FIELDS), "autotune_tiers": None, "profile": None,
@@ -114,11 +126,14 @@ def run(spec: dict) -> dict:
             return total
 
         record["phase"] = "warmup"
+        compiled = _triton_compiled()
         for i in range(cfg.warmup):
             t = time.perf_counter()
             losses.append(step(batches[i]))
             sync()
             record["warmup_step_s"].append(time.perf_counter() - t)
+            if i == 0 and compiled is not None and _triton_compiled() is not None:
+                record["first_step_compiles"] = _triton_compiled() - compiled
         record["phase"] = "timed"
         if simulate in (label, name):
             raise torch.OutOfMemoryError(f"simulated out of memory (FASTBENCH_SIMULATE_OOM={simulate})")

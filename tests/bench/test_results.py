@@ -23,7 +23,7 @@ def test_round_trip_json_and_long_csv(tmp_path, rng, make_record, make_results):
     expect = [t / s for r in recs if r["arm"] == "peft" for t, s in zip(r["tokens_per_step"], r["step_s"])]
     assert sorted(tps.value) == pytest.approx(sorted(expect))
     assert set(frame[frame.status == "oom"].metric) <= {"load_s", "materialize_s", "first_step_s",
-                                                       "peak_allocated_gib", "peak_reserved_gib",
+                                                       "first_step_compiles", "peak_allocated_gib", "peak_reserved_gib",
                                                        "nvml_process_gib", "nvml_device_gib",
                                                        "host_own_cores", "host_other_cores", "host_steal_pct",
                                                        "gpu_busy_pct"}
