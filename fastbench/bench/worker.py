@@ -132,8 +132,9 @@ def run(spec: dict) -> dict:
             losses.append(step(batches[i]))
             sync()
             record["warmup_step_s"].append(time.perf_counter() - t)
-            if i == 0 and compiled is not None and _triton_compiled() is not None:
-                record["first_step_compiles"] = _triton_compiled() - compiled
+            after = _triton_compiled() if i == 0 and compiled is not None else None
+            if after is not None:
+                record["first_step_compiles"] = after - compiled
         record["phase"] = "timed"
         if simulate in (label, name):
             raise torch.OutOfMemoryError(f"simulated out of memory (FASTBENCH_SIMULATE_OOM={simulate})")
