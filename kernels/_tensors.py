@@ -1,6 +1,8 @@
 """Small tensor helpers shared by the op modules (host side only, no kernels)."""
 from __future__ import annotations
 
+import os
+
 import torch
 import triton.language as tl
 
@@ -30,3 +32,8 @@ def as_rows(t: torch.Tensor) -> torch.Tensor:
 def compute_dtype(t: torch.Tensor):
     """The Triton dtype a kernel computes in: fp32, or fp64 for fp64 inputs (gradcheck)."""
     return tl.float64 if t.dtype == torch.float64 else tl.float32
+
+
+def interpreting() -> bool:
+    """True under Triton's interpreter (TRITON_INTERPRET=1: the CPU tests), where CPU tensors play the GPU's."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")

@@ -10,7 +10,6 @@ states) go to the model's own HF forwards, which runs the same weights and adapt
 """
 from __future__ import annotations
 
-import os
 import types
 import warnings
 from dataclasses import dataclass
@@ -20,6 +19,8 @@ import torch.nn.functional as F
 
 from fastbench.checkpointing import LayerCheckpointing
 from fastbench.fused.decoder import Family, family_of, layer_parts, norm_eps, sdpa_mask, unsupported_lora
+from fastbench.fused.host_embedding import offload_input_embedding
+from fastbench.kernels._tensors import interpreting
 from fastbench.kernels.linear_cross_entropy import fused_linear_cross_entropy
 from fastbench.kernels.lora import clear_factor_cache
 from fastbench.kernels.rms_norm import rms_norm
@@ -130,17 +131,13 @@ def fused_forward(self, input_ids=None, attention_mask=None, position_ids=None, 
     return out.to_tuple() if return_dict is False else out
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
 def unsupported_reason(model) -> str | None:
     """Why the fused forward cannot run this (PEFT-wrapped) causal LM exactly, or None."""
     try:
         family_of(model.config)
     except ValueError as e:
         return str(e)
-    if next(model.parameters()).device.type != "cuda" and not _interpreting():
+    if next(model.parameters()).device.type != "cuda" and not interpreting():
         return ("its Triton kernels need a CUDA GPU; on a CPU, start Python with TRITON_INTERPRET=1 to run them "
                 "(slowly) in Triton's interpreter")
     inner = model.get_decoder()
@@ -162,9 +159,12 @@ def install(model, use_gradient_checkpointing) -> list[str]:
     if reason:
         raise ValueError(f"fastbench's fused path cannot run this model: {reason}")
     backbone = model.get_decoder()
-    backbone._fastbench = FusedState(family_of(model.config), LayerCheckpointing(use_gradient_checkpointing))
+    checkpointing = LayerCheckpointing(use_gradient_checkpointing)
+    backbone._fastbench = FusedState(family_of(model.config), checkpointing)
     backbone.forward = types.MethodType(fused_backbone_forward, backbone)
     model.forward = types.MethodType(fused_forward, model)
-    return [f"{type(backbone).__name__}.forward (this object only): fused LoRA QKV/O/MLP, RMSNorm, RoPE, SDPA; "
-            f"{backbone._fastbench.checkpointing.describe()}",
-            f"{type(model).__name__}.forward (this object only): fused linear cross-entropy, no logits with labels"]
+    changed = [f"{type(backbone).__name__}.forward (this object only): fused LoRA QKV/O/MLP, RMSNorm, RoPE, SDPA; "
+               f"{checkpointing.describe()}",
+               f"{type(model).__name__}.forward (this object only): fused linear cross-entropy, no logits with labels"]
+    embedding = offload_input_embedding(model) if checkpointing.mode == "offload" else None
+    return changed + [embedding] if embedding else changed
