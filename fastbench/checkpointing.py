@@ -345,15 +345,17 @@ class LayerCheckpointing:
     def _offloading_saved(self, fn, x: torch.Tensor) -> torch.Tensor:
         """``fn(x)`` with its graph kept and the activations it saves for the backward (the tensors of at least
         an eighth of x's size, parameters aside) copied to the host instead of kept on the device, one group
-        that comes back as a whole in the backward. A view is saved as its base (once for all its views), so
-        views that lie side by side in one tensor (a fused product's outputs) still do after the backward
-        fetched them."""
+        that comes back as a whole in the backward. A view of a contiguous tensor at most twice its size is
+        saved as that tensor (once for all its views), so views that lie side by side in one tensor (a fused
+        product's outputs) still do after the backward fetched them."""
         group, bases = self._slot, {}
 
         def pack(t):
             if isinstance(t, torch.nn.Parameter) or t.numel() * 8 < x.numel():
                 return t
-            base = t._base if t._base is not None and t._base.is_contiguous() else t
+            base = t._base  # a view goes as its base, once for all its views, unless the base is far larger
+            if base is None or not base.is_contiguous() or base.numel() > 2 * t.numel():
+                base = t
             entry = bases.get(id(base))
             if entry is None:
                 entry = bases[id(base)] = {"key": self.offloader.save(self._next_slot(), base, group),
