@@ -292,3 +292,41 @@ def test_a_group_comes_back_whole_and_single_inputs_one_ahead(seed):
     x = off.load(group[2])  # 32 on the way: slot 2 as well
     assert set(off._prefetched) == {group[0], group[1], single[2]}
     assert x.shape == (4,)
+
+
+def test_saved_groups_with_two_forwards_and_after_a_failed_backward(seed):
+    """Offload with every layer's last part saved: two forwards before one backward, and a backward that
+    failed half-way (its groups must not be mistaken for the next step's)."""
+    layers = TwoPartLayers()
+    x1, x2 = torch.randn(5, 8, requires_grad=True), torch.randn(3, 8, requires_grad=True)
+    ckpt = LayerCheckpointing("offload")
+    ckpt.save_last_every = 1
+
+    def both(c):
+        h1, h2 = x1, x2
+        for i in range(4):
+            h1 = c(i, h1, layers.parts(i))
+        for i in range(4):
+            h2 = c(i, h2, layers.parts(i))
+        return torch.autograd.grad((h1 ** 2).sum() + (h2 ** 2).sum(), [x1, x2, *layers.W, *layers.V])
+
+    expected = both(LayerCheckpointing(False))
+    for a, b in zip(both(ckpt), expected):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
+
+    class Boom(Exception):
+        pass
+
+    def fail_in_backward(grad):
+        raise Boom
+
+    h = x1
+    for i in range(4):
+        h = ckpt(i, h, layers.parts(i))
+        if i == 1:
+            h.register_hook(fail_in_backward)  # layers 3 and 2 went back, then this raises
+    with pytest.raises(Boom):
+        (h ** 2).sum().backward()
+    expected = layers.grads(LayerCheckpointing(False), x2)
+    for a, b in zip(layers.grads(ckpt, x2), expected):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
