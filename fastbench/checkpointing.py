@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import threading
 import weakref
 from typing import Callable, Sequence
@@ -68,6 +69,9 @@ class HostOffloader:
         self._saved: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.device]] = {}  # -> (buffer, host view, device)
         self._prefetched: dict[tuple[int, int], tuple[torch.Tensor, object]] = {}  # -> (x on its device, copy done)
         self._free: list[torch.Tensor] = []  # flat host buffers to reuse
+        self._groups: dict[tuple[int, int], tuple] = {}  # key -> its group (entries fetched back together)
+        self._members: dict[tuple, list[tuple[int, int]]] = {}  # group -> its keys, in slot order
+        self._lookahead = 0  # bytes to keep fetched ahead in a backward: the largest group of the forward
         self._registered: list[torch.Tensor] = []  # every buffer pinned by registration, unregistered when self goes
         weakref.finalize(self, _unregister, self._registered)
         self._forward = 0
@@ -113,15 +117,23 @@ class HostOffloader:
             self._free.append(self._saved.pop(key)[0])
         for key in [k for k in self._prefetched if k[0] < forward]:
             del self._prefetched[key]
+        for key in [k for k in self._groups if k[0] < forward]:
+            self._members.pop(self._groups.pop(key), None)
 
-    def save(self, slot: int, x: torch.Tensor) -> tuple[int, int]:
+    def save(self, slot: int, x: torch.Tensor, group=None) -> tuple[int, int]:
         """Starts copying ``x`` to the host; returns the key that ``load`` takes. Slot 0 starts a new
         forward; the entries of the previous forward are kept (two forwards before one backward work),
-        older ones are released."""
+        older ones are released. Entries saved under one ``group`` (within a forward) come back together."""
         if slot == 0:
             self._forward += 1
             self._release_before(self._forward - 1)
+            self._lookahead = 0
         key = (self._forward, slot)
+        group = (self._forward, slot if group is None else group)
+        self._groups[key] = group
+        members = self._members.setdefault(group, [])
+        members.append(key)
+        self._lookahead = max(self._lookahead, sum(self._saved[k][1].nbytes for k in members[:-1]) + x.nbytes)
         buf, host = self._host_buffer(x)
         if x.is_cuda:
             stream = self._side_stream_after_compute()
@@ -151,14 +163,27 @@ class HostOffloader:
         return x, done
 
     def load(self, key: tuple[int, int]) -> torch.Tensor:
-        """The input saved under ``key`` on its device; starts fetching the slot below it."""
+        """The input saved under ``key`` on its device; starts fetching what comes below it."""
         x, done = self._prefetched.pop(key, None) or self._fetch(key)
-        below = (key[0], key[1] - 1)
-        if below in self._saved:
-            self._prefetched[below] = self._fetch(below)
+        self._prefetch_below(key)
         if done is not None:
             torch.cuda.current_stream().wait_event(done)
         return x
+
+    def _prefetch_below(self, key: tuple[int, int]) -> None:
+        """Fetches the groups of the slots below ``key``, nearest first, while less than the forward's largest
+        group is on its way (at least one group): with one input per group, the next input alone."""
+        ahead = sum(x.nbytes for k, (x, _) in self._prefetched.items() if k[0] == key[0])
+        for slot in range(key[1] - 1, -1, -1):
+            below = (key[0], slot)
+            if below in self._prefetched:
+                continue
+            if below not in self._saved or (ahead and ahead >= self._lookahead):
+                return
+            for member in self._members[self._groups[below]]:
+                if member in self._saved:
+                    self._prefetched[member] = fetched = self._fetch(member)
+                    ahead += fetched[0].nbytes
 
 
 def _rounded_up(n: int) -> int:
@@ -283,6 +308,10 @@ class LayerCheckpointing:
         self.offloader = HostOffloader() if self.mode == "offload" else None
         self.bytes_per_token: float | None = None  # measured by the budget mode
         self._kept = 0
+        self._slot = 0  # the next offload slot of this forward
+        # offload mode: every n-th layer (0: none) keeps its last part's graph, with the activations that part
+        # saves offloaded, instead of recomputing it (experimental; FASTBENCH_OFFLOAD_SAVE_EVERY)
+        self.save_last_every = int(os.environ.get("FASTBENCH_OFFLOAD_SAVE_EVERY", "0"))
 
     def __call__(self, index: int, x: torch.Tensor, parts: Sequence[Part]) -> torch.Tensor:
         """Layer ``index`` of a forward, given as consecutive parts ``[(fn, params), ...]`` (x -> fn_1(x) ->
@@ -298,12 +327,60 @@ class LayerCheckpointing:
             if (self._kept + 1) * self.bytes_per_token * x.shape[:-1].numel() <= self._budget(x):
                 self._kept += 1
                 return _chain((fn for fn, _ in parts), x)
+        if index == 0:
+            self._slot = 0
         units = [parts] if self.mode == "recompute" else [[part] for part in parts]
-        for k, unit in enumerate(units):
+        saved_last = self.offloader is not None and self.save_last_every and index % self.save_last_every == 0
+        for unit in units[:-1] if saved_last else units:
             params = [t for _, p in unit for t in (p() if callable(p) else p)]
-            x = _RecomputedUnit.apply(tuple(fn for fn, _ in unit), self.offloader, index * len(units) + k, x,
-                                      *params)
+            x = _RecomputedUnit.apply(tuple(fn for fn, _ in unit), self.offloader, self._next_slot(), x, *params)
+        if saved_last:
+            x = self._offloading_saved(units[-1][0][0], x)
         return x
+
+    def _next_slot(self) -> int:
+        self._slot += 1
+        return self._slot - 1
+
+    def _offloading_saved(self, fn, x: torch.Tensor) -> torch.Tensor:
+        """``fn(x)`` with its graph kept and the activations it saves for the backward (the tensors of at least
+        an eighth of x's size, parameters aside) copied to the host instead of kept on the device, one group
+        that comes back as a whole in the backward. A view of a contiguous tensor at most twice its size is
+        saved as that tensor (once for all its views), so views that lie side by side in one tensor (a fused
+        product's outputs) still do after the backward fetched them."""
+        group, bases = self._slot, {}
+
+        def pack(t):
+            if isinstance(t, torch.nn.Parameter) or t.numel() * 8 < x.numel():
+                return t
+            base = t._base  # a view goes as its base, once for all its views, unless the base is far larger
+            if base is None or not base.is_contiguous() or base.numel() > 2 * t.numel():
+                base = t
+            entry = bases.get(id(base))
+            if entry is None:
+                entry = bases[id(base)] = {"key": self.offloader.save(self._next_slot(), base, group),
+                                           "uses": 0, "fetched": None, "base": base}
+            entry["uses"] += 1
+            offset = t.storage_offset() - base.storage_offset() if base is not t else None
+            return entry, t.shape, t.stride(), offset
+
+        def unpack(packed):
+            if not isinstance(packed, tuple):
+                return packed
+            entry, shape, stride, offset = packed
+            if entry["fetched"] is None:
+                entry["fetched"] = self.offloader.load(entry["key"])
+            base = entry["fetched"]
+            entry["uses"] -= 1
+            if entry["uses"] == 0:
+                entry["fetched"] = None
+            return base if offset is None else base.as_strided(shape, stride, base.storage_offset() + offset)
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            y = fn(x)
+        for entry in bases.values():  # held only so that no other tensor took a base's id during fn
+            del entry["base"]
+        return y
 
     def _budget(self, x) -> float:
         if self.budget is None:  # "auto", decided once at the first step

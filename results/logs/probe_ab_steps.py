@@ -1,6 +1,7 @@
 """Probe: wall time per step of llama-3-8b arms given as bits:ckpt[:mask] (e.g. bf16:40 4bit:offload:mask;
 ':mask' passes an all-ones attention_mask as the compare harness and a Trainer do), 3 warm-up steps, then 8
-timed with CUDA events; the peak of allocated memory over the warm-up and timed steps (not the build)."""
+timed with CUDA events; the peak of allocated memory over the warm-up and timed steps (not the build).
+Set FASTBENCH_OFFLOAD_SAVE_EVERY to try the offload variant that keeps every n-th layer's MLP activations on the host."""
 import sys, time, warnings, torch
 warnings.simplefilter("ignore")
 from fastbench import FastLanguageModel

@@ -103,6 +103,16 @@ def test_checkpointing_modes_match_peft(seed, checkpointing):
     assert_same_step(fused, ref, *batch())
 
 
+@pytest.mark.parametrize("every", [1, 2])
+@pytest.mark.parametrize("load_in_4bit", [False, True])
+def test_offload_keeping_saved_mlp_activations_matches_peft(seed, monkeypatch, every, load_in_4bit):
+    """Offload mode with every n-th layer's MLP kept (its saved activations on the host) instead of recomputed."""
+    monkeypatch.setenv("FASTBENCH_OFFLOAD_SAVE_EVERY", str(every))
+    fused, ref = pair("llama-3-8b-tiny", seed, load_in_4bit=load_in_4bit, checkpointing="offload")
+    assert fused.get_base_model().model._fastbench.checkpointing.save_last_every == every
+    assert_same_step(fused, ref, *batch())
+
+
 @pytest.mark.parametrize("preset", ["llama-3-8b-tiny", "qwen2.5-7b-tiny"])
 def test_4bit_matches_peft_bitsandbytes(seed, preset):
     fused, ref = pair(preset, seed, load_in_4bit=True)

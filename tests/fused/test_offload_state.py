@@ -206,3 +206,127 @@ def test_the_registration_error_is_read_back_from_the_loaded_cuda_runtime(monkey
     assert read == ["/opt/nvidia/lib/libcudart.so.13"]
     monkeypatch.setattr(ctypes, "CDLL", lambda path: (_ for _ in ()).throw(OSError("gone")))
     ckpt._clear_cuda_error()  # a runtime that cannot be opened again is not an error of its own
+
+
+class SideBySide(torch.autograd.Function):
+    """h + g * u for g, u the two halves of one product h V (as the fused gate/up): saves the views, and its
+    backward records whether they still share one tensor's memory."""
+    shared = []
+
+    @staticmethod
+    def forward(ctx, h, gu):
+        g, u = gu[:, : h.shape[1]], gu[:, h.shape[1]:]
+        ctx.save_for_backward(g, u)
+        return h + g * u
+
+    @staticmethod
+    def backward(ctx, dy):
+        g, u = ctx.saved_tensors
+        SideBySide.shared.append(g.untyped_storage().data_ptr() == u.untyped_storage().data_ptr())
+        return dy, torch.cat((dy * u, dy * g), 1)
+
+
+class TwoPartLayers:
+    """Layers of an attention-like part and an MLP-like part; counts how often each MLP part runs."""
+
+    def __init__(self, n=4, width=8):
+        self.W = [torch.nn.Parameter(torch.randn(width, width) / width ** 0.5) for _ in range(n)]
+        self.V = [torch.nn.Parameter(torch.randn(width, 2 * width) / width ** 0.5) for _ in range(n)]
+        self.mlp_runs = [0] * n
+
+    def parts(self, i):
+        def attention(h):
+            return h + torch.tanh(h @ self.W[i])
+
+        def mlp(h):
+            self.mlp_runs[i] += 1
+            return SideBySide.apply(h, h @ self.V[i])
+        return [(attention, [self.W[i]]), (mlp, [self.V[i]])]
+
+    def grads(self, ckpt, x):
+        h = x
+        for i in range(len(self.W)):
+            h = ckpt(i, h, self.parts(i))
+        return torch.autograd.grad((h ** 2).sum(), [x, *self.W, *self.V])
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_offload_keeping_saved_activations_of_every_nth_mlp(seed, every):
+    """Offload mode with save_last_every=n: layers 0, n, 2n, ... keep their last part's graph with its saved
+    activations on the host (that part runs once, not again in the backward), the others recompute; the
+    gradients are those of keeping everything, and views of one tensor come back as views of one tensor."""
+    layers, x = TwoPartLayers(), torch.randn(5, 8, requires_grad=True)
+    expected = layers.grads(LayerCheckpointing(False), x)
+    ckpt = LayerCheckpointing("offload")
+    ckpt.save_last_every = every
+    for _ in range(2):  # the second step reuses the host buffers
+        layers.mlp_runs, SideBySide.shared = [0] * 4, []
+        got = layers.grads(ckpt, x)
+        for a, b in zip(got, expected):
+            assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
+        assert layers.mlp_runs == [1 if i % every == 0 else 2 for i in range(4)]
+        assert SideBySide.shared == [True] * 4
+    assert not ckpt.offloader._saved and not ckpt.offloader._prefetched
+
+
+def test_a_group_comes_back_whole_and_single_inputs_one_ahead(seed):
+    """A backward keeps the forward's largest group's bytes on their way back (at least one group), a group
+    fetched as a whole: with inputs saved alone, that is the next input only."""
+    from fastbench.checkpointing import HostOffloader
+
+    alone = HostOffloader()
+    keys = [alone.save(slot, torch.randn(4)) for slot in range(4)]
+    alone.load(keys[3])
+    assert set(alone._prefetched) == {keys[2]}
+    alone.load(keys[2])
+    assert set(alone._prefetched) == {keys[1]}
+
+    off = HostOffloader()
+    single = [off.save(slot, torch.randn(4)) for slot in range(3)]  # slots 0-2, 16 bytes each
+    group = [off.save(slot, torch.randn(4), group="mlp") for slot in range(3, 6)]  # 48 bytes: the lookahead
+    last = [off.save(slot, torch.randn(4)) for slot in range(6, 8)]
+    off.load(last[1])  # slot 6 (16 bytes on the way), then the whole group below it (64 >= 48)
+    assert set(off._prefetched) == {last[0], *group}
+    off.load(last[0])  # the group (48) is on its way: nothing more
+    assert set(off._prefetched) == set(group)
+    x = off.load(group[2])  # 32 on the way: slot 2 as well
+    assert set(off._prefetched) == {group[0], group[1], single[2]}
+    assert x.shape == (4,)
+
+
+def test_saved_groups_with_two_forwards_and_after_a_failed_backward(seed):
+    """Offload with every layer's last part saved: two forwards before one backward, and a backward that
+    failed half-way (its groups must not be mistaken for the next step's)."""
+    layers = TwoPartLayers()
+    x1, x2 = torch.randn(5, 8, requires_grad=True), torch.randn(3, 8, requires_grad=True)
+    ckpt = LayerCheckpointing("offload")
+    ckpt.save_last_every = 1
+
+    def both(c):
+        h1, h2 = x1, x2
+        for i in range(4):
+            h1 = c(i, h1, layers.parts(i))
+        for i in range(4):
+            h2 = c(i, h2, layers.parts(i))
+        return torch.autograd.grad((h1 ** 2).sum() + (h2 ** 2).sum(), [x1, x2, *layers.W, *layers.V])
+
+    expected = both(LayerCheckpointing(False))
+    for a, b in zip(both(ckpt), expected):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
+
+    class Boom(Exception):
+        pass
+
+    def fail_in_backward(grad):
+        raise Boom
+
+    h = x1
+    for i in range(4):
+        h = ckpt(i, h, layers.parts(i))
+        if i == 1:
+            h.register_hook(fail_in_backward)  # layers 3 and 2 went back, then this raises
+    with pytest.raises(Boom):
+        (h ** 2).sum().backward()
+    expected = layers.grads(LayerCheckpointing(False), x2)
+    for a, b in zip(layers.grads(ckpt, x2), expected):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
