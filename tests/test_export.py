@@ -16,13 +16,14 @@ def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def lora_model(preset, load_in_4bit=False):
+def lora_model(preset, load_in_4bit=False, checkpointing=True):
     """The fused PEFT model of a tiny preset (fp32, CPU) with random, non-zero LoRA B and norm weights."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model, _ = FastLanguageModel.from_pretrained(preset, dtype=torch.float32, device="cpu",
                                                      load_in_4bit=load_in_4bit, seed=int(torch.randint(1 << 30, ())))
-        peft_model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, random_state=None)
+        peft_model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, random_state=None,
+                                                      use_gradient_checkpointing=checkpointing)
     assert peft_model.get_base_model().fastbench_patches  # runs fused
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
@@ -58,12 +59,13 @@ def tokenizer():
 
 # --- merged checkpoint -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("preset,load_in_4bit", [("llama-3-8b-tiny", False), ("gemma-7b-tiny", False),
-                                                 ("qwen2.5-7b-tiny", True)])
-def test_merged_checkpoint_gives_the_fused_models_logits(seed, tmp_path, preset, load_in_4bit):
+@pytest.mark.parametrize("preset,load_in_4bit,checkpointing", [
+    ("llama-3-8b-tiny", False, True), ("gemma-7b-tiny", False, True), ("qwen2.5-7b-tiny", True, True),
+    ("llama-3-8b-tiny", True, "offload")])  # offload: the input embedding's table is a host buffer
+def test_merged_checkpoint_gives_the_fused_models_logits(seed, tmp_path, preset, load_in_4bit, checkpointing):
     from transformers import AutoModelForCausalLM
 
-    model = lora_model(preset, load_in_4bit)
+    model = lora_model(preset, load_in_4bit, checkpointing)
     ids = torch.randint(0, 512, (2, 11))
     with torch.no_grad():
         expected = model(input_ids=ids).logits

@@ -39,10 +39,9 @@ def why_not_offloadable(model) -> str | None:
         return "it is not on a CUDA device"
     if emb.max_norm is not None:
         return "it has max_norm"
-    shared = [name for name, p in model.named_parameters(remove_duplicate=False)
-              if p.data_ptr() == weight.data_ptr() and p is not weight]
-    if shared:
-        return f"its table is shared with {shared[0]} (tied embeddings)"
+    names = [name for name, p in model.named_parameters(remove_duplicate=False) if p.data_ptr() == weight.data_ptr()]
+    if len(names) > 1:
+        return f"its table is shared by {' and '.join(names)} (tied embeddings)"
     return None
 
 

@@ -103,14 +103,22 @@ def test_checkpointing_modes_match_peft(seed, checkpointing):
     assert_same_step(fused, ref, *batch())
 
 
-@pytest.mark.parametrize("every", [1, 2])
+@pytest.mark.parametrize("every", [0, 1, 2])
 @pytest.mark.parametrize("load_in_4bit", [False, True])
 def test_offload_keeping_saved_mlp_activations_matches_peft(seed, monkeypatch, every, load_in_4bit):
-    """Offload mode with every n-th layer's MLP kept (its saved activations on the host) instead of recomputed."""
+    """Offload mode with every n-th layer's MLP kept (its saved activations on the host) instead of recomputed
+    (0: every layer recomputed; the default is 2)."""
     monkeypatch.setenv("FASTBENCH_OFFLOAD_SAVE_EVERY", str(every))
     fused, ref = pair("llama-3-8b-tiny", seed, load_in_4bit=load_in_4bit, checkpointing="offload")
     assert fused.get_base_model().model._fastbench.checkpointing.save_last_every == every
     assert_same_step(fused, ref, *batch())
+
+
+@pytest.mark.parametrize("value", ["-1", "two", "1.5"])
+def test_a_bad_save_every_setting_says_what_to_give(seed, monkeypatch, value):
+    monkeypatch.setenv("FASTBENCH_OFFLOAD_SAVE_EVERY", value)
+    with pytest.raises(ValueError, match="whole number"):
+        pair("llama-3-8b-tiny", seed, checkpointing="offload")
 
 
 @pytest.mark.parametrize("preset", ["llama-3-8b-tiny", "qwen2.5-7b-tiny"])
@@ -423,9 +431,9 @@ def test_interpreter_truncates_bf16_casts():
     import triton
     import triton.language as tl
 
-    from fastbench.fused.causal_lm import _interpreting
+    from fastbench.kernels._tensors import interpreting
 
-    if not _interpreting():
+    if not interpreting():
         pytest.skip("only the interpreter truncates")
 
     @triton.jit

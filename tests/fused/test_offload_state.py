@@ -1,10 +1,16 @@
 """Offloaded checkpointing across unusual step shapes: a backward that failed half-way (an OOM retry)
 must leave nothing that a later step could mistake for its own, and two forwards before one backward
-must work."""
+must work. Tests of the recompute-everything offload set FASTBENCH_OFFLOAD_SAVE_EVERY=0 (the default
+keeps every 2nd layer's last part); those of the saved parts set ``save_last_every`` themselves."""
 import pytest
 import torch
 
-from fastbench.checkpointing import LayerCheckpointing
+from fastbench.checkpointing import SAVE_EVERY_ENV, LayerCheckpointing
+
+
+@pytest.fixture(autouse=True)
+def recompute_every_offloaded_layer(monkeypatch):
+    monkeypatch.setenv(SAVE_EVERY_ENV, "0")
 
 
 class Layers:
