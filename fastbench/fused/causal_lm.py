@@ -10,6 +10,7 @@ states) go to the model's own HF forwards, which runs the same weights and adapt
 """
 from __future__ import annotations
 
+import functools
 import types
 import warnings
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from fastbench.checkpointing import LayerCheckpointing
-from fastbench.fused.decoder import Family, family_of, layer_parts, norm_eps, sdpa_mask, unsupported_lora
+from fastbench.fused.decoder import Family, SdpaMasks, family_of, layer_parts, norm_eps, unsupported_lora
 from fastbench.fused.host_embedding import offload_input_embedding
 from fastbench.kernels._tensors import interpreting
 from fastbench.kernels.linear_cross_entropy import fused_linear_cross_entropy
@@ -88,12 +89,10 @@ def fused_backbone_forward(self, input_ids=None, attention_mask=None, position_i
         position_ids = torch.arange(T, device=h.device)[None]
     cos, sin = self.rotary_emb(h, position_ids)
 
-    masks = {}
+    masks = SdpaMasks(attention_mask, packing_ids, T, h.device)
     for index, layer in enumerate(self.layers[: self.config.num_hidden_layers]):
-        window = _window(self, layer.self_attn)
-        if window not in masks:
-            masks[window] = sdpa_mask(attention_mask, packing_ids, T, window, h.device)
-        h = state.checkpointing(index, h, layer_parts(layer, cos, sin, masks[window], family))
+        mask = functools.partial(masks.get, _window(self, layer.self_attn))
+        h = state.checkpointing(index, h, layer_parts(layer, cos, sin, mask, family))
     h = rms_norm(h, self.norm.weight, norm_eps(self.norm), family.norm_offset)
     return BaseModelOutputWithPast(last_hidden_state=h)
 

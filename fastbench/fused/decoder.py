@@ -113,39 +113,74 @@ def projection(module) -> Projection:
     return Projection(base.weight, base.bias, lora)
 
 
-def sdpa_mask(attention_mask, position_ids, T, window, device):
-    """(attend, keyless) for SDPA, or None when plain causal attention is exact. ``attend``: boolean
-    [B, 1, T, T], True where a query attends a key; ``keyless``: [B, 1, T, 1], True for the queries with no
-    key left (left-padding rows), or None when there can be none (no row starts with padding, no window,
-    no packing: right padding, the usual case in training).
+class SdpaMasks:
+    """The SDPA masks of one forward, one per attention window, each built when a layer first asks for it:
+    (attend, keyless), or None when plain causal attention is exact. ``attend``: boolean [B, 1, T, T], True
+    where a query attends a key; ``keyless``: [B, 1, T, 1], True for the queries with no key left
+    (left-padding rows), or None when there can be none (no row starts with padding, no window, no packing).
 
-    Key padding comes from the 2D ``attention_mask``; packed sequences from ``position_ids`` restarting
-    at 0; a sliding window keeps keys with i - j < window. A keyless query attends to itself only and its
-    output is zeroed afterwards: transformers' result (SDPA's zero output for a row with no key), without
-    ever handing a kernel a row with no key.
+    Key padding comes from the 2D ``attention_mask``; packed sequences from ``position_ids`` restarting at 0;
+    a sliding window keeps keys with i - j < window. A keyless query attends to itself only and its output is
+    zeroed afterwards: transformers' result (SDPA's zero output for a row with no key), without ever handing a
+    kernel a row with no key.
+
+    Whether padding or packing needs a mask is a reduction on the device, and reading it waits for every
+    kernel queued before it. It starts here, when the forward starts, and is read (once per forward) at the
+    first attention, so the host queues the embedding and the first layer's norm and Q/K/V meanwhile instead
+    of waiting with an empty queue.
     """
-    padded = left = False
-    if attention_mask is not None:  # one read back from the device for both
-        all_ones, first_ones = torch.stack((attention_mask.bool().all(), attention_mask[:, 0].bool().all())).tolist()
-        padded, left = not all_ones, not first_ones
-    seq = (position_ids == 0).cumsum(-1) if position_ids is not None else None
-    packed = seq is not None and bool((seq > 1).any())
-    windowed = window is not None and T > window
-    if not (padded or packed or windowed):
-        return None
-    i = torch.arange(T, device=device)
-    mask = (i[:, None] >= i[None, :])[None, None]
-    if windowed:
-        mask = mask & ((i[:, None] - i[None, :]) < window)
-    if packed:
-        mask = mask & (seq[:, None, :, None] == seq[:, None, None, :])
-    if not padded:  # every query keeps itself as a key
-        return mask, None
-    mask = mask & attention_mask.bool()[:, None, None, :]
-    if not (left or windowed or packed):  # causal keys from 0 with key 0 kept: no row loses all its keys
-        return mask, None
-    keyless = ~mask.any(-1, keepdim=True)
-    return mask | (torch.eye(T, dtype=torch.bool, device=device) & keyless), keyless
+
+    def __init__(self, attention_mask, position_ids, T: int, device):
+        self.attention_mask, self.T, self.device = attention_mask, T, device
+        self.seq = (position_ids == 0).cumsum(-1) if position_ids is not None else None
+        checks = ([] if attention_mask is None else [~attention_mask.bool().all(), ~attention_mask[:, 0].bool().all()]) \
+            + ([] if self.seq is None else [(self.seq > 1).any()])
+        self._flags, self._ready, self._masks = None, None, {}
+        if checks:
+            flags = torch.stack(checks)
+            if flags.is_cuda:
+                self._flags = torch.empty(flags.shape, dtype=torch.bool, pin_memory=True)
+                self._flags.copy_(flags, non_blocking=True)
+                self._ready = torch.cuda.Event()
+                self._ready.record()
+            else:
+                self._flags = flags
+
+    def _needs(self) -> tuple[bool, bool, bool]:
+        """(padded, a row starts with padding, packed), read back from the device the first time."""
+        if self._ready is not None:
+            self._ready.synchronize()
+            self._ready = None
+        flags = [] if self._flags is None else self._flags.tolist()
+        padded, left = (flags.pop(0), flags.pop(0)) if self.attention_mask is not None else (False, False)
+        packed = self.seq is not None and flags.pop(0)
+        return padded, left, packed
+
+    def get(self, window: int | None):
+        """(attend, keyless) or None for layers with this sliding window (None: none)."""
+        if window not in self._masks:
+            self._masks[window] = self._build(window)
+        return self._masks[window]
+
+    def _build(self, window):
+        windowed = window is not None and self.T > window
+        padded, left, packed = self._needs() if self._flags is not None else (False, False, False)
+        if not (padded or packed or windowed):
+            return None
+        T, device = self.T, self.device
+        i = torch.arange(T, device=device)
+        mask = (i[:, None] >= i[None, :])[None, None]
+        if windowed:
+            mask = mask & ((i[:, None] - i[None, :]) < window)
+        if packed:
+            mask = mask & (self.seq[:, None, :, None] == self.seq[:, None, None, :])
+        if not padded:  # every query keeps itself as a key
+            return mask, None
+        mask = mask & self.attention_mask.bool()[:, None, None, :]
+        if not (left or windowed or packed):  # causal keys from 0 with key 0 kept: no row loses all its keys
+            return mask, None
+        keyless = ~mask.any(-1, keepdim=True)
+        return mask | (torch.eye(T, dtype=torch.bool, device=device) & keyless), keyless
 
 
 def layer_projections(layer) -> tuple[tuple[Projection, ...], tuple[Projection, ...]]:
@@ -159,8 +194,8 @@ def layer_projections(layer) -> tuple[tuple[Projection, ...], tuple[Projection, 
 
 def attention_residual(layer, x, cos, sin, mask, family: Family, projections=None):
     """x + attention(RMSNorm(x)): the first part of a decoder layer, [B, T, hidden] -> [B, T, hidden].
-    ``mask``: :func:`sdpa_mask`'s (attend, keyless) or None; ``projections``: (Q, K, V, O), by default the
-    layer's as they stand."""
+    ``mask``: (attend, keyless) or None (see :class:`SdpaMasks`), or a callable returning it (asked for right
+    before the attention); ``projections``: (Q, K, V, O), by default the layer's as they stand."""
     attn = layer.self_attn
     q_p, k_p, v_p, o_p = projections or layer_projections(layer)[0]
     n = rms_norm(x, layer.input_layernorm.weight, norm_eps(layer.input_layernorm), family.norm_offset)
@@ -173,6 +208,7 @@ def attention_residual(layer, x, cos, sin, mask, family: Family, projections=Non
         k = rms_norm(k, attn.k_norm.weight, norm_eps(attn.k_norm))
     q, k = apply_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
     v = v.transpose(1, 2)
+    mask = mask() if callable(mask) else mask
     attend, keyless = mask if mask is not None else (None, None)
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=attend, is_causal=attend is None, scale=attn.scaling,
                                        enable_gqa=q.shape[1] != k.shape[1])

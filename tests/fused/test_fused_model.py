@@ -408,7 +408,10 @@ def test_adapters_activated_later_run_fused_or_say_why(seed):
 def test_sdpa_mask_leaves_no_row_without_a_key():
     """Left-padding rows are reported keyless and attend to themselves only (zeroed after SDPA); every other
     row keeps its causal keys minus the padding."""
-    from fastbench.fused.decoder import sdpa_mask
+    from fastbench.fused.decoder import SdpaMasks
+
+    def sdpa_mask(attention_mask, position_ids, T, window, device):
+        return SdpaMasks(attention_mask, position_ids, T, device).get(window)
 
     mask = torch.ones(2, 6, dtype=torch.long)
     mask[0, :2] = 0  # left padding
