@@ -4,13 +4,16 @@ A decoder's input embedding only looks rows up (4,096 tokens read 32 MiB of llam
 LoRA run does not train it; the GPU can read pinned host memory directly, so the ``"offload"`` mode keeps the
 table there and gathers each batch's rows over the bus (fastbench.kernels.embedding_gather). The table stays
 the module's ``weight`` (a buffer now, so ``state_dict`` and saving see it as before; ``model.parameters()``
-no longer yields it); ``model.to(device)`` puts it back on the GPU, where the lookup is torch's again.
+no longer yields it, and on an NF4 base ``model.dtype``, the first floating parameter's, becomes the LoRA
+weights' float32); ``model.to(device)`` puts it back on the GPU, where the lookup is torch's again.
 
 Only a plain ``nn.Embedding`` whose table is frozen, on a CUDA device, without ``max_norm`` (which rewrites
-the table) and shared with no other module (a tied LM head reads it in full every step) is moved.
+the table) and shared with no other module (a tied LM head reads it in full every step) is moved;
+``FASTBENCH_OFFLOAD_EMBEDDING=0`` keeps every table on the GPU.
 """
 from __future__ import annotations
 
+import os
 import types
 
 import torch
@@ -27,8 +30,17 @@ def _lookup(self, input_ids: torch.Tensor) -> torch.Tensor:
                        self.scale_grad_by_freq, self.sparse)
 
 
+ENV = "FASTBENCH_OFFLOAD_EMBEDDING"
+
+
 def why_not_offloadable(model) -> str | None:
     """Why ``model``'s input embedding cannot move to the host, or None."""
+    switch = os.environ.get(ENV, "1")
+    if switch not in ("0", "1"):
+        raise ValueError(f"{ENV}={switch!r}: give 1 (the offload mode keeps the input embedding's table in pinned "
+                         "host memory, the default) or 0 (on the GPU)")
+    if switch == "0":
+        return f"{ENV}=0"
     emb = model.get_input_embeddings()
     if type(emb) is not torch.nn.Embedding:
         return f"it is a {type(emb).__name__}, not a plain nn.Embedding"

@@ -54,3 +54,12 @@ def test_why_a_table_stays(seed):
     emb.weight.requires_grad_(False)
     model.get_output_embeddings().weight = emb.weight
     assert "tied" in why_not_offloadable(model)
+
+
+def test_the_switch_keeps_it_on_the_device_or_says_what_to_give(seed, monkeypatch):
+    monkeypatch.setenv("FASTBENCH_OFFLOAD_EMBEDDING", "0")
+    model, _ = fused("llama-3-8b-tiny", seed=seed)
+    assert isinstance(model.get_input_embeddings().weight, torch.nn.Parameter)
+    monkeypatch.setenv("FASTBENCH_OFFLOAD_EMBEDDING", "yes")
+    with pytest.raises(ValueError, match="give 1"):
+        fused("llama-3-8b-tiny", seed=seed)
