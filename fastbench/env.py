@@ -53,8 +53,9 @@ def _autotune_state() -> dict:
 # FastLanguageModel.get_peft_model returns (and only those), fastbench/fused/causal_lm.py's install().
 PATCHES = ("importing fastbench patches nothing; on each model returned by FastLanguageModel.get_peft_model, "
            "that instance's causal-LM forward and decoder-stack forward are replaced by the fused path "
-           "(other instances and the transformers classes are untouched); the list of what was replaced "
-           "is on model.base_model.model.fastbench_patches")
+           "(and, with use_gradient_checkpointing='offload', its input embedding's forward, the table then "
+           "in pinned host memory); other instances and the transformers classes are untouched; the list of "
+           "what was replaced is on model.base_model.model.fastbench_patches")
 
 
 def collect_environment() -> dict:

@@ -310,8 +310,9 @@ def test_training_tracks_peft_loss_curve(seed, load_in_4bit):
     assert rel(curves[0], curves[1]) < 1e-4
 
 
-def test_generation_uses_hf_forward(seed):
-    fused, ref = pair("llama-3-8b-tiny", seed)
+@pytest.mark.parametrize("checkpointing", [True, "offload"])  # offload: the input embedding is a host buffer
+def test_generation_uses_hf_forward(seed, checkpointing):
+    fused, ref = pair("llama-3-8b-tiny", seed, checkpointing=checkpointing)
     ids, _ = batch(B=1, T=5)
     out_f = fused.generate(input_ids=ids, max_new_tokens=4, do_sample=False)
     out_r = ref.generate(input_ids=ids, max_new_tokens=4, do_sample=False)

@@ -48,11 +48,12 @@ def texts(n, rng):
     return [" ".join(f"w{int(rng.integers(0, 40))}" for _ in range(int(rng.integers(4, 10)))) for _ in range(n)]
 
 
-def fused_model(seed):
+def fused_model(seed, checkpointing=True):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         base, _ = FastLanguageModel.from_pretrained("llama-3-8b-tiny", dtype=torch.float32, device="cpu", seed=seed)
-    return FastLanguageModel.get_peft_model(base, r=4, lora_alpha=8, random_state=seed, fallback=False)
+    return FastLanguageModel.get_peft_model(base, r=4, lora_alpha=8, random_state=seed, fallback=False,
+                                            use_gradient_checkpointing=checkpointing)
 
 
 def test_hf_trainer_passes_the_accumulated_label_count(seed, tmp_path):
@@ -83,7 +84,8 @@ def test_hf_trainer_passes_the_accumulated_label_count(seed, tmp_path):
     assert len(seen) == 4 and all(n is not None for n in seen)
 
 
-def test_trl_sft_trainer_runs_fused_and_saves_an_adapter(seed, tmp_path, monkeypatch):
+@pytest.mark.parametrize("checkpointing", [True, "offload"])  # offload: the input embedding is a host buffer
+def test_trl_sft_trainer_runs_fused_and_saves_an_adapter(seed, tmp_path, monkeypatch, checkpointing):
     import numpy as np
     from datasets import Dataset
 
@@ -95,7 +97,7 @@ def test_trl_sft_trainer_runs_fused_and_saves_an_adapter(seed, tmp_path, monkeyp
 
     tok, rng = tiny_tokenizer(), np.random.default_rng(seed)
     data = Dataset.from_dict({"text": texts(8, rng)})
-    model = fused_model(seed)
+    model = fused_model(seed, checkpointing)
     args = trl.SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, learning_rate=1e-3,
                          report_to=[], use_cpu=True, save_strategy="no", max_length=16, logging_steps=1)
     result = trl.SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok).train()
