@@ -30,6 +30,7 @@ A recomputed part must be deterministic (no dropout): the fused path refuses lor
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import os
@@ -40,6 +41,9 @@ from typing import Callable, Sequence
 import torch
 
 GiB = 1 << 30
+# device memory that queued copies to the host may hold (their sources are not reused before the copy read them)
+# before the host waits for the oldest: bounds the offload mode's memory where the bus is slower than the compute
+MAX_COPYING_BYTES = 2 * GiB
 
 _state = threading.local()
 
@@ -78,6 +82,8 @@ class HostOffloader:
         self._groups: dict[tuple[int, int], tuple] = {}  # key -> its group (entries fetched back together)
         self._members: dict[tuple, list[tuple[int, int]]] = {}  # group -> its keys, in slot order
         self._lookahead = 0  # bytes to keep fetched ahead in a backward: the largest group of the forward
+        self._copying: collections.deque = collections.deque()  # (done event, bytes) of queued copies to the host
+        self._copying_bytes = 0
         self._registered: list[torch.Tensor] = []  # every buffer pinned by registration, unregistered when self goes
         weakref.finalize(self, _unregister, self._registered)
         self._forward = 0
@@ -145,11 +151,24 @@ class HostOffloader:
             stream = self._side_stream_after_compute()
             with torch.cuda.stream(stream):
                 host.copy_(x, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record(stream)
             x.record_stream(stream)  # x's memory is not reused before the copy has read it
+            self._copying.append((done, x.nbytes))
+            self._bound_copying(x.nbytes)
         else:
             host.copy_(x)
         self._saved[key] = (buf, host, x.device)
         return key
+
+    def _bound_copying(self, nbytes: int) -> None:
+        """Forgets the copies to the host that finished; while the rest hold more than MAX_COPYING_BYTES of
+        device memory, waits for the oldest (the GPU then still has every later layer queued)."""
+        self._copying_bytes += nbytes
+        while self._copying and (self._copying_bytes > MAX_COPYING_BYTES or self._copying[0][0].query()):
+            done, size = self._copying.popleft()
+            done.synchronize()  # at once where query() said it finished
+            self._copying_bytes -= size
 
     def _fetch(self, key: tuple[int, int]):
         if key not in self._saved:

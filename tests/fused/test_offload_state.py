@@ -336,3 +336,34 @@ def test_saved_groups_with_two_forwards_and_after_a_failed_backward(seed):
     expected = layers.grads(LayerCheckpointing(False), x2)
     for a, b in zip(layers.grads(ckpt, x2), expected):
         assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_copies_to_the_host_hold_a_bounded_amount_of_device_memory(monkeypatch):
+    """Where the bus is slower than the compute, queued copies keep their sources alive: past
+    MAX_COPYING_BYTES the host waits for the oldest copy; finished copies are forgotten without waiting."""
+    import fastbench.checkpointing as ckpt
+
+    class Copy:
+        def __init__(self, finished):
+            self.finished, self.waited = finished, False
+
+        def query(self):
+            return self.finished
+
+        def synchronize(self):
+            self.waited = True
+
+    monkeypatch.setattr(ckpt, "MAX_COPYING_BYTES", 100)
+    offloader = ckpt.HostOffloader()
+    copies = [Copy(False), Copy(False), Copy(True), Copy(False)]
+    for copy in copies[:2]:
+        offloader._copying.append((copy, 40))
+        offloader._bound_copying(40)
+    assert offloader._copying_bytes == 80 and not any(c.waited for c in copies)
+    offloader._copying.append((copies[2], 40))
+    offloader._bound_copying(40)  # 120 > 100: waits for the oldest only
+    assert [c.waited for c in copies[:3]] == [True, False, False] and offloader._copying_bytes == 80
+    copies[1].finished = True
+    offloader._copying.append((copies[3], 10))
+    offloader._bound_copying(10)  # the two oldest finished: forgotten; the unfinished newest stays
+    assert list(offloader._copying) == [(copies[3], 10)] and offloader._copying_bytes == 10
