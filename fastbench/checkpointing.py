@@ -445,9 +445,17 @@ class LayerCheckpointing:
         return y
 
     def describe(self) -> str:
+        n = self.save_last_every
+        offload = ("recompute every layer, inputs" if not n else
+                   "recompute every layer's attention, inputs and every MLP's activations" if n == 1 else
+                   f"recompute every layer but every {_ordinal(n)} layer's MLP, inputs and those MLPs' activations")
         return {"keep": "no activation checkpointing", "recompute": "recompute every layer",
-                "offload": "recompute every layer, inputs offloaded to pinned CPU memory",
+                "offload": f"{offload} offloaded to pinned CPU memory",
                 "budget": f"keep layers within a budget of {self.setting} GiB, recompute the rest"}[self.mode]
+
+
+def _ordinal(n: int) -> str:
+    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
 
 
 def _chain(fns, x):

@@ -367,3 +367,11 @@ def test_copies_to_the_host_hold_a_bounded_amount_of_device_memory(monkeypatch):
     offloader._copying.append((copies[3], 10))
     offloader._bound_copying(10)  # the two oldest finished: forgotten; the unfinished newest stays
     assert list(offloader._copying) == [(copies[3], 10)] and offloader._copying_bytes == 10
+
+
+@pytest.mark.parametrize("every, says", [("0", "recompute every layer, inputs offloaded"),
+                                         ("1", "every layer's attention"), ("2", "but every 2nd layer's MLP"),
+                                         ("3", "every 3rd layer's MLP")])
+def test_the_offload_mode_says_what_it_recomputes(monkeypatch, every, says):
+    monkeypatch.setenv(SAVE_EVERY_ENV, every)
+    assert says in LayerCheckpointing("offload").describe()
