@@ -9,18 +9,38 @@ same number of flushes alone into another; the op's time is their difference ove
 
 A backward is timed as (forward + backward) minus forward: autograd runs a backward on the streams
 its forward ran on, so both must be captured together.
+
+``FASTBENCH_BENCH_FLUSH=read`` flushes by reading the 256 MiB instead (a sum into one number): a write leaves
+up to an L2's worth (60 MB on the H200) of dirty lines that the timed op then writes back while it runs,
+which weighs on ops that move tens of MB; a read leaves clean lines. ``write`` (the default) is what every
+committed kernel figure used.
 """
 from __future__ import annotations
 
+import os
 import statistics
 from typing import Callable
+
+FLUSH_ENV = "FASTBENCH_BENCH_FLUSH"
+
+
+def _flusher(torch):
+    """The L2 flush the graphs capture: write (zero 256 MiB) or read (sum 256 MiB into one int64)."""
+    mode = os.environ.get(FLUSH_ENV, "write")
+    if mode not in ("write", "read"):
+        raise ValueError(f"{FLUSH_ENV}={mode!r}: give write (the default) or read")
+    buf = torch.ones(256 << 18, dtype=torch.int32, device="cuda")  # 256 MiB
+    if mode == "write":
+        return buf.zero_
+    total = torch.empty((), dtype=torch.int64, device="cuda")
+    return lambda: torch.sum(buf, dtype=torch.int64, out=total)
 
 
 def graph_ms(fn: Callable[[], object], n: int = 20, replays: int = 7) -> float:
     """Median GPU milliseconds of one ``fn()`` call, launch cost excluded (see the module docstring)."""
     import torch
 
-    flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
+    flush = _flusher(torch)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm up (compilation, config lookups, lazy inits) off the capture
@@ -37,7 +57,7 @@ def graph_ms(fn: Callable[[], object], n: int = 20, replays: int = 7) -> float:
         return graph
 
     def flushed():
-        flush.zero_()
+        flush()
         fn()
 
     def replay_ms(graph) -> float:
@@ -52,7 +72,7 @@ def graph_ms(fn: Callable[[], object], n: int = 20, replays: int = 7) -> float:
             times.append(start.elapsed_time(end))
         return statistics.median(times)
 
-    with_fn, flush_only = capture(flushed), capture(flush.zero_)
+    with_fn, flush_only = capture(flushed), capture(flush)
     return max((replay_ms(with_fn) - replay_ms(flush_only)) / n, 0.0)
 
 

@@ -6,9 +6,11 @@
   memory above the inputs (torch.cuda.max_memory_allocated). Targets: peak <= 1/4 of the reference's,
   time <= 1.1x.
 - NF4 dequantize at the projection shapes of llama-3-8b, gemma-7b and qwen2.5-7b, fastbench vs
-  bitsandbytes' dequantize_4bit, and ``copy``: a device-to-device copy moving the same bytes (half read,
-  half written), the ceiling at that size, where the fixed cost of a launch and its tail weigh more than
-  at the size the 4.3 TB/s copy ceiling was measured; extra_info: GPU ms without launch cost
+  bitsandbytes' dequantize_4bit, ``copy``: a device-to-device copy moving the same bytes (half read, half
+  written; ``copy_`` of one uint8 buffer into another, which a CUDA graph runs as a memcpy node) and
+  ``copy_sm``: the same bytes through an elementwise kernel on the multiprocessors (``bitwise_not``), the two
+  references at that size, where the fixed cost of a launch and its tail weigh more than at the size the
+  4.3 TB/s copy ceiling was measured; extra_info: GPU ms without launch cost
   (fastbench.bench.gpu_timing) and GB/s (packed + absmax codes + absmax2 + output bytes).
 """
 import pytest
@@ -92,7 +94,7 @@ def _nf4_shapes():
     return shapes
 
 
-@pytest.mark.parametrize("impl", ["fastbench", "bitsandbytes", "copy"])
+@pytest.mark.parametrize("impl", ["fastbench", "bitsandbytes", "copy", "copy_sm"])
 @pytest.mark.parametrize("shape", _nf4_shapes())
 def test_nf4_dequantize(benchmark, impl, shape):
     bnbf = pytest.importorskip("bitsandbytes.functional")
@@ -105,12 +107,12 @@ def test_nf4_dequantize(benchmark, impl, shape):
     if impl == "fastbench":
         def run():
             nf4.dequantize_nf4_weight(packed, out, quant_state=state)
-    elif impl == "copy":
+    elif impl in ("copy", "copy_sm"):
         src = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")
         dst = torch.empty_like(src)
 
         def run():
-            dst.copy_(src)
+            dst.copy_(src) if impl == "copy" else torch.bitwise_not(src, out=dst)
     else:
         def run():
             bnbf.dequantize_4bit(packed, state, out=out)
