@@ -77,7 +77,19 @@ def collect_environment() -> dict:
                    gpu_memory_gib=round(props.total_memory / 2**30, 1), sm_count=props.multi_processor_count)
     env["autotune"] = _autotune_state()
     env["patches"] = PATCHES
+    env["switches"] = switches()
     return env
+
+
+# Environment variables that change what fastbench trains or measures (not where it keeps files): a run records
+# the ones set, so that a result made with one of them reads as such.
+SWITCHES = ("FASTBENCH_OFFLOAD_SAVE_EVERY", "FASTBENCH_OFFLOAD_EMBEDDING", "FASTBENCH_AUTOTUNE", "FASTBENCH_PIN",
+            "FASTBENCH_BENCH_FLUSH", "FASTBENCH_SIMULATE_OOM")
+
+
+def switches() -> dict[str, str]:
+    """The :data:`SWITCHES` set in this process's environment (empty: every default)."""
+    return {name: os.environ[name] for name in SWITCHES if name in os.environ}
 
 
 def format_environment(env: dict) -> str:
@@ -98,7 +110,14 @@ def format_environment(env: dict) -> str:
                      f"{'' if bundled.get('valid') else ' (invalid)'}")
     lines.append("  `fastbench tune --list` shows which tier serves each op")
     lines.append(f"patches:   {env['patches']}")
+    lines.append(f"switches:  {format_switches(env.get('switches'))}")
     return "\n".join(lines)
+
+
+def format_switches(switches: dict | None) -> str:
+    if switches is None:
+        return "not recorded"
+    return ", ".join(f"{k}={v}" for k, v in switches.items()) or "none set (every default)"
 
 
 @click.command("env")

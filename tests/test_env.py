@@ -32,3 +32,18 @@ def test_fastbench_git_sha_names_the_commit_of_a_copied_tree(monkeypatch):
     monkeypatch.setenv("FASTBENCH_GIT_SHA", "0123abc")
     env = collect_environment()
     assert env["git_sha"] == "0123abc" and env["git_dirty"] is None
+
+
+def test_switches_that_change_behaviour_are_recorded_and_shown(monkeypatch):
+    """A result made with a behaviour switch set reads as such (env, results' environment, report header)."""
+    from fastbench.env import SWITCHES, format_environment
+
+    for name in SWITCHES:
+        monkeypatch.delenv(name, raising=False)
+    assert collect_environment()["switches"] == {}
+    assert "switches:  none set (every default)" in format_environment(collect_environment())
+    monkeypatch.setenv("FASTBENCH_OFFLOAD_SAVE_EVERY", "0")
+    monkeypatch.setenv("FASTBENCH_CACHE_DIR", "/tmp/x")  # where files go: not a switch
+    env = collect_environment()
+    assert env["switches"] == {"FASTBENCH_OFFLOAD_SAVE_EVERY": "0"}
+    assert "switches:  FASTBENCH_OFFLOAD_SAVE_EVERY=0" in format_environment(env)

@@ -66,3 +66,16 @@ def test_report_lists_each_process(rng, make_record, make_results):
 
 def test_report_without_busy_figures_has_no_section(rng, make_record, make_results):
     assert busy_lines(make_results([make_record("peft", rng=rng)], ["peft"])) == []
+
+
+def test_report_header_names_the_switches_the_run_had(tmp_path, rng, make_record, make_results):
+    """A run made with a behaviour switch (say the offload mode's saved MLPs off) says so at the top; an older
+    result without the record says that instead of claiming defaults."""
+    from fastbench.bench import report
+    from fastbench.bench.cli import summarize_results
+
+    res = make_results([make_record("peft", rng=rng)], ["peft"])
+    res["summary"] = summarize_results(res)
+    assert "- switches: not recorded" in open(report.write_report(res, str(tmp_path))).read()
+    res["environment"]["switches"] = {"FASTBENCH_OFFLOAD_SAVE_EVERY": "0"}
+    assert "- switches: FASTBENCH_OFFLOAD_SAVE_EVERY=0" in open(report.write_report(res, str(tmp_path))).read()
