@@ -44,8 +44,8 @@ def _gather(ids: torch.Tensor, table: torch.Tensor, device: torch.device, config
 
 def embedding_gather(ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """``table[ids]`` (shape ids.shape + [n]) on ids' device, where ``table`` [V, n] lies on that device or in
-    pinned host memory. Out-of-range ids are not checked (as in the GPU's F.embedding, they read garbage or
-    fault); callers pass token ids of the table's vocabulary."""
+    pinned host memory. An id outside [0, V) fails a device-side assert (as torch's lookup does; a
+    RuntimeError on the CPU) instead of reading memory beyond the table."""
     if table.dim() != 2 or table.stride(1) != 1:
         raise ValueError(f"embedding_gather needs a 2-D table with unit last stride, got shape "
                          f"{tuple(table.shape)} strides {table.stride()}")
@@ -55,6 +55,8 @@ def embedding_gather(ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"embedding_gather: the table is on {table.device} and the ids on {ids.device}; a table "
                          "off the ids' device must be in pinned host memory")
     flat = ids.reshape(-1).contiguous()
+    torch._assert_async(((flat >= 0) & (flat < table.shape[0])).all(),
+                        f"embedding_gather: ids must lie in [0, {table.shape[0]})")
     config = config_for(SPEC, "fwd", _problem(table.dtype, table.shape[1], flat.numel()))
     return _gather(flat, table, ids.device, config).view(*ids.shape, table.shape[1])
 

@@ -31,6 +31,12 @@ def test_every_config_writes_every_element(seed, poison, config):
     assert torch.equal(op._gather(ids, table, ids.device, config), op.reference(ids, table))
 
 
+@pytest.mark.parametrize("bad", [-1, 7])
+def test_an_id_outside_the_table_is_refused(bad):
+    with pytest.raises(RuntimeError, match=r"ids must lie in \[0, 7\)"):
+        op.embedding_gather(torch.tensor([0, bad, 3]), torch.randn(7, 5))
+
+
 def test_bad_inputs_say_what_is_wrong():
     with pytest.raises(ValueError, match="2-D table"):
         op.embedding_gather(torch.tensor([0]), torch.randn(4))
