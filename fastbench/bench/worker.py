@@ -14,6 +14,7 @@ fastbench.bench.profile; ``{"error": ...}`` if that step fails); it is in no oth
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
@@ -61,6 +62,18 @@ def _triton_compiled() -> int | None:
         return None
 
 
+def _gc_timer(pauses: list):
+    """A gc.callbacks entry appending (generation, seconds) of each collection to ``pauses``."""
+    started = [0.0]
+
+    def timer(phase, info):
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            pauses.append((info["generation"], time.perf_counter() - started[0]))
+    return timer
+
+
 def _is_oom(exc: BaseException) -> bool:
     import torch
 
@@ -74,8 +87,8 @@ def new_record(label: str, model: str, repeat: int, config: dict, status: str = 
             "phase": "load", "load_s": None, "materialize_s": 0.0, "first_step_s": None, "first_step_compiles": None,
             "warmup_step_s": [], "step_s": [], "tokens_per_step": [], "losses": [],
             "peak_allocated_gib": None, "peak_reserved_gib": None, "nvml_process_gib": None,
-            "nvml_device_gib": None, **dict.fromkeys(busy.FIELDS), "autotune_tiers": None, "profile": None,
-            "config": config}
+            "nvml_device_gib": None, **dict.fromkeys(busy.FIELDS), "gc_timed": None, "autotune_tiers": None,
+            "profile": None, "config": config}
 
 
 def run(spec: dict) -> dict:
@@ -139,6 +152,11 @@ def run(spec: dict) -> dict:
         if simulate in (label, name):
             raise torch.OutOfMemoryError(f"simulated out of memory (FASTBENCH_SIMULATE_OOM={simulate})")
         timed = batches[cfg.warmup:]
+        # the model's build and the warm-up's compiles leave many young objects; a full collection of them
+        # (about 0.3 s in such a process, the host idle meanwhile) is done here, not inside a timed step
+        gc.collect()
+        gc_pauses = []  # (generation, seconds) of the collections during the timed steps: a long one starves the GPU
+        gc.callbacks.append(timer := _gc_timer(gc_pauses))
         busy_start = busy.Sample()
         if cuda:
             events = [torch.cuda.Event(enable_timing=True) for _ in range(len(timed) + 1)]
@@ -154,6 +172,10 @@ def run(spec: dict) -> dict:
                 losses.append(step(b))
                 record["step_s"].append(time.perf_counter() - t)
         record.update(busy.between(busy_start, busy.Sample(), torch.cuda.current_device() if cuda else None))
+        gc.callbacks.remove(timer)
+        record["gc_timed"] = {"collections": [sum(1 for g, _ in gc_pauses if g == gen) for gen in range(3)],
+                              "ms": 1e3 * sum(t for _, t in gc_pauses),
+                              "max_ms": 1e3 * max((t for _, t in gc_pauses), default=0.0)}
         record["first_step_s"] = (record["warmup_step_s"] or record["step_s"])[0]
         record["tokens_per_step"] = [count_tokens(b) for b in timed]
         record["phase"] = "done"
