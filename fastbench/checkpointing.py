@@ -325,6 +325,7 @@ Part = tuple[Callable, "Sequence[torch.Tensor] | Callable"]
 
 
 SAVE_EVERY_ENV = "FASTBENCH_OFFLOAD_SAVE_EVERY"
+EMBEDDING_ENV = "FASTBENCH_OFFLOAD_EMBEDDING"
 
 
 def _save_every() -> int:
@@ -333,6 +334,22 @@ def _save_every() -> int:
         raise ValueError(f"{SAVE_EVERY_ENV}={value!r}: give a whole number n >= 0 (every n-th layer's MLP activations "
                          "offloaded instead of recomputed; 0: recompute every layer)")
     return int(value)
+
+
+def embedding_offloaded() -> bool:
+    """Whether the offload mode keeps the input embedding's table in pinned host memory
+    (fastbench.fused.host_embedding): ``FASTBENCH_OFFLOAD_EMBEDDING`` 1 (the default) or 0."""
+    value = os.environ.get(EMBEDDING_ENV, "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"{EMBEDDING_ENV}={value!r}: give 1 (the offload mode keeps the input embedding's table in "
+                         "pinned host memory, the default) or 0 (on the GPU)")
+    return value == "1"
+
+
+def check_offload_switches() -> None:
+    """Raises on a bad value of the offload mode's environment switches (before a model is touched)."""
+    _save_every()
+    embedding_offloaded()
 
 
 class LayerCheckpointing:

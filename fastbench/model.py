@@ -118,11 +118,13 @@ class FastLanguageModel:
         (``fallback=False``: raises instead)."""
         from peft import LoraConfig, get_peft_model
 
-        from fastbench.checkpointing import parse_setting
+        from fastbench.checkpointing import check_offload_switches, parse_setting
         from fastbench.export import attach
         from fastbench.fused.causal_lm import install, unsupported_reason
 
         mode, _ = parse_setting(use_gradient_checkpointing)  # a bad setting raises before the model is touched
+        if mode == "offload":
+            check_offload_switches()  # so does a bad FASTBENCH_OFFLOAD_* value
         if max_seq_length is not None:
             model.max_seq_length = max_seq_length
         if random_state is not None:

@@ -13,12 +13,12 @@ the table) and shared with no other module (a tied LM head reads it in full ever
 """
 from __future__ import annotations
 
-import os
 import types
 
 import torch
 import torch.nn.functional as F
 
+from fastbench.checkpointing import EMBEDDING_ENV, embedding_offloaded
 from fastbench.kernels._tensors import interpreting
 from fastbench.kernels.embedding_gather import embedding_gather
 
@@ -30,23 +30,18 @@ def _lookup(self, input_ids: torch.Tensor) -> torch.Tensor:
                        self.scale_grad_by_freq, self.sparse)
 
 
-ENV = "FASTBENCH_OFFLOAD_EMBEDDING"
-
-
 def why_not_offloadable(model) -> str | None:
     """Why ``model``'s input embedding cannot move to the host, or None."""
-    switch = os.environ.get(ENV, "1")
-    if switch not in ("0", "1"):
-        raise ValueError(f"{ENV}={switch!r}: give 1 (the offload mode keeps the input embedding's table in pinned "
-                         "host memory, the default) or 0 (on the GPU)")
-    if switch == "0":
-        return f"{ENV}=0"
+    if not embedding_offloaded():
+        return f"{EMBEDDING_ENV}=0"
     emb = model.get_input_embeddings()
     if type(emb) is not torch.nn.Embedding:
         return f"it is a {type(emb).__name__}, not a plain nn.Embedding"
     weight = emb.weight
-    if not isinstance(weight, torch.nn.Parameter) or weight.requires_grad:
-        return "it is trained" if getattr(weight, "requires_grad", False) else "it is not a parameter"
+    if not isinstance(weight, torch.nn.Parameter):
+        return "it is not a parameter"
+    if weight.requires_grad:
+        return "it is trained"
     if not (weight.is_cuda or interpreting()):
         return "it is not on a CUDA device"
     if emb.max_norm is not None:

@@ -63,3 +63,11 @@ def test_the_switch_keeps_it_on_the_device_or_says_what_to_give(seed, monkeypatc
     monkeypatch.setenv("FASTBENCH_OFFLOAD_EMBEDDING", "yes")
     with pytest.raises(ValueError, match="give 1"):
         fused("llama-3-8b-tiny", seed=seed)
+    base, _ = FastLanguageModel.from_pretrained("llama-3-8b-tiny", dtype=torch.float32, device="cpu", seed=seed)
+    for bad in ({"FASTBENCH_OFFLOAD_EMBEDDING": "yes"}, {"FASTBENCH_OFFLOAD_EMBEDDING": "1",
+                                                           "FASTBENCH_OFFLOAD_SAVE_EVERY": "two"}):
+        for name, value in bad.items():
+            monkeypatch.setenv(name, value)
+        with pytest.raises(ValueError, match="FASTBENCH_OFFLOAD"):
+            FastLanguageModel.get_peft_model(base, r=4, use_gradient_checkpointing="offload")
+        assert not any("lora" in name for name, _ in base.named_modules())  # raised before touching it
