@@ -24,16 +24,16 @@ from typing import Callable
 FLUSH_ENV = "FASTBENCH_BENCH_FLUSH"
 
 
-def _flusher(torch):
+def _flusher(torch, device="cuda"):
     """The L2 flush the graphs capture: write (zero 256 MiB) or read (sum 256 MiB into one int64)."""
     mode = os.environ.get(FLUSH_ENV, "write")
     if mode not in ("write", "read"):
         raise ValueError(f"{FLUSH_ENV}={mode!r}: give write (the default) or read")
-    buf = torch.ones(256 << 18, dtype=torch.int32, device="cuda")  # 256 MiB
+    buf = torch.ones(256 << 18, dtype=torch.int32, device=device)  # 256 MiB
     if mode == "write":
         return buf.zero_
-    total = torch.empty((), dtype=torch.int64, device="cuda")
-    return lambda: torch.sum(buf, dtype=torch.int64, out=total)
+    total = torch.empty((), dtype=torch.int64, device=device)
+    return lambda: torch.sum(buf, 0, dtype=torch.int64, out=total)
 
 
 def graph_ms(fn: Callable[[], object], n: int = 20, replays: int = 7) -> float:
