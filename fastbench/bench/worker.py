@@ -52,12 +52,14 @@ def _autotune_tiers() -> dict | None:
 
 def _triton_compiled() -> int | None:
     """How many kernels Triton's on-disk cache holds (one entry per compiled kernel), or None where that
-    cache cannot be read (an old Triton, no cache dir). The difference over the first step says how many
-    kernels it compiled: a first step slowed by compiling, not by the code."""
+    cache cannot be read (an old Triton). A cache directory not yet made (a fresh machine) holds 0. The
+    difference over the first step says how many kernels it compiled: a first step slowed by compiling, not
+    by the code."""
     try:
         from triton import knobs
 
-        return len(os.listdir(knobs.cache.dir))
+        cache_dir = knobs.cache.dir
+        return len(os.listdir(cache_dir)) if os.path.exists(cache_dir) else 0
     except (ImportError, AttributeError, OSError, TypeError):
         return None
 

@@ -43,7 +43,10 @@ def test_worker_counts_tritons_cache_entries(tmp_path, monkeypatch):
     (tmp_path / "A1B2").mkdir()
     (tmp_path / "C3D4").mkdir()
     assert _triton_compiled() == 2
-    monkeypatch.setattr(knobs.cache, "dir", str(tmp_path / "missing"))
+    monkeypatch.setattr(knobs.cache, "dir", str(tmp_path / "missing"))  # a fresh machine: nothing compiled yet
+    assert _triton_compiled() == 0
+    (tmp_path / "afile").write_text("")
+    monkeypatch.setattr(knobs.cache, "dir", str(tmp_path / "afile"))  # unreadable as a cache
     assert _triton_compiled() is None
 
 
