@@ -134,12 +134,68 @@ class _Factors:
 
 _factor_cache: dict = {}  # (dtype, id of each A) -> (the A/B parameters, their versions, _Factors)
 _MAX_CACHED = 1024
+# The groups cast since the last batch, (dtype, id of each A) -> (their LoRAs, dtype), and the buffers each
+# group is cast into at every step, key -> (A [sum r, i], [s B_p]): a step's first request casts every
+# group the previous step used in one multi-tensor copy (and one multiply where a scale is not 1) instead
+# of a few launches per group; a step is often bound by the CPU that issues its launches.
+_groups: dict = {}
+_buffers: dict = {}
+_step = {"fresh": False, "used": set()}  # fresh: no group cast since clear_factor_cache; used: keys asked for
 
 
 def clear_factor_cache() -> None:
     """Forget the cast LoRA factors; the fused model calls this at the start of every forward, so they
-    are cast once per step (forward, recomputation and backward share them) and never outlive it."""
+    are cast once per step (forward, recomputation and backward share them) and never outlive it. The
+    groups the ending step asked for are the ones the next step casts at once."""
+    for key in [k for k in _groups if k not in _step["used"]]:
+        del _groups[key]
+        _buffers.pop(key, None)
+    _step["used"].clear()
+    _step["fresh"] = True
     _factor_cache.clear()
+
+
+def _columns(loras) -> list:
+    columns, start = [], 0
+    for lora in loras:
+        columns.append(None if lora is None else slice(start, start + lora.A.shape[0]))
+        start += 0 if lora is None else lora.A.shape[0]
+    return columns
+
+
+def _make_factors(loras, A, B_scaled) -> _Factors:
+    return _Factors(A, tuple(B_scaled), tuple(None if B is None else B.t() for B in B_scaled), tuple(_columns(loras)),
+                    tuple(None if l is None else l.scale for l in loras))
+
+
+def _cast_known_groups() -> None:
+    """Casts every group in ``_groups`` into its buffers (allocated the first time) and caches its factors."""
+    sources, targets, scaled, scales = [], [], [], []  # scaled: indices into sources of the B's with s != 1
+    for key, (loras, dtype) in _groups.items():
+        present = [l for l in loras if l is not None]
+        if key not in _buffers:
+            A = torch.empty((sum(l.A.shape[0] for l in present), present[0].A.shape[1]), dtype=dtype,
+                            device=present[0].A.device)
+            _buffers[key] = (A, [None if l is None else torch.empty(l.B.shape, dtype=dtype, device=l.B.device)
+                                 for l in loras])
+        A, Bs = _buffers[key]
+        for lora, rows in zip(loras, _columns(loras)):
+            if lora is not None:
+                sources.append(lora.A)
+                targets.append(A[rows])
+        for lora, B in zip(loras, Bs):
+            if lora is not None:
+                if lora.scale != 1:
+                    scaled.append(len(sources))
+                    scales.append(lora.scale)
+                sources.append(lora.B)
+                targets.append(B)
+        params = tuple(t for l in present for t in (l.A, l.B))
+        _factor_cache[key] = (params, tuple(t._version for t in params), _make_factors(loras, A, Bs))
+    if scaled:  # s B in the parameters' precision, then rounded once, as _factors does
+        for i, product in zip(scaled, torch._foreach_mul([sources[i] for i in scaled], scales)):
+            sources[i] = product
+    torch._foreach_copy_(targets, sources)
 
 
 def _factors(projections, dtype: torch.dtype) -> _Factors:
@@ -147,22 +203,26 @@ def _factors(projections, dtype: torch.dtype) -> _Factors:
     key = (dtype, *(id(l.A) if l is not None else None for l in loras))
     params = tuple(t for l in loras if l is not None for t in (l.A, l.B))
     versions = tuple(t._version for t in params)
+    _step["used"].add(key)
+    if _step["fresh"] and key in _groups:  # a step's first request: the previous step's groups, all at once
+        _step["fresh"] = False
+        _cast_known_groups()
     hit = _factor_cache.get(key)
     if hit is not None and hit[1] == versions and all(a is b for a, b in zip(hit[0], params)):
         return hit[2]
-    columns, start = [], 0
-    for lora in loras:
-        columns.append(None if lora is None else slice(start, start + lora.A.shape[0]))
-        start += 0 if lora is None else lora.A.shape[0]
     As = [l.A for l in loras if l is not None]
     A = None if not As else (As[0] if len(As) == 1 else torch.cat(As)).to(dtype)
-    B_scaled = tuple(None if l is None else (l.B.to(dtype) if l.scale == 1 else l.B.to(dtype) * l.scale)
-                     for l in loras)
-    factors = _Factors(A, B_scaled, tuple(None if B is None else B.t() for B in B_scaled), tuple(columns),
-                       tuple(None if l is None else l.scale for l in loras))
+    B_scaled = [None if l is None else (l.B if l.scale == 1 else l.B * l.scale).to(dtype) for l in loras]
+    factors = _make_factors(loras, A, B_scaled)
     if len(_factor_cache) >= _MAX_CACHED:  # callers that never clear (direct use of these functions)
         _factor_cache.clear()
+    if len(_groups) >= _MAX_CACHED:
+        _groups.clear()
+        _buffers.clear()
+    _step["fresh"] = False
     _factor_cache[key] = (params, versions, factors)
+    if As:
+        _groups[key] = (loras, dtype)
     return factors
 
 

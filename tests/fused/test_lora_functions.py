@@ -130,6 +130,49 @@ def test_cast_factors_follow_an_in_place_update(seed):
     assert rel(after, reference(x, q)) < 1e-2 and rel(after, before) > 1e-2
 
 
+def test_a_step_casts_the_previous_steps_factors_at_once(seed, monkeypatch):
+    """After clear_factor_cache (a new step), the first request casts every group the previous step asked
+    for in one multi-tensor copy (after one multiply for the scales that are not 1), into buffers kept between
+    steps; the factors equal those cast group by group, and follow the optimizer's updates."""
+    import fastbench.kernels.lora as lora
+
+    for name in ("_factor_cache", "_groups", "_buffers"):
+        monkeypatch.setattr(lora, name, {})
+    monkeypatch.setattr(lora, "_step", {"fresh": False, "used": set()})
+    qkv = [make_projection(40, o, r, torch.bfloat16) for o, r in ((24, 4), (8, 4), (8, 6))]
+    qkv[1] = qkv[1]._replace(lora=qkv[1].lora._replace(scale=1))
+    down = [make_projection(40, 16, 4, torch.bfloat16)]
+    x = torch.randn(5, 40, dtype=torch.bfloat16)
+
+    def step():
+        lora.clear_factor_cache()
+        return [lora._factors(group, torch.bfloat16) for group in (qkv, down)]
+
+    casts = []
+    monkeypatch.setattr(lora, "_cast_known_groups", lambda f=lora._cast_known_groups: (casts.append(1), f())[1])
+    individual = step()  # first step: group by group
+    assert casts == [] and set(lora._groups) == set(lora._factor_cache)
+    with torch.no_grad():
+        for p in qkv + down:
+            p.lora.B.add_(0.5)  # the optimizer's update between steps
+    batched = step()
+    assert casts == [1]
+    for f, group in zip(batched, (qkv, down)):
+        loras = [p.lora for p in group]
+        assert f.A is lora._buffers[(torch.bfloat16, *(id(l.A) for l in loras))][0]
+        assert torch.equal(f.A, torch.cat([l.A for l in loras]).to(torch.bfloat16))
+        for B, l in zip(f.B_scaled, loras):
+            want = (l.B if l.scale == 1 else l.B * l.scale).to(torch.bfloat16)
+            assert torch.equal(B, want)
+    assert not torch.equal(batched[0].B_scaled[0], individual[0].B_scaled[0])  # the update is seen
+    assert [len(y) for y in (lora_projections(x, *qkv),)] == [3]  # the cached factors serve the products
+    step()
+    assert casts == [1, 1]
+    lora.clear_factor_cache()  # a step that asked for nothing: the next one casts nothing at once
+    lora.clear_factor_cache()
+    assert lora._groups == {} and lora._buffers == {}
+
+
 def test_graph_only_forward_gives_the_same_gradients(seed):
     """A recomputed part returns placeholders for the O/down outputs; its backward must not change."""
     x = torch.randn(2, 5, 24, requires_grad=True)
