@@ -264,6 +264,27 @@ def test_grad_accumulation_equals_one_batch(seed):
         assert rel(accumulated[name], whole[name]) < 1e-5
 
 
+@pytest.mark.parametrize("load_in_4bit", [False, True])
+def test_two_forwards_before_one_backward_over_steps_match_peft(seed, load_in_4bit):
+    """Two forwards summed into one loss (each forward starts a new cast of the LoRA factors into the same
+    buffers, which the first forward's backward then reads), over steps with an optimizer update between
+    them: losses and gradients as PEFT's."""
+    fused, ref = pair("llama-3-8b-tiny", seed, load_in_4bit=load_in_4bit)
+    optimizers = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.5) for m in (fused, ref)]
+    for _ in range(3):
+        (ids, labels), (ids2, labels2) = batch(), batch(B=1, T=7)
+        losses = [m(input_ids=ids, labels=labels).loss + m(input_ids=ids2, labels=labels2).loss for m in (fused, ref)]
+        assert abs(losses[0].item() - losses[1].item()) / abs(losses[1].item()) < 1e-5
+        for loss in losses:
+            loss.backward()
+        gf, gr = lora_grads(fused), lora_grads(ref)
+        for name in gf:
+            assert cosine(gf[name], gr[name]) > 0.99999, name
+        for opt in optimizers:
+            opt.step()
+            opt.zero_grad()
+
+
 def test_a_batch_without_labels_gives_zero_not_nan(seed):
     """Every label -100 (a micro-batch of prompts only): loss 0 and zero gradients; transformers gives NaN
     without num_items_in_batch (a mean over no tokens) and 0 with it, which the fused path matches."""
