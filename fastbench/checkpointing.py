@@ -35,6 +35,7 @@ import contextlib
 import ctypes
 import os
 import threading
+import time
 import weakref
 from typing import Callable, Sequence
 
@@ -46,6 +47,15 @@ GiB = 1 << 30
 MAX_COPYING_BYTES = 2 * GiB
 
 _state = threading.local()
+_host_wait = {"s": None}  # seconds the host spent waiting for queued copies to the host, all offloaders together
+
+
+def offload_host_wait_s() -> float | None:
+    """Seconds this process's host thread has waited, in total, for copies to the host (the offload mode's
+    bound on the memory their sources hold, MAX_COPYING_BYTES): time the host could not issue work in, the
+    bus being slower than the compute; None where no offloader was made. The harness records it over its
+    timed steps."""
+    return _host_wait["s"]
 
 
 def recomputing() -> bool:
@@ -88,6 +98,7 @@ class HostOffloader:
         weakref.finalize(self, _unregister, self._registered)
         self._forward = 0
         self._stream = None
+        _host_wait["s"] = _host_wait["s"] or 0.0
 
     def _side_stream_after_compute(self):
         # current_stream() must be read here, outside `torch.cuda.stream(side)`: inside, it is the side
@@ -167,7 +178,9 @@ class HostOffloader:
         self._copying_bytes += nbytes
         while self._copying and (self._copying_bytes > MAX_COPYING_BYTES or self._copying[0][0].query()):
             done, size = self._copying.popleft()
+            start = time.perf_counter()
             done.synchronize()  # at once where query() said it finished
+            _host_wait["s"] += time.perf_counter() - start
             self._copying_bytes -= size
 
     def _fetch(self, key: tuple[int, int]):

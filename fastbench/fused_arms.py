@@ -4,7 +4,10 @@
 Option ``ckpt`` (``fused-4bit:ckpt=offload``): ``true`` (recompute every layer), ``false``,
 ``offload``, ``auto``, or a budget in GiB (``ckpt=40``); without it, the run's gradient_checkpointing
 decides (recompute every layer or none). Option ``autotune=off`` serves every kernel its heuristic
-default instead of the tuned cache (``fused:autotune=off,fused`` compares the two in one run).
+default instead of the tuned cache (``fused:autotune=off,fused`` compares the two in one run). Option
+``save_every=n`` (with ``ckpt=offload``) sets FASTBENCH_OFFLOAD_SAVE_EVERY in that arm's processes: every
+n-th layer's MLP activations offloaded instead of recomputed, 0 none (``fused-4bit:ckpt=offload:save_every=3``
+beside ``fused-4bit:ckpt=offload`` compares it with the default in one run).
 """
 from __future__ import annotations
 
@@ -16,10 +19,13 @@ _CKPT = {"true": True, "false": False, "offload": "offload", "auto": "auto"}
 
 
 def checkpointing(cfg: RunConfig):
-    unknown = set(cfg.arm_options) - {"ckpt", "autotune"}
+    unknown = set(cfg.arm_options) - {"ckpt", "autotune", "save_every"}
     if unknown:
-        raise ValueError(f"unknown fused arm option(s) {', '.join(sorted(unknown))}; valid: ckpt, autotune")
+        raise ValueError(f"unknown fused arm option(s) {', '.join(sorted(unknown))}; valid: ckpt, autotune, save_every")
     value = cfg.arm_options.get("ckpt")
+    if "save_every" in cfg.arm_options and (value or "").lower() not in ("offload", "unsloth"):
+        raise ValueError("fused arm option save_every applies to ckpt=offload only, e.g. "
+                         "fused-4bit:ckpt=offload:save_every=3")
     if value is None:
         return bool(cfg.gradient_checkpointing)
     return _CKPT.get(value.lower(), value)  # else a budget in GiB, checked by fastbench.checkpointing
@@ -28,6 +34,7 @@ def checkpointing(cfg: RunConfig):
 def _fused(load):
     def build(cfg: RunConfig):
         from fastbench.autotune import lookup
+        from fastbench.checkpointing import SAVE_EVERY_ENV
         from fastbench.model import FastLanguageModel
 
         autotune = cfg.arm_options.get("autotune", "on").lower()
@@ -36,6 +43,8 @@ def _fused(load):
         if autotune == "off":  # this process runs this arm alone: the switch stays within it
             os.environ[lookup.OFF_ENV] = "off"
             lookup.reset()
+        if "save_every" in cfg.arm_options:  # likewise; get_peft_model checks the value
+            os.environ[SAVE_EVERY_ENV] = cfg.arm_options["save_every"]
 
         model = FastLanguageModel.get_peft_model(
             load(cfg), r=cfg.lora_r, target_modules=list(cfg.targets), lora_alpha=cfg.lora_alpha,
@@ -46,7 +55,7 @@ def _fused(load):
     return build
 
 
-register_arm(ArmSpec("fused", "fastbench fused LoRA on the bf16 model (option ckpt=true|false|offload|auto|GiB)",
+register_arm(ArmSpec("fused", "fastbench fused LoRA on the bf16 model (option ckpt=true|false|offload|auto|GiB; save_every=n with offload)",
                      ("peft",), "pip install peft", _fused(base_model), kind="bf16"))
-register_arm(ArmSpec("fused-4bit", "fastbench fused QLoRA on the NF4 model (option ckpt=true|false|offload|auto|GiB)",
+register_arm(ArmSpec("fused-4bit", "fastbench fused QLoRA on the NF4 model (option ckpt=true|false|offload|auto|GiB; save_every=n with offload)",
                      ("peft", "bitsandbytes"), "pip install bitsandbytes", _fused(load_4bit), kind="nf4"))

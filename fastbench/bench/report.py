@@ -167,16 +167,23 @@ def busy_lines(results: dict) -> list[str]:
     if not runs:
         return []
     cpus = results["environment"].get("cpu_count")
+    columns = [("gpu_busy_pct", ".0f"), ("host_own_cores", ".2f"), ("host_other_cores", ".2f"),
+               ("host_steal_pct", ".1f")]
+    waits = any(r.get("offload_wait_ms") is not None for r in runs)
+    columns += [("offload_wait_ms", ".1f")] if waits else []
     lines = ["", "## How busy the machine was during the timed steps", "",
              "A slow process next to busy cores points at the host, not the code; a GPU busy well under 100% "
              "waited for its host. Cores: CPU seconds per second of the timed steps"
              + (f", of {cpus} on this machine" if cpus else "") + "; GPU busy: the share of time a kernel ran "
-             "(NVML).", "",
+             "(NVML)."
+             + ("; host waiting for copies: ms per step the host thread waited for the offload mode's copies to "
+                "the host (their sources may hold at most fastbench.checkpointing.MAX_COPYING_BYTES): counted in its "
+                "cores (CUDA's wait may spin) but issuing nothing; fused arms only" if waits else ""), "",
              "| model | arm | repeat | median step s | GPU busy % | this process's cores | other processes' cores "
-             "| steal % |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| steal % |" + (" host waiting for copies ms/step |" if waits else ""),
+             "| --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if waits else "")]
     for r in runs:
-        cells = [_fmt(r.get(k), spec) for k, spec in (("gpu_busy_pct", ".0f"), ("host_own_cores", ".2f"),
-                                                      ("host_other_cores", ".2f"), ("host_steal_pct", ".1f"))]
+        cells = [_fmt(r.get(k), spec) for k, spec in columns]
         lines.append(f"| {r['model']} | {r['arm']} | {r['repeat'] + 1} | {statistics.median(r['step_s']):.3f} | "
                      + " | ".join(cells) + " |")
     return lines

@@ -64,6 +64,13 @@ def _triton_compiled() -> int | None:
         return None
 
 
+def _offload_host_wait_s() -> float | None:
+    """fastbench.checkpointing.offload_host_wait_s where the arm made an offloader, else None (the worker
+    itself imports nothing of the fused path: Unsloth's arms must import their packages first)."""
+    module = sys.modules.get("fastbench.checkpointing")
+    return None if module is None else module.offload_host_wait_s()
+
+
 def _gc_timer(pauses: list):
     """A gc.callbacks entry appending (generation, seconds) of each collection to ``pauses``."""
     started = [0.0]
@@ -89,7 +96,7 @@ def new_record(label: str, model: str, repeat: int, config: dict, status: str = 
             "phase": "load", "load_s": None, "materialize_s": 0.0, "first_step_s": None, "first_step_compiles": None,
             "warmup_step_s": [], "step_s": [], "tokens_per_step": [], "losses": [],
             "peak_allocated_gib": None, "peak_reserved_gib": None, "nvml_process_gib": None,
-            "nvml_device_gib": None, **dict.fromkeys(busy.FIELDS), "gc_timed": None, "autotune_tiers": None,
+            "nvml_device_gib": None, **dict.fromkeys(busy.FIELDS), "gc_timed": None, "offload_wait_ms": None, "autotune_tiers": None,
             "profile": None, "config": config}
 
 
@@ -160,6 +167,7 @@ def run(spec: dict) -> dict:
         gc_pauses = []  # (generation, seconds) of the collections during the timed steps: a long one starves the GPU
         gc.callbacks.append(timer := _gc_timer(gc_pauses))
         busy_start = busy.Sample()
+        waited = _offload_host_wait_s()
         if cuda:
             events = [torch.cuda.Event(enable_timing=True) for _ in range(len(timed) + 1)]
             events[0].record()
@@ -174,6 +182,8 @@ def run(spec: dict) -> dict:
                 losses.append(step(b))
                 record["step_s"].append(time.perf_counter() - t)
         record.update(busy.between(busy_start, busy.Sample(), torch.cuda.current_device() if cuda else None))
+        if waited is not None:
+            record["offload_wait_ms"] = 1e3 * (_offload_host_wait_s() - waited) / len(timed)
         gc.callbacks.remove(timer)
         record["gc_timed"] = {"collections": [sum(1 for g, _ in gc_pauses if g == gen) for gen in range(3)],
                               "ms": 1e3 * sum(t for _, t in gc_pauses),

@@ -20,17 +20,51 @@ def first_loss(arm, cfg):
     return model(input_ids=ids, labels=ids).loss.item()
 
 
-@pytest.mark.parametrize("arm, baseline", [("fused:ckpt=offload", "peft"), ("fused-4bit", "qlora")])
+@pytest.mark.parametrize("arm, baseline", [("fused:ckpt=offload", "peft"), ("fused-4bit", "qlora"),
+                                           ("fused:ckpt=offload:save_every=1", "peft")])
 def test_arm_starts_where_its_baseline_starts(seed, arm, baseline, tmp_path, monkeypatch):
     from fastbench.bench.arms import RunConfig, parse_label
+    from fastbench.checkpointing import SAVE_EVERY_ENV
 
     monkeypatch.setenv("FASTBENCH_CHECKPOINT_CACHE", str(tmp_path))
+    monkeypatch.delenv(SAVE_EVERY_ENV, raising=False)  # restored after the arm's build set it
     name, options = parse_label(arm)
     cfg = RunConfig(model="qwen2.5-7b-tiny", seq_len=12, batch=2, lora_r=4, lora_alpha=8, seed=seed % 1000,
                     dtype="float32", device="cpu", arm_options=options)
     fused, ref = first_loss(name, cfg), first_loss(baseline, RunConfig(**{**cfg.to_dict(), "arm_options": {},
                                                                         "targets": cfg.targets}))
     assert abs(fused - ref) / ref < 1e-5
+
+
+@pytest.mark.parametrize("options, message", [({"ckpt": "40", "save_every": "3"}, "ckpt=offload only"),
+                                               ({"ckpt": "offload", "save_every": "x"}, "give a whole number"),
+                                               ({"ckpt": "offload", "every": "3"}, "valid: ckpt, autotune, save_every")])
+def test_arm_option_save_every_is_checked(options, message, tmp_path, monkeypatch):
+    from fastbench.bench.arms import RunConfig, get_arm
+    from fastbench.checkpointing import SAVE_EVERY_ENV
+
+    monkeypatch.setenv("FASTBENCH_CHECKPOINT_CACHE", str(tmp_path))
+    monkeypatch.delenv(SAVE_EVERY_ENV, raising=False)
+    cfg = RunConfig(model="llama-3-8b-tiny", seq_len=12, batch=1, lora_r=4, dtype="float32", device="cpu",
+                    arm_options=options)
+    with pytest.raises(ValueError, match=message):
+        get_arm("fused").build(cfg)
+
+
+def test_worker_records_the_offload_wait_of_an_offload_arm(tmp_path, monkeypatch):
+    """The harness's worker, in this process: an offload arm records how long its host waited for copies
+    (0 on a CPU, where the copies are synchronous)."""
+    from fastbench.bench import worker
+    from fastbench.bench.arms import RunConfig
+    from fastbench.checkpointing import SAVE_EVERY_ENV
+
+    monkeypatch.setenv("FASTBENCH_CHECKPOINT_CACHE", str(tmp_path))
+    monkeypatch.delenv(SAVE_EVERY_ENV, raising=False)
+    cfg = RunConfig(model="llama-3-8b-tiny", seq_len=12, batch=1, lora_r=4, dtype="float32", device="cpu", steps=2,
+                    warmup=1).to_dict()
+    record = worker.run({"arm": "fused:ckpt=offload:save_every=1", "config": cfg, "repeat": 0})
+    assert record["status"] == "ok", record["error"]
+    assert record["offload_wait_ms"] == 0.0 and len(record["step_s"]) == 2
 
 
 def tiny_tokenizer():

@@ -2,6 +2,8 @@
 must leave nothing that a later step could mistake for its own, and two forwards before one backward
 must work. Tests of the recompute-everything offload set FASTBENCH_OFFLOAD_SAVE_EVERY=0 (the default
 keeps every 2nd layer's last part); those of the saved parts set ``save_last_every`` themselves."""
+import time
+
 import pytest
 import torch
 
@@ -352,8 +354,11 @@ def test_copies_to_the_host_hold_a_bounded_amount_of_device_memory(monkeypatch):
 
         def synchronize(self):
             self.waited = True
+            if not self.finished:  # a wait for a copy still on the bus
+                time.sleep(0.02)
 
     monkeypatch.setattr(ckpt, "MAX_COPYING_BYTES", 100)
+    waited_before = ckpt.offload_host_wait_s()
     offloader = ckpt.HostOffloader()
     copies = [Copy(False), Copy(False), Copy(True), Copy(False)]
     for copy in copies[:2]:
@@ -363,6 +368,7 @@ def test_copies_to_the_host_hold_a_bounded_amount_of_device_memory(monkeypatch):
     offloader._copying.append((copies[2], 40))
     offloader._bound_copying(40)  # 120 > 100: waits for the oldest only
     assert [c.waited for c in copies[:3]] == [True, False, False] and offloader._copying_bytes == 80
+    assert ckpt.offload_host_wait_s() - waited_before >= 0.02  # the wait is counted for the harness
     copies[1].finished = True
     offloader._copying.append((copies[3], 10))
     offloader._bound_copying(10)  # the two oldest finished: forgotten; the unfinished newest stays
