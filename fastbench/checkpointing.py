@@ -18,9 +18,11 @@ down projection and the GLU).
   backward) and recompute the part; except that every ``FASTBENCH_OFFLOAD_SAVE_EVERY``-th layer (default 2;
   0: none) keeps its MLP's graph, the activations it saves offloaded to pinned memory as well, so its MLP is
   not recomputed. On the H200 (PCIe 5, ~53 GB/s each way) every 2nd layer took llama-3-8b's step from 371 to
-  333 ms for 0.6 GiB more GPU memory; every layer made the copies the bottleneck (460 ms). The fused path
-  also keeps an untied, frozen input embedding table in pinned host memory in this mode
-  (fastbench.fused.host_embedding).
+  333 ms for 0.6 GiB more GPU memory; every layer made the copies the bottleneck (460 ms). The last
+  ``FASTBENCH_OFFLOAD_KEEP_LAST`` layers (default 0) keep on the GPU what would go to the host: their backward
+  comes first, and on one copy stream their fetches would wait behind the forward's last copies out (an
+  experiment, off by default, not yet measured on a GPU). The fused path also keeps an untied, frozen input
+  embedding table in pinned host memory in this mode (fastbench.fused.host_embedding).
 - a number (GiB) or ``"auto"``: a budget. The first layer of the first step runs un-checkpointed
   while the bytes its autograd graph saves are counted; from then on the first
   ``budget // bytes_per_layer`` layers keep their activations and the rest recompute. ``"auto"``
@@ -338,15 +340,25 @@ Part = tuple[Callable, "Sequence[torch.Tensor] | Callable"]
 
 
 SAVE_EVERY_ENV = "FASTBENCH_OFFLOAD_SAVE_EVERY"
+KEEP_LAST_ENV = "FASTBENCH_OFFLOAD_KEEP_LAST"
 EMBEDDING_ENV = "FASTBENCH_OFFLOAD_EMBEDDING"
 
 
-def _save_every() -> int:
-    value = os.environ.get(SAVE_EVERY_ENV, "2")
+def _whole_number(name: str, default: str, meaning: str) -> int:
+    value = os.environ.get(name, default)
     if not value.strip().isdigit():
-        raise ValueError(f"{SAVE_EVERY_ENV}={value!r}: give a whole number n >= 0 (every n-th layer's MLP activations "
-                         "offloaded instead of recomputed; 0: recompute every layer)")
+        raise ValueError(f"{name}={value!r}: give a whole number n >= 0 ({meaning})")
     return int(value)
+
+
+def _save_every() -> int:
+    return _whole_number(SAVE_EVERY_ENV, "2", "every n-th layer's MLP activations offloaded instead of recomputed; "
+                                              "0: recompute every layer")
+
+
+def _keep_last() -> int:
+    return _whole_number(KEEP_LAST_ENV, "0", "the last n layers keep on the GPU what the offload mode would copy to "
+                                             "the host; 0: none")
 
 
 def embedding_offloaded() -> bool:
@@ -362,13 +374,14 @@ def embedding_offloaded() -> bool:
 def check_offload_switches() -> None:
     """Raises on a bad value of the offload mode's environment switches (before a model is touched)."""
     _save_every()
+    _keep_last()
     embedding_offloaded()
 
 
 class LayerCheckpointing:
     """Runs each decoder layer of a forward under the model's checkpointing policy."""
 
-    def __init__(self, setting):
+    def __init__(self, setting, layers: int | None = None):
         self.setting = setting
         self.mode, self.budget = parse_setting(setting)
         self.offloader = HostOffloader() if self.mode == "offload" else None
@@ -378,6 +391,10 @@ class LayerCheckpointing:
         # offload mode: every n-th layer (0: none) keeps its last part's graph, with the activations that part
         # saves offloaded, instead of recomputing it
         self.save_last_every = _save_every() if self.mode == "offload" else 0
+        # offload mode, a model of ``layers`` layers: its last keep_last layers keep on the GPU what would go to
+        # the host (their backward comes first, while the copies of the layers before still drain)
+        self.layers = layers
+        self.keep_last = _keep_last() if self.mode == "offload" and layers else 0
 
     def __call__(self, index: int, x: torch.Tensor, parts: Sequence[Part]) -> torch.Tensor:
         """Layer ``index`` of a forward, given as consecutive parts ``[(fn, params), ...]`` (x -> fn_1(x) ->
@@ -397,11 +414,14 @@ class LayerCheckpointing:
             self._slot = 0
         units = [parts] if self.mode == "recompute" else [[part] for part in parts]
         saved_last = self.offloader is not None and self.save_last_every and index % self.save_last_every == 0
+        on_gpu = self.keep_last and index >= self.layers - self.keep_last
+        offloader = None if on_gpu else self.offloader
         for unit in units[:-1] if saved_last else units:
             params = [t for _, p in unit for t in (p() if callable(p) else p)]
-            x = _RecomputedUnit.apply(tuple(fn for fn, _ in unit), self.offloader, self._next_slot(), x, *params)
+            x = _RecomputedUnit.apply(tuple(fn for fn, _ in unit), offloader, self._next_slot(), x, *params)
         if saved_last:
-            x = self._offloading_saved(units[-1][0][0], x)
+            fn = units[-1][0][0]
+            x = fn(x) if on_gpu else self._offloading_saved(fn, x)
         return x
 
     def _next_slot(self) -> int:
@@ -479,8 +499,9 @@ class LayerCheckpointing:
         offload = ("recompute every layer, inputs" if not n else
                    "recompute every layer's attention, inputs and every MLP's activations" if n == 1 else
                    f"recompute every layer but every {_ordinal(n)} layer's MLP, inputs and those MLPs' activations")
+        kept = f" (the last {self.keep_last} layers' on the GPU)" if self.keep_last else ""
         return {"keep": "no activation checkpointing", "recompute": "recompute every layer",
-                "offload": f"{offload} offloaded to pinned CPU memory",
+                "offload": f"{offload} offloaded to pinned CPU memory{kept}",
                 "budget": f"keep layers within a budget of {self.setting} GiB, recompute the rest"}[self.mode]
 
 

@@ -7,7 +7,8 @@ decides (recompute every layer or none). Option ``autotune=off`` serves every ke
 default instead of the tuned cache (``fused:autotune=off,fused`` compares the two in one run). Option
 ``save_every=n`` (with ``ckpt=offload``) sets FASTBENCH_OFFLOAD_SAVE_EVERY in that arm's processes: every
 n-th layer's MLP activations offloaded instead of recomputed, 0 none (``fused-4bit:ckpt=offload:save_every=3``
-beside ``fused-4bit:ckpt=offload`` compares it with the default in one run).
+beside ``fused-4bit:ckpt=offload`` compares it with the default in one run); ``keep_last=n`` likewise sets
+FASTBENCH_OFFLOAD_KEEP_LAST (the last n layers keep on the GPU what would go to the host).
 """
 from __future__ import annotations
 
@@ -16,16 +17,19 @@ import os
 from fastbench.bench.arms import ArmSpec, RunConfig, base_model, load_4bit, register_arm
 
 _CKPT = {"true": True, "false": False, "offload": "offload", "auto": "auto"}
+_OFFLOAD_OPTIONS = ("save_every", "keep_last")  # each sets a switch of fastbench.checkpointing in the arm's processes
 
 
 def checkpointing(cfg: RunConfig):
-    unknown = set(cfg.arm_options) - {"ckpt", "autotune", "save_every"}
+    unknown = set(cfg.arm_options) - {"ckpt", "autotune", *_OFFLOAD_OPTIONS}
     if unknown:
-        raise ValueError(f"unknown fused arm option(s) {', '.join(sorted(unknown))}; valid: ckpt, autotune, save_every")
+        raise ValueError(f"unknown fused arm option(s) {', '.join(sorted(unknown))}; valid: ckpt, autotune, "
+                         + ", ".join(_OFFLOAD_OPTIONS))
     value = cfg.arm_options.get("ckpt")
-    if "save_every" in cfg.arm_options and (value or "").lower() not in ("offload", "unsloth"):
-        raise ValueError("fused arm option save_every applies to ckpt=offload only, e.g. "
-                         "fused-4bit:ckpt=offload:save_every=3")
+    for option in set(cfg.arm_options) & set(_OFFLOAD_OPTIONS):
+        if (value or "").lower() not in ("offload", "unsloth"):
+            raise ValueError(f"fused arm option {option} applies to ckpt=offload only, e.g. "
+                             f"fused-4bit:ckpt=offload:{option}=3")
     if value is None:
         return bool(cfg.gradient_checkpointing)
     return _CKPT.get(value.lower(), value)  # else a budget in GiB, checked by fastbench.checkpointing
@@ -34,7 +38,7 @@ def checkpointing(cfg: RunConfig):
 def _fused(load):
     def build(cfg: RunConfig):
         from fastbench.autotune import lookup
-        from fastbench.checkpointing import SAVE_EVERY_ENV
+        from fastbench.checkpointing import KEEP_LAST_ENV, SAVE_EVERY_ENV
         from fastbench.model import FastLanguageModel
 
         autotune = cfg.arm_options.get("autotune", "on").lower()
@@ -43,8 +47,9 @@ def _fused(load):
         if autotune == "off":  # this process runs this arm alone: the switch stays within it
             os.environ[lookup.OFF_ENV] = "off"
             lookup.reset()
-        if "save_every" in cfg.arm_options:  # likewise; get_peft_model checks the value
-            os.environ[SAVE_EVERY_ENV] = cfg.arm_options["save_every"]
+        for option, switch in zip(_OFFLOAD_OPTIONS, (SAVE_EVERY_ENV, KEEP_LAST_ENV)):  # get_peft_model checks them
+            if option in cfg.arm_options:
+                os.environ[switch] = cfg.arm_options[option]
 
         model = FastLanguageModel.get_peft_model(
             load(cfg), r=cfg.lora_r, target_modules=list(cfg.targets), lora_alpha=cfg.lora_alpha,
@@ -55,7 +60,7 @@ def _fused(load):
     return build
 
 
-register_arm(ArmSpec("fused", "fastbench fused LoRA on the bf16 model (option ckpt=true|false|offload|auto|GiB; save_every=n with offload)",
+register_arm(ArmSpec("fused", "fastbench fused LoRA on the bf16 model (option ckpt=true|false|offload|auto|GiB; save_every=n, keep_last=n with offload)",
                      ("peft",), "pip install peft", _fused(base_model), kind="bf16"))
-register_arm(ArmSpec("fused-4bit", "fastbench fused QLoRA on the NF4 model (option ckpt=true|false|offload|auto|GiB; save_every=n with offload)",
+register_arm(ArmSpec("fused-4bit", "fastbench fused QLoRA on the NF4 model (option ckpt=true|false|offload|auto|GiB; save_every=n, keep_last=n with offload)",
                      ("peft", "bitsandbytes"), "pip install bitsandbytes", _fused(load_4bit), kind="nf4"))

@@ -158,7 +158,7 @@ def install(model, use_gradient_checkpointing) -> list[str]:
     if reason:
         raise ValueError(f"fastbench's fused path cannot run this model: {reason}")
     backbone = model.get_decoder()
-    checkpointing = LayerCheckpointing(use_gradient_checkpointing)
+    checkpointing = LayerCheckpointing(use_gradient_checkpointing, layers=model.config.num_hidden_layers)
     backbone._fastbench = FusedState(family_of(model.config), checkpointing)
     backbone.forward = types.MethodType(fused_backbone_forward, backbone)
     model.forward = types.MethodType(fused_forward, model)

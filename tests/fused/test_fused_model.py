@@ -114,6 +114,14 @@ def test_offload_keeping_saved_mlp_activations_matches_peft(seed, monkeypatch, e
     assert_same_step(fused, ref, *batch())
 
 
+@pytest.mark.parametrize("load_in_4bit", [False, True])
+def test_offload_keeping_the_last_layer_on_the_gpu_matches_peft(seed, monkeypatch, load_in_4bit):
+    monkeypatch.setenv("FASTBENCH_OFFLOAD_KEEP_LAST", "1")
+    fused, ref = pair("llama-3-8b-tiny", seed, load_in_4bit=load_in_4bit, checkpointing="offload")
+    assert fused.get_base_model().model._fastbench.checkpointing.keep_last == 1
+    assert_same_step(fused, ref, *batch())
+
+
 @pytest.mark.parametrize("value", ["-1", "two", "1.5"])
 def test_a_bad_save_every_setting_says_what_to_give(seed, monkeypatch, value):
     monkeypatch.setenv("FASTBENCH_OFFLOAD_SAVE_EVERY", value)

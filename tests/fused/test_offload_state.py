@@ -277,6 +277,44 @@ def test_offload_keeping_saved_activations_of_every_nth_mlp(seed, every):
     assert not ckpt.offloader._saved and not ckpt.offloader._prefetched
 
 
+@pytest.mark.parametrize("keep_last, every", [(1, 2), (2, 2), (3, 0), (4, 1)])
+def test_the_last_layers_keep_on_the_gpu_what_would_go_to_the_host(seed, monkeypatch, keep_last, every):
+    """FASTBENCH_OFFLOAD_KEEP_LAST=k: the last k layers copy nothing to the host (their units keep their input,
+    a saved last part its activations, on the device), the others as before; the gradients do not change."""
+    from fastbench.checkpointing import KEEP_LAST_ENV
+
+    monkeypatch.setenv(KEEP_LAST_ENV, str(keep_last))
+    monkeypatch.setenv(SAVE_EVERY_ENV, str(every))
+    layers, x = TwoPartLayers(), torch.randn(5, 8, requires_grad=True)
+    expected = layers.grads(LayerCheckpointing(False), x)
+    ckpt = LayerCheckpointing("offload", layers=4)
+    assert ckpt.keep_last == keep_last and f"the last {keep_last} layers' on the GPU" in ckpt.describe()
+    saved = []
+    save = ckpt.offloader.save
+    monkeypatch.setattr(ckpt.offloader, "save", lambda slot, t, group=None: (saved.append(slot), save(slot, t, group))[1])
+    layers.mlp_runs, SideBySide.shared = [0] * 4, []
+    got = layers.grads(ckpt, x)
+    for a, b in zip(got, expected):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
+    offloaded = 4 - keep_last
+    assert layers.mlp_runs == [1 if every and i % every == 0 else 2 for i in range(4)]
+    assert saved[0] == 0 if offloaded else saved == []  # slot 0 (a new forward) comes first where anything goes
+    per_layer = [1 + (2 if every and i % every == 0 else 1) for i in range(offloaded)]  # 2 tensors per saved MLP
+    assert len(saved) == sum(per_layer)
+    assert not ckpt.offloader._saved and not ckpt.offloader._prefetched
+
+
+def test_keep_last_needs_the_layer_count_and_a_whole_number(monkeypatch):
+    from fastbench.checkpointing import KEEP_LAST_ENV, check_offload_switches
+
+    monkeypatch.setenv(KEEP_LAST_ENV, "2")
+    assert LayerCheckpointing("offload").keep_last == 0  # no layer count given: nothing kept
+    assert LayerCheckpointing(True, layers=4).keep_last == 0  # not the offload mode
+    monkeypatch.setenv(KEEP_LAST_ENV, "last two")
+    with pytest.raises(ValueError, match="FASTBENCH_OFFLOAD_KEEP_LAST='last two': give a whole number"):
+        check_offload_switches()
+
+
 def test_a_group_comes_back_whole_and_single_inputs_one_ahead(seed):
     """A backward keeps the forward's largest group's bytes on their way back (at least one group), a group
     fetched as a whole: with inputs saved alone, that is the next input only."""
