@@ -20,8 +20,9 @@ down projection and the GLU).
   not recomputed. On the H200 (PCIe 5, ~53 GB/s each way) every 2nd layer took llama-3-8b's step from 371 to
   333 ms for 0.6 GiB more GPU memory; every layer made the copies the bottleneck (460 ms). The last
   ``FASTBENCH_OFFLOAD_KEEP_LAST`` layers (default 0) keep on the GPU what would go to the host: their backward
-  comes first, and on one copy stream their fetches would wait behind the forward's last copies out (an
-  experiment, off by default, not yet measured on a GPU). The fused path also keeps an untied, frozen input
+  comes first, and on one copy stream their fetches would wait behind the forward's last copies out; and
+  ``FASTBENCH_OFFLOAD_STREAMS=2`` puts the copies out and back on two streams (both experiments, off by
+  default, not yet measured on a GPU). The fused path also keeps an untied, frozen input
   embedding table in pinned host memory in this mode (fastbench.fused.host_embedding).
 - a number (GiB) or ``"auto"``: a budget. The first layer of the first step runs un-checkpointed
   while the bytes its autograd graph saves are counted; from then on the first
@@ -79,16 +80,20 @@ def _recomputation():
 class HostOffloader:
     """Copies checkpointed inputs to pinned host buffers on a side stream and back, prefetching one ahead.
 
-    Every copy runs on one side stream, so a buffer's copy back to the GPU is ordered after its copy
-    to the host, and a reused buffer's next copy after both. Each copy first makes the side stream wait
-    for all work queued on the compute stream: it then reads only finished data, and writes only
-    memory that no queued kernel still uses (a buffer the compute stream freed while the CPU ran
-    ahead)."""
+    By default every copy runs on one side stream, so a buffer's copy back to the GPU is ordered after its
+    copy to the host, and a reused buffer's next copy after both. With ``streams=2`` (an experiment:
+    ``FASTBENCH_OFFLOAD_STREAMS=2``) the copies to the host and those back run on two streams, so that the
+    bus carries both directions at once (where the backward's first fetches meet the forward's last copies
+    out); the same order is then kept by events: a copy back waits for its copy out, and a buffer's next
+    copy out for the copy back that read it. Each copy first makes its stream wait for all work queued on
+    the compute stream: it then reads only finished data, and writes only memory that no queued kernel
+    still uses (a buffer the compute stream freed while the CPU ran ahead)."""
 
-    def __init__(self):
+    def __init__(self, streams: int = 1):
         # keys are (forward number, slot), slots numbering a forward's checkpointed parts 0, 1, ...: an entry
         # left by a step whose backward never finished (an OOM retry) can never be mistaken for a later step's
-        self._saved: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.device]] = {}  # -> (buffer, host view, device)
+        # -> (buffer, host view, device, the copy's event or None)
+        self._saved: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.device, object]] = {}
         self._prefetched: dict[tuple[int, int], tuple[torch.Tensor, object]] = {}  # -> (x on its device, copy done)
         self._free: list[torch.Tensor] = []  # flat host buffers to reuse
         self._groups: dict[tuple[int, int], tuple] = {}  # key -> its group (entries fetched back together)
@@ -99,16 +104,22 @@ class HostOffloader:
         self._registered: list[torch.Tensor] = []  # every buffer pinned by registration, unregistered when self goes
         weakref.finalize(self, _unregister, self._registered)
         self._forward = 0
-        self._stream = None
+        self._two_streams = streams == 2
+        self._streams: dict[str, torch.cuda.Stream] = {}  # "out" (to the host), "in" (back): one stream unless two
+        self._reads: dict[int, object] = {}  # a freed buffer's data_ptr -> the event of the copy back that read it
         _host_wait["s"] = _host_wait["s"] or 0.0
 
-    def _side_stream_after_compute(self):
+    def _side_stream_after_compute(self, direction: str):
+        """The stream of the copies ``direction`` ("out" to the host, "in" back), made to wait for the compute
+        stream."""
         # current_stream() must be read here, outside `torch.cuda.stream(side)`: inside, it is the side
         # stream itself (an earlier version waited on itself there and raced on the H200)
-        if self._stream is None:
-            self._stream = torch.cuda.Stream()
-        self._stream.wait_stream(torch.cuda.current_stream())
-        return self._stream
+        if not self._streams:
+            self._streams["out"] = torch.cuda.Stream()
+            self._streams["in"] = torch.cuda.Stream() if self._two_streams else self._streams["out"]
+        stream = self._streams[direction]
+        stream.wait_stream(torch.cuda.current_stream())
+        return stream
 
     def _host_buffer(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A flat buffer of at least like.numel() elements and its view shaped like ``like``: a free one
@@ -131,6 +142,8 @@ class HostOffloader:
         if not small:
             return
         self._free = [b for b in self._free if all(b is not s for s in small)]
+        for b in small:
+            self._reads.pop(b.data_ptr(), None)
         registered = [b for b in small if any(b is r for r in self._registered)]
         if registered:
             self._registered[:] = [r for r in self._registered if all(r is not b for b in registered)]
@@ -138,7 +151,7 @@ class HostOffloader:
 
     def _release_before(self, forward: int) -> None:
         """Forget what forwards before ``forward`` left behind (their backward never ran to the end)."""
-        for key in [k for k in self._saved if k[0] < forward]:
+        for key in [k for k in self._saved if k[0] < forward]:  # never fetched: no copy back read them
             self._free.append(self._saved.pop(key)[0])
         for key in [k for k in self._prefetched if k[0] < forward]:
             del self._prefetched[key]
@@ -160,8 +173,12 @@ class HostOffloader:
         members.append(key)
         self._lookahead = max(self._lookahead, sum(self._saved[k][1].nbytes for k in members[:-1]) + x.nbytes)
         buf, host = self._host_buffer(x)
+        done = None
         if x.is_cuda:
-            stream = self._side_stream_after_compute()
+            stream = self._side_stream_after_compute("out")
+            read = self._reads.pop(buf.data_ptr(), None)
+            if read is not None:  # two streams: the copy back that last read this buffer must have finished
+                stream.wait_event(read)
             with torch.cuda.stream(stream):
                 host.copy_(x, non_blocking=True)
                 done = torch.cuda.Event()
@@ -171,7 +188,7 @@ class HostOffloader:
             self._bound_copying(x.nbytes)
         else:
             host.copy_(x)
-        self._saved[key] = (buf, host, x.device)
+        self._saved[key] = (buf, host, x.device, done)
         return key
 
     def _bound_copying(self, nbytes: int) -> None:
@@ -189,17 +206,21 @@ class HostOffloader:
         if key not in self._saved:
             raise RuntimeError("the offloaded input of this layer was released: offloaded checkpointing keeps "
                                "the inputs of the last two forwards until their backward")
-        buf, host, device = self._saved.pop(key)
-        self._free.append(buf)  # a later save's copy into it is queued after this copy, on the same stream
+        buf, host, device, copied_out = self._saved.pop(key)
+        self._free.append(buf)  # a later save's copy into it waits for this copy (the same stream, or its event)
         if device.type != "cuda":
             return host.clone(), None
         x = torch.empty(host.shape, dtype=host.dtype, device=device)
-        stream = self._side_stream_after_compute()
+        stream = self._side_stream_after_compute("in")
+        if self._two_streams:
+            stream.wait_event(copied_out)
         with torch.cuda.stream(stream):
             x.copy_(host, non_blocking=True)
             done = torch.cuda.Event()
             done.record(stream)
         x.record_stream(stream)
+        if self._two_streams:
+            self._reads[buf.data_ptr()] = done
         return x, done
 
     def load(self, key: tuple[int, int]) -> torch.Tensor:
@@ -341,6 +362,7 @@ Part = tuple[Callable, "Sequence[torch.Tensor] | Callable"]
 
 SAVE_EVERY_ENV = "FASTBENCH_OFFLOAD_SAVE_EVERY"
 KEEP_LAST_ENV = "FASTBENCH_OFFLOAD_KEEP_LAST"
+STREAMS_ENV = "FASTBENCH_OFFLOAD_STREAMS"
 EMBEDDING_ENV = "FASTBENCH_OFFLOAD_EMBEDDING"
 
 
@@ -354,6 +376,14 @@ def _whole_number(name: str, default: str, meaning: str) -> int:
 def _save_every() -> int:
     return _whole_number(SAVE_EVERY_ENV, "2", "every n-th layer's MLP activations offloaded instead of recomputed; "
                                               "0: recompute every layer")
+
+
+def _offload_streams() -> int:
+    value = os.environ.get(STREAMS_ENV, "1")
+    if value not in ("1", "2"):
+        raise ValueError(f"{STREAMS_ENV}={value!r}: give 1 (one copy stream for both directions, the default) or 2 "
+                         "(copies to the host and back on two streams)")
+    return int(value)
 
 
 def _keep_last() -> int:
@@ -375,6 +405,7 @@ def check_offload_switches() -> None:
     """Raises on a bad value of the offload mode's environment switches (before a model is touched)."""
     _save_every()
     _keep_last()
+    _offload_streams()
     embedding_offloaded()
 
 
@@ -384,7 +415,7 @@ class LayerCheckpointing:
     def __init__(self, setting, layers: int | None = None):
         self.setting = setting
         self.mode, self.budget = parse_setting(setting)
-        self.offloader = HostOffloader() if self.mode == "offload" else None
+        self.offloader = HostOffloader(_offload_streams()) if self.mode == "offload" else None
         self.bytes_per_token: float | None = None  # measured by the budget mode
         self._kept = 0
         self._slot = 0  # the next offload slot of this forward

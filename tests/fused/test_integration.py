@@ -27,7 +27,7 @@ def test_arm_starts_where_its_baseline_starts(seed, arm, baseline, tmp_path, mon
     from fastbench.checkpointing import SAVE_EVERY_ENV
 
     monkeypatch.setenv("FASTBENCH_CHECKPOINT_CACHE", str(tmp_path))
-    monkeypatch.delenv(SAVE_EVERY_ENV, raising=False)  # restored after the arm's build set it
+    monkeypatch.setenv(SAVE_EVERY_ENV, "2")  # the default; unset again after the test, whatever the arm's build set
     name, options = parse_label(arm)
     cfg = RunConfig(model="qwen2.5-7b-tiny", seq_len=12, batch=2, lora_r=4, lora_alpha=8, seed=seed % 1000,
                     dtype="float32", device="cpu", arm_options=options)
@@ -40,14 +40,15 @@ def test_arm_starts_where_its_baseline_starts(seed, arm, baseline, tmp_path, mon
                                                ({"ckpt": "offload", "save_every": "x"}, "give a whole number"),
                                                ({"ckpt": "offload", "every": "3"}, "valid: ckpt, autotune, save_every"),
                                                ({"ckpt": "true", "keep_last": "1"}, "keep_last applies to ckpt=offload"),
-                                               ({"ckpt": "offload", "keep_last": "-1"}, "KEEP_LAST='-1': give a whole")])
+                                               ({"ckpt": "offload", "keep_last": "-1"}, "KEEP_LAST='-1': give a whole"),
+                                               ({"ckpt": "offload", "streams": "3"}, "STREAMS='3': give 1")])
 def test_arm_option_save_every_is_checked(options, message, tmp_path, monkeypatch):
     from fastbench.bench.arms import RunConfig, get_arm
-    from fastbench.checkpointing import KEEP_LAST_ENV, SAVE_EVERY_ENV
+    from fastbench.checkpointing import KEEP_LAST_ENV, SAVE_EVERY_ENV, STREAMS_ENV
 
     monkeypatch.setenv("FASTBENCH_CHECKPOINT_CACHE", str(tmp_path))
-    monkeypatch.delenv(SAVE_EVERY_ENV, raising=False)
-    monkeypatch.delenv(KEEP_LAST_ENV, raising=False)
+    for switch, default in ((SAVE_EVERY_ENV, "2"), (KEEP_LAST_ENV, "0"), (STREAMS_ENV, "1")):
+        monkeypatch.setenv(switch, default)  # unset again after the test, whatever the arm's build set
     cfg = RunConfig(model="llama-3-8b-tiny", seq_len=12, batch=1, lora_r=4, dtype="float32", device="cpu",
                     arm_options=options)
     with pytest.raises(ValueError, match=message):
@@ -62,11 +63,12 @@ def test_worker_records_the_offload_wait_of_an_offload_arm(tmp_path, monkeypatch
     from fastbench.checkpointing import SAVE_EVERY_ENV
 
     monkeypatch.setenv("FASTBENCH_CHECKPOINT_CACHE", str(tmp_path))
-    monkeypatch.delenv(SAVE_EVERY_ENV, raising=False)
+    monkeypatch.setenv(SAVE_EVERY_ENV, "2")  # unset again after the test, whatever the arm's build set
     cfg = RunConfig(model="llama-3-8b-tiny", seq_len=12, batch=1, lora_r=4, dtype="float32", device="cpu", steps=2,
                     warmup=1).to_dict()
-    monkeypatch.delenv("FASTBENCH_OFFLOAD_KEEP_LAST", raising=False)
-    record = worker.run({"arm": "fused:ckpt=offload:save_every=1:keep_last=1", "config": cfg, "repeat": 0})
+    monkeypatch.setenv("FASTBENCH_OFFLOAD_KEEP_LAST", "0")
+    monkeypatch.setenv("FASTBENCH_OFFLOAD_STREAMS", "1")
+    record = worker.run({"arm": "fused:ckpt=offload:save_every=1:keep_last=1:streams=2", "config": cfg, "repeat": 0})
     assert record["status"] == "ok", record["error"]
     assert record["offload_wait_ms"] == 0.0 and len(record["step_s"]) == 2
 
