@@ -67,6 +67,17 @@ def recomputing() -> bool:
     return getattr(_state, "recomputing", False)
 
 
+def derived(t: torch.Tensor, source: torch.Tensor, recompute: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Declares ``t == recompute(source)``, bit for bit (a deterministic function of one tensor, such as a norm);
+    returns t. Where the offload mode copies a part's saved activations to the host and both t and source are
+    among them, t is not copied but recomputed from source in the backward (the bus carries less); elsewhere
+    this does nothing."""
+    derivations = getattr(_state, "derivations", None)
+    if derivations is not None:
+        derivations[id(t)] = (t, source, recompute)
+    return t
+
+
 @contextlib.contextmanager
 def _recomputation():
     before = recomputing()
@@ -464,27 +475,35 @@ class LayerCheckpointing:
         an eighth of x's size, parameters aside) copied to the host instead of kept on the device, one group
         that comes back as a whole in the backward. A view of a contiguous tensor at most twice its size is
         saved as that tensor (once for all its views), so views that lie side by side in one tensor (a fused
-        product's outputs) still do after the backward fetched them."""
-        group, bases = self._slot, {}
+        product's outputs) still do after the backward fetched them. A tensor declared :func:`derived` from
+        one saved before it is not copied but recomputed from that one in the backward."""
+        group, bases, derivations = self._slot, {}, {}
+
+        def base_of(t):  # a view goes as its base, once for all its views, unless the base is far larger
+            base = t._base
+            return t if base is None or not base.is_contiguous() or base.numel() > 2 * t.numel() else base
+
+        def packed(t, entry, base):
+            entry["uses"] += 1
+            return entry, t.shape, t.stride(), t.storage_offset() - base.storage_offset() if base is not t else None
 
         def pack(t):
             if isinstance(t, torch.nn.Parameter) or t.numel() * 8 < x.numel():
                 return t
-            base = t._base  # a view goes as its base, once for all its views, unless the base is far larger
-            if base is None or not base.is_contiguous() or base.numel() > 2 * t.numel():
-                base = t
+            how = derivations.get(id(t))
+            if how is not None and how[0] is t:
+                _, source, recompute = how
+                entry = bases.get(id(base_of(source)))
+                if entry is not None:
+                    return packed(source, entry, base_of(source)), recompute
+            base = base_of(t)
             entry = bases.get(id(base))
             if entry is None:
                 entry = bases[id(base)] = {"key": self.offloader.save(self._next_slot(), base, group),
                                            "uses": 0, "fetched": None, "base": base}
-            entry["uses"] += 1
-            offset = t.storage_offset() - base.storage_offset() if base is not t else None
-            return entry, t.shape, t.stride(), offset
+            return packed(t, entry, base)
 
-        def unpack(packed):
-            if not isinstance(packed, tuple):
-                return packed
-            entry, shape, stride, offset = packed
+        def restored(entry, shape, stride, offset):
             if entry["fetched"] is None:
                 entry["fetched"] = self.offloader.load(entry["key"])
             base = entry["fetched"]
@@ -493,10 +512,23 @@ class LayerCheckpointing:
                 entry["fetched"] = None
             return base if offset is None else base.as_strided(shape, stride, base.storage_offset() + offset)
 
-        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-            y = fn(x)
+        def unpack(saved):
+            if not isinstance(saved, tuple):
+                return saved
+            if len(saved) == 2:  # a derived tensor: (its source as saved, recompute)
+                with torch.no_grad():
+                    return saved[1](restored(*saved[0]))
+            return restored(*saved)
+
+        _state.derivations = derivations
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+                y = fn(x)
+        finally:
+            _state.derivations = None
         for entry in bases.values():  # held only so that no other tensor took a base's id during fn
             del entry["base"]
+        derivations.clear()
         return y
 
     def _budget(self, x) -> float:

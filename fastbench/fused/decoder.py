@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from fastbench.checkpointing import recomputing
+from fastbench.checkpointing import derived, recomputing
 from fastbench.kernels.geglu import geglu, geglu_backward
 from fastbench.kernels.lora import GLU, LoRA, Projection, lora_mlp, lora_projections
 from fastbench.kernels.rms_norm import rms_norm
@@ -222,8 +222,9 @@ def mlp_residual(layer, h, family: Family, projections=None):
     """h + MLP(RMSNorm(h)): the second part of a decoder layer. ``projections``: (gate, up, down), by
     default the layer's as they stand."""
     gate, up, down = projections or layer_projections(layer)[1]
-    m = rms_norm(h, layer.post_attention_layernorm.weight, norm_eps(layer.post_attention_layernorm),
-                 family.norm_offset)
+    norm = functools.partial(rms_norm, weight=layer.post_attention_layernorm.weight,
+                             eps=norm_eps(layer.post_attention_layernorm), offset=family.norm_offset)
+    m = derived(norm(h), h, norm)  # an MLP whose activations go to the host recomputes m rather than copy it
     return h + lora_mlp(m, gate, up, down, family.glu, graph_only=recomputing())
 
 

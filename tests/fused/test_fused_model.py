@@ -114,6 +114,27 @@ def test_offload_keeping_saved_mlp_activations_matches_peft(seed, monkeypatch, e
     assert_same_step(fused, ref, *batch())
 
 
+def test_a_saved_mlp_recomputes_its_normed_input_instead_of_offloading_it(seed, monkeypatch):
+    """The MLP's input m = RMSNorm(h) is declared derived from h: where the MLP's activations go to the host,
+    h goes and m is recomputed from it in the backward (one copy fewer per saved MLP, same gradients)."""
+    import fastbench.fused.decoder as decoder
+
+    monkeypatch.setenv("FASTBENCH_OFFLOAD_SAVE_EVERY", "1")
+    counts = []
+    for derive in (True, False):
+        if not derive:
+            monkeypatch.setattr(decoder, "derived", lambda t, source, recompute: t)
+        fused, ref = pair("llama-3-8b-tiny", seed, checkpointing="offload")
+        offloader = fused.get_base_model().model._fastbench.checkpointing.offloader
+        saved = []
+        save = offloader.save
+        monkeypatch.setattr(offloader, "save", lambda slot, t, group=None: (saved.append(slot), save(slot, t, group))[1])
+        assert_same_step(fused, ref, *batch())
+        counts.append(len(saved))
+    layers = fused.config.num_hidden_layers
+    assert counts[1] - counts[0] == layers  # every layer's MLP saved (n = 1): one copy fewer each
+
+
 @pytest.mark.parametrize("load_in_4bit", [False, True])
 def test_offload_keeping_the_last_layer_on_the_gpu_matches_peft(seed, monkeypatch, load_in_4bit):
     monkeypatch.setenv("FASTBENCH_OFFLOAD_KEEP_LAST", "1")

@@ -315,6 +315,43 @@ def test_keep_last_needs_the_layer_count_and_a_whole_number(monkeypatch):
         check_offload_switches()
 
 
+@pytest.mark.parametrize("view", [False, True])
+def test_a_derived_tensor_is_recomputed_from_its_saved_source(seed, monkeypatch, view):
+    """A saved part's tensor declared derived(t, source, f) goes to the host only as its source (which the part
+    saves anyway; a view of it too) and comes back as f(source): same gradients, one copy fewer."""
+    from fastbench.checkpointing import derived
+
+    monkeypatch.setenv(SAVE_EVERY_ENV, "1")
+    width = 16 if view else 8
+    W, V = torch.randn(width, width, requires_grad=True), torch.randn(8, 8, requires_grad=True)
+    x = torch.randn(5, width, requires_grad=True)
+
+    def mlp(h, derive=True):
+        source = h[:, :8] if view else h  # a view of half its base is saved as that base
+        a = source.sin()  # saves source
+        m = source.cos()
+        m = derived(m, source, torch.cos) if derive else m
+        return h[:, :8] + a * (m @ V)  # saves m (or recomputes it) and V
+
+    def run(ckpt, derive):
+        parts = [(lambda h: h + torch.tanh(h @ W), [W]), (lambda h: mlp(h, derive), [V])]
+        y = ckpt(0, x, parts)
+        return torch.autograd.grad((y ** 2).sum(), [x, W, V])
+
+    expected = run(LayerCheckpointing(False), True)
+    saves = {}
+    for derive in (True, False):
+        ckpt = LayerCheckpointing("offload")
+        save = ckpt.offloader.save
+        saves[derive] = []
+        monkeypatch.setattr(ckpt.offloader, "save",
+                            lambda slot, t, group=None, log=saves[derive]: (log.append(t.shape), save(slot, t, group))[1])
+        got = run(ckpt, derive)
+        for a, b in zip(got, expected):
+            assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert len(saves[False]) - len(saves[True]) == 1  # m was not copied
+
+
 def test_a_group_comes_back_whole_and_single_inputs_one_ahead(seed):
     """A backward keeps the forward's largest group's bytes on their way back (at least one group), a group
     fetched as a whole: with inputs saved alone, that is the next input only."""
