@@ -43,6 +43,53 @@ def _driver() -> str | None:
         return None
 
 
+def host_topology(gpu_index: int | None = None) -> dict:
+    """Where this process may run against where its GPU sits: the host's NUMA nodes, the GPU's node (from its
+    PCI address), how many CPUs the process may use and how many of those are on the GPU's node; and the GPU's
+    PCIe link (generation and width, now and at most), which bounds the offload mode's copies. ``gpu_index``:
+    NVML's index of the GPU (None: no GPU). A value the host does not give (not Linux, no NVML) stays None."""
+    def read(path):
+        try:
+            with open(path) as f:
+                return f.read().strip()
+        except OSError:
+            return None
+
+    def cpus_in(cpulist):  # "0-7,16-23" -> {0, ..., 7, 16, ..., 23}
+        cpus = set()
+        for part in filter(None, (cpulist or "").split(",")):
+            first, _, last = part.partition("-")
+            cpus.update(range(int(first), int(last or first) + 1))
+        return cpus
+
+    root = "/sys/devices/system/node"
+    nodes = [n for n in os.listdir(root) if n[4:].isdigit()] if os.path.isdir(root) else []
+    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    out = {"numa_nodes": len(nodes) or None, "cpus_allowed": None if allowed is None else len(allowed),
+           "gpu_numa_node": None, "cpus_allowed_on_gpu_node": None, "pcie": None}
+    if gpu_index is None:
+        return out
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(gpu_index)
+        bus = pynvml.nvmlDeviceGetPciInfo(handle).busId
+        out["pcie"] = {"gen": pynvml.nvmlDeviceGetCurrPcieLinkGeneration(handle),
+                       "width": pynvml.nvmlDeviceGetCurrPcieLinkWidth(handle),
+                       "max_gen": pynvml.nvmlDeviceGetMaxPcieLinkGeneration(handle),
+                       "max_width": pynvml.nvmlDeviceGetMaxPcieLinkWidth(handle)}
+    except Exception:  # no NVML library, driver or GPU
+        return out
+    domain, _, rest = (bus.decode() if isinstance(bus, bytes) else bus).partition(":")  # "00000000:1B:00.0"
+    node = read(f"/sys/bus/pci/devices/{int(domain, 16):04x}:{rest.lower()}/numa_node")
+    if node is not None and node.isdigit():  # -1: the host does not say
+        out["gpu_numa_node"] = int(node)
+        local = cpus_in(read(f"{root}/node{node}/cpulist"))
+        out["cpus_allowed_on_gpu_node"] = None if allowed is None else len(local & allowed)
+    return out
+
+
 def _autotune_state() -> dict:
     from fastbench.autotune.lookup import describe
 
@@ -75,6 +122,7 @@ def collect_environment() -> dict:
         env.update(gpu=props.name, gpu_count=torch.cuda.device_count(),
                    compute_capability=f"{props.major}.{props.minor}",
                    gpu_memory_gib=round(props.total_memory / 2**30, 1), sm_count=props.multi_processor_count)
+    env["host"] = host_topology(0 if torch.cuda.is_available() else None)
     env["autotune"] = _autotune_state()
     env["patches"] = PATCHES
     env["switches"] = switches()
@@ -112,7 +160,24 @@ def format_environment(env: dict) -> str:
     lines.append("  `fastbench tune --list` shows which tier serves each op")
     lines.append(f"patches:   {env['patches']}")
     lines.append(f"switches:  {format_switches(env.get('switches'))}")
+    lines.append(f"host:      {format_host(env.get('host'))}")
     return "\n".join(lines)
+
+
+def format_host(host: dict | None) -> str:
+    """One line of :func:`host_topology`'s record."""
+    if host is None:
+        return "not recorded"
+    parts = [f"{host['numa_nodes'] or '?'} NUMA node(s)"]
+    if host["gpu_numa_node"] is not None:
+        parts.append(f"GPU on node {host['gpu_numa_node']}")
+    if host["cpus_allowed"] is not None:
+        local = host["cpus_allowed_on_gpu_node"]
+        parts.append(f"{host['cpus_allowed']} CPUs allowed" + (f" ({local} on the GPU's node)" if local is not None else ""))
+    if host["pcie"]:
+        pcie = host["pcie"]
+        parts.append(f"PCIe gen {pcie['gen']} x{pcie['width']} (at most gen {pcie['max_gen']} x{pcie['max_width']})")
+    return ", ".join(parts)
 
 
 def format_switches(switches: dict | None) -> str:

@@ -8,7 +8,7 @@ from fastbench.cli import main
 
 def test_collect_environment_has_what_results_record():
     env = collect_environment()
-    for key in ("gpu", "driver", "cuda", "versions", "git_sha", "git_dirty", "autotune", "python"):
+    for key in ("gpu", "driver", "cuda", "versions", "git_sha", "git_dirty", "autotune", "python", "host"):
         assert key in env
     assert set(env["versions"]) == set(LIBRARIES)
     assert env["versions"]["torch"] and env["versions"]["fastbench"]
@@ -47,3 +47,18 @@ def test_switches_that_change_behaviour_are_recorded_and_shown(monkeypatch):
     env = collect_environment()
     assert env["switches"] == {"FASTBENCH_OFFLOAD_SAVE_EVERY": "0"}
     assert "switches:  FASTBENCH_OFFLOAD_SAVE_EVERY=0" in format_environment(env)
+
+
+def test_host_topology_reads_numa_and_says_what_it_cannot():
+    from fastbench.env import format_host, host_topology
+
+    host = host_topology()  # no GPU: the NUMA side only
+    assert host["pcie"] is None and host["gpu_numa_node"] is None
+    assert host["cpus_allowed"] is None or host["cpus_allowed"] >= 1
+    line = format_host(host)
+    assert "NUMA node(s)" in line and "PCIe" not in line
+    assert format_host(None) == "not recorded"
+    full = {"numa_nodes": 2, "gpu_numa_node": 1, "cpus_allowed": 16, "cpus_allowed_on_gpu_node": 8,
+            "pcie": {"gen": 5, "width": 16, "max_gen": 5, "max_width": 16}}
+    assert format_host(full) == ("2 NUMA node(s), GPU on node 1, 16 CPUs allowed (8 on the GPU's node), "
+                                 "PCIe gen 5 x16 (at most gen 5 x16)")

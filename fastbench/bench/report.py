@@ -7,7 +7,7 @@ import os
 import statistics
 
 from fastbench.bench.regress import describe as describe_regression
-from fastbench.env import format_switches
+from fastbench.env import format_host, format_switches
 
 CPU_NOTE = "CPU run: these figures prove the pipeline works end to end, not how fast anything is."
 
@@ -200,6 +200,7 @@ def write_report(results: dict, reports_dir: str, regressions: list[dict] | None
              f"- GPU: {env['gpu'] or 'none (CPU)'}; driver {env['driver'] or 'n/a'}; CUDA {env['cuda'] or 'n/a'}",
              f"- versions: {versions}; git {env['git_sha'] or 'n/a'}{' (dirty)' if env.get('git_dirty') else ''}",
              f"- switches: {format_switches(env.get('switches'))}",
+             f"- host: {format_host(env.get('host'))}",
              f"- models {', '.join(compare['models'])}; arms {', '.join(compare['arms'])}"
              + "".join(f"; {arm} on {', '.join(models)} only" for arm, models in compare.get("arm_models", {}).items())
              + f"; {compare['repeats']} repeats, {run['warmup']} warm-up + {run['steps']} timed steps",
