@@ -61,6 +61,22 @@ def offload_host_wait_s() -> float | None:
     return _host_wait["s"]
 
 
+_fetch_waits: dict = {"events": None}  # while timed: (before, after) CUDA events around each fetch wait
+
+
+@contextlib.contextmanager
+def timed_fetch_waits():
+    """Within: each wait of the compute stream for an input fetched back from the host is bracketed by two
+    timing events (any thread: the backward runs in autograd's). Yields a function that, once the GPU has
+    run the work (synchronize first), gives the milliseconds the compute stream stood waiting in total: the
+    time the bus, not the host or the kernels, set the pace."""
+    events = _fetch_waits["events"] = []
+    try:
+        yield lambda: sum(before.elapsed_time(after) for before, after in events)
+    finally:
+        _fetch_waits["events"] = None
+
+
 def recomputing() -> bool:
     """True while a checkpointed part is being recomputed for its backward: its output's value is then
     never read (only its autograd graph is), so the part may return placeholders for it."""
@@ -239,7 +255,16 @@ class HostOffloader:
         x, done = self._prefetched.pop(key, None) or self._fetch(key)
         self._prefetch_below(key)
         if done is not None:
-            torch.cuda.current_stream().wait_event(done)
+            compute = torch.cuda.current_stream()
+            timed = _fetch_waits["events"]
+            if timed is None:
+                compute.wait_event(done)
+            else:
+                before, after = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                before.record(compute)
+                compute.wait_event(done)
+                after.record(compute)
+                timed.append((before, after))
         return x
 
     def _prefetch_below(self, key: tuple[int, int]) -> None:

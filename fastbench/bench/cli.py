@@ -134,8 +134,9 @@ def summarize_results(results: dict) -> dict:
 @click.option("--pad-fraction", type=float, help="Mean fraction of right padding per sequence [0].")
 @click.option("--profile/--no-profile", default=None,
               help="After the timed steps, two more steps per process: one timed from an idle GPU (does "
-                   "the host CPU bound the step?) and one profiled (time per region: matmul, dequantize, "
-                   "attention, ...), both in the report; allowed with --from [off].")
+                   "the host CPU bound the step? with offloaded checkpointing also: how long did the host wait "
+                   "for copies out, the GPU for inputs fetched back?) and one profiled (time per region: "
+                   "matmul, dequantize, attention, ...), both in the report; allowed with --from [off].")
 @click.option("--baseline-arm", help="Arm the ratios and loss checks refer to [peft].")
 @click.option("--loss-tolerance", type=float, help="Relative tolerance of the first steps' losses against "
                                                     "an arm of the same kind [0.01; bf16 vs 4-bit: 0.02].")

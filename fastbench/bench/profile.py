@@ -10,7 +10,9 @@ pow/mean/mul/cat) lands in "other"; ``top_other`` names the largest such kernels
 """
 from __future__ import annotations
 
+import contextlib
 import re
+import sys
 import time
 from typing import Callable
 
@@ -91,13 +93,29 @@ def host_issue(run_step: Callable[[], object], sync: Callable[[], None]) -> dict
     """One step from an idle GPU, unprofiled: ``issue_ms``, the host's time until ``run_step()`` returns
     (every kernel queued), and ``step_ms``, until the GPU has run them. Their ratio near 1 means the
     GPU finished as soon as the host had issued the last kernel: the step is bound by the CPU (Python,
-    launches), and GPU work saved will not show. Well below 1: the GPU is the bottleneck."""
+    launches), and GPU work saved will not show. Well below 1: the GPU is the bottleneck. Where the step
+    offloads to the host (an offloader exists), also ``host_wait_ms``, the part of issue_ms the host spent
+    waiting for copies out (fastbench.checkpointing.offload_host_wait_s), and on a GPU ``fetch_wait_ms``,
+    how long the compute stream stood waiting for inputs fetched back (timed_fetch_waits)."""
+    offload = sys.modules.get("fastbench.checkpointing")  # imported by the fused arms only
+    waited = offload.offload_host_wait_s() if offload is not None else None
+    timing = offload.timed_fetch_waits() if waited is not None else contextlib.nullcontext()
     sync()
-    t = time.perf_counter()
-    run_step()
-    issue = time.perf_counter() - t
-    sync()
-    return {"issue_ms": issue * 1e3, "step_ms": (time.perf_counter() - t) * 1e3}
+    with timing as fetch_wait_ms:
+        t = time.perf_counter()
+        run_step()
+        issue = time.perf_counter() - t
+        sync()
+        out = {"issue_ms": issue * 1e3, "step_ms": (time.perf_counter() - t) * 1e3}
+        if waited is not None:
+            out["host_wait_ms"] = 1e3 * (offload.offload_host_wait_s() - waited)
+            out["fetch_wait_ms"] = fetch_wait_ms() if _cuda_initialized() else None
+    return out
+
+
+def _cuda_initialized() -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized()
 
 
 def profile_step(run_step: Callable[[], object], cuda: bool) -> dict:

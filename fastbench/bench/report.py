@@ -96,6 +96,13 @@ def profile_lines(results: dict) -> list[str]:
                     mean_busy = sum(busy) / len(busy)
                     host += (f"; the GPU's compute stream ran kernels for {mean_busy:,.1f} ms of it "
                              f"(idle {max(0.0, step - mean_busy):,.1f} ms: waiting for the host or other streams)")
+                waits = [(h["host_wait_ms"], h.get("fetch_wait_ms")) for h in hosts if h.get("host_wait_ms") is not None]
+                if waits:
+                    host_wait = sum(w for w, _ in waits) / len(waits)
+                    fetch = [f for _, f in waits if f is not None]
+                    host += (f"; of that step the host waited {host_wait:,.1f} ms for copies to the host"
+                             + (f", the compute stream {sum(fetch) / len(fetch):,.1f} ms for inputs fetched back"
+                                if fetch else ""))
             lines.append(f"- {arm}: profiled step {sum(p['wall_ms'] for p in ps) / len(ps):,.1f} ms wall "
                          f"(profiler overhead included), timed steps {_fmt(timed and 1e3 * timed, ',.1f')} ms median"
                          + host + (f"; largest 'other': {others}" if others else ""))

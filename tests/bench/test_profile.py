@@ -145,6 +145,43 @@ def test_report_says_when_the_host_cpu_bounds_the_step(tmp_path, rng, make_recor
     assert "120.0 of its 400.0 ms (30%)" in qlora and "CPU-bound" not in qlora
 
 
+def test_host_issue_reports_the_offload_waits_where_an_offloader_exists(monkeypatch):
+    """With an offloader made (a fused offload arm), the unprofiled step also says how long the host waited
+    for copies out and, on a GPU, the compute stream for inputs fetched back (here: a CPU, so None)."""
+    import fastbench.checkpointing as ckpt
+    from fastbench.bench.profile import host_issue
+
+    monkeypatch.setitem(ckpt._host_wait, "s", None)
+    assert "host_wait_ms" not in host_issue(lambda: None, lambda: None)  # no offloader: the figures do not apply
+    ckpt.HostOffloader()
+    got = host_issue(lambda: ckpt._host_wait.update(s=ckpt._host_wait["s"] + 0.25), lambda: None)
+    assert got["host_wait_ms"] == pytest.approx(250.0) and got["fetch_wait_ms"] is None
+
+
+def test_timed_fetch_waits_sums_each_wait_and_stops_timing_after():
+    import fastbench.checkpointing as ckpt
+
+    class Before:
+        def __init__(self, ms): self.ms = ms
+        def elapsed_time(self, after): return self.ms
+
+    with ckpt.timed_fetch_waits() as total:
+        ckpt._fetch_waits["events"] += [(Before(1.5), None), (Before(0.25), None)]
+        assert total() == pytest.approx(1.75)
+    assert ckpt._fetch_waits["events"] is None
+
+
+def test_report_gives_the_offload_waits_of_the_profiled_arm(tmp_path, rng, make_record, make_results):
+    recs = [make_record("fused-4bit", rng=rng)]
+    recs[0]["profile"] = {**_profile(rng), "host": {"issue_ms": 390.0, "step_ms": 400.0, "host_wait_ms": 12.5,
+                                                     "fetch_wait_ms": 30.25}}
+    res = make_results(recs, ["fused-4bit"])
+    res["summary"] = summarize_results(res)
+    text = open(report.write_report(res, str(tmp_path))).read()
+    assert ("the host waited 12.5 ms for copies to the host, the compute stream 30.2 ms for inputs fetched back"
+            in text)
+
+
 def test_union_of_kernel_intervals():
     from fastbench.bench.profile import union_ms
 
