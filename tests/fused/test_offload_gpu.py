@@ -17,10 +17,17 @@ def test_offload_matches_recompute_at_llama_3_8b(tmp_path):
     arms = "fused-4bit:ckpt=true,fused-4bit:ckpt=offload,fused-4bit:ckpt=offload:streams=2:keep_last=2"  # + experiments
     args = ["compare", "--models", "llama-3-8b", "--arms", arms,
             "--baseline-arm", "fused-4bit:ckpt=true", "--seq-len", "2048", "--batch", "2", "--steps", "4",
-            "--warmup", "1", "--repeats", "1", "--loss-tolerance", "0.005",
+            "--warmup", "1", "--repeats", "1", "--loss-tolerance", "0.005", "--profile",
             "--results-dir", str(tmp_path / "results"), "--reports-dir", str(tmp_path / "reports")]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, _why(tmp_path / "results") + "\n" + result.output
+    (path,) = glob.glob(str(tmp_path / "results" / "*.json"))
+    for run in json.loads(open(path).read())["runs"]:  # the profile's offload waits, where they apply
+        host = run["profile"]["host"]
+        offload = "offload" in run["arm"]
+        assert ("fetch_wait_ms" in host) == offload, (run["arm"], host)
+        if offload:
+            assert host["fetch_wait_ms"] >= 0 and host["host_wait_ms"] >= 0 and run["offload_wait_ms"] >= 0
 
 
 def _why(results_dir) -> str:
