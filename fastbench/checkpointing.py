@@ -18,12 +18,13 @@ down projection and the GLU).
   backward) and recompute the part; except that every ``FASTBENCH_OFFLOAD_SAVE_EVERY``-th layer (default 2;
   0: none) keeps its MLP's graph, the activations it saves offloaded to pinned memory as well, so its MLP is
   not recomputed. On the H200 (PCIe 5, ~53 GB/s each way) every 2nd layer took llama-3-8b's step from 371 to
-  333 ms for 0.6 GiB more GPU memory; every layer made the copies the bottleneck (460 ms). The last
-  ``FASTBENCH_OFFLOAD_KEEP_LAST`` layers (default 0) keep on the GPU what would go to the host: their backward
-  comes first, and on one copy stream their fetches would wait behind the forward's last copies out; and
-  ``FASTBENCH_OFFLOAD_STREAMS=2`` puts the copies out and back on two streams (both experiments, off by
-  default, not yet measured on a GPU). The fused path also keeps an untied, frozen input
-  embedding table in pinned host memory in this mode (fastbench.fused.host_embedding).
+  333 ms for 0.6 GiB more GPU memory; every layer made the copies the bottleneck (460 ms). Experiments, off by
+  default and not yet measured on a GPU: the last ``FASTBENCH_OFFLOAD_KEEP_LAST`` layers keep on the GPU what
+  would go to the host (their backward comes first, and on one copy stream their fetches would wait behind
+  the forward's last copies out); ``FASTBENCH_OFFLOAD_STREAMS=2`` puts the copies out and back on two streams;
+  with ``FASTBENCH_OFFLOAD_WHOLE_LAYERS=1`` a layer whose MLP is recomputed keeps one input instead of two
+  (recomputing its attention's O projection too). The fused path also keeps an untied, frozen input embedding
+  table in pinned host memory in this mode (fastbench.fused.host_embedding).
 - a number (GiB) or ``"auto"``: a budget. The first layer of the first step runs un-checkpointed
   while the bytes its autograd graph saves are counted; from then on the first
   ``budget // bytes_per_layer`` layers keep their activations and the rest recompute. ``"auto"``
@@ -399,6 +400,7 @@ Part = tuple[Callable, "Sequence[torch.Tensor] | Callable"]
 SAVE_EVERY_ENV = "FASTBENCH_OFFLOAD_SAVE_EVERY"
 KEEP_LAST_ENV = "FASTBENCH_OFFLOAD_KEEP_LAST"
 STREAMS_ENV = "FASTBENCH_OFFLOAD_STREAMS"
+WHOLE_LAYERS_ENV = "FASTBENCH_OFFLOAD_WHOLE_LAYERS"
 EMBEDDING_ENV = "FASTBENCH_OFFLOAD_EMBEDDING"
 
 
@@ -422,6 +424,15 @@ def _offload_streams() -> int:
     return int(value)
 
 
+def _whole_layers() -> bool:
+    value = os.environ.get(WHOLE_LAYERS_ENV, "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"{WHOLE_LAYERS_ENV}={value!r}: give 0 (each half-layer recomputed from its own offloaded "
+                         "input, the default) or 1 (a layer whose MLP is recomputed keeps one input, recomputed as a "
+                         "whole)")
+    return value == "1"
+
+
 def _keep_last() -> int:
     return _whole_number(KEEP_LAST_ENV, "0", "the last n layers keep on the GPU what the offload mode would copy to "
                                              "the host; 0: none")
@@ -442,6 +453,7 @@ def check_offload_switches() -> None:
     _save_every()
     _keep_last()
     _offload_streams()
+    _whole_layers()
     embedding_offloaded()
 
 
@@ -462,6 +474,8 @@ class LayerCheckpointing:
         # the host (their backward comes first, while the copies of the layers before still drain)
         self.layers = layers
         self.keep_last = _keep_last() if self.mode == "offload" and layers else 0
+        # offload mode: a layer whose MLP is recomputed keeps one input (recomputed as one unit) instead of two
+        self.whole_layers = self.mode == "offload" and _whole_layers()
 
     def __call__(self, index: int, x: torch.Tensor, parts: Sequence[Part]) -> torch.Tensor:
         """Layer ``index`` of a forward, given as consecutive parts ``[(fn, params), ...]`` (x -> fn_1(x) ->
@@ -479,8 +493,9 @@ class LayerCheckpointing:
                 return _chain((fn for fn, _ in parts), x)
         if index == 0:
             self._slot = 0
-        units = [parts] if self.mode == "recompute" else [[part] for part in parts]
         saved_last = self.offloader is not None and self.save_last_every and index % self.save_last_every == 0
+        whole = self.mode == "recompute" or (self.whole_layers and not saved_last)
+        units = [parts] if whole else [[part] for part in parts]
         on_gpu = self.keep_last and index >= self.layers - self.keep_last
         offloader = None if on_gpu else self.offloader
         for unit in units[:-1] if saved_last else units:
@@ -587,7 +602,8 @@ class LayerCheckpointing:
         offload = ("recompute every layer, inputs" if not n else
                    "recompute every layer's attention, inputs and every MLP's activations" if n == 1 else
                    f"recompute every layer but every {_ordinal(n)} layer's MLP, inputs and those MLPs' activations")
-        kept = f" (the last {self.keep_last} layers' on the GPU)" if self.keep_last else ""
+        kept = (f" (the last {self.keep_last} layers' on the GPU)" if self.keep_last else "") + \
+            ("; a layer recomputed whole keeps one input" if self.whole_layers else "")
         return {"keep": "no activation checkpointing", "recompute": "recompute every layer",
                 "offload": f"{offload} offloaded to pinned CPU memory{kept}",
                 "budget": f"keep layers within a budget of {self.setting} GiB, recompute the rest"}[self.mode]

@@ -132,8 +132,8 @@ def collect_environment() -> dict:
 # Environment variables that change what fastbench trains or measures (not where it keeps files): a run records
 # the ones set, so that a result made with one of them reads as such.
 SWITCHES = ("FASTBENCH_OFFLOAD_SAVE_EVERY", "FASTBENCH_OFFLOAD_KEEP_LAST", "FASTBENCH_OFFLOAD_STREAMS",
-            "FASTBENCH_OFFLOAD_EMBEDDING", "FASTBENCH_AUTOTUNE", "FASTBENCH_PIN", "FASTBENCH_BENCH_FLUSH",
-            "FASTBENCH_SIMULATE_OOM")
+            "FASTBENCH_OFFLOAD_WHOLE_LAYERS", "FASTBENCH_OFFLOAD_EMBEDDING", "FASTBENCH_AUTOTUNE", "FASTBENCH_PIN",
+            "FASTBENCH_BENCH_FLUSH", "FASTBENCH_SIMULATE_OOM")
 
 
 def switches() -> dict[str, str]:
@@ -173,7 +173,8 @@ def format_host(host: dict | None) -> str:
         parts.append(f"GPU on node {host['gpu_numa_node']}")
     if host["cpus_allowed"] is not None:
         local = host["cpus_allowed_on_gpu_node"]
-        parts.append(f"{host['cpus_allowed']} CPUs allowed" + (f" ({local} on the GPU's node)" if local is not None else ""))
+        on_node = f" ({local} on the GPU's node)" if local is not None else ""
+        parts.append(f"{host['cpus_allowed']} CPUs allowed{on_node}")
     if host["pcie"]:
         pcie = host["pcie"]
         parts.append(f"PCIe gen {pcie['gen']} x{pcie['width']} (at most gen {pcie['max_gen']} x{pcie['max_width']})")

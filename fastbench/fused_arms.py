@@ -7,8 +7,9 @@ decides (recompute every layer or none). Option ``autotune=off`` serves every ke
 default instead of the tuned cache (``fused:autotune=off,fused`` compares the two in one run). Option
 ``save_every=n`` (with ``ckpt=offload``) sets FASTBENCH_OFFLOAD_SAVE_EVERY in that arm's processes: every
 n-th layer's MLP activations offloaded instead of recomputed, 0 none (``fused-4bit:ckpt=offload:save_every=3``
-beside ``fused-4bit:ckpt=offload`` compares it with the default in one run); ``keep_last=n`` and
-``streams=1|2`` likewise set FASTBENCH_OFFLOAD_KEEP_LAST and FASTBENCH_OFFLOAD_STREAMS (fastbench.checkpointing).
+beside ``fused-4bit:ckpt=offload`` compares it with the default in one run); ``keep_last=n``,
+``streams=1|2`` and ``whole_layers=0|1`` likewise set FASTBENCH_OFFLOAD_KEEP_LAST, _STREAMS and _WHOLE_LAYERS
+(fastbench.checkpointing).
 """
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ import os
 from fastbench.bench.arms import ArmSpec, RunConfig, base_model, load_4bit, register_arm
 
 _CKPT = {"true": True, "false": False, "offload": "offload", "auto": "auto"}
-_OFFLOAD_OPTIONS = ("save_every", "keep_last", "streams")  # each sets a switch of fastbench.checkpointing in the arm's processes
+# offload-mode options, each setting a switch of fastbench.checkpointing in the arm's processes
+_OFFLOAD_OPTIONS = ("save_every", "keep_last", "streams", "whole_layers")
 
 
 def checkpointing(cfg: RunConfig):
@@ -38,7 +40,7 @@ def checkpointing(cfg: RunConfig):
 def _fused(load):
     def build(cfg: RunConfig):
         from fastbench.autotune import lookup
-        from fastbench.checkpointing import KEEP_LAST_ENV, SAVE_EVERY_ENV, STREAMS_ENV
+        from fastbench.checkpointing import KEEP_LAST_ENV, SAVE_EVERY_ENV, STREAMS_ENV, WHOLE_LAYERS_ENV
         from fastbench.model import FastLanguageModel
 
         autotune = cfg.arm_options.get("autotune", "on").lower()
@@ -47,7 +49,8 @@ def _fused(load):
         if autotune == "off":  # this process runs this arm alone: the switch stays within it
             os.environ[lookup.OFF_ENV] = "off"
             lookup.reset()
-        for option, switch in zip(_OFFLOAD_OPTIONS, (SAVE_EVERY_ENV, KEEP_LAST_ENV, STREAMS_ENV)):  # get_peft_model checks them
+        switches = (SAVE_EVERY_ENV, KEEP_LAST_ENV, STREAMS_ENV, WHOLE_LAYERS_ENV)
+        for option, switch in zip(_OFFLOAD_OPTIONS, switches):  # get_peft_model checks the values
             if option in cfg.arm_options:
                 os.environ[switch] = cfg.arm_options[option]
 
@@ -60,7 +63,8 @@ def _fused(load):
     return build
 
 
-register_arm(ArmSpec("fused", "fastbench fused LoRA on the bf16 model (option ckpt=true|false|offload|auto|GiB; save_every, keep_last, streams with offload)",
+_OPTIONS = "option ckpt=true|false|offload|auto|GiB; with offload save_every, keep_last, streams, whole_layers"
+register_arm(ArmSpec("fused", f"fastbench fused LoRA on the bf16 model ({_OPTIONS})",
                      ("peft",), "pip install peft", _fused(base_model), kind="bf16"))
-register_arm(ArmSpec("fused-4bit", "fastbench fused QLoRA on the NF4 model (option ckpt=true|false|offload|auto|GiB; save_every, keep_last, streams with offload)",
+register_arm(ArmSpec("fused-4bit", f"fastbench fused QLoRA on the NF4 model ({_OPTIONS})",
                      ("peft", "bitsandbytes"), "pip install bitsandbytes", _fused(load_4bit), kind="nf4"))

@@ -96,7 +96,8 @@ def profile_lines(results: dict) -> list[str]:
                     mean_busy = sum(busy) / len(busy)
                     host += (f"; the GPU's compute stream ran kernels for {mean_busy:,.1f} ms of it "
                              f"(idle {max(0.0, step - mean_busy):,.1f} ms: waiting for the host or other streams)")
-                waits = [(h["host_wait_ms"], h.get("fetch_wait_ms")) for h in hosts if h.get("host_wait_ms") is not None]
+                waits = [(h["host_wait_ms"], h.get("fetch_wait_ms")) for h in hosts
+                         if h.get("host_wait_ms") is not None]
                 if waits:
                     host_wait = sum(w for w, _ in waits) / len(waits)
                     fetch = [f for _, f in waits if f is not None]

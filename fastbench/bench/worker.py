@@ -96,8 +96,8 @@ def new_record(label: str, model: str, repeat: int, config: dict, status: str = 
             "phase": "load", "load_s": None, "materialize_s": 0.0, "first_step_s": None, "first_step_compiles": None,
             "warmup_step_s": [], "step_s": [], "tokens_per_step": [], "losses": [],
             "peak_allocated_gib": None, "peak_reserved_gib": None, "nvml_process_gib": None,
-            "nvml_device_gib": None, **dict.fromkeys(busy.FIELDS), "gc_timed": None, "offload_wait_ms": None, "autotune_tiers": None,
-            "profile": None, "config": config}
+            "nvml_device_gib": None, **dict.fromkeys(busy.FIELDS), "gc_timed": None, "offload_wait_ms": None,
+            "autotune_tiers": None, "profile": None, "config": config}
 
 
 def run(spec: dict) -> dict:

@@ -135,11 +135,14 @@ def test_a_saved_mlp_recomputes_its_normed_input_instead_of_offloading_it(seed, 
     assert counts[1] - counts[0] == layers  # every layer's MLP saved (n = 1): one copy fewer each
 
 
+@pytest.mark.parametrize("switch", ["FASTBENCH_OFFLOAD_KEEP_LAST", "FASTBENCH_OFFLOAD_WHOLE_LAYERS"])
 @pytest.mark.parametrize("load_in_4bit", [False, True])
-def test_offload_keeping_the_last_layer_on_the_gpu_matches_peft(seed, monkeypatch, load_in_4bit):
-    monkeypatch.setenv("FASTBENCH_OFFLOAD_KEEP_LAST", "1")
+def test_offload_experiments_match_peft(seed, monkeypatch, load_in_4bit, switch):
+    """The last layer kept on the GPU; a layer whose MLP is recomputed kept as one input."""
+    monkeypatch.setenv(switch, "1")
     fused, ref = pair("llama-3-8b-tiny", seed, load_in_4bit=load_in_4bit, checkpointing="offload")
-    assert fused.get_base_model().model._fastbench.checkpointing.keep_last == 1
+    ckpt = fused.get_base_model().model._fastbench.checkpointing
+    assert (ckpt.keep_last, ckpt.whole_layers) == ((1, False) if "KEEP" in switch else (0, True))
     assert_same_step(fused, ref, *batch())
 
 

@@ -41,13 +41,14 @@ def test_arm_starts_where_its_baseline_starts(seed, arm, baseline, tmp_path, mon
                                                ({"ckpt": "offload", "every": "3"}, "valid: ckpt, autotune, save_every"),
                                                ({"ckpt": "true", "keep_last": "1"}, "keep_last applies to ckpt=offload"),
                                                ({"ckpt": "offload", "keep_last": "-1"}, "KEEP_LAST='-1': give a whole"),
-                                               ({"ckpt": "offload", "streams": "3"}, "STREAMS='3': give 1")])
+                                               ({"ckpt": "offload", "streams": "3"}, "STREAMS='3': give 1"),
+                                               ({"ckpt": "offload", "whole_layers": "2"}, "LAYERS='2': give 0")])
 def test_arm_option_save_every_is_checked(options, message, tmp_path, monkeypatch):
     from fastbench.bench.arms import RunConfig, get_arm
-    from fastbench.checkpointing import KEEP_LAST_ENV, SAVE_EVERY_ENV, STREAMS_ENV
+    from fastbench.checkpointing import KEEP_LAST_ENV, SAVE_EVERY_ENV, STREAMS_ENV, WHOLE_LAYERS_ENV
 
     monkeypatch.setenv("FASTBENCH_CHECKPOINT_CACHE", str(tmp_path))
-    for switch, default in ((SAVE_EVERY_ENV, "2"), (KEEP_LAST_ENV, "0"), (STREAMS_ENV, "1")):
+    for switch, default in ((SAVE_EVERY_ENV, "2"), (KEEP_LAST_ENV, "0"), (STREAMS_ENV, "1"), (WHOLE_LAYERS_ENV, "0")):
         monkeypatch.setenv(switch, default)  # unset again after the test, whatever the arm's build set
     cfg = RunConfig(model="llama-3-8b-tiny", seq_len=12, batch=1, lora_r=4, dtype="float32", device="cpu",
                     arm_options=options)

@@ -304,6 +304,31 @@ def test_the_last_layers_keep_on_the_gpu_what_would_go_to_the_host(seed, monkeyp
     assert not ckpt.offloader._saved and not ckpt.offloader._prefetched
 
 
+@pytest.mark.parametrize("every", [0, 2])
+def test_whole_layers_keep_one_input_per_recomputed_layer(seed, monkeypatch, every):
+    """FASTBENCH_OFFLOAD_WHOLE_LAYERS=1: a layer whose MLP is recomputed is one unit with one offloaded input
+    (its attention recomputed in full); a layer whose MLP is saved stays as before; the gradients do not
+    change."""
+    from fastbench.checkpointing import WHOLE_LAYERS_ENV
+
+    monkeypatch.setenv(WHOLE_LAYERS_ENV, "1")
+    monkeypatch.setenv(SAVE_EVERY_ENV, str(every))
+    layers, x = TwoPartLayers(), torch.randn(5, 8, requires_grad=True)
+    expected = layers.grads(LayerCheckpointing(False), x)
+    ckpt = LayerCheckpointing("offload", layers=4)
+    assert ckpt.whole_layers and "a layer recomputed whole keeps one input" in ckpt.describe()
+    saved = []
+    save = ckpt.offloader.save
+    monkeypatch.setattr(ckpt.offloader, "save", lambda slot, t, group=None: (saved.append(slot), save(slot, t, group))[1])
+    layers.mlp_runs, SideBySide.shared = [0] * 4, []
+    got = layers.grads(ckpt, x)
+    for a, b in zip(got, expected):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
+    kept = [every and i % every == 0 for i in range(4)]
+    assert layers.mlp_runs == [1 if k else 2 for k in kept]
+    assert len(saved) == sum(3 if k else 1 for k in kept)  # saved MLP: its attention's input, h and gu
+
+
 def test_keep_last_needs_the_layer_count_and_a_whole_number(monkeypatch):
     from fastbench.checkpointing import KEEP_LAST_ENV, check_offload_switches
 
@@ -312,6 +337,10 @@ def test_keep_last_needs_the_layer_count_and_a_whole_number(monkeypatch):
     assert LayerCheckpointing(True, layers=4).keep_last == 0  # not the offload mode
     monkeypatch.setenv(KEEP_LAST_ENV, "last two")
     with pytest.raises(ValueError, match="FASTBENCH_OFFLOAD_KEEP_LAST='last two': give a whole number"):
+        check_offload_switches()
+    monkeypatch.setenv(KEEP_LAST_ENV, "0")
+    monkeypatch.setenv("FASTBENCH_OFFLOAD_WHOLE_LAYERS", "yes")
+    with pytest.raises(ValueError, match="FASTBENCH_OFFLOAD_WHOLE_LAYERS='yes': give 0"):
         check_offload_switches()
 
 
