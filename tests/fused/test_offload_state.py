@@ -258,6 +258,19 @@ class TwoPartLayers:
         return torch.autograd.grad((h ** 2).sum(), [x, *self.W, *self.V])
 
 
+def run_against_keeping_everything(ckpt, monkeypatch):
+    """TwoPartLayers' gradients under ``ckpt`` checked against keeping everything; returns the layers (their
+    MLP run counts) and the slots ``ckpt``'s offloader saved under, in order."""
+    layers, x = TwoPartLayers(), torch.randn(5, 8, requires_grad=True)
+    expected = layers.grads(LayerCheckpointing(False), x)
+    saved, save = [], ckpt.offloader.save
+    monkeypatch.setattr(ckpt.offloader, "save", lambda slot, t, group=None: (saved.append(slot), save(slot, t, group))[1])
+    layers.mlp_runs, SideBySide.shared = [0] * 4, []
+    for a, b in zip(layers.grads(ckpt, x), expected):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
+    return layers, saved
+
+
 @pytest.mark.parametrize("every", [1, 2])
 def test_offload_keeping_saved_activations_of_every_nth_mlp(seed, every):
     """Offload mode with save_last_every=n: layers 0, n, 2n, ... keep their last part's graph with its saved
@@ -285,17 +298,9 @@ def test_the_last_layers_keep_on_the_gpu_what_would_go_to_the_host(seed, monkeyp
 
     monkeypatch.setenv(KEEP_LAST_ENV, str(keep_last))
     monkeypatch.setenv(SAVE_EVERY_ENV, str(every))
-    layers, x = TwoPartLayers(), torch.randn(5, 8, requires_grad=True)
-    expected = layers.grads(LayerCheckpointing(False), x)
     ckpt = LayerCheckpointing("offload", layers=4)
     assert ckpt.keep_last == keep_last and f"the last {keep_last} layers' on the GPU" in ckpt.describe()
-    saved = []
-    save = ckpt.offloader.save
-    monkeypatch.setattr(ckpt.offloader, "save", lambda slot, t, group=None: (saved.append(slot), save(slot, t, group))[1])
-    layers.mlp_runs, SideBySide.shared = [0] * 4, []
-    got = layers.grads(ckpt, x)
-    for a, b in zip(got, expected):
-        assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
+    layers, saved = run_against_keeping_everything(ckpt, monkeypatch)
     offloaded = 4 - keep_last
     assert layers.mlp_runs == [1 if every and i % every == 0 else 2 for i in range(4)]
     assert saved[0] == 0 if offloaded else saved == []  # slot 0 (a new forward) comes first where anything goes
@@ -313,17 +318,9 @@ def test_whole_layers_keep_one_input_per_recomputed_layer(seed, monkeypatch, eve
 
     monkeypatch.setenv(WHOLE_LAYERS_ENV, "1")
     monkeypatch.setenv(SAVE_EVERY_ENV, str(every))
-    layers, x = TwoPartLayers(), torch.randn(5, 8, requires_grad=True)
-    expected = layers.grads(LayerCheckpointing(False), x)
     ckpt = LayerCheckpointing("offload", layers=4)
     assert ckpt.whole_layers and "a layer recomputed whole keeps one input" in ckpt.describe()
-    saved = []
-    save = ckpt.offloader.save
-    monkeypatch.setattr(ckpt.offloader, "save", lambda slot, t, group=None: (saved.append(slot), save(slot, t, group))[1])
-    layers.mlp_runs, SideBySide.shared = [0] * 4, []
-    got = layers.grads(ckpt, x)
-    for a, b in zip(got, expected):
-        assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
+    layers, saved = run_against_keeping_everything(ckpt, monkeypatch)
     kept = [every and i % every == 0 for i in range(4)]
     assert layers.mlp_runs == [1 if k else 2 for k in kept]
     assert len(saved) == sum(3 if k else 1 for k in kept)  # saved MLP: its attention's input, h and gu
