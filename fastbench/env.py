@@ -190,6 +190,7 @@ def format_switches(switches: dict | None) -> str:
 @click.command("env")
 @click.option("--json", "as_json", is_flag=True, help="Print the environment as JSON.")
 def env_command(as_json: bool):
-    """Show the GPU, driver, CUDA, library versions, git SHA and the autotune cache state."""
+    """Show the GPU, driver, CUDA, library versions, git SHA, the autotune cache state, what the fused path
+    patches, the behaviour switches set, and the host's NUMA nodes and the GPU's PCIe link."""
     env = collect_environment()
     click.echo(json.dumps(env, indent=2, default=str) if as_json else format_environment(env))
