@@ -416,21 +416,23 @@ def _save_every() -> int:
                                               "0: recompute every layer")
 
 
+def _one_of(name: str, default: str, meanings: dict[str, str]) -> str:
+    """The switch's value, one of ``meanings``' keys; else an error that says each and what it means."""
+    value = os.environ.get(name, default)
+    if value not in meanings:
+        raise ValueError(f"{name}={value!r}: give " + " or ".join(f"{v} ({m})" for v, m in meanings.items()))
+    return value
+
+
 def _offload_streams() -> int:
-    value = os.environ.get(STREAMS_ENV, "1")
-    if value not in ("1", "2"):
-        raise ValueError(f"{STREAMS_ENV}={value!r}: give 1 (one copy stream for both directions, the default) or 2 "
-                         "(copies to the host and back on two streams)")
-    return int(value)
+    return int(_one_of(STREAMS_ENV, "1", {"1": "one copy stream for both directions, the default",
+                                          "2": "copies to the host and back on two streams"}))
 
 
 def _whole_layers() -> bool:
-    value = os.environ.get(WHOLE_LAYERS_ENV, "0")
-    if value not in ("0", "1"):
-        raise ValueError(f"{WHOLE_LAYERS_ENV}={value!r}: give 0 (each half-layer recomputed from its own offloaded "
-                         "input, the default) or 1 (a layer whose MLP is recomputed keeps one input, recomputed as a "
-                         "whole)")
-    return value == "1"
+    return _one_of(WHOLE_LAYERS_ENV, "0", {
+        "0": "each half-layer recomputed from its own offloaded input, the default",
+        "1": "a layer whose MLP is recomputed keeps one input, recomputed as a whole"}) == "1"
 
 
 def _keep_last() -> int:
@@ -441,11 +443,8 @@ def _keep_last() -> int:
 def embedding_offloaded() -> bool:
     """Whether the offload mode keeps the input embedding's table in pinned host memory
     (fastbench.fused.host_embedding): ``FASTBENCH_OFFLOAD_EMBEDDING`` 1 (the default) or 0."""
-    value = os.environ.get(EMBEDDING_ENV, "1")
-    if value not in ("0", "1"):
-        raise ValueError(f"{EMBEDDING_ENV}={value!r}: give 1 (the offload mode keeps the input embedding's table in "
-                         "pinned host memory, the default) or 0 (on the GPU)")
-    return value == "1"
+    return _one_of(EMBEDDING_ENV, "1", {"1": "the offload mode keeps the input embedding's table in pinned host "
+                                             "memory, the default", "0": "on the GPU"}) == "1"
 
 
 def check_offload_switches() -> None:

@@ -89,6 +89,14 @@ def compute_stream_busy_ms(kineto_events) -> float | None:
     return union_ms(max(streams.values(), key=lambda spans: sum(b - a for a, b in spans)))
 
 
+def offloading():
+    """fastbench.checkpointing where this process made an offloader (a fused arm in offload mode), else None.
+    Looked up, not imported: the worker imports nothing of the fused path itself (Unsloth's arms must import
+    their packages first)."""
+    module = sys.modules.get("fastbench.checkpointing")
+    return module if module is not None and module.offload_host_wait_s() is not None else None
+
+
 def host_issue(run_step: Callable[[], object], sync: Callable[[], None]) -> dict:
     """One step from an idle GPU, unprofiled: ``issue_ms``, the host's time until ``run_step()`` returns
     (every kernel queued), and ``step_ms``, until the GPU has run them. Their ratio near 1 means the
@@ -97,9 +105,9 @@ def host_issue(run_step: Callable[[], object], sync: Callable[[], None]) -> dict
     offloads to the host (an offloader exists), also ``host_wait_ms``, the part of issue_ms the host spent
     waiting for copies out (fastbench.checkpointing.offload_host_wait_s), and on a GPU ``fetch_wait_ms``,
     how long the compute stream stood waiting for inputs fetched back (timed_fetch_waits)."""
-    offload = sys.modules.get("fastbench.checkpointing")  # imported by the fused arms only
+    offload = offloading()
     waited = offload.offload_host_wait_s() if offload is not None else None
-    timing = offload.timed_fetch_waits() if waited is not None else contextlib.nullcontext()
+    timing = offload.timed_fetch_waits() if offload is not None else contextlib.nullcontext()
     sync()
     with timing as fetch_wait_ms:
         t = time.perf_counter()
@@ -107,7 +115,7 @@ def host_issue(run_step: Callable[[], object], sync: Callable[[], None]) -> dict
         issue = time.perf_counter() - t
         sync()
         out = {"issue_ms": issue * 1e3, "step_ms": (time.perf_counter() - t) * 1e3}
-        if waited is not None:
+        if offload is not None:
             out["host_wait_ms"] = 1e3 * (offload.offload_host_wait_s() - waited)
             out["fetch_wait_ms"] = fetch_wait_ms() if _cuda_initialized() else None
     return out

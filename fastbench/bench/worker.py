@@ -22,6 +22,7 @@ import time
 import traceback
 
 from fastbench.bench import busy
+from fastbench.bench.profile import offloading
 
 GIB = 2**30
 
@@ -62,13 +63,6 @@ def _triton_compiled() -> int | None:
         return len(os.listdir(cache_dir)) if os.path.exists(cache_dir) else 0
     except (ImportError, AttributeError, OSError, TypeError):
         return None
-
-
-def _offload_host_wait_s() -> float | None:
-    """fastbench.checkpointing.offload_host_wait_s where the arm made an offloader, else None (the worker
-    itself imports nothing of the fused path: Unsloth's arms must import their packages first)."""
-    module = sys.modules.get("fastbench.checkpointing")
-    return None if module is None else module.offload_host_wait_s()
 
 
 def _gc_timer(pauses: list):
@@ -167,7 +161,8 @@ def run(spec: dict) -> dict:
         gc_pauses = []  # (generation, seconds) of the collections during the timed steps: a long one starves the GPU
         gc.callbacks.append(timer := _gc_timer(gc_pauses))
         busy_start = busy.Sample()
-        waited = _offload_host_wait_s()
+        offload = offloading()
+        waited = offload.offload_host_wait_s() if offload is not None else None
         if cuda:
             events = [torch.cuda.Event(enable_timing=True) for _ in range(len(timed) + 1)]
             events[0].record()
@@ -182,8 +177,8 @@ def run(spec: dict) -> dict:
                 losses.append(step(b))
                 record["step_s"].append(time.perf_counter() - t)
         record.update(busy.between(busy_start, busy.Sample(), torch.cuda.current_device() if cuda else None))
-        if waited is not None:
-            record["offload_wait_ms"] = 1e3 * (_offload_host_wait_s() - waited) / len(timed)
+        if offload is not None:
+            record["offload_wait_ms"] = 1e3 * (offload.offload_host_wait_s() - waited) / len(timed)
         gc.callbacks.remove(timer)
         record["gc_timed"] = {"collections": [sum(1 for g, _ in gc_pauses if g == gen) for gen in range(3)],
                               "ms": 1e3 * sum(t for _, t in gc_pauses),
