@@ -101,12 +101,14 @@ def step_label_count(micro_batches: list[MicroBatch]) -> int:
 
 def accumulate(model, micro_batches: list[MicroBatch]) -> tuple[float, int]:
     """Forward and backward of one optimizer step's micro-batches, each loss normalised by the step's label
-    count. Returns (mean token loss, real tokens)."""
+    count. Returns (mean token loss, real tokens). No KV cache: transformers reads packed rows from
+    position_ids only without one."""
     device = next(p for p in model.parameters() if p.requires_grad).device
     n = max(1, step_label_count(micro_batches))
     total = 0.0
     for b in micro_batches:
-        loss = model(**{k: v.to(device) for k, v in b.inputs.items()}, num_items_in_batch=n).loss
+        inputs = {k: v.to(device) for k, v in b.inputs.items()}
+        loss = model(**inputs, num_items_in_batch=n, use_cache=False).loss
         loss.backward()
         total = total + loss.detach()
     return float(total), sum(b.tokens for b in micro_batches)
@@ -124,7 +126,8 @@ def evaluate(model, micro_batches: list[MicroBatch]) -> float:
     try:
         with torch.no_grad():
             for b in micro_batches:
-                total += float(model(**{k: v.to(device) for k, v in b.inputs.items()}, num_items_in_batch=n).loss)
+                inputs = {k: v.to(device) for k, v in b.inputs.items()}
+                total += float(model(**inputs, num_items_in_batch=n, use_cache=False).loss)
     finally:
         model.train(was_training)
     return total
