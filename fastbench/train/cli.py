@@ -125,7 +125,7 @@ def load_examples(path, tokenizer, fmt, text_field, train_on_inputs, max_seq_len
     try:
         records = read_records(path, text_field)
         if not records:
-            raise DataError(f"{path} has no records")
+            raise DataError(f"{path!r} has no examples")
         fmt = fmt or detect_format(records, text_field)
         examples = encode_records(records, tokenizer, fmt, text_field, train_on_inputs)
     except DataError as e:
