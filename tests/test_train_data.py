@@ -184,3 +184,19 @@ def test_python_api_for_trainer_users(tok):
         tokenize_records(records, build_tokenizer(chat_template=None))
     with pytest.raises(DataError, match="record 2: .*no assistant turn"):
         tokenize_records([GOOD, {"messages": [{"role": "user", "content": "x"}]}], tok)
+
+
+def test_benchmark_chat_dataset_generator_is_seeded_with_a_realistic_spread():
+    import importlib.util
+    import pathlib
+    import statistics
+
+    path = pathlib.Path(__file__).parent.parent / "tools" / "make_chat_dataset.py"
+    spec = importlib.util.spec_from_file_location("make_chat_dataset", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    data = module.make_dataset(1500, seed=4)
+    assert data == module.make_dataset(1500, seed=4) and data != module.make_dataset(1500, seed=5)
+    tokens = [module.TOKENS_PER_WORD * sum(len(m["content"].split()) for m in r["messages"]) for r in data]
+    assert 300 < statistics.median(tokens) < 400 and 5 <= sum(t > 2048 for t in tokens) <= 60
+    assert all(r["messages"][-1]["role"] == "assistant" for r in data)

@@ -270,10 +270,9 @@ def train_loop(model, plan, settings: LoopSettings, state: LoopState, evaluation
         row = {"step": state.done, "eval_loss": state.eval_loss,
                "eval_ppl": math.exp(min(state.eval_loss, 700.0))}
         log(row)
-        if progress is not None:
-            progress.set_postfix(eval_loss=f"{state.eval_loss:.4f}", refresh=False)
+        shown.update(eval_loss=f"{state.eval_loss:.4f}", eval_ppl=f"{row['eval_ppl']:.2f}")
 
-    stream = plan.stream(position)
+    stream, shown = plan.stream(position), {}
     while state.done < settings.steps:
         after, micro_batches = next(stream)
         start = time.perf_counter()
@@ -298,9 +297,9 @@ def train_loop(model, plan, settings: LoopSettings, state: LoopState, evaluation
             state.seconds += seconds
             log({"step": step, "loss": loss, "lr": float(f"{lr_now:.6g}"), "tokens": tokens,
                  "tokens_per_s": round(tokens / seconds, 1)})
-            if progress is not None:
-                progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / seconds:,.0f}", refresh=False)
+            shown.update(loss=f"{loss:.4f}", tok_s=f"{tokens / seconds:,.0f}")
         if progress is not None:
+            progress.set_postfix(shown, refresh=False)
             progress.update()
         if evaluation and settings.eval_every and step % settings.eval_every == 0 and step < settings.steps:
             run_eval()
