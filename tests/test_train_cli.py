@@ -5,6 +5,7 @@ path's packed step is checked in test_train_packing."""
 import json
 import math
 import os
+import shutil
 import signal
 
 import pytest
@@ -105,10 +106,7 @@ def test_resumed_run_equals_the_uninterrupted_one(tmp_path, ckpt, plain_peft, mo
     monkeypatch.setattr(loop_module, "accumulate", accumulate)
     again = invoke(ckpt, "--output", tmp_path / "split", *args)
     assert again.exit_code == 2 and "already holds files" in again.output and "--resume" in again.output
-    (tmp_path / "split" / "checkpoint-4" / "optimizer.pt").unlink()  # resumes from checkpoint-2 after deleting 4
-    import shutil
-
-    shutil.rmtree(tmp_path / "split" / "checkpoint-4")
+    shutil.rmtree(tmp_path / "split" / "checkpoint-4")  # from checkpoint-2: steps 3-4 are logged again
     resumed = invoke(ckpt, "--output", tmp_path / "split", "--resume", *args)
     assert resumed.exit_code == 0, resumed.output
     log = read_log(tmp_path / "split")
@@ -161,8 +159,6 @@ def test_toml_and_json_config_files(tmp_path, name, text):
 
 @pytest.fixture
 def bad(tmp_path, ckpt):
-    import shutil
-
     good = chat_records(2)
     write_jsonl(tmp_path / "roles.jsonl", good + [{"messages": [{"role": "robot", "content": "x"}]}])
     (tmp_path / "latin1.jsonl").write_bytes(b'{"text": "caf\xe9"}\n')
@@ -264,8 +260,6 @@ def test_nan_loss(tmp_path, ckpt, plain_peft, monkeypatch, on_nan):
 
 
 def test_tokenizer_without_pad_token_pads_with_eos_and_says_so(tmp_path, ckpt, plain_peft, monkeypatch):
-    import shutil
-
     import fastbench.export as export
 
     nopad = tmp_path / "nopad"

@@ -302,7 +302,12 @@ def train_command(ctx, model, data, data_format, text_field, chat_template, trai
             raise SystemExit(exit_code(stop)) from None
         _train(peft_model, prepared, output, overwrite, resume_state, lr, warmup_steps, save_every, eval_every,
                on_nan, stop, started)
-    _export(peft_model, prepared.tokenizer, output, merge, gguf_method)
+        try:
+            _export(peft_model, prepared.tokenizer, output, merge, gguf_method)
+        except KeyboardInterrupt:
+            click.echo(f"{'terminated (SIGTERM)' if stop.terminated else 'interrupted'} while exporting; the adapter "
+                       f"is saved in {output}", err=True)
+            raise SystemExit(exit_code(stop)) from None
 
 
 class _Prepared:
@@ -356,9 +361,6 @@ def _train(peft_model, prepared, output, overwrite, resume_state, lr, warmup_ste
     from fastbench.train.loop import LoopSettings, LoopState, NonFiniteLoss, keep_log_until, plot_loss, train_loop
 
     tokenizer = prepared.tokenizer
-    if overwrite:
-        clear_previous_run(output)
-    keep_log_until(output, resume_state["step"] if resume_state else 0)
     settings = LoopSettings(output=output, steps=prepared.steps, lr=lr, warmup_steps=warmup_steps,
                             save_every=save_every, eval_every=eval_every, on_nan=on_nan)
     state = LoopState()
@@ -375,7 +377,13 @@ def _train(peft_model, prepared, output, overwrite, resume_state, lr, warmup_ste
         return f"{note}; {kept}"
 
     try:
+        if overwrite:
+            clear_previous_run(output)
+        keep_log_until(output, resume_state["step"] if resume_state else 0)
         train_loop(peft_model, prepared.plan, settings, state, prepared.evaluation, resume_state, bar)
+        bar.close()
+        save_adapter(peft_model, tokenizer, output)
+        plot_loss(output)
     except KeyboardInterrupt:
         bar.close()
         save_adapter(peft_model, tokenizer, output)
@@ -399,9 +407,6 @@ def _train(peft_model, prepared, output, overwrite, resume_state, lr, warmup_ste
     except Exception:  # the optimizer has not stepped on a failed step: the finished ones are kept
         click.echo(keep(f"failed in step {state.done + 1}"), err=True)
         raise
-    bar.close()
-    save_adapter(peft_model, tokenizer, output)
-    plot_loss(output)
     click.echo(summary_line(state, output, started), err=True)
 
 

@@ -17,7 +17,7 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from fastbench.train.data import IGNORE_INDEX
 from fastbench.train.packing import MicroBatch, pack_rows, packed_batch, padded_batch
@@ -239,7 +239,6 @@ class LoopState:
     skipped: int = 0
     last_checkpoint: str | None = None
     eval_loss: float | None = None
-    history: list = field(default_factory=list)
 
 
 def train_loop(model, plan, settings: LoopSettings, state: LoopState, evaluation=None, resume: dict | None = None,

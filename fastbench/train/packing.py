@@ -100,7 +100,10 @@ class PackingCollator:
     """A ``data_collator`` for HF ``Trainer`` / TRL over examples from
     :func:`fastbench.train.data.tokenize_records`: the batch's examples packed into as few rows of
     ``max_seq_length`` tokens as fit them (each with position_ids from 0, see the module docstring), as
-    tensors input_ids, labels, position_ids. Rows already packed by :func:`pack_examples` are kept as rows."""
+    tensors input_ids, labels, position_ids. Rows already packed by :func:`pack_examples` are kept as rows.
+
+    The fused path reads packed rows as they are; transformers' own forward does so only without a KV cache:
+    set ``model.config.use_cache = False`` when training an unpatched model on them."""
 
     def __init__(self, max_seq_length: int, pad_id: int):
         self.max_seq_length, self.pad_id = max_seq_length, pad_id
