@@ -12,7 +12,7 @@ COMMANDS = {
     "env": "fastbench.env:env_command",
     "compare": "fastbench.bench.cli:compare",
     "tune": "fastbench.autotune.cli:tune",
-    "train": "fastbench.train:train_command",
+    "train": "fastbench.train.cli:train_command",
 }
 
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from fastbench import train as train_module
-from fastbench.train import train_command
+from fastbench.train import loop as loop_module
+from fastbench.train.cli import train_command
 
 PRESET = "llama-3-8b-tiny"
 
@@ -98,7 +98,7 @@ def test_txt_epochs_of_ragged_batches_with_offloaded_checkpoints(seed, tmp_path,
     data, out = tmp_path / "data.txt", tmp_path / "adapter"
     data.write_text(lines[0] + "\n\n" + "\n".join(lines[1:]) + "\n")
     result = invoke(checkpoint, "--data", data, "--output", out, "--epochs", 2, "--batch", 2, "--grad-accum", 1,
-                    "--checkpointing", "offload", "--r", 4, "--seed", seed % 10_000)
+                    "--no-packing", "--checkpointing", "offload", "--r", 4, "--seed", seed % 10_000)
     assert result.exit_code == 0, result.output
     log = read_log(out)
     assert len(log) == 4 and all(math.isfinite(row["loss"]) for row in log)
@@ -109,7 +109,7 @@ def test_txt_epochs_of_ragged_batches_with_offloaded_checkpoints(seed, tmp_path,
 def train_with_third_step(monkeypatch, tmp_path, seed, third_step):
     """fastbench train for 5 steps whose third step first runs ``third_step()`` (which raises or signals);
     returns (the output directory, click's result)."""
-    calls, accumulate = [], train_module.accumulate
+    calls, accumulate = [], loop_module.accumulate
 
     def patched(model, micro_batches):
         calls.append(1)
@@ -117,7 +117,7 @@ def train_with_third_step(monkeypatch, tmp_path, seed, third_step):
             third_step()
         return accumulate(model, micro_batches)
 
-    monkeypatch.setattr(train_module, "accumulate", patched)
+    monkeypatch.setattr(loop_module, "accumulate", patched)
     out = tmp_path / "adapter"
     return out, invoke(PRESET, "--data", "random", "--output", out, "--steps", 5, "--max-seq-length", 7,
                        "--batch", 1, "--grad-accum", 1, "--r", 4, "--seed", seed % 10_000)
@@ -162,7 +162,8 @@ def test_a_failing_step_keeps_the_finished_ones(seed, tmp_path, monkeypatch, err
 
 def test_accumulated_step_equals_one_batch_of_ragged_padded_examples(seed):
     from fastbench import FastLanguageModel
-    from fastbench.train import accumulate, collate
+    from fastbench.train.loop import accumulate
+    from fastbench.train.packing import padded_batch
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -179,8 +180,9 @@ def test_accumulated_step_equals_one_batch_of_ragged_padded_examples(seed):
         loss, tokens = accumulate(model, micro_batches)
         return loss, tokens, {n: p.grad.clone() for n, p in lora_tensors(model).items()}
 
-    loss_a, tokens_a, grads_a = step([collate(examples[:2], 0), collate(examples[2:], 0)])
-    loss_b, tokens_b, grads_b = step([collate(examples, 0)])
+    examples = [{"input_ids": e, "labels": e} for e in examples]
+    loss_a, tokens_a, grads_a = step([padded_batch(examples[:2], 0), padded_batch(examples[2:], 0)])
+    loss_b, tokens_b, grads_b = step([padded_batch(examples, 0)])
     assert tokens_a == tokens_b == 19
     assert abs(loss_a - loss_b) < 1e-5 * loss_b
     for name, g in grads_b.items():
@@ -195,16 +197,16 @@ def bad_inputs(tmp_path, checkpoint):
         shutil.copy(f"{checkpoint}/{name}", no_tokenizer / name)
     (tmp_path / "empty.jsonl").write_text("\n\n")
     write_jsonl(tmp_path / "body.jsonl", ["t1 t2 t3"], field="body")
-    (tmp_path / "data.csv").write_text("text\nt1 t2\n")
+    (tmp_path / "data.xml").write_text("<text>t1 t2</text>\n")
     return {"ckpt": checkpoint, "missing": tmp_path / "missing.jsonl", "empty": tmp_path / "empty.jsonl",
-            "body": tmp_path / "body.jsonl", "csv": tmp_path / "data.csv", "no_tokenizer": no_tokenizer}
+            "body": tmp_path / "body.jsonl", "xml": tmp_path / "data.xml", "no_tokenizer": no_tokenizer}
 
 
 @pytest.mark.parametrize("args, message", [
     (["{ckpt}", "--data", "{missing}"], "no such file"),
     (["{ckpt}", "--data", "{empty}"], "has no examples"),
-    (["{ckpt}", "--data", "{body}"], "no string field 'text'"),
-    (["{ckpt}", "--data", "{csv}"], "expected a .jsonl or .txt"),
+    (["{ckpt}", "--data", "{body}"], "cannot tell the format from the fields 'body'"),
+    (["{ckpt}", "--data", "{xml}"], "unknown kind of file"),
     (["{no_tokenizer}", "--data", "{body}", "--text-field", "body"], "has no tokenizer"),
     ([PRESET, "--data", "{body}", "--text-field", "body"], "is a preset"),
     (["llama-9-70b", "--data", "random", "--steps", "1"], "valid presets: llama-3-8b"),

@@ -1,0 +1,424 @@
+"""``fastbench train``: LoRA/QLoRA fine-tuning on the fused path.
+
+Everything a user can get wrong (options, config file, output directory, checkpoint to resume, data
+records, tokenizer and template) is checked before the model loads; each is one line naming what and
+where, exit 2. The adapter is saved to --output at the end, when a step fails (the finished steps'; out of
+memory says what to change), when a step's loss is NaN/inf (``--on-nan stop``) and on Ctrl-C or SIGTERM,
+including while the model loads (exit 130 / 143).
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+import warnings
+
+import click
+
+from fastbench.chat_templates import TEMPLATE_NAMES
+from fastbench.interrupt import exit_code, sigterm_as_interrupt
+from fastbench.presets import DEFAULT_TARGETS
+from fastbench.train.config import apply_config, save_effective_config
+from fastbench.train.data import FORMATS
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+# files an earlier run leaves in --output that --overwrite replaces
+RUN_FILES = ("train_log.jsonl", "loss.png")
+
+
+def parse_checkpointing(value):
+    from fastbench.checkpointing import parse_setting
+
+    setting = value if isinstance(value, bool) else {"true": True, "false": False}.get(str(value).lower(), value)
+    try:
+        parse_setting(setting)
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: use true, false, offload, auto or a budget in GiB (e.g. 20)",
+                                 param_hint="--checkpointing") from None
+    return setting
+
+
+def _echo_warnings(caught) -> None:
+    for w in caught:
+        click.echo(f"note: {w.message}", err=True)
+
+
+def _data_error(error, option="--data"):
+    return click.BadParameter(str(error), param_hint=option)
+
+
+# ------------------------------------------------------------------------------------------- checks
+def check_output(output: str, resume: bool, overwrite: bool):
+    """Refuses an --output that is a file, not writable, or (without --resume/--overwrite) already holds
+    files. Returns the latest checkpoint's path when resuming from one, else None. Creates nothing."""
+    from fastbench.train.checkpoint import checkpoints
+
+    if os.path.exists(output) and not os.path.isdir(output):
+        raise click.BadParameter(f"{output!r} is a file; give a directory", param_hint="--output")
+    existing = os.path.abspath(output)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise click.BadParameter(f"{output!r}: {existing} is not writable", param_hint="--output")
+    found = checkpoints(output)
+    held = [n for n in os.listdir(output) if not n.startswith(".")] if os.path.isdir(output) else []
+    if resume:
+        if found:
+            return found[-1][1]
+        if held:
+            raise click.BadParameter(f"{output!r} holds files but no checkpoint-N/ to resume from; use --overwrite "
+                                     "to start over there, or another --output", param_hint="--output")
+        click.echo(f"note: nothing to resume in {output!r}; starting from step 0", err=True)
+        return None
+    if held and not overwrite:
+        raise click.BadParameter(f"{output!r} already holds files ({', '.join(sorted(held)[:3])}"
+                                 f"{', ...' if len(held) > 3 else ''}); pass --resume to continue that run or "
+                                 "--overwrite to start over", param_hint="--output")
+    return None
+
+
+def clear_previous_run(output: str) -> None:
+    """--overwrite: removes the checkpoints and log an earlier run left (the adapter files are replaced
+    when this run saves)."""
+    from fastbench.train.checkpoint import checkpoints
+
+    for _, path in checkpoints(output):
+        shutil.rmtree(path)
+    for name in RUN_FILES:
+        if os.path.exists(os.path.join(output, name)):
+            os.remove(os.path.join(output, name))
+
+
+def load_tokenizer(source, chat_template, trust_remote_code):
+    from transformers import AutoTokenizer
+
+    if source.path is None:
+        raise click.BadParameter(f"{source.name} is a preset: random weights and no tokenizer; data needs "
+                                 "a checkpoint directory with a tokenizer (or use --data random)", param_hint="--data")
+    if not any(os.path.exists(os.path.join(source.path, f)) for f in TOKENIZER_FILES):
+        raise click.ClickException(f"{source.name} has no tokenizer ({', '.join(TOKENIZER_FILES)}), which the "
+                                   "data needs")
+    extra = {"trust_remote_code": True} if trust_remote_code else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.path, **extra)
+    except (OSError, ValueError) as e:
+        raise click.ClickException(f"cannot load the tokenizer of {source.name}: {e}") from None
+    if chat_template:
+        from fastbench.chat_templates import get_chat_template
+
+        get_chat_template(tokenizer, chat_template)
+    if tokenizer.pad_token_id is None:
+        pick = next((t for t in ("eos_token", "unk_token") if getattr(tokenizer, t, None) is not None), None)
+        if pick is None:
+            raise click.ClickException(f"the tokenizer of {source.name} has no pad, EOS or UNK token to pad with")
+        tokenizer.pad_token = getattr(tokenizer, pick)
+        click.echo(f"note: the tokenizer has no pad token; padding with its {pick.split('_')[0].upper()} token "
+                   f"{tokenizer.pad_token!r} (padding carries no labels)", err=True)
+    return tokenizer
+
+
+def load_examples(path, tokenizer, fmt, text_field, train_on_inputs, max_seq_length, option="--data"):
+    """(examples, format, truncated count) of a data file; click errors for bad records."""
+    from fastbench.train.data import DataError, detect_format, encode_records, read_records, truncate
+
+    try:
+        records = read_records(path, text_field)
+        if not records:
+            raise DataError(f"{path!r} has no examples")
+        fmt = fmt or detect_format(records, text_field)
+        examples = encode_records(records, tokenizer, fmt, text_field, train_on_inputs)
+    except DataError as e:
+        raise _data_error(e, option) from None
+    if not examples:
+        raise click.BadParameter(f"{path!r} has no examples (of 2 tokens or more)", param_hint=option)
+    return examples, fmt, truncate(examples, max_seq_length)
+
+
+def split_eval(examples, fraction: float, seed: int):
+    """(train, eval): a seeded random ``fraction`` of the examples held out (at least one)."""
+    import random
+
+    order = list(range(len(examples)))
+    random.Random(f"{seed}:eval").shuffle(order)
+    held = max(1, round(fraction * len(examples)))
+    if held >= len(examples):
+        raise click.BadParameter(f"{fraction} of {len(examples)} examples leaves none to train on",
+                                 param_hint="--eval-fraction")
+    chosen = set(order[:held])
+    return [e for i, e in enumerate(examples) if i not in chosen], [examples[i] for i in sorted(chosen)]
+
+
+def load_model(source, max_seq_length, load_in_4bit, seed, rank, target_modules, lora_alpha, checkpointing,
+               trust_remote_code, allow_pickle):
+    from fastbench import FastLanguageModel
+
+    extra = {}  # passed only when set, so loaders without these keywords still work
+    if trust_remote_code:
+        extra["trust_remote_code"] = True
+    if allow_pickle:
+        extra["allow_pickle"] = True
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            base, _ = FastLanguageModel.from_pretrained(source.path or source.name, max_seq_length=max_seq_length,
+                                                        load_in_4bit=load_in_4bit, seed=seed, **extra)
+        except (ImportError, OSError) as e:  # bitsandbytes missing for --load-in-4bit, an unreadable checkpoint
+            raise click.ClickException(f"cannot load {source.name}: {e}") from None
+        try:
+            model = FastLanguageModel.get_peft_model(base, r=rank, target_modules=target_modules,
+                                                     lora_alpha=lora_alpha, random_state=seed,
+                                                     use_gradient_checkpointing=checkpointing)
+        except ValueError as e:  # PEFT: a target module that does not exist
+            raise click.BadParameter(str(e), param_hint="--targets") from None
+    _echo_warnings(w for w in caught if issubclass(w.category, UserWarning))
+    for line in getattr(model.get_base_model(), "fastbench_patches", ["plain PEFT (no fused path)"]):
+        click.echo(f"fastbench: {line}", err=True)
+    return model
+
+
+def summary_line(state, output, started) -> str:
+    import torch
+
+    rate = state.tokens / state.seconds if state.seconds else 0.0
+    parts = [f"{state.done} steps", f"{rate:,.0f} real tokens/s"]
+    if torch.cuda.is_available():
+        parts.append(f"peak reserved GPU memory {torch.cuda.max_memory_reserved() / 2 ** 30:.2f} GiB")
+    parts.append(f"{time.monotonic() - started:.0f} s")
+    if state.eval_loss is not None:
+        parts.append(f"eval loss {state.eval_loss:.4f} (perplexity {math.exp(min(state.eval_loss, 700.0)):.2f})")
+    if state.skipped:
+        parts.append(f"{state.skipped} non-finite steps skipped")
+    return "; ".join(parts) + f"; adapter saved to {output}"
+
+
+# ------------------------------------------------------------------------------------------- command
+@click.command("train")
+@click.argument("model")
+@click.option("--config", type=click.Path(dir_okay=False), is_eager=True, expose_value=False, callback=apply_config,
+              help="A .yaml, .toml or .json file of options (keys as the option names: max_seq_length, grad_accum, "
+                   "...); the command line overrides it.")
+@click.option("--data", required=True, help="Training data: a .jsonl, .json (a list), .csv, .parquet or .txt file "
+              "(one example per line), a datasets.save_to_disk directory, or 'random' (random token ids; presets, "
+              "smoke tests; needs --steps).")
+@click.option("--format", "data_format", type=click.Choice(FORMATS),
+              help="The records' format (default: detected from the first record).")
+@click.option("--text-field", default="text", show_default=True, help="The field of text records to train on.")
+@click.option("--chat-template", type=click.Choice(TEMPLATE_NAMES),
+              help="Render conversations with this template (for a tokenizer without one, or to replace its own).")
+@click.option("--train-on-inputs", is_flag=True, help="Take the loss on every token, not only the assistant's.")
+@click.option("--packing/--no-packing", default=True, show_default=True,
+              help="Pack several examples into each row of --max-seq-length tokens (each attends only to itself).")
+@click.option("--output", required=True, type=click.Path(), help="Where the adapter, checkpoints, train_log.jsonl "
+              "and loss.png go.")
+@click.option("--resume", is_flag=True, help="Continue from the latest checkpoint-N/ under --output.")
+@click.option("--overwrite", is_flag=True, help="Start over in an --output that holds an earlier run.")
+@click.option("--max-seq-length", default=2048, show_default=True, type=click.IntRange(min=2),
+              help="The row length; longer examples are truncated (and counted). The length of random sequences.")
+@click.option("--load-in-4bit", is_flag=True, help="QLoRA: quantize the base weights to NF4.")
+@click.option("--r", "rank", default=16, show_default=True, type=click.IntRange(min=1), help="LoRA rank.")
+@click.option("--lora-alpha", default=16, show_default=True, type=click.IntRange(min=1))
+@click.option("--targets", default=",".join(DEFAULT_TARGETS), show_default=True,
+              help="Comma-separated module names that get LoRA adapters.")
+@click.option("--batch", default=2, show_default=True, type=click.IntRange(min=1),
+              help="Rows (packed) or examples (--no-packing) per micro-batch.")
+@click.option("--grad-accum", default=4, show_default=True, type=click.IntRange(min=1),
+              help="Micro-batches per optimizer step.")
+@click.option("--lr", default=2e-4, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--steps", type=click.IntRange(min=1), help="Optimizer steps (default: --epochs 1).")
+@click.option("--epochs", type=click.IntRange(min=1), help="Passes over the data (a short last step each).")
+@click.option("--warmup-steps", default=5, show_default=True, type=click.IntRange(min=0))
+@click.option("--checkpointing", default="true", show_default=True, callback=lambda c, p, v: parse_checkpointing(v),
+              help="Activation checkpointing: true (recompute every layer), false, offload (recompute, with the "
+                   "inputs and every 2nd layer's MLP activations kept in pinned CPU memory; "
+                   "FASTBENCH_OFFLOAD_SAVE_EVERY=n changes the 2), auto, or a memory budget in GiB.")
+@click.option("--seed", default=3407, show_default=True, type=int, help="Seeds the LoRA init, data order, "
+              "random data and preset weights.")
+@click.option("--save-every", type=click.IntRange(min=1), help="Write a resumable OUTPUT/checkpoint-N/ every N steps.")
+@click.option("--eval-data", help="Evaluation data (same kinds of file as --data).")
+@click.option("--eval-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              help="Hold out this fraction of --data for evaluation.")
+@click.option("--eval-every", type=click.IntRange(min=1), help="Evaluate every N steps (and always at the end).")
+@click.option("--on-nan", type=click.Choice(["stop", "skip"]), default="stop", show_default=True,
+              help="A step with a NaN/inf loss or gradient: stop (keeping the last good adapter) or skip it.")
+@click.option("--merge", is_flag=True, help="At the end, also write the merged model to OUTPUT/merged.")
+@click.option("--gguf", "gguf_method", help="At the end, also write a GGUF file to OUTPUT/gguf with this "
+              "quantization method (f16, q8_0, ...).")
+@click.option("--trust-remote-code", is_flag=True, help="Let the checkpoint run its own Python code (off: never).")
+@click.option("--allow-pickle", is_flag=True, help="Allow pickle-based weight files (.bin, .pt), which can run code.")
+@click.pass_context
+def train_command(ctx, model, data, data_format, text_field, chat_template, train_on_inputs, packing, output, resume,
+                  overwrite, max_seq_length, load_in_4bit, rank, lora_alpha, targets, batch, grad_accum, lr, steps,
+                  epochs, warmup_steps, checkpointing, seed, save_every, eval_data, eval_fraction, eval_every, on_nan,
+                  merge, gguf_method, trust_remote_code, allow_pickle):
+    """Fine-tune MODEL (a fastbench preset or a local checkpoint directory) with LoRA on the fused path."""
+    from fastbench.presets import NotAModel, UnknownPreset, resolve_model
+    from fastbench.train.checkpoint import CheckpointError, load_checkpoint
+
+    started = time.monotonic()
+    if steps and epochs:
+        raise click.UsageError("give --steps or --epochs, not both")
+    if resume and overwrite:
+        raise click.UsageError("give --resume or --overwrite, not both")
+    if eval_data and eval_fraction:
+        raise click.UsageError("give --eval-data or --eval-fraction, not both")
+    if eval_every and not (eval_data or eval_fraction):
+        raise click.UsageError("--eval-every needs --eval-data or --eval-fraction")
+    target_modules = [t.strip() for t in targets.split(",") if t.strip()]
+    if not target_modules:
+        raise click.BadParameter("no module names", param_hint="--targets")
+    try:
+        source = resolve_model(model)
+    except (UnknownPreset, NotAModel) as e:
+        raise click.BadParameter(str(e), param_hint="MODEL") from None
+    if data == "random":
+        if not steps:
+            raise click.UsageError("--data random is an endless stream: give --steps")
+        if eval_data or eval_fraction:
+            raise click.UsageError("--data random has nothing to evaluate on; drop --eval-data/--eval-fraction")
+    checkpoint_path = check_output(output, resume, overwrite)
+    resume_state = None
+    if checkpoint_path:
+        try:
+            resume_state = load_checkpoint(checkpoint_path)
+        except CheckpointError as e:
+            raise click.BadParameter(str(e), param_hint="--resume") from None
+
+    with sigterm_as_interrupt() as stop:
+        try:
+            prepared = _prepare(source, data, data_format, text_field, chat_template, train_on_inputs, packing,
+                                max_seq_length, batch, grad_accum, steps, epochs, seed, eval_data, eval_fraction,
+                                trust_remote_code)
+            if resume_state and resume_state["step"] >= prepared.steps:
+                raise click.UsageError(f"{resume_state['path']} is at step {resume_state['step']}, which already "
+                                       f"reaches --steps/--epochs ({prepared.steps} steps); raise them to train on")
+            peft_model = load_model(source, max_seq_length, load_in_4bit, seed, rank, target_modules, lora_alpha,
+                                    checkpointing, trust_remote_code, allow_pickle)
+            os.makedirs(output, exist_ok=True)
+            save_effective_config(ctx, output)
+        except KeyboardInterrupt:
+            click.echo(f"{'terminated (SIGTERM)' if stop.terminated else 'interrupted'} before training started; "
+                       "nothing was trained", err=True)
+            raise SystemExit(exit_code(stop)) from None
+        _train(peft_model, prepared, output, overwrite, resume_state, lr, warmup_steps, save_every, eval_every,
+               on_nan, stop, started)
+        try:
+            _export(peft_model, prepared.tokenizer, output, merge, gguf_method)
+        except KeyboardInterrupt:
+            click.echo(f"{'terminated (SIGTERM)' if stop.terminated else 'interrupted'} while exporting; the adapter "
+                       f"is saved in {output}", err=True)
+            raise SystemExit(exit_code(stop)) from None
+
+
+class _Prepared:
+    """What the data side hands the loop: tokenizer, plan, evaluation batches, step count."""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+def _prepare(source, data, data_format, text_field, chat_template, train_on_inputs, packing, max_seq_length,
+             batch, grad_accum, steps, epochs, seed, eval_data, eval_fraction, trust_remote_code):
+    from fastbench.train.loop import ExamplePlan, RandomPlan, eval_batches
+
+    if data == "random":
+        return _Prepared(tokenizer=None, plan=RandomPlan(source.vocab_size, max_seq_length, batch, grad_accum, seed),
+                         evaluation=None, steps=steps)
+    tokenizer = load_tokenizer(source, chat_template, trust_remote_code)
+    examples, fmt, truncated = load_examples(data, tokenizer, data_format, text_field, train_on_inputs,
+                                             max_seq_length)
+    evaluation_examples = None
+    if eval_data:
+        evaluation_examples, _, eval_truncated = load_examples(eval_data, tokenizer, data_format or fmt, text_field,
+                                                               train_on_inputs, max_seq_length, "--eval-data")
+        truncated += eval_truncated
+    elif eval_fraction:
+        examples, evaluation_examples = split_eval(examples, eval_fraction, seed)
+    top = max(max(e["input_ids"]) for e in examples + (evaluation_examples or []))
+    if top >= source.vocab_size:
+        raise click.ClickException(f"the tokenizer of {source.name} makes ids beyond its vocab_size "
+                                   f"{source.vocab_size}")
+    pad_id = tokenizer.pad_token_id
+    plan = ExamplePlan(examples, batch, grad_accum, max_seq_length, packing, pad_id, seed)
+    steps = steps or plan.steps_in(epochs or 1)
+    rows = sum(len(micro) for step in plan.epoch(0) for micro in step)
+    click.echo(f"{len(examples)} {fmt} examples"
+               + (f" ({truncated} longer than --max-seq-length {max_seq_length}, truncated)" if truncated else "")
+               + (f", packed into {rows} rows" if packing else "")
+               + f"; {steps} steps of {batch} x {grad_accum}"
+               + (f"; {len(evaluation_examples)} eval examples" if evaluation_examples else ""), err=True)
+    evaluation = eval_batches(evaluation_examples, batch, max_seq_length, packing, pad_id) \
+        if evaluation_examples else None
+    return _Prepared(tokenizer=tokenizer, plan=plan, evaluation=evaluation, steps=steps)
+
+
+def _train(peft_model, prepared, output, overwrite, resume_state, lr, warmup_steps, save_every, eval_every, on_nan,
+           stop, started):
+    import torch
+    from tqdm.auto import tqdm
+
+    from fastbench.train.checkpoint import CheckpointError, save_adapter
+    from fastbench.train.loop import LoopSettings, LoopState, NonFiniteLoss, keep_log_until, plot_loss, train_loop
+
+    tokenizer = prepared.tokenizer
+    settings = LoopSettings(output=output, steps=prepared.steps, lr=lr, warmup_steps=warmup_steps,
+                            save_every=save_every, eval_every=eval_every, on_nan=on_nan)
+    state = LoopState()
+    bar = tqdm(total=prepared.steps, initial=resume_state["step"] if resume_state else 0, desc="train",
+               unit="step", dynamic_ncols=True)
+
+    def keep(note):
+        bar.close()
+        if state.done:
+            save_adapter(peft_model, tokenizer, output)
+            plot_loss(output)
+        kept = f"the adapter of the {state.done} finished steps is saved to {output}" if state.done \
+            else "no step finished"
+        return f"{note}; {kept}"
+
+    try:
+        if overwrite:
+            clear_previous_run(output)
+        keep_log_until(output, resume_state["step"] if resume_state else 0)
+        train_loop(peft_model, prepared.plan, settings, state, prepared.evaluation, resume_state, bar)
+        bar.close()
+        save_adapter(peft_model, tokenizer, output)
+        plot_loss(output)
+    except KeyboardInterrupt:
+        bar.close()
+        save_adapter(peft_model, tokenizer, output)
+        plot_loss(output)
+        click.echo(f"{'terminated (SIGTERM)' if stop.terminated else 'interrupted'} after step {state.done}: adapter "
+                   f"saved to {output}", err=True)
+        raise SystemExit(exit_code(stop)) from None
+    except CheckpointError as e:
+        bar.close()
+        raise click.BadParameter(str(e), param_hint="--resume") from None
+    except NonFiniteLoss as e:
+        last = f"; the last checkpoint, {state.last_checkpoint}, is kept" if state.last_checkpoint else ""
+        raise click.ClickException(keep(
+            f"step {e.step}: the loss is {e.loss} and the gradient norm {e.grad_norm}, not finite; stopped{last}. "
+            "Likely a learning rate too high for this model (lower --lr or raise --warmup-steps), float16 overflow, "
+            "or a broken example in this step; --on-nan skip skips such steps")) from None
+    except torch.OutOfMemoryError:
+        raise click.ClickException(keep(
+            f"out of GPU memory in step {state.done + 1}") + ". Lower --batch (raise --grad-accum to keep the step "
+            "size) or --max-seq-length, or use --checkpointing offload or --load-in-4bit") from None
+    except Exception:  # the optimizer has not stepped on a failed step: the finished ones are kept
+        click.echo(keep(f"failed in step {state.done + 1}"), err=True)
+        raise
+    click.echo(summary_line(state, output, started), err=True)
+
+
+def _export(peft_model, tokenizer, output, merge, gguf_method):
+    """--merge / --gguf: through the model's own export methods, after the adapter is saved."""
+    if merge:
+        path = peft_model.save_pretrained_merged(os.path.join(output, "merged"), tokenizer)
+        click.echo(f"merged model saved to {path}", err=True)
+    if gguf_method:
+        try:
+            path = peft_model.save_pretrained_gguf(os.path.join(output, "gguf"), tokenizer,
+                                                   quantization_method=gguf_method)
+        except ValueError as e:  # an unknown quantization method
+            raise click.BadParameter(f"{e} (the adapter is saved in {output})", param_hint="--gguf") from None
+        click.echo(f"GGUF saved to {path}", err=True)

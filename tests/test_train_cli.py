@@ -1,0 +1,277 @@
+"""``fastbench train`` end to end on a tiny checkpoint with a real BPE tokenizer and chat data: outputs, eval,
+checkpoints and exact resume, config files, faults (NaN, Ctrl-C/SIGTERM while loading, damaged checkpoints)
+and bad input refused before the model loads. The loop runs on plain PEFT here (fast on a CPU); the fused
+path's packed step is checked in test_train_packing."""
+import json
+import math
+import os
+import shutil
+import signal
+
+import pytest
+from click.testing import CliRunner
+
+from chat_tokenizer import chat_records, save_tiny_checkpoint
+from fastbench.train import loop as loop_module
+from fastbench.train.cli import train_command
+
+
+def invoke(*args):
+    return CliRunner().invoke(train_command, [str(a) for a in args])
+
+
+def read_log(output):
+    with open(output / "train_log.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return save_tiny_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "llama-bpe"), seed=5)
+
+
+@pytest.fixture
+def plain_peft(monkeypatch):
+    import fastbench.fused.causal_lm as causal_lm
+
+    monkeypatch.setattr(causal_lm, "unsupported_reason", lambda model: "a fast CPU test")
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    from fastbench import FastLanguageModel
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(FastLanguageModel, "from_pretrained", staticmethod(fail))
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+FAST = ["--max-seq-length", 64, "--batch", 2, "--grad-accum", 2, "--r", 4, "--checkpointing", "false",
+        "--warmup-steps", 1, "--lr", 1e-3]
+
+
+def test_chat_run_with_eval_and_checkpoints(tmp_path, ckpt, plain_peft, seed):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    data, out = write_jsonl(tmp_path / "chat.jsonl", chat_records(24, seed=seed % 1000)), tmp_path / "run"
+    result = invoke(ckpt, "--data", data, "--output", out, "--steps", 4, "--eval-fraction", 0.25, "--eval-every", 2,
+                    "--save-every", 2, "--seed", seed % 10_000, *FAST)
+    assert result.exit_code == 0, result.output
+    assert "18 chat examples" in result.output and "packed into" in result.output and "6 eval examples" in result.output
+    log = read_log(out)
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]
+    evals = [r for r in log if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    assert all(abs(r["eval_ppl"] - math.exp(r["eval_loss"])) < 1e-6 * r["eval_ppl"] for r in evals)
+    summary = result.output.strip().splitlines()[-1]
+    assert summary.startswith("4 steps; ") and "real tokens/s" in summary and f"eval loss {evals[-1]['eval_loss']:.4f}" \
+        in summary and "perplexity" in summary and str(out) in summary
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert sorted(os.listdir(out / "checkpoint-2")) == ["README.md", "adapter_config.json",
+                                                        "adapter_model.safetensors", "optimizer.pt", "rng.pt",
+                                                        "scheduler.pt", "trainer_state.json"]
+    assert json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())["step"] == 4
+    config = json.loads((out / "train_config.json").read_text())
+    assert config["eval_fraction"] == 0.25 and config["r"] == 4 and config["packing"] is True
+    assert not [n for n in os.listdir(out) if n.startswith(".")]
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(ckpt), str(out))
+    assert any("lora_B" in n and p.abs().max() > 0 for n, p in model.named_parameters())
+
+
+def test_resumed_run_equals_the_uninterrupted_one(tmp_path, ckpt, plain_peft, monkeypatch, seed):
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_records(10, seed=seed % 1000, turns=2))
+    args = ["--data", data, "--steps", 6, "--save-every", 2, "--seed", seed % 10_000, *FAST]
+    whole = invoke(ckpt, "--output", tmp_path / "whole", *args)
+    assert whole.exit_code == 0, whole.output
+    expected = [r["loss"] for r in read_log(tmp_path / "whole")]
+
+    calls, accumulate = [], loop_module.accumulate
+
+    def stop_in_step_5(model, micro_batches):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return accumulate(model, micro_batches)
+
+    monkeypatch.setattr(loop_module, "accumulate", stop_in_step_5)
+    first = invoke(ckpt, "--output", tmp_path / "split", *args)
+    assert first.exit_code == 130 and "interrupted after step 4" in first.output
+    monkeypatch.setattr(loop_module, "accumulate", accumulate)
+    again = invoke(ckpt, "--output", tmp_path / "split", *args)
+    assert again.exit_code == 2 and "already holds files" in again.output and "--resume" in again.output
+    shutil.rmtree(tmp_path / "split" / "checkpoint-4")  # from checkpoint-2: steps 3-4 are logged again
+    resumed = invoke(ckpt, "--output", tmp_path / "split", "--resume", *args)
+    assert resumed.exit_code == 0, resumed.output
+    log = read_log(tmp_path / "split")
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
+    got = [r["loss"] for r in log]
+    assert all(abs(a - b) <= 1e-6 * b for a, b in zip(got, expected)), (got, expected)
+    done = invoke(ckpt, "--output", tmp_path / "split", "--resume", *args)
+    assert done.exit_code == 2 and "already reaches --steps" in done.output
+
+
+def test_damaged_checkpoint_is_named_before_the_model_loads(tmp_path, ckpt, plain_peft, no_model_load):
+    out = tmp_path / "run"
+    (out / "checkpoint-3").mkdir(parents=True)
+    (out / "checkpoint-3" / "trainer_state.json").write_text('{"step": 3, "position": {"epoch": 0, "step": 3}}')
+    (out / "checkpoint-3" / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a")
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_records(4))
+    result = invoke(ckpt, "--data", data, "--output", out, "--resume", "--steps", 5)
+    assert result.exit_code == 2 and "checkpoint-3 is damaged (adapter_model.safetensors" in result.output
+    assert "delete that directory" in result.output and "Traceback" not in result.output
+
+
+def test_config_file_with_command_line_overrides(tmp_path, ckpt, plain_peft):
+    data, out = write_jsonl(tmp_path / "chat.jsonl", chat_records(6)), tmp_path / "run"
+    (tmp_path / "train.yaml").write_text(f"model: {ckpt}\ndata: {data}\nmax_seq_length: 48\ngrad_accum: 3\n"
+                                         "packing: false\nr: 4\nsteps: 2\ncheckpointing: false\n"
+                                         "targets: [q_proj, v_proj]\n")
+    result = CliRunner().invoke(train_command, ["--config", str(tmp_path / "train.yaml"), "--output", str(out),
+                                                "--grad-accum", "1"])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "train_config.json").read_text())
+    assert saved["grad_accum"] == 1 and saved["max_seq_length"] == 48 and saved["packing"] is False
+    assert saved["model"] == ckpt and saved["targets"] == "q_proj,v_proj" and saved["steps"] == 2
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert adapter["r"] == 4 and sorted(adapter["target_modules"]) == ["q_proj", "v_proj"]
+    assert "packed" not in result.output  # packing: false
+
+
+@pytest.mark.parametrize("name, text", [("c.toml", 'steps = 3\nmax_seq_length = 32\npacking = false\n'),
+                                        ("c.json", '{"steps": 3, "max-seq-length": 32, "packing": false}')])
+def test_toml_and_json_config_files(tmp_path, name, text):
+    import click
+
+    from fastbench.train.config import apply_config
+
+    (tmp_path / name).write_text(text)
+    ctx = click.Context(train_command)
+    apply_config(ctx, None, str(tmp_path / name))
+    assert ctx.default_map == {"steps": 3, "max_seq_length": 32, "packing": False}
+
+
+@pytest.fixture
+def bad(tmp_path, ckpt):
+    good = chat_records(2)
+    write_jsonl(tmp_path / "roles.jsonl", good + [{"messages": [{"role": "robot", "content": "x"}]}])
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"text": "caf\xe9"}\n')
+    (tmp_path / "bogus.yaml").write_text("steps: 2\nbogus_key: 1\n")
+    (tmp_path / "broken.yaml").write_text("steps: [2\n")
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "adapter_model.safetensors").write_text("x")
+    no_template = tmp_path / "no-template"
+    shutil.copytree(ckpt, no_template)
+    config = json.loads((no_template / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (no_template / "tokenizer_config.json").write_text(json.dumps(config))
+    (no_template / "chat_template.jinja").unlink(missing_ok=True)
+    return {"ckpt": ckpt, "chat": write_jsonl(tmp_path / "chat.jsonl", good), "roles": tmp_path / "roles.jsonl",
+            "latin1": tmp_path / "latin1.jsonl", "bogus": tmp_path / "bogus.yaml", "broken": tmp_path / "broken.yaml",
+            "file": tmp_path / "a-file", "full": tmp_path / "full", "no_template": no_template}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["{ckpt}", "--data", "{roles}"], "roles.jsonl:3: turn 1 has unknown role 'robot'"),
+    (["{ckpt}", "--data", "{latin1}"], "latin1.jsonl:1: not UTF-8 text"),
+    (["{ckpt}", "--data", "{chat}", "--format", "dialog"], "'dialog' is not one of"),
+    (["{ckpt}", "--data", "{chat}", "--chat-template", "llama-9"], "'llama-9' is not one of"),
+    (["{ckpt}", "--data", "{chat}", "--format", "alpaca"], "no field 'instruction', which a alpaca record has"),
+    (["{ckpt}", "--data", "{chat}", "--config", "{bogus}"], "'bogus_key' is not an option of train"),
+    (["{ckpt}", "--data", "{chat}", "--config", "{broken}"], "broken.yaml: cannot parse it"),
+    (["{no_template}", "--data", "{chat}"], "has none; give --chat-template (llama-3, chatml"),
+    (["{ckpt}", "--data", "{chat}", "--output", "{file}"], "is a file; give a directory"),
+    (["{ckpt}", "--data", "{chat}", "--output", "{full}"], "already holds files (adapter_model.safetensors)"),
+    (["{ckpt}", "--data", "{chat}", "--output", "{full}", "--resume"], "no checkpoint-N/ to resume from"),
+    (["{ckpt}", "--data", "{chat}", "--eval-every", "2"], "--eval-every needs --eval-data or --eval-fraction"),
+    (["{ckpt}", "--data", "{chat}", "--resume", "--overwrite"], "not both"),
+])
+def test_bad_input_is_one_line_and_exit_2_before_the_model_loads(bad, tmp_path, no_model_load, args, message):
+    args = [a.format(**bad) for a in args]
+    if "--output" not in args:
+        args += ["--output", str(tmp_path / "out")]
+    result = invoke(*args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output, result.output
+    assert "Traceback" not in result.output and not (tmp_path / "out").exists()
+
+
+def test_output_that_is_not_writable(tmp_path, ckpt, no_model_load, monkeypatch):
+    import fastbench.train.cli as cli
+
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_records(2))
+    monkeypatch.setattr(cli.os, "access", lambda path, mode: path != str(tmp_path))
+    result = invoke(ckpt, "--data", data, "--output", tmp_path / "new" / "out")
+    assert result.exit_code == 2 and f"{tmp_path} is not writable" in result.output
+
+
+@pytest.mark.parametrize("stop", ["ctrl-c", "sigterm"])
+def test_interrupted_while_the_model_loads(tmp_path, ckpt, monkeypatch, stop):
+    """Exit 130 / 143 with a line saying nothing was trained; --trust-remote-code and --allow-pickle reach the
+    loader as keywords."""
+    from fastbench import FastLanguageModel
+
+    seen = {}
+
+    def loading(name, **kwargs):
+        seen.update(kwargs)
+        if stop == "ctrl-c":
+            raise KeyboardInterrupt
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(FastLanguageModel, "from_pretrained", staticmethod(loading))
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_records(2))
+    result = invoke(ckpt, "--data", data, "--output", tmp_path / "out", "--trust-remote-code", "--allow-pickle")
+    assert result.exit_code == {"ctrl-c": 130, "sigterm": 143}[stop], result.output
+    assert "before training started; nothing was trained" in result.output
+    assert seen["trust_remote_code"] is True and seen["allow_pickle"] is True
+
+
+@pytest.mark.parametrize("on_nan", ["stop", "skip"])
+def test_nan_loss(tmp_path, ckpt, plain_peft, monkeypatch, on_nan):
+    calls, accumulate = [], loop_module.accumulate
+
+    def nan_in_step_3(model, micro_batches):
+        calls.append(1)
+        loss, tokens = accumulate(model, micro_batches)
+        return (float("nan"), tokens) if len(calls) == 3 else (loss, tokens)
+
+    monkeypatch.setattr(loop_module, "accumulate", nan_in_step_3)
+    data, out = write_jsonl(tmp_path / "chat.jsonl", chat_records(8)), tmp_path / "run"
+    result = invoke(ckpt, "--data", data, "--output", out, "--steps", 4, "--save-every", 2, "--on-nan", on_nan, *FAST)
+    log = read_log(out)
+    if on_nan == "stop":
+        assert result.exit_code == 1 and "step 3: the loss is nan" in result.output
+        assert "checkpoint-2, is kept" in result.output and "lower --lr" in result.output
+        assert "the adapter of the 2 finished steps is saved" in result.output and "Traceback" not in result.output
+        assert [r["step"] for r in log] == [1, 2] and (out / "adapter_model.safetensors").exists()
+        assert not (out / "checkpoint-4").exists()
+    else:
+        assert result.exit_code == 0, result.output
+        assert [r["step"] for r in log] == [1, 2, 3, 4] and "skipped" in log[2]
+        assert "1 non-finite steps skipped" in result.output
+
+
+def test_tokenizer_without_pad_token_pads_with_eos_and_says_so(tmp_path, ckpt, plain_peft, monkeypatch):
+    import fastbench.export as export
+
+    nopad = tmp_path / "nopad"
+    shutil.copytree(ckpt, nopad)
+    config = json.loads((nopad / "tokenizer_config.json").read_text())
+    config["pad_token"] = None
+    (nopad / "tokenizer_config.json").write_text(json.dumps(config))
+    exported = []
+    monkeypatch.setattr(export, "save_pretrained_merged", lambda m, d, t=None, **k: exported.append(("merged", d)) or d)
+    monkeypatch.setattr(export, "save_pretrained_gguf", lambda m, d, t=None, **k: exported.append((k, d)) or d)
+    data, out = write_jsonl(tmp_path / "chat.jsonl", chat_records(4)), tmp_path / "run"
+    result = invoke(nopad, "--data", data, "--output", out, "--steps", 1, "--merge", "--gguf", "q8_0", *FAST)
+    assert result.exit_code == 0, result.output
+    assert "no pad token; padding with its EOS token '</s>'" in result.output
+    assert exported == [("merged", str(out / "merged")), ({"quantization_method": "q8_0"}, str(out / "gguf"))]
