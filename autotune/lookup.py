@@ -103,7 +103,8 @@ def _capturing() -> bool:
     return compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
-def run_check(spec: OpSpec, pass_name: str, problem: Problem, config: Config, device: str) -> tuple[bool, str | None, bool]:
+def run_check(spec: OpSpec, pass_name: str, problem: Problem, config: Config,
+              device: str) -> tuple[bool, str | None, bool]:
     """Compile and run ``config`` once on fresh random inputs of ``problem`` and compare with the op's
     reference (``spec.tune_case``, the tuner's tolerance): (passed, why not, whether the verdict holds
     for good). The caller's random state is left as it was; an out-of-memory or a case that cannot be
@@ -347,7 +348,8 @@ class Lookup:
             if hit[1] not in served:
                 served.append(hit[1])
                 tools = self._sources.get(f"{spec.name}/{pass_name}") if hit[1] == OTHER else None
-                how = f" (tuned under triton {tools.get('triton')}, cuda {tools.get('cuda')}; checked here)" if tools else ""
+                how = (f" (tuned under triton {tools.get('triton')}, cuda {tools.get('cuda')}; checked here)"
+                       if tools else "")
                 log.info("%s/%s: config from the %s tier%s: %s", spec.name, pass_name, hit[1], how, dict(hit[0]))
         return hit[0]
 

@@ -180,7 +180,8 @@ def _load_tokenizer(name, trust_remote_code: bool = False):
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-ALLOW_PICKLE = "pass allow_pickle=True (`--allow-pickle` on the CLI) to load them anyway, only for a checkpoint you trust"
+ALLOW_PICKLE = ("pass allow_pickle=True (`--allow-pickle` on the CLI) to load them anyway, only for a checkpoint "
+                "you trust")
 
 
 class UnsafeCheckpoint(OSError, ValueError):

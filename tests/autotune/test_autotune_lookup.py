@@ -99,7 +99,8 @@ def test_changed_kernel_or_toolchain_misses(dirs):
     edited = dataclasses.replace(fake.SPEC, candidates={**fake.SPEC.candidates, "bwd": fake.SPEC.candidates["bwd"][:1]})
     assert make(dirs).resolve(edited, "fwd", PROBLEM)[1] == "heuristic"
     root2, bundled = dirs
-    lk = lookup.Lookup(device=DEVICE, tools={**TOOLS, "triton": "3.7.0"}, root=root2, bundled=bundled, check_device="cpu")
+    lk = lookup.Lookup(device=DEVICE, tools={**TOOLS, "triton": "3.7.0"}, root=root2, bundled=bundled,
+                       check_device="cpu")
     # never exact: another toolchain's config is checked first, and C64 fails the check
     assert lk.resolve(fake.SPEC, "fwd", PROBLEM)[1] == "heuristic"
 

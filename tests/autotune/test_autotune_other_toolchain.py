@@ -201,7 +201,8 @@ def test_tune_list_shows_the_tier_and_tune_replaces_it(monkeypatch, tmp_path):
     monkeypatch.setattr(store, "bundled_dir", lambda: tmp_path / "bundled")
     monkeypatch.setattr(tuner, "Worker", lambda timeout, timer=None: tuner.InProcess(fake.fake_timer, "cpu"))
     args = ["--models", "llama-3-8b-tiny", "--tokens", "1024,4096"]
-    for job in tuner.plan([ref], [presets.build_config("llama-3-8b-tiny")], [1024, 4096], torch.bfloat16):  # the bundled file of another Triton
+    # the bundled file of another Triton
+    for job in tuner.plan([ref], [presets.build_config("llama-3-8b-tiny")], [1024, 4096], torch.bfloat16):
         problem = key.canonical_problem(job.problem)
         store.update(tmp_path / "bundled" / "tuned.json", DEVICE, tuned,
                      {job.key: {"op": "fake", "pass": job.pass_name, "kernel": key.kernel_hash(fake.SPEC),
@@ -234,3 +235,54 @@ def tier_counts(output: str) -> dict:
         cells = {t: line[s:s + len(t) + 1].strip() for t, s in zip(lookup.TIERS, starts)}
         out[line.split()[0]] = {t: int(v) for t, v in cells.items() if v}
     return out
+
+
+def _other_toolchain_file(path, spec, problems, pick, device, tools):
+    """A bundled-format file of ``device`` x ``tools`` holding, for each (pass, problem), ``pick(candidates,
+    default)`` of the real op ``spec``."""
+    entries = {}
+    for pass_name, problem in problems:
+        canon = key.canonical_problem(problem)
+        config = pick(spec.candidates[pass_name], spec.heuristic(pass_name, problem))
+        entries[key.entry_key(spec.name, pass_name, key.kernel_hash(spec), canon)] = {
+            "op": spec.name, "pass": pass_name, "kernel": key.kernel_hash(spec), "problem": canon,
+            "config": dict(config)}
+    store.update(path, device, tools, entries)
+
+
+def _not_the_default(candidates, default):
+    return next(c for c in candidates if dict(c) != dict(default))
+
+
+def test_a_real_op_is_checked_under_the_interpreter(dirs):
+    """rms_norm's kernel, run by the Triton interpreter: the check compiles nothing but runs the real code."""
+    from fastbench.kernels import rms_norm
+
+    root, bundled = dirs
+    problems = [(p, rms_norm._problem(p, torch.float32, 64, 8, True)) for p in ("fwd", "bwd")]
+    _other_toolchain_file(bundled / "tuned.json", rms_norm.SPEC, problems, _not_the_default, DEVICE, TUNED)
+    lk = make(dirs)
+    for pass_name, problem in problems:
+        config, tier = lk.resolve(rms_norm.SPEC, pass_name, problem)
+        assert tier == "other-toolchain" and dict(config) != dict(rms_norm.heuristic(pass_name, problem))
+    assert sorted((c["pass"], c["ok"]) for c in checks_of(root).values()) == [("bwd", True), ("fwd", True)]
+
+
+@pytest.mark.gpu
+def test_other_toolchain_configs_are_checked_on_the_gpu(tmp_path, monkeypatch):
+    """On the GPU: configs of the real bundled-format file of another Triton version serve after a check
+    that runs once (a second lookup does not run it again)."""
+    from fastbench.kernels import rms_norm
+
+    device, tools = key.device_fingerprint(), key.toolchain()
+    other = {**tools, "triton": "0.0.1"}
+    problems = rms_norm.problems(presets.build_config("llama-3-8b"), 4096, torch.bfloat16)
+    _other_toolchain_file(tmp_path / "bundled" / "other.json", rms_norm.SPEC, problems, _not_the_default, device, other)
+    lk = lookup.Lookup(root=tmp_path / "cache", bundled=tmp_path / "bundled")
+    served = {p: lk.config_for(rms_norm.SPEC, p, problem) for p, problem in problems}
+    assert lk.tiers_used() == {"rms_norm/bwd": "other-toolchain", "rms_norm/fwd": "other-toolchain"}
+    checks = store.read(lk.user_path())["checks"]
+    assert len(checks) == 2 and all(c["ok"] and c["tuned_under"] == other for c in checks.values())
+    monkeypatch.setattr(tuner, "evaluate", lambda *a, **k: pytest.fail("checked twice"))
+    lk2 = lookup.Lookup(root=tmp_path / "cache", bundled=tmp_path / "bundled")
+    assert {p: lk2.config_for(rms_norm.SPEC, p, problem) for p, problem in problems} == served
