@@ -175,8 +175,8 @@ class Lookup:
         return Path(self.root or store.cache_dir()) / key.file_name(self.device, self.tools)
 
     def _user_file(self) -> dict:
-        """This device x toolchain's user cache document (``{}`` when absent or unreadable); its
-        ``checks`` are kept up to date by this process."""
+        """This device x toolchain's user cache document (no entries or checks when absent or
+        unreadable); its ``checks`` are kept up to date by this process."""
         if self._user_doc is None:
             doc = store.read(self.user_path()) if self.user_path() else None
             self._user_doc = doc or {"entries": {}, "checks": {}}

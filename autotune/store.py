@@ -58,7 +58,7 @@ def _report_once(path: Path, why: str, remedy: str | None = None) -> None:
     if (str(path), why) not in _reported:
         _reported.add((str(path), why))
         if remedy:
-            log.warning("autotune cache file %s is corrupt (%s) and was ignored: %s", path, why, remedy)
+            log.warning("autotune cache file %s ignored (%s): %s", path, why, remedy)
         else:
             log.warning("autotune cache file %s: %s", path, why)
 
@@ -88,7 +88,8 @@ def _parse(path: Path) -> dict | None:
         return None
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
         first = str(e).splitlines()[0][:200] if str(e) else ""
-        raise Corrupt(f"unreadable: {type(e).__name__}: {first}") from None
+        what = "unreadable" if isinstance(e, OSError) else "not JSON"
+        raise Corrupt(f"{what}: {type(e).__name__}: {first}") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("entries"), dict):
         raise Corrupt("not an autotune cache document")
     if doc.get("schema") != SCHEMA:
@@ -158,7 +159,7 @@ def update(path: Path, device: Mapping, tools: Mapping, entries: Mapping[str, Ma
         if doc is None and path.exists():
             aside = path.with_name(path.name + ".corrupt")
             os.replace(path, aside)
-            log.warning("autotune cache file %s was corrupt: moved to %s; a new one is written", path, aside)
+            log.warning("autotune cache file %s was unusable: moved to %s; a new one is written", path, aside)
         doc = doc or {}
         merged = {k: e for k, e in doc.get("entries", {}).items() if k not in drop}
         merged.update(entries)
