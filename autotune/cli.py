@@ -87,18 +87,27 @@ def _list(refs, jobs) -> None:
         click.echo(f"device: {lk.device}  toolchain: {lk.tools}")
         click.echo(f"cache file: {info['user_file']} ({'present' if info['user_file_exists'] else 'absent'})")
         click.echo(f"bundled files for this device: {', '.join(info['bundled_in_use']) or 'none'}")
+        click.echo(f"files of this device under another toolchain: {', '.join(info['other_toolchain_in_use']) or 'none'}")
     for title, files in (("files in the cache dir", info["files"]), ("bundled files", info["bundled"])):
         click.echo(f"{title}: {len(files)}")
         for f in files:
             counts = ", ".join(f"{k} {v}" for k, v in f.get("entries", {}).items())
-            click.echo(f"  {Path(f['file']).name}: {counts if f['valid'] else 'unreadable (ignored)'}")
+            checks = ", ".join(f"{v} {k}" for k, v in f.get("checks", {}).items())
+            click.echo(f"  {Path(f['file']).name}: {counts if f['valid'] else 'unreadable (ignored)'}"
+                       + (f"; other-toolchain checks: {checks}" if checks else ""))
     tiers: dict[str, Counter] = {}
-    for job in jobs:
-        tiers.setdefault(f"{job.ref.name}/{job.pass_name}", Counter())[lk.resolve(job.ref.spec, job.pass_name, job.problem)[1]] += 1
+    for job in jobs:  # no check runs here: an unchecked other-toolchain config counts as serving
+        tier = lk.resolve(job.ref.spec, job.pass_name, job.problem, check=False)[1]
+        tiers.setdefault(f"{job.ref.name}/{job.pass_name}", Counter())[tier] += 1
     rows = [["op/pass", "problems", *lookup.TIERS]]
     rows += [[name, sum(c.values()), *(c.get(t, 0) or "" for t in lookup.TIERS)] for name, c in sorted(tiers.items())]
     click.echo("which tier serves each op for the chosen models and tokens:")
     click.echo(_table(rows) if len(rows) > 1 else "  (no op declares problems yet)")
+    other = sum(c.get(lookup.OTHER, 0) for c in tiers.values())
+    if other:
+        click.echo(f"{other} problems are served by configs tuned for this GPU under another Triton/CUDA version "
+                   f"({len(lk.unchecked)} not yet checked here: each is checked once against the reference at "
+                   f"first use); `fastbench tune` tunes them for this toolchain")
 
 
 def _export(path: str, refs, cache_file: Path, device, tools) -> None:

@@ -9,7 +9,14 @@ Tiers, first that answers wins (each hit must still be one of today's candidates
 3. ``nearest``: the same, with the nearest token bucket (in log2; a tie goes to the larger bucket);
 4. ``bundled``: ``autotune/bundled/`` files of this device and Triton version (the exact toolchain
    first), exact bucket then nearest;
-5. ``heuristic``: ``spec.heuristic(pass_name, problem)``; always so without a GPU (no driver call)
+5. ``other-toolchain``: a config tuned for this device under another toolchain (user cache files of
+   another Triton or CUDA version, bundled files of another Triton version; the same Triton first,
+   then the newest), exact bucket then nearest, once it has passed a check here: it is compiled and
+   run once on fresh random inputs of the problem and must match the op's reference within the
+   tuner's tolerance. The verdict is recorded in this toolchain's user cache file (``checks``), so
+   each (problem bucket, config) is checked once; a failing config is recorded and the next one
+   (else the heuristic) serves. ``fastbench tune`` tunes these problems for this toolchain;
+6. ``heuristic``: ``spec.heuristic(pass_name, problem)``; always so without a GPU (no driver call)
    and with ``FASTBENCH_AUTOTUNE=off`` (for tuned-vs-heuristic comparisons; pins still apply).
 
 Answers are memoised per ``(op, pass, problem)``; the first answer of each tier per op/pass is logged
@@ -19,18 +26,21 @@ from __future__ import annotations
 
 import json
 import logging
-from collections import Counter
 import math
 import os
+import re
+from collections import Counter
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from . import key, store
 from .spec import Config, OpSpec, Problem
 
 log = logging.getLogger("fastbench.autotune")
 
-TIERS = ("pinned", "exact", "nearest", "bundled", "heuristic")
+TIERS = ("pinned", "exact", "nearest", "bundled", "other-toolchain", "heuristic")
+OTHER = "other-toolchain"
 PIN_ENV = "FASTBENCH_PIN"
 OFF_ENV = "FASTBENCH_AUTOTUNE"
 AUTO = object()
@@ -72,21 +82,79 @@ def _load_pins() -> dict[str, Mapping]:
     return {}
 
 
+def _version(v: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", str(v)))
+
+
+def check_key(op: str, pass_name: str, khash: str, problem: Mapping[str, Any], config: Mapping) -> str:
+    """``"<entry key>@BLOCK_N=1024,num_stages=1,num_warps=8"``: one check of one config on one problem."""
+    return f"{key.entry_key(op, pass_name, khash, problem)}@{key.problem_string(config)}"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _capturing() -> bool:
+    """Inside a CUDA graph capture or a torch.compile trace, where no check may run."""
+    import torch
+
+    compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
+    return compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+def run_check(spec: OpSpec, pass_name: str, problem: Problem, config: Config,
+              device: str) -> tuple[bool, str | None, bool]:
+    """Compile and run ``config`` once on fresh random inputs of ``problem`` and compare with the op's
+    reference (``spec.tune_case``, the tuner's tolerance): (passed, why not, whether the verdict holds
+    for good). The caller's random state is left as it was; an out-of-memory or a case that cannot be
+    built is not the config's fault (the verdict does not hold for good)."""
+    import torch
+
+    from .tuner import evaluate
+
+    cuda = device.startswith("cuda")
+    case = None
+    try:
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if cuda else []), torch.enable_grad():
+            seed = int.from_bytes(os.urandom(8), "little") >> 1
+            torch.default_generator.manual_seed(seed)
+            if cuda:
+                torch.cuda.manual_seed(seed)
+            try:
+                case = spec.tune_case(pass_name, dict(problem), device)
+            except Exception as e:
+                return False, f"the check could not be built: {type(e).__name__}: {e}", False
+            m = evaluate(case, config, None)
+    finally:
+        del case
+        if cuda:
+            torch.cuda.empty_cache()
+    if m.usable:
+        return True, None, True
+    return False, m.status, "out of memory" not in m.status.lower() and "OutOfMemory" not in m.status
+
+
 class Lookup:
-    """One process's view of the cache: device, toolchain, user and bundled files, pins, memo."""
+    """One process's view of the cache: device, toolchain, user and bundled files, pins, memo.
+    ``check_device``: where the other-toolchain tier runs its checks (tests with a fake device: "cpu")."""
 
     def __init__(self, device: Any = AUTO, tools: Any = AUTO, root: Path | None = None,
-                 bundled: Path | None = None):
+                 bundled: Path | None = None, check_device: str = "cuda"):
         self._device, self._tools = device, tools
-        self.root, self.bundled_root = root, bundled
+        self.root, self.bundled_root, self.check_device = root, bundled, check_device
         self.cache_off = os.environ.get(OFF_ENV, "").strip().lower() in ("0", "off", "false", "heuristic")
         self.pins: dict[str, Mapping] = {}
         self._env_pins: dict[str, Mapping] | None = None
+        self._user_doc: dict | None = None
         self._user: dict | None = None
         self._bundled: list[dict] | None = None
+        self._other: list[tuple[dict, dict]] | None = None
         self._memo: dict[tuple, tuple[Config, str]] = {}
         self._served: dict[str, list[str]] = {}
+        self._sources: dict[str, dict] = {}
         self._warned: set[tuple] = set()
+        self.unchecked: set[str] = set()  # other-toolchain configs resolve(check=False) counted as serving
 
     # --- what this process runs on (resolved on first use) ---
     @property
@@ -106,10 +174,17 @@ class Lookup:
             return None
         return Path(self.root or store.cache_dir()) / key.file_name(self.device, self.tools)
 
+    def _user_file(self) -> dict:
+        """This device x toolchain's user cache document (no entries or checks when absent or
+        unreadable); its ``checks`` are kept up to date by this process."""
+        if self._user_doc is None:
+            doc = store.read(self.user_path()) if self.user_path() else None
+            self._user_doc = doc or {"entries": {}, "checks": {}}
+        return self._user_doc
+
     def _user_index(self) -> dict:
         if self._user is None:
-            doc = store.read(self.user_path()) if self.user_path() else None
-            self._user = index(doc["entries"]) if doc else {}
+            self._user = index(self._user_file()["entries"])
         return self._user
 
     def bundled_files(self) -> list[tuple[Path, dict]]:
@@ -118,7 +193,7 @@ class Lookup:
             return []
         found = []
         for path in store.list_files(self.bundled_root or store.bundled_dir()):
-            doc = store.read(path)
+            doc = store.read(path, bundled=True)
             if doc and doc.get("device") == self.device and (doc.get("toolchain") or {}).get("triton") == self.tools["triton"]:
                 found.append((doc.get("toolchain") != self.tools, path.name, path, doc))
         return [(path, doc) for *_, path, doc in sorted(found, key=lambda f: f[:2])]
@@ -127,6 +202,35 @@ class Lookup:
         if self._bundled is None:
             self._bundled = [index(doc["entries"]) for _, doc in self.bundled_files()]
         return self._bundled
+
+    def other_toolchain_files(self) -> list[tuple[Path, dict]]:
+        """Files tuned for this device under another toolchain: user cache files of another Triton or
+        CUDA version, bundled files of another Triton version (those of this Triton are the bundled
+        tier's). The same Triton version first, then the newest Triton; user files before bundled."""
+        if self.device is None:
+            return []
+        mine = self.tools
+        found = []
+        for rank, root, bundled in ((0, Path(self.root or store.cache_dir()), False),
+                                    (1, self.bundled_root or store.bundled_dir(), True)):
+            for path in store.list_files(root):
+                doc = store.read(path, bundled=bundled)
+                tools = (doc or {}).get("toolchain") or {}
+                if not doc or doc.get("device") != self.device or tools == mine:
+                    continue
+                if bundled and tools.get("triton") == mine["triton"]:
+                    continue
+                triton = str(tools.get("triton"))
+                found.append(((triton != mine["triton"], tuple(-x for x in _version(triton)),
+                               tools.get("cuda") != mine["cuda"], rank, path.name), path, doc))
+        return [(path, doc) for _, path, doc in sorted(found, key=lambda f: f[0])]
+
+    def _other_indexes(self) -> list[tuple[dict, dict]]:
+        """(toolchain, index) of :meth:`other_toolchain_files`."""
+        if self._other is None:
+            self._other = [(dict(doc.get("toolchain") or {}), index(doc["entries"]))
+                           for _, doc in self.other_toolchain_files()]
+        return self._other
 
     # --- the lookup ---
     def _candidate(self, spec: OpSpec, pass_name: str, config: Mapping | None, where: str) -> Config | None:
@@ -149,21 +253,71 @@ class Lookup:
             self._env_pins = _load_pins()
         return self._candidate(spec, pass_name, self._env_pins.get(name), "pinned")
 
+    def _hits(self, idx: dict, spec: OpSpec, pass_name: str, group: Group, tokens: int | None,
+              where: str, nearest: bool) -> Iterator[Config]:
+        """Today's candidates among ``idx``'s configs for ``group``: the exact bucket, or (``nearest``)
+        the other buckets, nearest first."""
+        buckets = idx.get(group) or {}
+        picks = [tokens] if not nearest else (_by_distance(buckets, tokens) if tokens is not None else [])
+        for b in picks:
+            hit = self._candidate(spec, pass_name, buckets.get(b), where)
+            if hit is not None:
+                yield hit
+
     def _from_index(self, idx: dict, spec: OpSpec, pass_name: str, group: Group, tokens: int | None,
                     where: str, nearest: bool) -> Config | None:
-        buckets = idx.get(group)
-        if not buckets:
-            return None
-        if not nearest:
-            return self._candidate(spec, pass_name, buckets.get(tokens), where)
-        for b in _by_distance(buckets, tokens) if tokens is not None else ():
-            hit = self._candidate(spec, pass_name, buckets[b], where)
-            if hit is not None:
-                return hit
+        return next(self._hits(idx, spec, pass_name, group, tokens, where, nearest), None)
+
+    def _record_check(self, ck: str, record: dict) -> None:
+        """Keep a check's verdict in this process and in the user cache file (a cache that cannot be
+        written is said once; the check then runs again in the next process)."""
+        self._user_file().setdefault("checks", {})[ck] = record
+        try:
+            store.update(self.user_path(), self.device, self.tools, {}, checks={ck: record})
+        except OSError as e:
+            if ("write", None, None) not in self._warned:
+                self._warned.add(("write", None, None))
+                log.warning("autotune: cannot record checks in %s (%s: %s); they run again in the next process",
+                            self.user_path(), type(e).__name__, e)
+
+    def _passes_check(self, spec: OpSpec, pass_name: str, problem: Problem, canon: Mapping, config: Config,
+                      tuned_under: Mapping, check: bool) -> bool:
+        """Whether the other-toolchain ``config`` may serve here: the recorded verdict, else (``check``)
+        the check run now and recorded. Without ``check`` an unchecked config counts as serving."""
+        khash = key.kernel_hash(spec)
+        ck = check_key(spec.name, pass_name, khash, canon, config)
+        done = self._user_file().get("checks", {}).get(ck)
+        if done is not None:
+            return done["ok"]
+        if not check:
+            self.unchecked.add(ck)
+            return True
+        if spec.tune_case is None or _capturing():
+            return False
+        ok, why, lasting = run_check(spec, pass_name, problem, config, self.check_device)
+        record = {"op": spec.name, "pass": pass_name, "kernel": khash, "problem": dict(canon), "config": dict(config),
+                  "ok": ok, "why": why, "tuned_under": dict(tuned_under), "checked": _now()}
+        if lasting:
+            self._record_check(ck, record)
+        if not ok:
+            log.warning("%s/%s: config %s tuned under triton %s, cuda %s failed its check here (%s)%s; the next "
+                        "tier serves", spec.name, pass_name, dict(config), tuned_under.get("triton"),
+                        tuned_under.get("cuda"), why, f"; recorded in {self.user_path()}" if lasting else "")
+        return ok
+
+    def _other_toolchain(self, spec: OpSpec, pass_name: str, problem: Problem, canon: Mapping, group: Group,
+                         tokens: int | None, check: bool) -> tuple[Config, dict] | None:
+        """The first config tuned under another toolchain that passes its check here, with that toolchain."""
+        for tools, idx in self._other_indexes():
+            for nearest in (False, True):
+                for hit in self._hits(idx, spec, pass_name, group, tokens, OTHER, nearest):
+                    if self._passes_check(spec, pass_name, problem, canon, hit, tools, check):
+                        return hit, tools
         return None
 
-    def resolve(self, spec: OpSpec, pass_name: str, problem: Problem) -> tuple[Config, str]:
-        """(config, tier) without memo or logging."""
+    def resolve(self, spec: OpSpec, pass_name: str, problem: Problem, check: bool = True) -> tuple[Config, str]:
+        """(config, tier) without memo or logging. ``check=False`` runs no other-toolchain check (an
+        unchecked config counts as serving and is added to ``self.unchecked``): for ``tune --list``."""
         hit = self._pinned(spec, pass_name)
         if hit is not None:
             return hit, "pinned"
@@ -179,6 +333,10 @@ class Lookup:
                     hit = self._from_index(idx, spec, pass_name, group, tokens, tier, nearest)
                     if hit is not None:
                         return hit, tier
+            other = self._other_toolchain(spec, pass_name, problem, canon, group, tokens, check)
+            if other is not None:
+                self._sources[f"{spec.name}/{pass_name}"] = other[1]
+                return other[0], OTHER
         return spec.heuristic(pass_name, problem), "heuristic"
 
     def config_for(self, spec: OpSpec, pass_name: str, problem: Problem) -> Config:
@@ -189,7 +347,10 @@ class Lookup:
             served = self._served.setdefault(f"{spec.name}/{pass_name}", [])
             if hit[1] not in served:
                 served.append(hit[1])
-                log.info("%s/%s: config from the %s tier: %s", spec.name, pass_name, hit[1], dict(hit[0]))
+                tools = self._sources.get(f"{spec.name}/{pass_name}") if hit[1] == OTHER else None
+                how = (f" (tuned under triton {tools.get('triton')}, cuda {tools.get('cuda')}; checked here)"
+                       if tools else "")
+                log.info("%s/%s: config from the %s tier%s: %s", spec.name, pass_name, hit[1], how, dict(hit[0]))
         return hit[0]
 
     def pin(self, op: str, pass_name: str, config: Mapping | None) -> None:
@@ -236,13 +397,14 @@ def tiers_used() -> dict[str, str]:
     return default().tiers_used()
 
 
-def _summary(path: Path) -> dict:
-    doc = store.read(path)
+def _summary(path: Path, bundled: bool = False) -> dict:
+    doc = store.read(path, bundled=bundled)
     if doc is None:
         return {"file": str(path), "valid": False}
     counts = Counter(f"{e['op']}/{e['pass']}" for e in doc["entries"].values())
+    checks = Counter("passed" if c["ok"] else "failed" for c in doc["checks"].values())
     return {"file": str(path), "valid": True, "device": doc.get("device"), "toolchain": doc.get("toolchain"),
-            "entries": dict(sorted(counts.items()))}
+            "entries": dict(sorted(counts.items())), "checks": dict(sorted(checks.items()))}
 
 
 def describe() -> dict:
@@ -260,8 +422,10 @@ def describe() -> dict:
         "user_file": str(user) if user else None,
         "user_file_exists": bool(user and user.exists()),
         "files": [_summary(p) for p in store.list_files(root)],
-        "bundled": [_summary(p) for p in store.list_files(lk.bundled_root or store.bundled_dir())],
+        "bundled": [_summary(p, bundled=True) for p in store.list_files(lk.bundled_root or store.bundled_dir())],
         "bundled_in_use": [p.name for p, _ in lk.bundled_files()],
+        "other_toolchain_in_use": [p.name for p, _ in lk.other_toolchain_files()],
+        "other_toolchain_served": {k: v for k, v in sorted(lk._sources.items())},
         "pins": {**(lk._env_pins if lk._env_pins is not None else _load_pins()), **lk.pins},
         "tiers_used": lk.tiers_used(),
     }

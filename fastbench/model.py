@@ -59,13 +59,19 @@ class FastLanguageModel:
 
     @staticmethod
     def from_pretrained(model_name: str, max_seq_length: int = 2048, dtype=None, load_in_4bit: bool = False,
-                        device=None, seed: int = 0, **kwargs):
+                        device=None, seed: int = 0, trust_remote_code: bool = False, allow_pickle: bool = False,
+                        **kwargs):
         """A local checkpoint directory, a hub id, or a fastbench preset name (random weights from
         ``seed``). ``load_in_4bit`` quantizes to NF4 on load; a bitsandbytes pre-quantized checkpoint
         loads as it is. Other keywords go to transformers' ``from_pretrained`` (``token``,
         ``device_map`` in place of ``device``, ...); Unsloth's ``load_in_8bit`` and ``full_finetuning``
         are taken when False and refused, saying why, when True. Returns (model, tokenizer); tokenizer
-        is None when there is none."""
+        is None when there is none.
+
+        Loading never runs the checkpoint's code: ``trust_remote_code`` stays False unless passed True.
+        Weights load from safetensors; pickle-based weights (``.bin``, ``.pt``, ``.pth``, ``.ckpt``)
+        only with ``allow_pickle=True`` (with a warning, through ``torch.load(weights_only=True)``),
+        else :class:`UnsafeCheckpoint` says so."""
         from fastbench.presets import PRESETS, build_model
 
         if kwargs.pop("load_in_8bit", False):
@@ -84,8 +90,9 @@ class FastLanguageModel:
             warnings.warn(f"{model_name} is a preset with random weights and no tokenizer; tokenizer is None",
                           stacklevel=2)
         else:
-            model = _load_checkpoint(model_name, dtype, load_in_4bit, device, **kwargs)
-            tokenizer = _load_tokenizer(model_name)
+            kwargs.update(_safe_load_options(model_name, trust_remote_code, allow_pickle, kwargs))
+            model = _load_safely(model_name, allow_pickle, dtype, load_in_4bit, device, **kwargs)
+            tokenizer = _load_tokenizer(model_name, trust_remote_code=trust_remote_code)
         if model.config.model_type not in SUPPORTED_FAMILIES:
             warnings.warn(f"fastbench: {model.config.model_type!r} has no fused path (supported: "
                           f"{', '.join(SUPPORTED_FAMILIES)}); get_peft_model will give plain PEFT", stacklevel=2)
@@ -152,7 +159,7 @@ class FastLanguageModel:
 def _load_checkpoint(name, dtype, load_in_4bit, device, **kwargs):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(name)
+    config = AutoConfig.from_pretrained(name, trust_remote_code=kwargs.get("trust_remote_code", False))
     if load_in_4bit and getattr(config, "quantization_config", None) is None:
         kwargs.setdefault("quantization_config", nf4_config(dtype))
     kwargs.setdefault("attn_implementation", "sdpa")
@@ -160,13 +167,69 @@ def _load_checkpoint(name, dtype, load_in_4bit, device, **kwargs):
     return AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kwargs)
 
 
-def _load_tokenizer(name):
+def _load_tokenizer(name, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(name)
+        return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         if os.path.isdir(name):
             warnings.warn(f"no tokenizer in {name} ({type(e).__name__}); tokenizer is None")
             return None
         raise
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+ALLOW_PICKLE = ("pass allow_pickle=True (`--allow-pickle` on the CLI) to load them anyway, only for a checkpoint "
+                "you trust")
+
+
+class UnsafeCheckpoint(OSError, ValueError):
+    """A checkpoint fastbench does not load as asked: pickle-based weights without ``allow_pickle=True``
+    (an OSError, as an unreadable checkpoint is, and a ValueError, as a bad argument is)."""
+
+
+def _weight_files(path: str) -> tuple[list[str], list[str]]:
+    """(safetensors files, pickle-based weight files) in a checkpoint directory."""
+    names = sorted(os.listdir(path))
+    return ([n for n in names if n.endswith(".safetensors")],
+            [n for n in names if n.endswith(PICKLE_SUFFIXES) and not n.startswith("training_args")])
+
+
+def _safe_load_options(name: str, trust_remote_code: bool, allow_pickle: bool, kwargs: dict) -> dict:
+    """transformers' loading options under fastbench's rule: no checkpoint code unless trusted,
+    safetensors unless ``allow_pickle`` (then pickle-based weights go through ``weights_only=True``)."""
+    if kwargs.get("weights_only") is False:
+        raise UnsafeCheckpoint("weights_only=False would let a pickle-based checkpoint run code; fastbench loads "
+                               "pickle-based weights only through weights_only=True (with allow_pickle=True)")
+    if kwargs.get("use_safetensors") is False and not allow_pickle:
+        raise UnsafeCheckpoint(f"use_safetensors=False asks for pickle-based weights, which can run code when "
+                               f"loaded; {ALLOW_PICKLE}")
+    if trust_remote_code:
+        warnings.warn(f"fastbench: trust_remote_code=True: the code that {name} ships runs in this process",
+                      stacklevel=3)
+    options = {"trust_remote_code": bool(trust_remote_code), "use_safetensors": True}
+    if os.path.isdir(name):
+        safe, pickled = _weight_files(name)
+        if safe or not pickled:
+            return options  # no weights at all: transformers says so
+        if not allow_pickle:
+            raise UnsafeCheckpoint(f"{name} holds pickle-based weights only ({', '.join(pickled)}), which can run "
+                                   f"code when loaded; fastbench loads safetensors: convert them, or {ALLOW_PICKLE}")
+        warnings.warn(f"fastbench: loading pickle-based weights of {name} ({', '.join(pickled)}) because "
+                      "allow_pickle=True (torch.load with weights_only=True); prefer safetensors", stacklevel=3)
+        return {**options, "use_safetensors": False, "weights_only": True}
+    if allow_pickle:  # a hub id: safetensors when it has them, else its pickle-based weights
+        return {**options, "use_safetensors": None, "weights_only": True}
+    return options
+
+
+def _load_safely(name: str, allow_pickle: bool, *args, **kwargs):
+    """:func:`_load_checkpoint`; a hub checkpoint without safetensors is refused in fastbench's words."""
+    try:
+        return _load_checkpoint(name, *args, **kwargs)
+    except OSError as e:
+        if allow_pickle or os.path.isdir(name) or "cannot be loaded with `safetensors`" not in str(e):
+            raise
+        raise UnsafeCheckpoint(f"{name} has no safetensors weights; its pickle-based weights (.bin, .pt) can run "
+                               f"code when loaded: {ALLOW_PICKLE}") from None

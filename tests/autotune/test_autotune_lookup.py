@@ -1,4 +1,5 @@
-"""Lookup order (pinned > exact > nearest > bundled > heuristic), validation, memo, tiers, pins."""
+"""Lookup order (pinned > exact > nearest > bundled > other-toolchain > heuristic), validation, memo,
+tiers, pins, the one-time check of other-toolchain configs, corrupt files."""
 import dataclasses
 import json
 import logging
@@ -34,7 +35,7 @@ def user_file(root, tools=TOOLS):
 
 def make(dirs, device=DEVICE):
     root, bundled = dirs
-    return lookup.Lookup(device=device, tools=TOOLS, root=root, bundled=bundled)
+    return lookup.Lookup(device=device, tools=TOOLS, root=root, bundled=bundled, check_device="cpu")
 
 
 def test_heuristic_when_nothing_is_cached(dirs):
@@ -72,8 +73,9 @@ def test_nearest_bucket_in_log2_larger_on_ties(dirs):
 def test_bundled_needs_same_device_and_triton_and_prefers_exact_toolchain(dirs):
     _, bundled = dirs
     put(bundled / "other-gpu.json", C16, 4096, device={**DEVICE, "sms": 114})
-    put(bundled / "old-triton.json", C16, 4096, tools={**TOOLS, "triton": "3.5.0"})
     assert make(dirs).resolve(fake.SPEC, "fwd", PROBLEM)[1] == "heuristic"
+    put(bundled / "old-triton.json", C16, 4096, tools={**TOOLS, "triton": "3.5.0"})
+    assert make(dirs).resolve(fake.SPEC, "fwd", PROBLEM) == (C16, "other-toolchain")  # not the bundled tier
     put(bundled / "a-other-cuda.json", C128, 4096, tools={**TOOLS, "cuda": "12.8"})
     assert make(dirs).resolve(fake.SPEC, "fwd", PROBLEM) == (C128, "bundled")
     put(bundled / "z-exact.json", C256, 4096)
@@ -97,7 +99,9 @@ def test_changed_kernel_or_toolchain_misses(dirs):
     edited = dataclasses.replace(fake.SPEC, candidates={**fake.SPEC.candidates, "bwd": fake.SPEC.candidates["bwd"][:1]})
     assert make(dirs).resolve(edited, "fwd", PROBLEM)[1] == "heuristic"
     root2, bundled = dirs
-    lk = lookup.Lookup(device=DEVICE, tools={**TOOLS, "triton": "3.7.0"}, root=root2, bundled=bundled)
+    lk = lookup.Lookup(device=DEVICE, tools={**TOOLS, "triton": "3.7.0"}, root=root2, bundled=bundled,
+                       check_device="cpu")
+    # never exact: another toolchain's config is checked first, and C64 fails the check
     assert lk.resolve(fake.SPEC, "fwd", PROBLEM)[1] == "heuristic"
 
 
