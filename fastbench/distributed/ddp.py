@@ -71,7 +71,12 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 def sync_gradients(model: torch.nn.Module, last: bool):
     """The context of one micro-batch's forward and backward: gradients reduced over ranks only in the
-    step's ``last`` micro-batch (``no_sync`` before it)."""
+    step's ``last`` micro-batch (DDP's ``no_sync`` before it; an FSDP2 model reduces then only too)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
     if last or not isinstance(model, DistributedDataParallel):
         return contextlib.nullcontext()
     return model.no_sync()
