@@ -16,7 +16,7 @@ Refused, saying why:
   flat parameters with ``bnb_4bit_quant_storage`` only, not FSDP2.
 
 The loss is normalised over the world's label tokens (fastbench.distributed.ddp.accumulate), so the
-gradient reduction sums (``set_gradient_divide_factor(1)``) instead of averaging.
+gradient reduction sums (divide factor 1, plain SUM collectives) instead of averaging.
 """
 import torch
 from torch.distributed.device_mesh import init_device_mesh
@@ -68,4 +68,5 @@ def shard(model: torch.nn.Module, world: World, reshard_after_forward: bool = Tr
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no pre-multiplied sum)
     return model
