@@ -86,9 +86,44 @@ def _parity(rank, seed, out):
         assert "base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight" in ignored
         mine = shard_steps(global_steps(seed), world.rank, world.world_size)
         result = train(model, itertools.islice(mine, len(ROWS)), world)
+        resumed = _interrupted_and_resumed(seed, world, os.path.join(os.path.dirname(out), "run"))
+        assert resumed == result[0][-1]
     if rank == 0:
         reference = train(lora_model(seed, seed + 1), itertools.islice(global_steps(seed), len(ROWS)), World())
         torch.save((result, reference), out)
+
+
+def _interrupted_and_resumed(seed, world, output):
+    """Trains all steps but the last, rank 0 saving a checkpoint; then a fresh model resumes from it with the same
+    world (a world of another size is refused) and trains the last step; returns its loss."""
+    from fastbench.distributed import ddp
+    from fastbench.distributed.data import shard_steps
+    from fastbench.distributed.world import World, WorldSizeMismatch, barrier, check_resume, world_record
+
+    done = len(ROWS) - 1
+    model = ddp.wrap(lora_model(seed, seed + 1 + world.rank), world)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    train(model, itertools.islice(shard_steps(global_steps(seed), world.rank, world.world_size), done), world, opt)
+    path = os.path.join(output, f"checkpoint-{done}", "state.pt")
+    if world.is_main:
+        os.makedirs(os.path.dirname(path))
+        lora = {n: p.detach() for n, p in ddp.unwrap(model).named_parameters() if p.requires_grad}
+        torch.save({"lora": lora, "optimizer": opt.state_dict(), "step": done, **world_record(world)}, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    barrier(world)
+    assert sorted(os.listdir(output)) == [f"checkpoint-{done}"] and os.listdir(os.path.dirname(path)) == ["state.pt"]
+    saved = torch.load(path)
+    with pytest.raises(WorldSizeMismatch, match="written by a run of 2 processes and this run has 1: resume it with "
+                                                "--nproc 2"):
+        check_resume(saved, World())
+    check_resume(saved, world)
+    model = lora_model(seed, seed + 7)
+    model.load_state_dict(saved["lora"], strict=False)
+    model = ddp.wrap(model, world)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    opt.load_state_dict(saved["optimizer"])
+    mine = shard_steps(global_steps(seed), world.rank, world.world_size, start=saved["step"])
+    return train(model, itertools.islice(mine, 1), world, opt)[0][0]
 
 
 def assert_same_training(result, reference):
@@ -103,6 +138,8 @@ def assert_same_training(result, reference):
 
 
 def test_two_ranks_equal_one_process_with_the_whole_batch(seed, tmp_path):
+    """... and a run interrupted before its last step, resumed by the same world from rank 0's checkpoint, ends
+    with the same loss."""
     out = tmp_path / "results.pt"
     run_world(_parity, 2, seed, str(out))
     assert_same_training(*torch.load(out))
