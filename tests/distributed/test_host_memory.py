@@ -1,0 +1,55 @@
+"""The offload mode's pinned host memory estimate against what the offloader allocates, and the up-front check."""
+import warnings
+
+import pytest
+import torch
+
+from fastbench.distributed.host_memory import (GiB, HostMemoryShort, OffloadLayout, check_host_memory,
+                                               offload_host_bytes)
+
+
+def offloader_bytes(model):
+    """The host bytes the offload mode holds after a step: its reusable buffers and the embedding table."""
+    base = model.get_base_model()
+    offloader = base.get_decoder()._fastbench.checkpointing.offloader
+    table = base.get_input_embeddings().weight
+    return sum(b.nbytes for b in offloader._free) + (0 if isinstance(table, torch.nn.Parameter) else table.nbytes)
+
+
+@pytest.mark.parametrize("save_every", ["2"])  # layer 0 keeps its MLP's activations, layer 1 its two inputs
+def test_estimate_bounds_what_the_offloader_holds(seed, monkeypatch, save_every):
+    from fastbench import FastLanguageModel
+    from fastbench.presets import build_config
+
+    monkeypatch.setenv("FASTBENCH_OFFLOAD_SAVE_EVERY", save_every)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base, _ = FastLanguageModel.from_pretrained("llama-3-8b-tiny", dtype=torch.float32, device="cpu", seed=seed)
+        model = FastLanguageModel.get_peft_model(base, r=4, random_state=seed, use_gradient_checkpointing="offload",
+                                                 fallback=False)
+    B, T = 2, 24
+    ids = torch.randint(0, 512, (B, T))
+    model(input_ids=ids, labels=ids).loss.backward()
+    held = offloader_bytes(model)
+    estimate = offload_host_bytes(build_config("llama-3-8b-tiny"), B * T, dtype_bytes=4)
+    assert held <= estimate <= 1.25 * held, (held, estimate)
+
+
+def test_layouts():
+    from fastbench.presets import build_config
+
+    config = build_config("llama-3-8b")  # 32 layers, h 4096, i 14336, untied 128256 x 4096 table
+    t, b = 2 * 2048, 2
+    table = 128256 * 4096 * b
+    every2 = offload_host_bytes(config, t, b, OffloadLayout(save_every=2))
+    assert every2 == int(9 / 8 * t * b * (16 * (3 * 4096 + 2 * 14336) + 16 * 2 * 4096)) + table
+    assert offload_host_bytes(config, t, b, OffloadLayout(save_every=0, embedding=False)) == int(9 / 8 * t * b * 32 * 2 * 4096)
+    assert offload_host_bytes(config, t, b, OffloadLayout(save_every=0, whole_layers=True, keep_last=2,
+                                                          embedding=False)) == int(9 / 8 * t * b * 30 * 4096)
+
+
+def test_the_check_refuses_with_the_numbers():
+    check_host_memory(6 * GiB, 2, available=40 * GiB)
+    with pytest.raises(HostMemoryShort, match=r"each of 4 processes pins about 6.0 GiB .* 40.0 GiB in all, and this "
+                                              r"host has 30.0 GiB available"):
+        check_host_memory(6 * GiB, 4, available=30 * GiB)
