@@ -140,7 +140,7 @@ def save_adapter(model, tokenizer, output: str) -> None:
 
 
 def parse_checkpointing(value: str):
-    from fastbench.checkpointing import parse_setting
+    from fastbench.fused.checkpointing import parse_setting
 
     setting = {"true": True, "false": False}.get(value.lower(), value)
     try:
@@ -194,8 +194,8 @@ def _load_tokenizer(source):
 @click.option("--warmup-steps", default=5, show_default=True, type=click.IntRange(min=0))
 @click.option("--checkpointing", default="true", show_default=True, callback=lambda c, p, v: parse_checkpointing(v),
               help="Activation checkpointing: true (recompute every layer), false, offload (recompute, with the "
-                   "inputs and every 2nd layer's MLP activations kept in pinned CPU memory; "
-                   "FASTBENCH_OFFLOAD_SAVE_EVERY=n changes the 2), auto, or a memory budget in GiB.")
+                   "inputs and every 2nd layer's MLP activations kept in pinned CPU memory), auto, or a memory "
+                   "budget in GiB.")
 @click.option("--seed", default=3407, show_default=True, type=int, help="Seeds the LoRA init, data order, "
               "random data and preset weights.")
 @click.option("--save-every", type=click.IntRange(min=1), help="Also save the adapter every N steps.")
