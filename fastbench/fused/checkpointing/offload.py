@@ -26,7 +26,7 @@ class HostOffloader:
 
     By default every copy runs on one side stream, so a buffer's copy back to the GPU is ordered after its
     copy to the host, and a reused buffer's next copy after both. With ``streams=2`` (an experiment:
-    ``FASTBENCH_OFFLOAD_STREAMS=2``) the copies to the host and those back run on two streams, so that the
+    ``OffloadConfig(streams=2)``) the copies to the host and those back run on two streams, so that the
     bus carries both directions at once (where the backward's first fetches meet the forward's last copies
     out); the same order is then kept by events: a copy back waits for its copy out, and a buffer's next
     copy out for the copy back that read it. Each copy first makes its stream wait for all work queued on
