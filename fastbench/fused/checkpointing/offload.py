@@ -74,7 +74,7 @@ class HostOffloader:
         """The stream of the copies ``direction`` ("out" to the host, "in" back), made to wait for the compute
         stream."""
         # current_stream() must be read here, outside `torch.cuda.stream(side)`: inside, it is the side
-        # stream itself (an earlier version waited on itself there and raced on the H200)
+        # stream itself, and a stream that waits on itself orders nothing (the copies would race the compute)
         if not self._streams:
             self._streams["out"] = torch.cuda.Stream()
             self._streams["in"] = torch.cuda.Stream() if self._two_streams else self._streams["out"]
@@ -229,9 +229,9 @@ _registration = {"works": True}  # False once cudaHostRegister failed in this pr
 def _pinned_empty(numel: int, dtype: torch.dtype, registered: list[torch.Tensor]) -> torch.Tensor:
     """A host buffer of ``numel`` elements that the GPU copies to and from asynchronously, appended to
     ``registered`` when pinned by registration. Its pages are faulted in by torch's intra-op threads
-    (``zero_``) and then registered with CUDA: 2 GiB took 0.21 s so on the H200's host, against 0.74 s
-    through ``pin_memory=True`` (cudaHostAlloc, one thread), which the offload mode's first step paid in
-    full. Where registration fails, ``pin_memory=True`` from then on."""
+    (``zero_``) and then registered with CUDA: faster than ``pin_memory=True`` (cudaHostAlloc, which
+    faults the pages in on one thread), a cost the offload mode's first step pays. Where registration
+    fails, ``pin_memory=True`` from then on."""
     if _registration["works"]:
         buf = torch.empty(numel, dtype=dtype)
         buf.zero_()
