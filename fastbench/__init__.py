@@ -4,7 +4,7 @@ Importing fastbench changes nothing in transformers or anywhere else; ``FastLang
 imported on first use.
 """
 __version__ = "0.1.0"
-__all__ = ["FastLanguageModel", "is_bfloat16_supported", "__version__"]
+__all__ = ["FastLanguageModel", "is_bfloat16_supported", "CheckpointConfig", "OffloadConfig", "__version__"]
 
 
 def __getattr__(name):
@@ -12,4 +12,8 @@ def __getattr__(name):
         from fastbench import model
 
         return getattr(model, name)
+    if name in ("CheckpointConfig", "OffloadConfig"):
+        from fastbench.fused.checkpointing import config
+
+        return getattr(config, name)
     raise AttributeError(f"module 'fastbench' has no attribute {name!r}")

@@ -131,9 +131,7 @@ def collect_environment() -> dict:
 
 # Environment variables that change what fastbench trains or measures (not where it keeps files): a run records
 # the ones set, so that a result made with one of them reads as such.
-SWITCHES = ("FASTBENCH_OFFLOAD_SAVE_EVERY", "FASTBENCH_OFFLOAD_KEEP_LAST", "FASTBENCH_OFFLOAD_STREAMS",
-            "FASTBENCH_OFFLOAD_WHOLE_LAYERS", "FASTBENCH_OFFLOAD_EMBEDDING", "FASTBENCH_AUTOTUNE", "FASTBENCH_PIN",
-            "FASTBENCH_BENCH_FLUSH", "FASTBENCH_SIMULATE_OOM")
+SWITCHES = ("FASTBENCH_AUTOTUNE", "FASTBENCH_PIN", "FASTBENCH_BENCH_FLUSH", "FASTBENCH_SIMULATE_OOM")
 
 
 def switches() -> dict[str, str]:

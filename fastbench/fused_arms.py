@@ -4,12 +4,11 @@
 Option ``ckpt`` (``fused-4bit:ckpt=offload``): ``true`` (recompute every layer), ``false``,
 ``offload``, ``auto``, or a budget in GiB (``ckpt=40``); without it, the run's gradient_checkpointing
 decides (recompute every layer or none). Option ``autotune=off`` serves every kernel its heuristic
-default instead of the tuned cache (``fused:autotune=off,fused`` compares the two in one run). Option
-``save_every=n`` (with ``ckpt=offload``) sets FASTBENCH_OFFLOAD_SAVE_EVERY in that arm's processes: every
-n-th layer's MLP activations offloaded instead of recomputed, 0 none (``fused-4bit:ckpt=offload:save_every=3``
-beside ``fused-4bit:ckpt=offload`` compares it with the default in one run); ``keep_last=n``,
-``streams=1|2`` and ``whole_layers=0|1`` likewise set FASTBENCH_OFFLOAD_KEEP_LAST, _STREAMS and _WHOLE_LAYERS
-(fastbench.checkpointing).
+default instead of the tuned cache (``fused:autotune=off,fused`` compares the two in one run). With
+``ckpt=offload``, the options ``save_every=n``, ``keep_last=n``, ``streams=1|2``, ``whole_layers=0|1`` and
+``embedding=0|1`` are the fields of the :class:`~fastbench.OffloadConfig` the arm's model is made with
+(``fused-4bit:ckpt=offload:save_every=3`` beside ``fused-4bit:ckpt=offload`` compares it with the default
+in one run).
 """
 from __future__ import annotations
 
@@ -18,8 +17,8 @@ import os
 from fastbench.bench.arms import ArmSpec, RunConfig, base_model, load_4bit, register_arm
 
 _CKPT = {"true": True, "false": False, "offload": "offload", "auto": "auto"}
-# offload-mode options, each setting a switch of fastbench.checkpointing in the arm's processes
-_OFFLOAD_OPTIONS = ("save_every", "keep_last", "streams", "whole_layers")
+# offload-mode options: OffloadConfig's fields
+_OFFLOAD_OPTIONS = ("save_every", "keep_last", "streams", "whole_layers", "embedding")
 
 
 def checkpointing(cfg: RunConfig):
@@ -34,13 +33,23 @@ def checkpointing(cfg: RunConfig):
                              f"fused-4bit:ckpt=offload:{option}=3")
     if value is None:
         return bool(cfg.gradient_checkpointing)
-    return _CKPT.get(value.lower(), value)  # else a budget in GiB, checked by fastbench.checkpointing
+    return _CKPT.get(value.lower(), value)  # else a budget in GiB, checked by CheckpointConfig
+
+
+def offload_config(cfg: RunConfig):
+    """The arm's offload options as an OffloadConfig (whole numbers as ints; what is not one is left for
+    OffloadConfig to refuse, saying what to give), or None where none is given."""
+    from fastbench.fused.checkpointing import OffloadConfig
+
+    given = {o: cfg.arm_options[o] for o in _OFFLOAD_OPTIONS if o in cfg.arm_options}
+    if not given:
+        return None
+    return OffloadConfig(**{o: int(v) if v.strip().isdigit() else v for o, v in given.items()})
 
 
 def _fused(load):
     def build(cfg: RunConfig):
         from fastbench.autotune import lookup
-        from fastbench.checkpointing import KEEP_LAST_ENV, SAVE_EVERY_ENV, STREAMS_ENV, WHOLE_LAYERS_ENV
         from fastbench.model import FastLanguageModel
 
         autotune = cfg.arm_options.get("autotune", "on").lower()
@@ -49,21 +58,18 @@ def _fused(load):
         if autotune == "off":  # this process runs this arm alone: the switch stays within it
             os.environ[lookup.OFF_ENV] = "off"
             lookup.reset()
-        switches = (SAVE_EVERY_ENV, KEEP_LAST_ENV, STREAMS_ENV, WHOLE_LAYERS_ENV)
-        for option, switch in zip(_OFFLOAD_OPTIONS, switches):  # get_peft_model checks the values
-            if option in cfg.arm_options:
-                os.environ[switch] = cfg.arm_options[option]
-
+        ckpt, offload = checkpointing(cfg), offload_config(cfg)  # offload options checked before the model loads
         model = FastLanguageModel.get_peft_model(
             load(cfg), r=cfg.lora_r, target_modules=list(cfg.targets), lora_alpha=cfg.lora_alpha,
-            lora_dropout=cfg.lora_dropout, use_gradient_checkpointing=checkpointing(cfg), random_state=cfg.seed,
+            lora_dropout=cfg.lora_dropout, use_gradient_checkpointing=ckpt, offload=offload, random_state=cfg.seed,
             fallback=False)  # a fused arm that trained through plain PEFT would measure the wrong thing
         return model.train()
 
     return build
 
 
-_OPTIONS = "option ckpt=true|false|offload|auto|GiB; with offload save_every, keep_last, streams, whole_layers"
+_OPTIONS = ("option ckpt=true|false|offload|auto|GiB; with offload save_every, keep_last, streams, whole_layers, "
+            "embedding")
 register_arm(ArmSpec("fused", f"fastbench fused LoRA on the bf16 model ({_OPTIONS})",
                      ("peft",), "pip install peft", _fused(base_model), kind="bf16"))
 register_arm(ArmSpec("fused-4bit", f"fastbench fused QLoRA on the NF4 model ({_OPTIONS})",

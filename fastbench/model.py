@@ -116,22 +116,23 @@ class FastLanguageModel:
     def get_peft_model(model, r: int = 16, target_modules=DEFAULT_TARGETS, lora_alpha: int = 16,
                        lora_dropout: float = 0.0, bias: str = "none", use_gradient_checkpointing=True,
                        random_state: int | None = 3407, use_rslora: bool = False, fallback: bool = True,
-                       max_seq_length: int | None = None, **lora_kwargs):
+                       max_seq_length: int | None = None, *, offload=None, **lora_kwargs):
         """A PEFT model whose decoder layers run fused. ``use_gradient_checkpointing``: True
-        (recompute every layer), False, "offload" (or "unsloth", the same), a budget in GiB, or "auto" (see
-        fastbench.checkpointing). ``random_state`` seeds the LoRA init (None: leave the RNG as it is).
+        (recompute every layer), False, "offload" (or "unsloth", the same), a budget in GiB, "auto", or a
+        :class:`~fastbench.CheckpointConfig` (see fastbench.fused.checkpointing); ``offload``: the offload
+        mode's settings, an :class:`~fastbench.OffloadConfig` or a dict of its fields (default: its defaults).
+        The resulting CheckpointConfig is checked before the model is touched and kept on the fused model's
+        state. ``random_state`` seeds the LoRA init (None: leave the RNG as it is).
         ``max_seq_length`` (as Unsloth takes it here too) replaces the one from_pretrained recorded.
         What the fused path cannot run exactly falls back to plain PEFT with a warning
         (``fallback=False``: raises instead)."""
         from peft import LoraConfig, get_peft_model
 
-        from fastbench.checkpointing import check_offload_switches, parse_setting
         from fastbench.export import attach
         from fastbench.fused.causal_lm import install, unsupported_reason
+        from fastbench.fused.checkpointing import CheckpointConfig
 
-        mode, _ = parse_setting(use_gradient_checkpointing)  # a bad setting raises before the model is touched
-        if mode == "offload":
-            check_offload_switches()  # so does a bad FASTBENCH_OFFLOAD_* value
+        checkpointing = CheckpointConfig.of(use_gradient_checkpointing, offload)  # raises before the model is touched
         if max_seq_length is not None:
             model.max_seq_length = max_seq_length
         if random_state is not None:
@@ -146,13 +147,13 @@ class FastLanguageModel:
             if not fallback:
                 raise ValueError(f"fastbench's fused path cannot run this model: {reason}")
             dropped = f"; use_gradient_checkpointing={use_gradient_checkpointing!r} becomes recompute" \
-                if mode in ("offload", "budget") else ""
+                if checkpointing.mode in ("offload", "budget") else ""
             warnings.warn(f"fastbench: fused path unavailable ({reason}); training with plain PEFT{dropped}",
                           stacklevel=2)
-            if use_gradient_checkpointing:
+            if checkpointing.mode != "keep":
                 base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             return peft_model
-        base.fastbench_patches = install(base, use_gradient_checkpointing)
+        base.fastbench_patches = install(base, checkpointing)
         return peft_model
 
 

@@ -15,13 +15,15 @@ all of them, and so are [s dY_p B_p]_p^T x (every dA) and the LoRA part of dX. W
 lie side by side (NF4 weights dequantized together), so do their outputs, and the rest is one matmul
 each too: x W^T, (x A^T) B_block^T with B_block the block-diagonal of the s B_p, dY W, dY B_block and
 dY^T (x A^T), whose diagonal blocks times s_p are the dB_p. The factors are cast
-to the compute dtype (and B scaled by s) once per step: the fused model clears that cache at each
-forward, and a changed parameter version invalidates an entry.
+to the compute dtype (and B scaled by s) once per step where the caller passes its
+:class:`LoraFactorCache` (the fused model owns one and starts a new step at each forward); without
+one, at each call.
 
 W and b are frozen (no gradient). Only x is saved; x A^T is recomputed in the backward. An NF4 weight
 is dequantized right before each use, in the forward and again in the backward, into one workspace
-per (device, dtype) that all projections share; the NF4 weights of one input (Q/K/V, gate/up) are
-dequantized together in one launch, so at most one group's dequantized matrices exist at a time.
+per (device, dtype) that all projections of a model share (the cache's); the NF4 weights of one
+input (Q/K/V, gate/up) are dequantized together in one launch, so at most one group's dequantized
+matrices exist at a time.
 
 - :func:`lora_projections`: several projections of one input (Q, K, V; or O alone), one Function.
 - :func:`lora_mlp`: gate/up -> GLU -> down in one Function; saves x and the two pre-activations
@@ -64,30 +66,16 @@ class Projection(NamedTuple):
     lora: LoRA | None
 
 
-# (device, dtype) -> (flat buffer, {shape: a view of its first elements}); the views are made once
-_workspaces: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, dict]] = {}
-
-
-def _workspace(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A ``shape`` view into a buffer shared by every dequantization on this device (grown as needed)."""
-    key = (device, dtype)
-    buf, views = _workspaces.get(key) or (None, None)
-    if buf is None or buf.numel() < shape.numel():
-        buf, views = _workspaces[key] = (torch.empty(shape.numel(), dtype=dtype, device=device), {})
-    view = views.get(shape)
-    if view is None:
-        view = views[shape] = buf[: shape.numel()].view(shape)
-    return view
-
-
-def base_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The dense [o, i] weight in ``dtype``: NF4 weights are dequantized into the shared workspace."""
+def base_weight(weight: torch.Tensor, dtype: torch.dtype, cache: LoraFactorCache | None = None) -> torch.Tensor:
+    """The dense [o, i] weight in ``dtype``: NF4 weights are dequantized into the cache's workspace (without a
+    cache, into a new tensor)."""
     state = getattr(weight, "quant_state", None)
     if state is None:
         return weight if weight.dtype == dtype else weight.to(dtype)
     if state.dtype != dtype:
         return dequantize_nf4_weight(weight).to(dtype)
-    return dequantize_nf4_weight(weight, out=_workspace(state.shape, dtype, weight.device))
+    out = None if cache is None else cache.workspace(state.shape, dtype, weight.device)
+    return dequantize_nf4_weight(weight, out=out)
 
 
 def _nf4_group(projections, dtype: torch.dtype) -> list | None:
@@ -99,15 +87,17 @@ def _nf4_group(projections, dtype: torch.dtype) -> list | None:
     return None
 
 
-def base_weights(projections, dtype: torch.dtype) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+def base_weights(projections, dtype: torch.dtype,
+                 cache: LoraFactorCache | None = None) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
     """(W, [W_p]): the projections' dense weights; NF4 weights of one input (Q/K/V, gate/up) in ``dtype``
-    are dequantized together, in one launch, side by side in the shared workspace: W [sum o, i] is
+    are dequantized together, in one launch, side by side (in the cache's workspace): W [sum o, i] is
     then that matrix (else None), and the W_p its row blocks."""
     states = _nf4_group(projections, dtype)
     if states is None:
-        return None, [base_weight(p.weight, dtype) for p in projections]
-    out = _workspace(torch.Size((sum(st.shape[0] for st in states), states[0].shape[1])), dtype,
-                     projections[0].weight.device)
+        return None, [base_weight(p.weight, dtype, cache) for p in projections]
+    shape = torch.Size((sum(st.shape[0] for st in states), states[0].shape[1]))
+    device = projections[0].weight.device
+    out = torch.empty(shape, dtype=dtype, device=device) if cache is None else cache.workspace(shape, dtype, device)
     return out, dequantize_nf4_weights([p.weight for p in projections], out, quant_states=states)
 
 
@@ -132,29 +122,6 @@ class _Factors:
         return self.B_block.t()
 
 
-_factor_cache: dict = {}  # (dtype, id of each A) -> (the A/B parameters, their versions, _Factors)
-_MAX_CACHED = 1024
-# The groups cast since the last batch, (dtype, id of each A) -> (their LoRAs, dtype), and the buffers each
-# group is cast into at every step, key -> (A [sum r, i], [s B_p]): a step's first request casts every
-# group the previous step used in one multi-tensor copy (and one multiply where a scale is not 1) instead
-# of a few launches per group; a step is often bound by the CPU that issues its launches.
-_groups: dict = {}
-_buffers: dict = {}
-_step = {"fresh": False, "used": set()}  # fresh: no group cast since clear_factor_cache; used: keys asked for
-
-
-def clear_factor_cache() -> None:
-    """Forget the cast LoRA factors; the fused model calls this at the start of every forward, so they
-    are cast once per step (forward, recomputation and backward share them) and never outlive it. The
-    groups the ending step asked for are the ones the next step casts at once."""
-    for key in [k for k in _groups if k not in _step["used"]]:
-        del _groups[key]
-        _buffers.pop(key, None)
-    _step["used"].clear()
-    _step["fresh"] = True
-    _factor_cache.clear()
-
-
 def _columns(loras) -> list:
     columns, start = [], 0
     for lora in loras:
@@ -168,62 +135,107 @@ def _make_factors(loras, A, B_scaled) -> _Factors:
                     tuple(None if l is None else l.scale for l in loras))
 
 
-def _cast_known_groups() -> None:
-    """Casts every group in ``_groups`` into its buffers (allocated the first time) and caches its factors."""
-    sources, targets, scaled, scales = [], [], [], []  # scaled: indices into sources of the B's with s != 1
-    for key, (loras, dtype) in _groups.items():
-        present = [l for l in loras if l is not None]
-        if key not in _buffers:
-            A = torch.empty((sum(l.A.shape[0] for l in present), present[0].A.shape[1]), dtype=dtype,
-                            device=present[0].A.device)
-            _buffers[key] = (A, [None if l is None else torch.empty(l.B.shape, dtype=dtype, device=l.B.device)
-                                 for l in loras])
-        A, Bs = _buffers[key]
-        for lora, rows in zip(loras, _columns(loras)):
-            if lora is not None:
-                sources.append(lora.A)
-                targets.append(A[rows])
-        for lora, B in zip(loras, Bs):
-            if lora is not None:
-                if lora.scale != 1:
-                    scaled.append(len(sources))
-                    scales.append(lora.scale)
-                sources.append(lora.B)
-                targets.append(B)
-        params = tuple(t for l in present for t in (l.A, l.B))
-        _factor_cache[key] = (params, tuple(t._version for t in params), _make_factors(loras, A, Bs))
-    if scaled:  # s B in the parameters' precision, then rounded once, as _factors does
-        for i, product in zip(scaled, torch._foreach_mul([sources[i] for i in scaled], scales)):
-            sources[i] = product
-    torch._foreach_copy_(targets, sources)
-
-
-def _factors(projections, dtype: torch.dtype) -> _Factors:
-    loras = [p.lora for p in projections]
-    key = (dtype, *(id(l.A) if l is not None else None for l in loras))
-    params = tuple(t for l in loras if l is not None for t in (l.A, l.B))
-    versions = tuple(t._version for t in params)
-    _step["used"].add(key)
-    if _step["fresh"] and key in _groups:  # a step's first request: the previous step's groups, all at once
-        _step["fresh"] = False
-        _cast_known_groups()
-    hit = _factor_cache.get(key)
-    if hit is not None and hit[1] == versions and all(a is b for a, b in zip(hit[0], params)):
-        return hit[2]
+def _cast_factors(loras, dtype: torch.dtype) -> _Factors:
     As = [l.A for l in loras if l is not None]
     A = None if not As else (As[0] if len(As) == 1 else torch.cat(As)).to(dtype)
     B_scaled = [None if l is None else (l.B if l.scale == 1 else l.B * l.scale).to(dtype) for l in loras]
-    factors = _make_factors(loras, A, B_scaled)
-    if len(_factor_cache) >= _MAX_CACHED:  # callers that never clear (direct use of these functions)
-        _factor_cache.clear()
-    if len(_groups) >= _MAX_CACHED:
-        _groups.clear()
-        _buffers.clear()
-    _step["fresh"] = False
-    _factor_cache[key] = (params, versions, factors)
-    if As:
-        _groups[key] = (loras, dtype)
-    return factors
+    return _make_factors(loras, A, B_scaled)
+
+
+def _factors(projections, dtype: torch.dtype, cache: LoraFactorCache | None) -> _Factors:
+    loras = [p.lora for p in projections]
+    return _cast_factors(loras, dtype) if cache is None else cache.factors(loras, dtype)
+
+
+class LoraFactorCache:
+    """What the fused LoRA Functions of one model reuse between calls: each group's factors cast to the compute
+    dtype, and the buffer per (device, dtype) that its NF4 weights are dequantized into.
+
+    The factors are cast once per step: the model calls :meth:`new_step` at the start of every forward, so that
+    forward, its recomputations and its backward share them and none outlives the step; a changed parameter
+    version (an in-place update) invalidates an entry too. Entries are keyed by (dtype, id of each A). A
+    step's first request casts every group the previous step asked for, in one multi-tensor copy (and one
+    multiply where a scale is not 1) into buffers kept for that group, instead of a few launches per group:
+    a step is often bound by the CPU that issues its launches."""
+
+    def __init__(self):
+        self._factors: dict = {}  # key -> (the A/B parameters, their versions, _Factors)
+        self._groups: dict = {}  # the groups cast since the last step: key -> (their LoRAs, dtype)
+        self._buffers: dict = {}  # key -> (A [sum r, i], [s B_p]): where a known group is cast at each step
+        self._fresh = False  # no group cast since new_step
+        self._used: set = set()  # the keys asked for since new_step
+        # (device, dtype) -> (flat buffer, {shape: a view of its first elements}); the views are made once
+        self._workspaces: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, dict]] = {}
+
+    def new_step(self) -> None:
+        """Forget the cast factors; the groups the ending step asked for are the ones the next step casts at
+        once."""
+        for key in [k for k in self._groups if k not in self._used]:
+            del self._groups[key]
+            self._buffers.pop(key, None)
+        self._used.clear()
+        self._fresh = True
+        self._factors.clear()
+
+    def factors(self, loras, dtype: torch.dtype) -> _Factors:
+        """The factors of ``loras`` (one per projection of an input, None where it has no LoRA) in ``dtype``."""
+        key = (dtype, *(id(l.A) if l is not None else None for l in loras))
+        params = tuple(t for l in loras if l is not None for t in (l.A, l.B))
+        versions = tuple(t._version for t in params)
+        self._used.add(key)
+        if self._fresh and key in self._groups:  # a step's first request: the previous step's groups, all at once
+            self._fresh = False
+            self._cast_known_groups()
+        hit = self._factors.get(key)
+        if hit is not None and hit[1] == versions and all(a is b for a, b in zip(hit[0], params)):
+            return hit[2]
+        factors = _cast_factors(loras, dtype)
+        self._fresh = False
+        self._factors[key] = (params, versions, factors)
+        if factors.A is not None:
+            self._groups[key] = (loras, dtype)
+        return factors
+
+    def _cast_known_groups(self) -> None:
+        """Casts every known group into its buffers (allocated the first time) and caches its factors."""
+        sources, targets, scaled, scales = [], [], [], []  # scaled: indices into sources of the B's with s != 1
+        for key, (loras, dtype) in self._groups.items():
+            present = [l for l in loras if l is not None]
+            if key not in self._buffers:
+                A = torch.empty((sum(l.A.shape[0] for l in present), present[0].A.shape[1]), dtype=dtype,
+                                device=present[0].A.device)
+                self._buffers[key] = (A, [None if l is None else torch.empty(l.B.shape, dtype=dtype, device=l.B.device)
+                                          for l in loras])
+            A, Bs = self._buffers[key]
+            for lora, rows in zip(loras, _columns(loras)):
+                if lora is not None:
+                    sources.append(lora.A)
+                    targets.append(A[rows])
+            for lora, B in zip(loras, Bs):
+                if lora is not None:
+                    if lora.scale != 1:
+                        scaled.append(len(sources))
+                        scales.append(lora.scale)
+                    sources.append(lora.B)
+                    targets.append(B)
+            params = tuple(t for l in present for t in (l.A, l.B))
+            self._factors[key] = (params, tuple(t._version for t in params), _make_factors(loras, A, Bs))
+        if scaled:  # s B in the parameters' precision, then rounded once, as _cast_factors does
+            for i, product in zip(scaled, torch._foreach_mul([sources[i] for i in scaled], scales)):
+                sources[i] = product
+        torch._foreach_copy_(targets, sources)
+
+    def workspace(self, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A ``shape`` view into the buffer that every NF4 dequantization of this model on ``device`` shares
+        (grown as needed)."""
+        key = (device, dtype)
+        buf, views = self._workspaces.get(key) or (None, None)
+        if buf is None or buf.numel() < shape.numel():
+            buf, views = self._workspaces[key] = (torch.empty(shape.numel(), dtype=dtype, device=device), {})
+        view = views.get(shape)
+        if view is None:
+            view = views[shape] = buf[: shape.numel()].view(shape)
+        return view
 
 
 def _out_features(p: Projection) -> int:
@@ -258,13 +270,13 @@ def _agree(projections) -> bool:
     return len({p.lora is None for p in projections}) == 1 and len({p.bias is None for p in projections}) == 1
 
 
-def _forward(x: torch.Tensor, projections) -> list[torch.Tensor]:
+def _forward(x: torch.Tensor, projections, cache: LoraFactorCache | None) -> list[torch.Tensor]:
     """x [..., i] -> [y_p [..., o_p]], each a view of a fresh tensor (callers may rotate them in place).
     Written for few host calls per projection: the step is often bound by the CPU issuing it."""
     x2 = x.reshape(-1, x.shape[-1])
-    f = _factors(projections, x.dtype)
+    f = _factors(projections, x.dtype, cache)
     xA = None if f.A is None else F.linear(x2, f.A)  # [N, sum r]: one matmul for every LoRA of this input
-    W, weights = base_weights(projections, x.dtype)
+    W, weights = base_weights(projections, x.dtype, cache)
     if W is not None and _agree(projections):  # y = x W^T + b + (x A^T) B_block^T, then each projection's columns
         bias = None if projections[0].bias is None else torch.cat([p.bias for p in projections]).to(x.dtype)
         y = F.linear(x2, W, bias)
@@ -285,12 +297,12 @@ def _forward(x: torch.Tensor, projections) -> list[torch.Tensor]:
     return ys
 
 
-def _backward(x2, projections, dys, need_dx: bool):
+def _backward(x2, projections, dys, need_dx: bool, cache: LoraFactorCache | None):
     """For projections sharing the input x2 [N, i], given their dY's [N, o_p]:
     returns (dX or None, [(dA_p, dB_p)]), with dX = sum_p dY_p W_p + [s dY_p B_p]_p [A_p]_p.
     Where the weights lie side by side in one buffer, dY = [dY_p]_p (a view when the dY's do too) is
     multiplied once: dX = dY W + (dY B_block) A, and every dB_p is a block of dY^T (x A^T)."""
-    f = _factors(projections, dys[0].dtype)
+    f = _factors(projections, dys[0].dtype, cache)
     dy = None  # [dY_p]_p, when the weights lie side by side
     if _nf4_group(projections, dys[0].dtype) is not None and _agree(projections):
         dy = _columns_of_one_buffer(dys)
@@ -323,7 +335,7 @@ def _backward(x2, projections, dys, need_dx: bool):
             grads[k] = (dA, dB)
     dx = None
     if need_dx:
-        W, weights = base_weights(projections, dys[0].dtype)
+        W, weights = base_weights(projections, dys[0].dtype, cache)
         if dy is not None:
             dx = dy @ W
         else:
@@ -352,12 +364,12 @@ def _grads_by_input(projections, grads):
 
 class _LoRAProjections(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, projections, graph_only, *lora_params):
+    def forward(ctx, x, projections, graph_only, cache, *lora_params):
         ctx.save_for_backward(x)
-        ctx.projections = projections
+        ctx.projections, ctx.cache = projections, cache
         if graph_only:
             return tuple(_placeholder(x, p) for p in projections)
-        ys = _forward(x, projections)
+        ys = _forward(x, projections, cache)
         side_by_side = len(ys) > 1 and ys[0]._base is ys[1]._base
         return tuple(_unlinked(y) for y in ys) if side_by_side else tuple(ys)
 
@@ -365,9 +377,9 @@ class _LoRAProjections(torch.autograd.Function):
     def backward(ctx, *dys):
         (x,) = ctx.saved_tensors
         dys = [dy.reshape(-1, dy.shape[-1]) for dy in dys]
-        dx, grads = _backward(x.reshape(-1, x.shape[-1]), ctx.projections, dys, ctx.needs_input_grad[0])
+        dx, grads = _backward(x.reshape(-1, x.shape[-1]), ctx.projections, dys, ctx.needs_input_grad[0], ctx.cache)
         dx = None if dx is None else dx.view(x.shape)
-        return (dx, None, None, *_grads_by_input(ctx.projections, grads))
+        return (dx, None, None, None, *_grads_by_input(ctx.projections, grads))
 
 
 def _outside_autocast(function, x, *args):
@@ -379,20 +391,22 @@ def _outside_autocast(function, x, *args):
         return function.apply(x.to(torch.get_autocast_dtype(device)), *args)
 
 
-def lora_projections(x: torch.Tensor, *projections: Projection, graph_only: bool = False) -> tuple[torch.Tensor, ...]:
-    """``(x W_p^T + b_p + s_p (x A_p^T) B_p^T for p in projections)``; x [..., i] -> [..., o_p] each."""
-    return _outside_autocast(_LoRAProjections, x, projections, graph_only, *_flatten(projections))
+def lora_projections(x: torch.Tensor, *projections: Projection, graph_only: bool = False,
+                     cache: LoraFactorCache | None = None) -> tuple[torch.Tensor, ...]:
+    """``(x W_p^T + b_p + s_p (x A_p^T) B_p^T for p in projections)``; x [..., i] -> [..., o_p] each. ``cache``:
+    the calling model's :class:`LoraFactorCache` (None: the factors are cast at each call)."""
+    return _outside_autocast(_LoRAProjections, x, projections, graph_only, cache, *_flatten(projections))
 
 
 class _LoRAMLP(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, glu, gate, up, down, graph_only, *lora_params):
-        g, u = _forward(x, (gate, up))
+    def forward(ctx, x, glu, gate, up, down, graph_only, cache, *lora_params):
+        g, u = _forward(x, (gate, up), cache)
         ctx.save_for_backward(x, g, u)
-        ctx.glu, ctx.projections, ctx.spent = glu, (gate, up, down), False
+        ctx.glu, ctx.projections, ctx.cache, ctx.spent = glu, (gate, up, down), cache, False
         if graph_only:
             return _placeholder(x, down)
-        return _forward(glu.forward(g, u), (down,))[0]
+        return _forward(glu.forward(g, u), (down,), cache)[0]
 
     @staticmethod
     def backward(ctx, dy):
@@ -404,19 +418,19 @@ class _LoRAMLP(torch.autograd.Function):
         gate, up, down = ctx.projections
         x2, g, u = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]), u.reshape(-1, u.shape[-1])
         h = ctx.glu.forward(g, u)
-        dh, (down_grads,) = _backward(h, (down,), [dy.reshape(-1, dy.shape[-1])], True)
+        dh, (down_grads,) = _backward(h, (down,), [dy.reshape(-1, dy.shape[-1])], True, ctx.cache)
         del h
         dg, du = ctx.glu.backward(dh, g, u, dgate=g, dup=u)  # g, u are not needed any more
         del dh
-        dx, gate_up_grads = _backward(x2, (gate, up), [dg, du], ctx.needs_input_grad[0])
+        dx, gate_up_grads = _backward(x2, (gate, up), [dg, du], ctx.needs_input_grad[0], ctx.cache)
         dx = None if dx is None else dx.view(x.shape)
-        return (dx, None, None, None, None, None, *_grads_by_input(ctx.projections, [*gate_up_grads, down_grads]))
+        return (dx, None, None, None, None, None, None, *_grads_by_input(ctx.projections, [*gate_up_grads, down_grads]))
 
 
 def lora_mlp(x: torch.Tensor, gate: Projection, up: Projection, down: Projection, glu: GLU,
-             graph_only: bool = False) -> torch.Tensor:
-    """``down(glu(gate(x), up(x)))`` with LoRA on each projection."""
-    return _outside_autocast(_LoRAMLP, x, glu, gate, up, down, graph_only, *_flatten((gate, up, down)))
+             graph_only: bool = False, cache: LoraFactorCache | None = None) -> torch.Tensor:
+    """``down(glu(gate(x), up(x)))`` with LoRA on each projection; ``cache`` as in :func:`lora_projections`."""
+    return _outside_autocast(_LoRAMLP, x, glu, gate, up, down, graph_only, cache, *_flatten((gate, up, down)))
 
 
 def reference(x: torch.Tensor, p: Projection) -> torch.Tensor:

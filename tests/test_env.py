@@ -42,11 +42,11 @@ def test_switches_that_change_behaviour_are_recorded_and_shown(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     assert collect_environment()["switches"] == {}
     assert "switches:  none set (every default)" in format_environment(collect_environment())
-    monkeypatch.setenv("FASTBENCH_OFFLOAD_SAVE_EVERY", "0")
+    monkeypatch.setenv("FASTBENCH_AUTOTUNE", "off")
     monkeypatch.setenv("FASTBENCH_CACHE_DIR", "/tmp/x")  # where files go: not a switch
     env = collect_environment()
-    assert env["switches"] == {"FASTBENCH_OFFLOAD_SAVE_EVERY": "0"}
-    assert "switches:  FASTBENCH_OFFLOAD_SAVE_EVERY=0" in format_environment(env)
+    assert env["switches"] == {"FASTBENCH_AUTOTUNE": "off"}
+    assert "switches:  FASTBENCH_AUTOTUNE=off" in format_environment(env)
 
 
 def test_host_topology_reads_numa_and_says_what_it_cannot():

@@ -89,24 +89,25 @@ def compute_stream_busy_ms(kineto_events) -> float | None:
     return union_ms(max(streams.values(), key=lambda spans: sum(b - a for a, b in spans)))
 
 
-def offloading():
-    """fastbench.checkpointing where this process made an offloader (a fused arm in offload mode), else None.
-    Looked up, not imported: the worker imports nothing of the fused path itself (Unsloth's arms must import
-    their packages first)."""
-    module = sys.modules.get("fastbench.checkpointing")
-    return module if module is not None and module.offload_host_wait_s() is not None else None
+def offloading(model):
+    """The host offloader of ``model`` (a fused arm in offload mode: its counters ``host_wait_s`` and
+    ``timed_fetch_waits()``), else None. Imported once the model is built: the worker imports nothing of the
+    fused path before (Unsloth's arms must import their packages first)."""
+    from fastbench.fused.state import fused_state
+
+    state = fused_state(model)
+    return state.offloader if state is not None else None
 
 
-def host_issue(run_step: Callable[[], object], sync: Callable[[], None]) -> dict:
+def host_issue(run_step: Callable[[], object], sync: Callable[[], None], offload=None) -> dict:
     """One step from an idle GPU, unprofiled: ``issue_ms``, the host's time until ``run_step()`` returns
     (every kernel queued), and ``step_ms``, until the GPU has run them. Their ratio near 1 means the
     GPU finished as soon as the host had issued the last kernel: the step is bound by the CPU (Python,
     launches), and GPU work saved will not show. Well below 1: the GPU is the bottleneck. Where the step
-    offloads to the host (an offloader exists), also ``host_wait_ms``, the part of issue_ms the host spent
-    waiting for copies out (fastbench.checkpointing.offload_host_wait_s), and on a GPU ``fetch_wait_ms``,
-    how long the compute stream stood waiting for inputs fetched back (timed_fetch_waits)."""
-    offload = offloading()
-    waited = offload.offload_host_wait_s() if offload is not None else None
+    offloads to the host (``offload``, the model's offloader, see :func:`offloading`), also ``host_wait_ms``,
+    the part of issue_ms the host spent waiting for copies out (its host_wait_s), and on a GPU
+    ``fetch_wait_ms``, how long the compute stream stood waiting for inputs fetched back (timed_fetch_waits)."""
+    waited = offload.host_wait_s if offload is not None else None
     timing = offload.timed_fetch_waits() if offload is not None else contextlib.nullcontext()
     sync()
     with timing as fetch_wait_ms:
@@ -116,7 +117,7 @@ def host_issue(run_step: Callable[[], object], sync: Callable[[], None]) -> dict
         sync()
         out = {"issue_ms": issue * 1e3, "step_ms": (time.perf_counter() - t) * 1e3}
         if offload is not None:
-            out["host_wait_ms"] = 1e3 * (offload.offload_host_wait_s() - waited)
+            out["host_wait_ms"] = 1e3 * (offload.host_wait_s - waited)
             out["fetch_wait_ms"] = fetch_wait_ms() if _cuda_initialized() else None
     return out
 
@@ -126,9 +127,9 @@ def _cuda_initialized() -> bool:
     return torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized()
 
 
-def profile_step(run_step: Callable[[], object], cuda: bool) -> dict:
-    """Run ``run_step()`` once under ``torch.profiler`` (after one unprofiled step timed by :func:`host_issue`);
-    returns ``summarize_times`` of its device kernels (``cuda``) or CPU ops' self times, plus
+def profile_step(run_step: Callable[[], object], cuda: bool, offload=None) -> dict:
+    """Run ``run_step()`` once under ``torch.profiler`` (after one unprofiled step timed by :func:`host_issue`,
+    given ``offload``); returns ``summarize_times`` of its device kernels (``cuda``) or CPU ops' self times, plus
     ``activity`` ("cuda"/"cpu"), ``wall_ms``, ``host`` (host_issue's times) and, on a GPU,
     ``gpu_busy_ms`` (:func:`compute_stream_busy_ms` of the profiled step)."""
     import torch
@@ -137,7 +138,7 @@ def profile_step(run_step: Callable[[], object], cuda: bool) -> dict:
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    host = host_issue(run_step, sync)
+    host = host_issue(run_step, sync, offload)
     sync()
     with profile(activities=activities) as prof:
         t = time.perf_counter()

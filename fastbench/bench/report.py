@@ -185,7 +185,8 @@ def busy_lines(results: dict) -> list[str]:
              + (f", of {cpus} on this machine" if cpus else "") + "; GPU busy: the share of time a kernel ran "
              "(NVML)."
              + ("; host waiting for copies: ms per step the host thread waited for the offload mode's copies to "
-                "the host (their sources may hold at most fastbench.checkpointing.MAX_COPYING_BYTES): counted in its "
+                "the host (their sources may hold at most "
+                "fastbench.fused.checkpointing.offload.MAX_COPYING_BYTES): counted in its "
                 "cores (CUDA's wait may spin) but issuing nothing; fused arms only" if waits else ""), "",
              "| model | arm | repeat | median step s | GPU busy % | this process's cores | other processes' cores "
              "| steal % |" + (" host waiting for copies ms/step |" if waits else ""),

@@ -161,8 +161,8 @@ def run(spec: dict) -> dict:
         gc_pauses = []  # (generation, seconds) of the collections during the timed steps: a long one starves the GPU
         gc.callbacks.append(timer := _gc_timer(gc_pauses))
         busy_start = busy.Sample()
-        offload = offloading()
-        waited = offload.offload_host_wait_s() if offload is not None else None
+        offload = offloading(model)
+        waited = offload.host_wait_s if offload is not None else None
         if cuda:
             events = [torch.cuda.Event(enable_timing=True) for _ in range(len(timed) + 1)]
             events[0].record()
@@ -178,7 +178,7 @@ def run(spec: dict) -> dict:
                 record["step_s"].append(time.perf_counter() - t)
         record.update(busy.between(busy_start, busy.Sample(), torch.cuda.current_device() if cuda else None))
         if offload is not None:
-            record["offload_wait_ms"] = 1e3 * (offload.offload_host_wait_s() - waited) / len(timed)
+            record["offload_wait_ms"] = 1e3 * (offload.host_wait_s - waited) / len(timed)
         gc.callbacks.remove(timer)
         record["gc_timed"] = {"collections": [sum(1 for g, _ in gc_pauses if g == gen) for gen in range(3)],
                               "ms": 1e3 * sum(t for _, t in gc_pauses),
@@ -200,7 +200,7 @@ def run(spec: dict) -> dict:
         from fastbench.bench.profile import profile_step
 
         try:
-            record["profile"] = profile_step(lambda: step(batches[-1]), cuda)
+            record["profile"] = profile_step(lambda: step(batches[-1]), cuda, offloading(model))
         except Exception as exc:  # the measured steps stand; the breakdown is missing
             record["profile"] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
     return record

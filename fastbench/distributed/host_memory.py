@@ -1,21 +1,21 @@
 """The offload mode's pinned host memory per training process, and a check against the host's memory before
 N processes start (each rank has its own offloader and buffers).
 
-What one forward of ``t = batch x seq_len`` tokens puts in host buffers (fastbench.checkpointing), in the
+What one forward of ``t = batch x seq_len`` tokens puts in host buffers (fastbench.fused.checkpointing), in the
 activation dtype's bytes ``b``, for a model of L layers, width h and MLP width i:
 
 - a layer recomputed in two parts keeps both parts' inputs: 2 t h b; recomputed whole
-  (``FASTBENCH_OFFLOAD_WHOLE_LAYERS=1``): t h b;
-- every n-th layer (``FASTBENCH_OFFLOAD_SAVE_EVERY``, layers 0, n, 2n, ...) keeps its attention's input
+  (``OffloadConfig.whole_layers``): t h b;
+- every n-th layer (``OffloadConfig.save_every``, layers 0, n, 2n, ...) keeps its attention's input
   and its MLP's saved activations instead: the MLP input (its norm recomputed from it) and the gate and up
   projections, t (2h + 2i) b;
-- the last ``FASTBENCH_OFFLOAD_KEEP_LAST`` layers keep theirs on the GPU;
-- an untied input embedding table (vocab x h x b) when ``FASTBENCH_OFFLOAD_EMBEDDING`` is on.
+- the last ``OffloadConfig.keep_last`` layers keep theirs on the GPU;
+- an untied input embedding table (vocab x h x b) with ``OffloadConfig.embedding``.
 
-Buffers are reused from step to step and rounded up by at most 1/8 (checkpointing._rounded_up), so the
+Buffers are reused from step to step and rounded up by at most 1/8 (the offloader's rounding), so the
 bound is 9/8 of the activations plus the table.
 """
-from dataclasses import dataclass
+from fastbench.fused.checkpointing.config import OffloadConfig
 
 GiB = 1 << 30
 ROUNDING = 9 / 8
@@ -24,29 +24,12 @@ ROUNDING = 9 / 8
 PROCESS_RESERVE = 4 * GiB
 
 
-@dataclass(frozen=True)
-class OffloadLayout:
-    """Which layers offload what (the offload mode's switches as they stand)."""
-
-    save_every: int = 2
-    keep_last: int = 0
-    whole_layers: bool = False
-    embedding: bool = True
-
-    @classmethod
-    def current(cls, layers: int) -> "OffloadLayout":
-        """The layout the offload mode's environment switches give a model of ``layers`` layers."""
-        from fastbench.checkpointing import LayerCheckpointing, embedding_offloaded
-
-        policy = LayerCheckpointing("offload", layers=layers)
-        return cls(policy.save_last_every, policy.keep_last, policy.whole_layers, embedding_offloaded())
-
-
-def offload_host_bytes(config, tokens: int, dtype_bytes: int = 2, layout: OffloadLayout | None = None) -> int:
+def offload_host_bytes(config, tokens: int, dtype_bytes: int = 2, offload: OffloadConfig | None = None) -> int:
     """Upper bound of the pinned host bytes one rank's offload mode holds for micro-batches of ``tokens``
-    tokens (batch x sequence length) of a model with transformers ``config``."""
+    tokens (batch x sequence length) of a model with transformers ``config``, under the offload settings
+    ``offload`` (the defaults when None)."""
     layers, h, i = config.num_hidden_layers, config.hidden_size, config.intermediate_size
-    layout = layout or OffloadLayout.current(layers)
+    layout = offload or OffloadConfig()
     per_token = 0
     for index in range(layers - layout.keep_last):
         if layout.save_every and index % layout.save_every == 0:

@@ -13,27 +13,21 @@ from __future__ import annotations
 import functools
 import types
 import warnings
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from fastbench.checkpointing import LayerCheckpointing
-from fastbench.fused.decoder import Family, SdpaMasks, family_of, layer_parts, norm_eps, unsupported_lora
+from fastbench.fused.checkpointing import CheckpointConfig, LayerCheckpointing
+from fastbench.fused.decoder import SdpaMasks, family_of, layer_parts, norm_eps, unsupported_lora
 from fastbench.fused.host_embedding import offload_input_embedding
+from fastbench.fused.state import FusedState
 from fastbench.kernels._tensors import interpreting
 from fastbench.kernels.linear_cross_entropy import fused_linear_cross_entropy
-from fastbench.kernels.lora import clear_factor_cache
+from fastbench.kernels.lora import LoraFactorCache
 from fastbench.kernels.rms_norm import rms_norm
 
 _PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-
-
-@dataclass
-class FusedState:
-    family: Family
-    checkpointing: LayerCheckpointing
 
 
 def _window(model, attn):
@@ -79,7 +73,7 @@ def fused_backbone_forward(self, input_ids=None, attention_mask=None, position_i
 
     state: FusedState = self._fastbench
     family = state.family
-    clear_factor_cache()  # LoRA factors are cast once per step, after the optimizer changed them
+    state.lora_cache.new_step()  # LoRA factors are cast once per step, after the optimizer changed them
     h = inputs_embeds if inputs_embeds is not None else self.embed_tokens(input_ids)
     if family.model_type == "gemma" and not hasattr(self.embed_tokens, "embed_scale"):  # older transformers
         h = h * torch.tensor(self.config.hidden_size ** 0.5, dtype=h.dtype)
@@ -92,7 +86,7 @@ def fused_backbone_forward(self, input_ids=None, attention_mask=None, position_i
     masks = SdpaMasks(attention_mask, packing_ids, T, h.device)
     for index, layer in enumerate(self.layers[: self.config.num_hidden_layers]):
         mask = functools.partial(masks.get, _window(self, layer.self_attn))
-        h = state.checkpointing(index, h, layer_parts(layer, cos, sin, mask, family))
+        h = state.checkpointing(index, h, layer_parts(layer, cos, sin, mask, family, state.lora_cache))
     h = rms_norm(h, self.norm.weight, norm_eps(self.norm), family.norm_offset)
     return BaseModelOutputWithPast(last_hidden_state=h)
 
@@ -152,18 +146,19 @@ def unsupported_reason(model) -> str | None:
     return None
 
 
-def install(model, use_gradient_checkpointing) -> list[str]:
-    """Gives ``model`` (the causal LM inside a PeftModel) the fused forward; returns what changed."""
+def install(model, config: CheckpointConfig) -> list[str]:
+    """Gives ``model`` (the causal LM inside a PeftModel) the fused forward, checkpointed as ``config`` says;
+    returns what changed."""
     reason = unsupported_reason(model)
     if reason:
         raise ValueError(f"fastbench's fused path cannot run this model: {reason}")
     backbone = model.get_decoder()
-    checkpointing = LayerCheckpointing(use_gradient_checkpointing, layers=model.config.num_hidden_layers)
-    backbone._fastbench = FusedState(family_of(model.config), checkpointing)
+    checkpointing = LayerCheckpointing(config, layers=model.config.num_hidden_layers)
+    backbone._fastbench = FusedState(family_of(model.config), checkpointing, LoraFactorCache())
     backbone.forward = types.MethodType(fused_backbone_forward, backbone)
     model.forward = types.MethodType(fused_forward, model)
     changed = [f"{type(backbone).__name__}.forward (this object only): fused LoRA QKV/O/MLP, RMSNorm, RoPE, SDPA; "
                f"{checkpointing.describe()}",
                f"{type(model).__name__}.forward (this object only): fused linear cross-entropy, no logits with labels"]
-    embedding = offload_input_embedding(model) if checkpointing.mode == "offload" else None
+    embedding = offload_input_embedding(model) if config.offload is not None and config.offload.embedding else None
     return changed + [embedding] if embedding else changed

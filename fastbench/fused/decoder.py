@@ -5,10 +5,11 @@ of the layer's own modules (PEFT LoRA wrappers included) and calling no module's
     y = h + down(GLU(gate(m), up(m))),                                     m = RMSNorm(h)
 
 Q, K, V run as one fused LoRA Function (they share n), O as another, the MLP as a third. A layer is two
-checkpointing parts (:func:`layer_parts`), x -> h and h -> y. While a part runs as the last one of a
-recomputed unit (``fastbench.checkpointing.recomputing()``), its output is only the root of the backward,
-so its last projection (O, or the GLU and the down projection) is not recomputed: the Functions return
-placeholders and save what their backward needs.
+checkpointing parts (:func:`layer_parts`), x -> h and h -> y, each given the checkpointing's
+:class:`~fastbench.fused.checkpointing.PartContext`. While a part runs as the last one of a recomputed
+unit (``context.recomputing``), its output is only the root of the backward, so its last projection (O,
+or the GLU and the down projection) is not recomputed: the Functions return placeholders and save what
+their backward needs. The LoRA Functions share the model's factor cache (``cache``).
 """
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from fastbench.checkpointing import derived, recomputing
+from fastbench.fused.checkpointing.context import PartContext
 from fastbench.kernels.geglu import geglu, geglu_backward
-from fastbench.kernels.lora import GLU, LoRA, Projection, lora_mlp, lora_projections
+from fastbench.kernels.lora import GLU, LoRA, LoraFactorCache, Projection, lora_mlp, lora_projections
 from fastbench.kernels.rms_norm import rms_norm
 from fastbench.kernels.rope import apply_rope
 from fastbench.kernels.swiglu import swiglu, swiglu_backward
@@ -192,7 +193,8 @@ def layer_projections(layer) -> tuple[tuple[Projection, ...], tuple[Projection, 
             tuple(projection(m) for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)))
 
 
-def attention_residual(layer, x, cos, sin, mask, family: Family, projections=None):
+def attention_residual(layer, x, context: PartContext, cos, sin, mask, family: Family, projections=None,
+                       cache: LoraFactorCache | None = None):
     """x + attention(RMSNorm(x)): the first part of a decoder layer, [B, T, hidden] -> [B, T, hidden].
     ``mask``: (attend, keyless) or None (see :class:`SdpaMasks`), or a callable returning it (asked for right
     before the attention); ``projections``: (Q, K, V, O), by default the layer's as they stand."""
@@ -201,7 +203,7 @@ def attention_residual(layer, x, cos, sin, mask, family: Family, projections=Non
     n = rms_norm(x, layer.input_layernorm.weight, norm_eps(layer.input_layernorm), family.norm_offset)
     B, T, _ = n.shape
     D = attn.head_dim
-    q, k, v = lora_projections(n, q_p, k_p, v_p)
+    q, k, v = lora_projections(n, q_p, k_p, v_p, cache=cache)
     q, k, v = q.view(B, T, -1, D), k.view(B, T, -1, D), v.view(B, T, -1, D)
     if family.qk_norm:
         q = rms_norm(q, attn.q_norm.weight, norm_eps(attn.q_norm))
@@ -214,18 +216,19 @@ def attention_residual(layer, x, cos, sin, mask, family: Family, projections=Non
                                        enable_gqa=q.shape[1] != k.shape[1])
     if keyless is not None:
         o = o.masked_fill(keyless, 0.0)
-    (out,) = lora_projections(o.transpose(1, 2).reshape(B, T, -1), o_p, graph_only=recomputing())
+    (out,) = lora_projections(o.transpose(1, 2).reshape(B, T, -1), o_p, graph_only=context.recomputing, cache=cache)
     return x + out
 
 
-def mlp_residual(layer, h, family: Family, projections=None):
+def mlp_residual(layer, h, context: PartContext, family: Family, projections=None,
+                 cache: LoraFactorCache | None = None):
     """h + MLP(RMSNorm(h)): the second part of a decoder layer. ``projections``: (gate, up, down), by
     default the layer's as they stand."""
     gate, up, down = projections or layer_projections(layer)[1]
     norm = functools.partial(rms_norm, weight=layer.post_attention_layernorm.weight,
                              eps=norm_eps(layer.post_attention_layernorm), offset=family.norm_offset)
-    m = derived(norm(h), h, norm)  # an MLP whose activations go to the host recomputes m rather than copy it
-    return h + lora_mlp(m, gate, up, down, family.glu, graph_only=recomputing())
+    m = context.derived(norm(h), h, norm)  # an MLP whose activations go to the host recomputes m, not copies it
+    return h + lora_mlp(m, gate, up, down, family.glu, graph_only=context.recomputing, cache=cache)
 
 
 def _trainable_by_part(layer) -> tuple[list, list]:
@@ -250,12 +253,14 @@ def _trainable_by_part(layer) -> tuple[list, list]:
     return parts
 
 
-def layer_parts(layer, cos, sin, mask, family: Family):
-    """One decoder layer as the checkpointing parts [(fn, its trainable parameters)] (see fastbench.checkpointing);
-    the parameters are listed when first asked for (only recomputed parts ask), in one pass for both parts.
-    The parts hold the layer's projections as they stand now, so a recomputation repeats this forward."""
+def layer_parts(layer, cos, sin, mask, family: Family, cache: LoraFactorCache | None = None):
+    """One decoder layer as the checkpointing parts [(fn(x, context), its trainable parameters)] (see
+    fastbench.fused.checkpointing); the parameters are listed when first asked for (only recomputed parts
+    ask), in one pass for both parts. The parts hold the layer's projections as they stand now, so a
+    recomputation repeats this forward; their LoRA Functions share ``cache``."""
     trainable = functools.cache(functools.partial(_trainable_by_part, layer))
     attn_p, mlp_p = layer_projections(layer)
     return [(functools.partial(attention_residual, layer, cos=cos, sin=sin, mask=mask, family=family,
-                               projections=attn_p), lambda: trainable()[0]),
-            (functools.partial(mlp_residual, layer, family=family, projections=mlp_p), lambda: trainable()[1])]
+                               projections=attn_p, cache=cache), lambda: trainable()[0]),
+            (functools.partial(mlp_residual, layer, family=family, projections=mlp_p, cache=cache),
+             lambda: trainable()[1])]

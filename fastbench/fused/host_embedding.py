@@ -9,7 +9,7 @@ weights' float32); ``model.to(device)`` puts it back on the GPU, where the looku
 
 Only a plain ``nn.Embedding`` whose table is frozen, on a CUDA device, without ``max_norm`` (which rewrites
 the table) and shared with no other module (a tied LM head reads it in full every step) is moved;
-``FASTBENCH_OFFLOAD_EMBEDDING=0`` keeps every table on the GPU.
+``OffloadConfig(embedding=False)`` keeps every table on the GPU.
 """
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ import types
 import torch
 import torch.nn.functional as F
 
-from fastbench.checkpointing import EMBEDDING_ENV, embedding_offloaded
 from fastbench.kernels._tensors import interpreting
 from fastbench.kernels.embedding_gather import embedding_gather
 
@@ -32,8 +31,6 @@ def _lookup(self, input_ids: torch.Tensor) -> torch.Tensor:
 
 def why_not_offloadable(model) -> str | None:
     """Why ``model``'s input embedding cannot move to the host, or None."""
-    if not embedding_offloaded():
-        return f"{EMBEDDING_ENV}=0"
     emb = model.get_input_embeddings()
     if type(emb) is not torch.nn.Embedding:
         return f"it is a {type(emb).__name__}, not a plain nn.Embedding"

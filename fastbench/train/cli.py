@@ -28,7 +28,7 @@ RUN_FILES = ("train_log.jsonl", "loss.png")
 
 
 def parse_checkpointing(value):
-    from fastbench.checkpointing import parse_setting
+    from fastbench.fused.checkpointing import parse_setting
 
     setting = value if isinstance(value, bool) else {"true": True, "false": False}.get(str(value).lower(), value)
     try:
@@ -230,8 +230,8 @@ def summary_line(state, output, started) -> str:
 @click.option("--warmup-steps", default=5, show_default=True, type=click.IntRange(min=0))
 @click.option("--checkpointing", default="true", show_default=True, callback=lambda c, p, v: parse_checkpointing(v),
               help="Activation checkpointing: true (recompute every layer), false, offload (recompute, with the "
-                   "inputs and every 2nd layer's MLP activations kept in pinned CPU memory; "
-                   "FASTBENCH_OFFLOAD_SAVE_EVERY=n changes the 2), auto, or a memory budget in GiB.")
+                   "inputs and every 2nd layer's MLP activations kept in pinned CPU memory), auto, or "
+                   "a memory budget in GiB.")
 @click.option("--seed", default=3407, show_default=True, type=int, help="Seeds the LoRA init, data order, "
               "random data and preset weights.")
 @click.option("--save-every", type=click.IntRange(min=1), help="Write a resumable OUTPUT/checkpoint-N/ every N steps.")

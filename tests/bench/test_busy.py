@@ -88,5 +88,5 @@ def test_report_header_names_the_switches_the_run_had(tmp_path, rng, make_record
     res = make_results([make_record("peft", rng=rng)], ["peft"])
     res["summary"] = summarize_results(res)
     assert "- switches: not recorded" in open(report.write_report(res, str(tmp_path))).read()
-    res["environment"]["switches"] = {"FASTBENCH_OFFLOAD_SAVE_EVERY": "0"}
-    assert "- switches: FASTBENCH_OFFLOAD_SAVE_EVERY=0" in open(report.write_report(res, str(tmp_path))).read()
+    res["environment"]["switches"] = {"FASTBENCH_AUTOTUNE": "off"}
+    assert "- switches: FASTBENCH_AUTOTUNE=off" in open(report.write_report(res, str(tmp_path))).read()

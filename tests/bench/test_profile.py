@@ -145,30 +145,57 @@ def test_report_says_when_the_host_cpu_bounds_the_step(tmp_path, rng, make_recor
     assert "120.0 of its 400.0 ms (30%)" in qlora and "CPU-bound" not in qlora
 
 
-def test_host_issue_reports_the_offload_waits_where_an_offloader_exists(monkeypatch):
-    """With an offloader made (a fused offload arm), the unprofiled step also says how long the host waited
+def test_host_issue_reports_the_offload_waits_where_an_offloader_exists():
+    """Given the model's offloader (a fused offload arm), the unprofiled step also says how long the host waited
     for copies out and, on a GPU, the compute stream for inputs fetched back (here: a CPU, so None)."""
-    import fastbench.checkpointing as ckpt
     from fastbench.bench.profile import host_issue
+    from fastbench.fused.checkpointing import HostOffloader
 
-    monkeypatch.setitem(ckpt._host_wait, "s", None)
     assert "host_wait_ms" not in host_issue(lambda: None, lambda: None)  # no offloader: the figures do not apply
-    ckpt.HostOffloader()
-    got = host_issue(lambda: ckpt._host_wait.update(s=ckpt._host_wait["s"] + 0.25), lambda: None)
+    offloader = HostOffloader()
+
+    def step():
+        offloader.host_wait_s += 0.25
+    got = host_issue(step, lambda: None, offloader)
     assert got["host_wait_ms"] == pytest.approx(250.0) and got["fetch_wait_ms"] is None
 
 
+def test_offloading_finds_the_offloader_of_a_fused_offload_model_only():
+    from fastbench.bench.profile import offloading
+    from fastbench.fused.checkpointing import CheckpointConfig, LayerCheckpointing
+    from fastbench.fused.state import FusedState
+
+    class Decoder(torch.nn.Module):
+        pass
+
+    class CausalLM(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = Decoder()
+
+        def get_decoder(self):
+            return self.model
+
+    model = CausalLM()
+    assert offloading(model) is None  # not fused
+    for setting, found in ((True, False), ("offload", True)):
+        model.model._fastbench = FusedState(None, LayerCheckpointing(CheckpointConfig.of(setting)), None)
+        offloader = model.model._fastbench.offloader
+        assert offloading(model) is offloader and (offloader is not None) == found
+
+
 def test_timed_fetch_waits_sums_each_wait_and_stops_timing_after():
-    import fastbench.checkpointing as ckpt
+    from fastbench.fused.checkpointing import HostOffloader
 
     class Before:
         def __init__(self, ms): self.ms = ms
         def elapsed_time(self, after): return self.ms
 
-    with ckpt.timed_fetch_waits() as total:
-        ckpt._fetch_waits["events"] += [(Before(1.5), None), (Before(0.25), None)]
+    offloader = HostOffloader()
+    with offloader.timed_fetch_waits() as total:
+        offloader._fetch_waits += [(Before(1.5), None), (Before(0.25), None)]
         assert total() == pytest.approx(1.75)
-    assert ckpt._fetch_waits["events"] is None
+    assert offloader._fetch_waits is None
 
 
 def test_report_gives_the_offload_waits_of_the_profiled_arm(tmp_path, rng, make_record, make_results):

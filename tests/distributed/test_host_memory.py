@@ -4,7 +4,8 @@ import warnings
 import pytest
 import torch
 
-from fastbench.distributed.host_memory import (GiB, HostMemoryShort, OffloadLayout, check_host_memory,
+from fastbench.fused.checkpointing.config import OffloadConfig
+from fastbench.distributed.host_memory import (GiB, HostMemoryShort, check_host_memory,
                                                offload_host_bytes)
 
 
@@ -41,10 +42,10 @@ def test_layouts():
     config = build_config("llama-3-8b")  # 32 layers, h 4096, i 14336, untied 128256 x 4096 table
     t, b = 2 * 2048, 2
     table = 128256 * 4096 * b
-    every2 = offload_host_bytes(config, t, b, OffloadLayout(save_every=2))
+    every2 = offload_host_bytes(config, t, b, OffloadConfig(save_every=2))
     assert every2 == int(9 / 8 * t * b * (16 * (3 * 4096 + 2 * 14336) + 16 * 2 * 4096)) + table
-    assert offload_host_bytes(config, t, b, OffloadLayout(save_every=0, embedding=False)) == int(9 / 8 * t * b * 32 * 2 * 4096)
-    assert offload_host_bytes(config, t, b, OffloadLayout(save_every=0, whole_layers=True, keep_last=2,
+    assert offload_host_bytes(config, t, b, OffloadConfig(save_every=0, embedding=False)) == int(9 / 8 * t * b * 32 * 2 * 4096)
+    assert offload_host_bytes(config, t, b, OffloadConfig(save_every=0, whole_layers=True, keep_last=2,
                                                           embedding=False)) == int(9 / 8 * t * b * 30 * 4096)
 
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from fastbench import FastLanguageModel
+from fastbench import FastLanguageModel, OffloadConfig
 from fastbench.model import DEFAULT_TARGETS
 
 FAMILIES = ["llama-3-8b-tiny", "mistral-7b-tiny", "gemma-7b-tiny", "qwen2.5-7b-tiny", "qwen3-8b-tiny"]
@@ -23,7 +23,7 @@ def cosine(a, b):
 
 
 def pair(preset, seed, load_in_4bit=False, checkpointing=True, r=4, prepare=None, targets=DEFAULT_TARGETS,
-         alpha=None, rslora=False):
+         alpha=None, rslora=False, offload=None):
     """(fused, reference): the same base weights and LoRA weights (B made non-zero), fp32; ``prepare``
     runs on the base model first (as a user's recipe may)."""
     alpha = 2 * r if alpha is None else alpha
@@ -35,7 +35,7 @@ def pair(preset, seed, load_in_4bit=False, checkpointing=True, r=4, prepare=None
     ref_base = copy.deepcopy(base)
     fused = FastLanguageModel.get_peft_model(base, r=r, lora_alpha=alpha, random_state=seed, target_modules=targets,
                                              use_rslora=rslora, use_gradient_checkpointing=checkpointing,
-                                             fallback=False)
+                                             offload=offload, fallback=False)
     torch.manual_seed(seed)
     ref = get_peft_model(ref_base, LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets),
                                               use_rslora=rslora, task_type="CAUSAL_LM"))
@@ -79,6 +79,27 @@ def assert_same_step(fused, ref, ids, labels, **kwargs):
         assert torch.isfinite(gf[name]).all() and cosine(gf[name], gr[name]) > 0.99999, name
 
 
+def test_two_fused_models_keep_their_own_lora_factor_caches(seed):
+    """Each fused model owns its LoRA factor cache: the forward of one starts a new step of its own cache only,
+    so the other's factors, cast in its forward, still serve its backward; interleaved (forward A, forward B,
+    backward A, backward B) both still match PEFT."""
+    (a, ref_a), (b, ref_b) = pair("llama-3-8b-tiny", seed), pair("llama-3-8b-tiny", seed + 1)
+    cache_a, cache_b = (m.get_base_model().model._fastbench.lora_cache for m in (a, b))
+    assert cache_a is not cache_b
+    (ids, labels), ids_b = batch(), torch.randint(0, VOCAB, (2, 11))
+    loss_a = a(input_ids=ids, labels=labels).loss
+    cast_in_a = dict(cache_a._factors)
+    loss_b = b(input_ids=ids_b, labels=ids_b).loss
+    assert cast_in_a and cache_a._factors == cast_in_a  # b's new step left a's factors alone
+    assert not set(cache_a._factors) & set(cache_b._factors)  # keyed by each model's own parameters
+    loss_a.backward()
+    loss_b.backward()
+    for fused, ref, (i, l) in ((a, ref_a, (ids, labels)), (b, ref_b, (ids_b, ids_b))):
+        ref(input_ids=i, labels=l).loss.backward()
+        gf, gr = lora_grads(fused), lora_grads(ref)
+        assert gf.keys() == gr.keys() and all(cosine(gf[n], gr[n]) > 0.99999 for n in gf)
+
+
 @pytest.mark.parametrize("preset", FAMILIES)
 def test_loss_and_grads_match_peft(seed, preset):
     fused, ref = pair(preset, seed)
@@ -105,26 +126,26 @@ def test_checkpointing_modes_match_peft(seed, checkpointing):
 
 @pytest.mark.parametrize("every", [0, 1, 2])
 @pytest.mark.parametrize("load_in_4bit", [False, True])
-def test_offload_keeping_saved_mlp_activations_matches_peft(seed, monkeypatch, every, load_in_4bit):
+def test_offload_keeping_saved_mlp_activations_matches_peft(seed, every, load_in_4bit):
     """Offload mode with every n-th layer's MLP kept (its saved activations on the host) instead of recomputed
     (0: every layer recomputed; the default is 2)."""
-    monkeypatch.setenv("FASTBENCH_OFFLOAD_SAVE_EVERY", str(every))
-    fused, ref = pair("llama-3-8b-tiny", seed, load_in_4bit=load_in_4bit, checkpointing="offload")
-    assert fused.get_base_model().model._fastbench.checkpointing.save_last_every == every
+    offload = OffloadConfig(save_every=every) if every != 2 else None
+    fused, ref = pair("llama-3-8b-tiny", seed, load_in_4bit=load_in_4bit, checkpointing="offload", offload=offload)
+    state = fused.get_base_model().model._fastbench
+    assert state.checkpointing.save_last_every == every and state.config.offload.save_every == every
     assert_same_step(fused, ref, *batch())
 
 
 def test_a_saved_mlp_recomputes_its_normed_input_instead_of_offloading_it(seed, monkeypatch):
     """The MLP's input m = RMSNorm(h) is declared derived from h: where the MLP's activations go to the host,
     h goes and m is recomputed from it in the backward (one copy fewer per saved MLP, same gradients)."""
-    import fastbench.fused.decoder as decoder
+    from fastbench.fused.checkpointing import PartContext
 
-    monkeypatch.setenv("FASTBENCH_OFFLOAD_SAVE_EVERY", "1")
     counts = []
     for derive in (True, False):
         if not derive:
-            monkeypatch.setattr(decoder, "derived", lambda t, source, recompute: t)
-        fused, ref = pair("llama-3-8b-tiny", seed, checkpointing="offload")
+            monkeypatch.setattr(PartContext, "derived", lambda self, t, source, recompute: t)
+        fused, ref = pair("llama-3-8b-tiny", seed, checkpointing="offload", offload={"save_every": 1})
         offloader = fused.get_base_model().model._fastbench.checkpointing.offloader
         saved = []
         save = offloader.save
@@ -135,22 +156,20 @@ def test_a_saved_mlp_recomputes_its_normed_input_instead_of_offloading_it(seed, 
     assert counts[1] - counts[0] == layers  # every layer's MLP saved (n = 1): one copy fewer each
 
 
-@pytest.mark.parametrize("switch", ["FASTBENCH_OFFLOAD_KEEP_LAST", "FASTBENCH_OFFLOAD_WHOLE_LAYERS"])
+@pytest.mark.parametrize("offload", [{"keep_last": 1}, OffloadConfig(whole_layers=True)])
 @pytest.mark.parametrize("load_in_4bit", [False, True])
-def test_offload_experiments_match_peft(seed, monkeypatch, load_in_4bit, switch):
+def test_offload_experiments_match_peft(seed, load_in_4bit, offload):
     """The last layer kept on the GPU; a layer whose MLP is recomputed kept as one input."""
-    monkeypatch.setenv(switch, "1")
-    fused, ref = pair("llama-3-8b-tiny", seed, load_in_4bit=load_in_4bit, checkpointing="offload")
+    fused, ref = pair("llama-3-8b-tiny", seed, load_in_4bit=load_in_4bit, checkpointing="offload", offload=offload)
     ckpt = fused.get_base_model().model._fastbench.checkpointing
-    assert (ckpt.keep_last, ckpt.whole_layers) == ((1, False) if "KEEP" in switch else (0, True))
+    assert (ckpt.keep_last, ckpt.whole_layers) == ((1, False) if isinstance(offload, dict) else (0, True))
     assert_same_step(fused, ref, *batch())
 
 
-@pytest.mark.parametrize("value", ["-1", "two", "1.5"])
-def test_a_bad_save_every_setting_says_what_to_give(seed, monkeypatch, value):
-    monkeypatch.setenv("FASTBENCH_OFFLOAD_SAVE_EVERY", value)
-    with pytest.raises(ValueError, match="whole number"):
-        pair("llama-3-8b-tiny", seed, checkpointing="offload")
+@pytest.mark.parametrize("value", [-1, "two", 1.5, True])
+def test_a_bad_save_every_setting_says_what_to_give(seed, value):
+    with pytest.raises(ValueError, match=f"save_every={value!r}: give a whole number"):
+        pair("llama-3-8b-tiny", seed, checkpointing="offload", offload={"save_every": value})
 
 
 @pytest.mark.parametrize("preset", ["llama-3-8b-tiny", "qwen2.5-7b-tiny"])

@@ -56,18 +56,17 @@ def test_why_a_table_stays(seed):
     assert "tied" in why_not_offloadable(model)
 
 
-def test_the_switch_keeps_it_on_the_device_or_says_what_to_give(seed, monkeypatch):
-    monkeypatch.setenv("FASTBENCH_OFFLOAD_EMBEDDING", "0")
-    model, _ = fused("llama-3-8b-tiny", seed=seed)
+def test_the_setting_keeps_it_on_the_device_or_says_what_to_give(seed):
+    model, _ = fused("llama-3-8b-tiny", seed=seed, offload={"embedding": False})
     assert isinstance(model.get_input_embeddings().weight, torch.nn.Parameter)
-    monkeypatch.setenv("FASTBENCH_OFFLOAD_EMBEDDING", "yes")
-    with pytest.raises(ValueError, match="give 1"):
-        fused("llama-3-8b-tiny", seed=seed)
+    assert not any("pinned host memory" in line for line in model.get_base_model().fastbench_patches)
     base, _ = FastLanguageModel.from_pretrained("llama-3-8b-tiny", dtype=torch.float32, device="cpu", seed=seed)
-    for bad in ({"FASTBENCH_OFFLOAD_EMBEDDING": "yes"}, {"FASTBENCH_OFFLOAD_EMBEDDING": "1",
-                                                           "FASTBENCH_OFFLOAD_SAVE_EVERY": "two"}):
-        for name, value in bad.items():
-            monkeypatch.setenv(name, value)
-        with pytest.raises(ValueError, match="FASTBENCH_OFFLOAD"):
-            FastLanguageModel.get_peft_model(base, r=4, use_gradient_checkpointing="offload")
+    for bad, says in (({"embedding": "yes"}, "embedding='yes': give 1"),
+                      ({"embedding": True, "save_every": "two"}, "save_every='two': give a whole number"),
+                      ({"embeding": False}, "unknown option.*embeding; valid: .*embedding")):
+        with pytest.raises(ValueError, match=says):
+            FastLanguageModel.get_peft_model(base, r=4, use_gradient_checkpointing="offload", offload=bad)
         assert not any("lora" in name for name, _ in base.named_modules())  # raised before touching it
+    with pytest.raises(ValueError, match="offload' only; the mode here is 'recompute'"):
+        FastLanguageModel.get_peft_model(base, r=4, use_gradient_checkpointing=True, offload={"embedding": False})
+    assert not any("lora" in name for name, _ in base.named_modules())

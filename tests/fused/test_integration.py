@@ -24,10 +24,8 @@ def first_loss(arm, cfg):
                                            ("fused:ckpt=offload:save_every=1", "peft")])
 def test_arm_starts_where_its_baseline_starts(seed, arm, baseline, tmp_path, monkeypatch):
     from fastbench.bench.arms import RunConfig, parse_label
-    from fastbench.checkpointing import SAVE_EVERY_ENV
 
     monkeypatch.setenv("FASTBENCH_CHECKPOINT_CACHE", str(tmp_path))
-    monkeypatch.setenv(SAVE_EVERY_ENV, "2")  # the default; unset again after the test, whatever the arm's build set
     name, options = parse_label(arm)
     cfg = RunConfig(model="qwen2.5-7b-tiny", seq_len=12, batch=2, lora_r=4, lora_alpha=8, seed=seed % 1000,
                     dtype="float32", device="cpu", arm_options=options)
@@ -40,20 +38,35 @@ def test_arm_starts_where_its_baseline_starts(seed, arm, baseline, tmp_path, mon
                                                ({"ckpt": "offload", "save_every": "x"}, "give a whole number"),
                                                ({"ckpt": "offload", "every": "3"}, "valid: ckpt, autotune, save_every"),
                                                ({"ckpt": "true", "keep_last": "1"}, "keep_last applies to ckpt=offload"),
-                                               ({"ckpt": "offload", "keep_last": "-1"}, "KEEP_LAST='-1': give a whole"),
-                                               ({"ckpt": "offload", "streams": "3"}, "STREAMS='3': give 1"),
-                                               ({"ckpt": "offload", "whole_layers": "2"}, "LAYERS='2': give 0")])
-def test_arm_option_save_every_is_checked(options, message, tmp_path, monkeypatch):
+                                               ({"ckpt": "offload", "keep_last": "-1"}, "keep_last='-1': give a whole"),
+                                               ({"ckpt": "offload", "streams": "3"}, "streams=3: give 1"),
+                                               ({"ckpt": "offload", "whole_layers": "2"}, "whole_layers=2: give 0"),
+                                               ({"ckpt": "offload", "embedding": "no"}, "embedding='no': give 1")])
+def test_arm_offload_options_are_checked(options, message, tmp_path, monkeypatch):
     from fastbench.bench.arms import RunConfig, get_arm
-    from fastbench.checkpointing import KEEP_LAST_ENV, SAVE_EVERY_ENV, STREAMS_ENV, WHOLE_LAYERS_ENV
 
     monkeypatch.setenv("FASTBENCH_CHECKPOINT_CACHE", str(tmp_path))
-    for switch, default in ((SAVE_EVERY_ENV, "2"), (KEEP_LAST_ENV, "0"), (STREAMS_ENV, "1"), (WHOLE_LAYERS_ENV, "0")):
-        monkeypatch.setenv(switch, default)  # unset again after the test, whatever the arm's build set
     cfg = RunConfig(model="llama-3-8b-tiny", seq_len=12, batch=1, lora_r=4, dtype="float32", device="cpu",
                     arm_options=options)
     with pytest.raises(ValueError, match=message):
         get_arm("fused").build(cfg)
+
+
+def test_arm_options_become_the_models_offload_config(tmp_path, monkeypatch):
+    from fastbench.bench.arms import RunConfig, get_arm, parse_label
+    from fastbench.fused.checkpointing import OffloadConfig
+
+    monkeypatch.setenv("FASTBENCH_CHECKPOINT_CACHE", str(tmp_path))
+    _, options = parse_label("fused:ckpt=offload:save_every=3:keep_last=1:streams=2:whole_layers=1:embedding=0")
+    cfg = RunConfig(model="llama-3-8b-tiny", seq_len=12, batch=1, lora_r=4, dtype="float32", device="cpu",
+                    arm_options=options)
+    model = get_arm("fused").build(cfg)
+    state = model.get_base_model().get_decoder()._fastbench
+    assert state.config.offload == OffloadConfig(save_every=3, keep_last=1, streams=2, whole_layers=True,
+                                                 embedding=False)
+    assert isinstance(model.get_input_embeddings().weight, torch.nn.Parameter)  # embedding=0: left on the device
+    cfg = RunConfig(**{**cfg.to_dict(), "arm_options": {"ckpt": "offload"}, "targets": cfg.targets})
+    assert get_arm("fused").build(cfg).get_base_model().get_decoder()._fastbench.config.offload == OffloadConfig()
 
 
 def test_worker_records_the_offload_wait_of_an_offload_arm(tmp_path, monkeypatch):
@@ -61,14 +74,10 @@ def test_worker_records_the_offload_wait_of_an_offload_arm(tmp_path, monkeypatch
     (0 on a CPU, where the copies are synchronous)."""
     from fastbench.bench import worker
     from fastbench.bench.arms import RunConfig
-    from fastbench.checkpointing import SAVE_EVERY_ENV
 
     monkeypatch.setenv("FASTBENCH_CHECKPOINT_CACHE", str(tmp_path))
-    monkeypatch.setenv(SAVE_EVERY_ENV, "2")  # unset again after the test, whatever the arm's build set
     cfg = RunConfig(model="llama-3-8b-tiny", seq_len=12, batch=1, lora_r=4, dtype="float32", device="cpu", steps=2,
                     warmup=1).to_dict()
-    monkeypatch.setenv("FASTBENCH_OFFLOAD_KEEP_LAST", "0")
-    monkeypatch.setenv("FASTBENCH_OFFLOAD_STREAMS", "1")
     record = worker.run({"arm": "fused:ckpt=offload:save_every=1:keep_last=1:streams=2", "config": cfg, "repeat": 0})
     assert record["status"] == "ok", record["error"]
     assert record["offload_wait_ms"] == 0.0 and len(record["step_s"]) == 2
@@ -177,7 +186,7 @@ def test_unsloth_names_work(seed):
     """What Unsloth's users write (its notebooks' get_peft_model call): use_gradient_checkpointing="unsloth"
     is the offloaded checkpointing, max_seq_length and loftq_config=None are taken, and
     for_inference/for_training switch the model's mode."""
-    from fastbench.checkpointing import parse_setting
+    from fastbench.fused.checkpointing import parse_setting
 
     assert parse_setting("unsloth") == parse_setting("offload") == ("offload", None)
     base, _ = FastLanguageModel.from_pretrained("llama-3-8b-tiny", max_seq_length=2048, dtype=None, device="cpu")

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from fastbench.fused.decoder import _GLUS
-from fastbench.kernels.lora import LoRA, Projection, lora_mlp, lora_projections, reference
+from fastbench.kernels.lora import LoRA, LoraFactorCache, Projection, lora_mlp, lora_projections, reference
 
 
 def rel(a, b):
@@ -118,40 +118,56 @@ def test_stacked_factors_with_different_ranks_scales_and_a_gap(seed):
         assert rel(a, b) < 1e-5
 
 
-def test_cast_factors_follow_an_in_place_update(seed):
-    """The cast LoRA factors are cached within a step; an optimizer's in-place update (a new version
-    of the parameter) is seen by the next call even when nobody clears the cache."""
+@pytest.mark.parametrize("cached", [False, True])
+def test_cast_factors_follow_an_in_place_update(seed, cached):
+    """The cast LoRA factors are cached within a step (given a cache); an optimizer's in-place update (a new
+    version of the parameter) is seen by the next call even when nobody starts a new step."""
     q = make_projection(16, 8, 2, torch.bfloat16)
     x = torch.randn(3, 16, dtype=torch.bfloat16)
-    before = lora_projections(x, q)[0]
+    cache = LoraFactorCache() if cached else None
+    before = lora_projections(x, q, cache=cache)[0]
     with torch.no_grad():
         q.lora.B.add_(1.0)
-    after = lora_projections(x, q)[0]
+    after = lora_projections(x, q, cache=cache)[0]
     assert rel(after, reference(x, q)) < 1e-2 and rel(after, before) > 1e-2
 
 
-def test_a_step_casts_the_previous_steps_factors_at_once(seed, monkeypatch):
-    """After clear_factor_cache (a new step), the first request casts every group the previous step asked
-    for in one multi-tensor copy (after one multiply for the scales that are not 1), into buffers kept between
-    steps; the factors equal those cast group by group, and follow the optimizer's updates."""
-    import fastbench.kernels.lora as lora
+def test_a_cache_serves_the_same_factors_as_a_direct_call(seed):
+    """A call with a cache casts a group's factors once and reuses them (forward and backward); a call without
+    one casts them each time: the outputs and gradients are the same, bit for bit."""
+    qkv = [make_projection(40, o, r, torch.bfloat16) for o, r in ((24, 4), (8, 4), (8, 6))]
+    x = torch.randn(5, 40, dtype=torch.bfloat16, requires_grad=True)
+    w = [torch.randn(5, p.weight.shape[0], dtype=torch.bfloat16) for p in qkv]
+    cache = LoraFactorCache()
+    results = []
+    for c in (None, cache):
+        ys = lora_projections(x, *qkv, cache=c)
+        results.append((*ys, *grads(sum((y * wi).sum() for y, wi in zip(ys, w)), x, qkv)))
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+    ((key, (_, _, factors)),) = cache._factors.items()
+    lora_projections(x, *qkv, cache=cache)
+    assert list(cache._factors) == [key] and cache._factors[key][2] is factors  # served from the cache
 
-    for name in ("_factor_cache", "_groups", "_buffers"):
-        monkeypatch.setattr(lora, name, {})
-    monkeypatch.setattr(lora, "_step", {"fresh": False, "used": set()})
+
+def test_a_step_casts_the_previous_steps_factors_at_once(seed, monkeypatch):
+    """After new_step, the first request casts every group the previous step asked for in one multi-tensor
+    copy (after one multiply for the scales that are not 1), into buffers kept between steps; the factors
+    equal those cast group by group, and follow the optimizer's updates."""
+    cache = LoraFactorCache()
     qkv = [make_projection(40, o, r, torch.bfloat16) for o, r in ((24, 4), (8, 4), (8, 6))]
     qkv[1] = qkv[1]._replace(lora=qkv[1].lora._replace(scale=1))
     down = [make_projection(40, 16, 4, torch.bfloat16)]
     x = torch.randn(5, 40, dtype=torch.bfloat16)
 
     def step():
-        lora.clear_factor_cache()
-        return [lora._factors(group, torch.bfloat16) for group in (qkv, down)]
+        cache.new_step()
+        return [cache.factors([p.lora for p in group], torch.bfloat16) for group in (qkv, down)]
 
     casts = []
-    monkeypatch.setattr(lora, "_cast_known_groups", lambda f=lora._cast_known_groups: (casts.append(1), f())[1])
+    monkeypatch.setattr(cache, "_cast_known_groups", lambda f=cache._cast_known_groups: (casts.append(1), f())[1])
     individual = step()  # first step: group by group
-    assert casts == [] and set(lora._groups) == set(lora._factor_cache)
+    assert casts == [] and set(cache._groups) == set(cache._factors)
     with torch.no_grad():
         for p in qkv + down:
             p.lora.B.add_(0.5)  # the optimizer's update between steps
@@ -159,18 +175,18 @@ def test_a_step_casts_the_previous_steps_factors_at_once(seed, monkeypatch):
     assert casts == [1]
     for f, group in zip(batched, (qkv, down)):
         loras = [p.lora for p in group]
-        assert f.A is lora._buffers[(torch.bfloat16, *(id(l.A) for l in loras))][0]
+        assert f.A is cache._buffers[(torch.bfloat16, *(id(l.A) for l in loras))][0]
         assert torch.equal(f.A, torch.cat([l.A for l in loras]).to(torch.bfloat16))
         for B, l in zip(f.B_scaled, loras):
             want = (l.B if l.scale == 1 else l.B * l.scale).to(torch.bfloat16)
             assert torch.equal(B, want)
     assert not torch.equal(batched[0].B_scaled[0], individual[0].B_scaled[0])  # the update is seen
-    assert [len(y) for y in (lora_projections(x, *qkv),)] == [3]  # the cached factors serve the products
+    assert [len(y) for y in (lora_projections(x, *qkv, cache=cache),)] == [3]  # the cached factors serve them
     step()
     assert casts == [1, 1]
-    lora.clear_factor_cache()  # a step that asked for nothing: the next one casts nothing at once
-    lora.clear_factor_cache()
-    assert lora._groups == {} and lora._buffers == {}
+    cache.new_step()  # a step that asked for nothing: the next one casts nothing at once
+    cache.new_step()
+    assert cache._groups == {} and cache._buffers == {}
 
 
 def test_graph_only_forward_gives_the_same_gradients(seed):
@@ -216,13 +232,16 @@ def test_nf4_group_side_by_side_matches_separate_products(seed, case):
     x = torch.randn(3, 5, 64, requires_grad=True)
     w = [torch.randn(3, 5, o) for o in (64, 16, 16)]
     results = []
-    for ps in ((q4, k4, v4), (qd, kd, vd)):
-        ys = lora_projections(x, *ps)
+    cache = LoraFactorCache()  # NF4 weights dequantized into its workspace; without one, into new tensors
+    for ps, c in (((qd, kd, vd), None), ((q4, k4, v4), None), ((q4, k4, v4), cache)):
+        ys = lora_projections(x, *ps, cache=c)
         wanted = [x] + [t for p in ps if p.lora is not None for t in (p.lora.A, p.lora.B) if t.requires_grad]
         results.append((ys, torch.autograd.grad(sum((y * wi).sum() for y, wi in zip(ys, w)), wanted)))
-    (y4, g4), (yd, gd) = results
-    for a, b in zip((*y4, *g4), (*yd, *gd), strict=True):
-        assert rel(a, b) < 1e-5
+    (yd, gd), *nf4 = results
+    for y4, g4 in nf4:
+        for a, b in zip((*y4, *g4), (*yd, *gd), strict=True):
+            assert rel(a, b) < 1e-5
+    assert cache._workspaces
 
 
 def test_nf4_mlp_gate_up_side_by_side_matches_separate_products(seed, monkeypatch):

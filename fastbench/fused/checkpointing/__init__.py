@@ -1,0 +1,37 @@
+"""Activation checkpointing per decoder layer, for the fused path.
+
+A layer comes as consecutive parts (the fused decoder: attention with its residual, then the MLP with its
+residual), each called as ``fn(x, context)``. A recomputed unit keeps its input and, in the backward,
+recomputes its parts from it; the output of its last part is then only the root of that backward, so where
+``context.recomputing`` is true the last part may skip the products that compute nothing but its output. The
+offload and budget modes recompute each part as a unit of its own (two inputs kept per layer; the fused decoder
+then skips the O and down projections' forwards and the GLU); ``True`` recomputes the whole layer as one unit
+(one input per layer, the least memory; it skips the down projection and the GLU).
+
+``use_gradient_checkpointing`` (a :class:`CheckpointConfig`) picks one policy for all layers of a model:
+
+- ``False``: keep every layer's activations (fastest, most memory).
+- ``True``: keep only each layer's input, recompute the layer in the backward.
+- ``"offload"`` (or ``"unsloth"``, the name Unsloth's users know it by): keep each part's input in pinned CPU
+  memory (copied on a side stream, overlapped with the next layers' compute; back ahead of use during the
+  backward) and recompute the part; except that every ``OffloadConfig.save_every``-th layer (default 2; 0:
+  none) keeps its MLP's graph, the activations it saves offloaded to pinned memory as well, so its MLP is not
+  recomputed. :class:`OffloadConfig` holds this mode's other settings. The fused path also keeps an untied,
+  frozen input embedding table in pinned host memory in this mode (fastbench.fused.host_embedding).
+- a number (GiB) or ``"auto"``: a budget. The first layer of the first step runs un-checkpointed while the
+  bytes its autograd graph saves are counted; from then on the first ``budget // bytes_per_layer`` layers keep
+  their activations and the rest recompute. ``"auto"`` budgets 70% of the GPU memory free at the first step
+  (on a CPU: keeps everything).
+
+A recomputed part must be deterministic (no dropout): the fused path refuses lora_dropout > 0.
+
+Modules: ``config`` (the settings), ``policy`` (which layers keep, recompute or offload), ``recompute`` (the
+autograd Function), ``offload`` (the pinned-memory copies), ``context`` (what a part is told as it runs).
+"""
+from fastbench.fused.checkpointing.config import CheckpointConfig, OffloadConfig, parse_setting
+from fastbench.fused.checkpointing.context import PartContext
+from fastbench.fused.checkpointing.offload import HostOffloader
+from fastbench.fused.checkpointing.policy import LayerCheckpointing, Part
+
+__all__ = ["CheckpointConfig", "OffloadConfig", "parse_setting", "PartContext", "HostOffloader",
+           "LayerCheckpointing", "Part"]

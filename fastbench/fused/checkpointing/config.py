@@ -1,0 +1,139 @@
+"""What ``use_gradient_checkpointing`` and ``offload`` mean: :class:`CheckpointConfig` and :class:`OffloadConfig`.
+
+Both are frozen and check their values when made, so a bad setting raises before a model is touched.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+GiB = 1 << 30
+MODES = ("keep", "recompute", "offload", "budget")
+
+
+def _whole_number(name: str, value, meaning: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"offload option {name}={value!r}: give a whole number n >= 0 ({meaning})")
+    return value
+
+
+def _one_of(name: str, value, meanings: dict) -> object:
+    """``value`` as the one of ``meanings``' keys it equals (a bool key also given as 0 or 1); else an error that
+    says each (a bool as 0 or 1) and what it means."""
+    for allowed in meanings:
+        if type(value) in (bool, int) and value == allowed and (type(allowed) is bool or type(value) is not bool):
+            return allowed
+    raise ValueError(f"offload option {name}={value!r}: give "
+                     + " or ".join(f"{int(v)} ({m})" for v, m in meanings.items()))
+
+
+@dataclass(frozen=True)
+class OffloadConfig:
+    """The offload mode's settings (``use_gradient_checkpointing="offload"``).
+
+    - ``save_every``: every n-th layer (0: none) keeps its MLP's graph, the activations it saves offloaded to
+      pinned host memory too, instead of recomputing that MLP.
+    - ``keep_last``: the last n layers keep on the GPU what would go to the host (their backward comes first).
+    - ``streams``: 1, one copy stream for both directions; 2, copies to the host and back on two streams.
+    - ``whole_layers``: a layer whose MLP is recomputed keeps one input (recomputed as a whole, its attention's
+      O projection too) instead of one per half-layer.
+    - ``embedding``: keep an untied, frozen input embedding table in pinned host memory
+      (fastbench.fused.host_embedding).
+    """
+    save_every: int = 2
+    keep_last: int = 0
+    streams: int = 1
+    whole_layers: bool = False
+    embedding: bool = True
+
+    def __post_init__(self):
+        _whole_number("save_every", self.save_every, "every n-th layer's MLP activations offloaded instead of "
+                                                     "recomputed; 0: recompute every layer")
+        _whole_number("keep_last", self.keep_last, "the last n layers keep on the GPU what the offload mode would "
+                                                   "copy to the host; 0: none")
+        _one_of("streams", self.streams, {1: "one copy stream for both directions, the default",
+                                          2: "copies to the host and back on two streams"})
+        whole = _one_of("whole_layers", self.whole_layers, {
+            False: "each half-layer recomputed from its own offloaded input, the default",
+            True: "a layer whose MLP is recomputed keeps one input, recomputed as a whole"})
+        embedding = _one_of("embedding", self.embedding, {
+            True: "the input embedding's table in pinned host memory, the default", False: "on the GPU"})
+        object.__setattr__(self, "whole_layers", whole)
+        object.__setattr__(self, "embedding", embedding)
+
+    @classmethod
+    def of(cls, value) -> OffloadConfig:
+        """``value`` as an OffloadConfig: one already, a dict of its fields, or None (the defaults)."""
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, dict):
+            fields = [f.name for f in dataclasses.fields(cls)]
+            unknown = sorted(set(value) - set(fields), key=str)
+            if unknown:
+                raise ValueError(f"offload: unknown option(s) {', '.join(map(str, unknown))}; valid: "
+                                 + ", ".join(fields))
+            return cls(**value)
+        raise ValueError(f"offload must be an OffloadConfig or a dict of its fields; got {value!r}")
+
+
+def parse_setting(setting) -> tuple[str, float | None]:
+    """``use_gradient_checkpointing`` -> (mode, budget in bytes or None for "auto"); mode one of :data:`MODES`."""
+    if setting is False or setting is None:
+        return "keep", None
+    if setting is True:
+        return "recompute", None
+    if setting in ("offload", "unsloth"):  # "unsloth": what Unsloth's users pass for its offloaded checkpointing
+        return "offload", None
+    if setting == "auto":
+        return "budget", None
+    if isinstance(setting, str):
+        try:
+            setting = float(setting)
+        except ValueError:
+            setting = None
+    if isinstance(setting, (int, float)) and setting >= 0:
+        return "budget", float(setting) * GiB
+    raise ValueError(f"use_gradient_checkpointing must be True, False, 'offload' (or 'unsloth', the same), 'auto' "
+                     f"or a budget in GiB; got {setting!r}")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """Activation checkpointing of the fused decoder layers, one policy for all layers of a model.
+
+    ``mode``: ``"keep"`` (every layer's activations), ``"recompute"`` (each layer's input, the layer recomputed
+    in the backward), ``"offload"`` (inputs in pinned host memory, see :class:`OffloadConfig`) or ``"budget"``
+    (the first layers that fit ``budget`` bytes keep their activations, the rest recompute; ``budget`` None:
+    70% of the GPU memory free at the first step). ``offload``: the offload mode's settings (the defaults
+    when not given); None in the other modes.
+    """
+    mode: str = "recompute"
+    budget: float | None = None
+    offload: OffloadConfig | None = None
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"checkpointing mode {self.mode!r}: give one of {', '.join(MODES)}")
+        if self.budget is not None and (self.mode != "budget" or isinstance(self.budget, bool)
+                                        or not isinstance(self.budget, (int, float)) or self.budget < 0):
+            raise ValueError(f"checkpointing budget {self.budget!r}: give a number of bytes >= 0, with mode "
+                             "'budget' only (None: 70% of the GPU memory free at the first step)")
+        if self.mode == "offload":
+            object.__setattr__(self, "offload", OffloadConfig.of(self.offload))
+        elif self.offload is not None:
+            raise ValueError(f"offload settings apply to use_gradient_checkpointing='offload' only; the mode here is "
+                             f"{self.mode!r}")
+
+    @classmethod
+    def of(cls, use_gradient_checkpointing=True, offload=None) -> CheckpointConfig:
+        """The config that ``get_peft_model(use_gradient_checkpointing=..., offload=...)`` means: True, False,
+        "offload" (or "unsloth", the same), "auto", a budget in GiB, or a CheckpointConfig already; ``offload``
+        an :class:`OffloadConfig` or a dict of its fields, for the offload mode."""
+        if isinstance(use_gradient_checkpointing, cls):
+            if offload is None:
+                return use_gradient_checkpointing
+            return dataclasses.replace(use_gradient_checkpointing, offload=OffloadConfig.of(offload))
+        mode, budget = parse_setting(use_gradient_checkpointing)
+        return cls(mode, budget, None if offload is None else OffloadConfig.of(offload))

@@ -1,0 +1,330 @@
+"""The offload mode's copies: :class:`HostOffloader` moves checkpointed inputs to pinned host memory on a side
+stream and back ahead of their use; :func:`offloading_saved` runs a part with its graph kept and the activations
+it saves copied to the host.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import ctypes
+import time
+import weakref
+from typing import Callable
+
+import torch
+
+from fastbench.fused.checkpointing.config import GiB
+from fastbench.fused.checkpointing.context import PartContext
+
+# device memory that queued copies to the host may hold (their sources are not reused before the copy read them)
+# before the host waits for the oldest: bounds the offload mode's memory where the bus is slower than the compute
+MAX_COPYING_BYTES = 2 * GiB
+
+
+class HostOffloader:
+    """Copies checkpointed inputs to pinned host buffers on a side stream and back, prefetching one ahead.
+
+    By default every copy runs on one side stream, so a buffer's copy back to the GPU is ordered after its
+    copy to the host, and a reused buffer's next copy after both. With ``streams=2`` (an experiment:
+    ``OffloadConfig(streams=2)``) the copies to the host and those back run on two streams, so that the
+    bus carries both directions at once (where the backward's first fetches meet the forward's last copies
+    out); the same order is then kept by events: a copy back waits for its copy out, and a buffer's next
+    copy out for the copy back that read it. Each copy first makes its stream wait for all work queued on
+    the compute stream: it then reads only finished data, and writes only memory that no queued kernel
+    still uses (a buffer the compute stream freed while the CPU ran ahead).
+
+    ``host_wait_s``: the seconds the host thread has waited, in total, for copies to the host (the bound on the
+    memory their sources hold, MAX_COPYING_BYTES): time the host could not issue work in, the bus being slower
+    than the compute. :meth:`timed_fetch_waits` times the compute stream's waits for inputs fetched back."""
+
+    def __init__(self, streams: int = 1):
+        # keys are (forward number, slot), slots numbering a forward's checkpointed parts 0, 1, ...: an entry
+        # left by a step whose backward never finished (an OOM retry) can never be mistaken for a later step's
+        # -> (buffer, host view, device, the copy's event or None)
+        self._saved: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.device, object]] = {}
+        self._prefetched: dict[tuple[int, int], tuple[torch.Tensor, object]] = {}  # -> (x on its device, copy done)
+        self._free: list[torch.Tensor] = []  # flat host buffers to reuse
+        self._groups: dict[tuple[int, int], tuple] = {}  # key -> its group (entries fetched back together)
+        self._members: dict[tuple, list[tuple[int, int]]] = {}  # group -> its keys, in slot order
+        self._lookahead = 0  # bytes to keep fetched ahead in a backward: the largest group of the forward
+        self._copying: collections.deque = collections.deque()  # (done event, bytes) of queued copies to the host
+        self._copying_bytes = 0
+        self._registered: list[torch.Tensor] = []  # every buffer pinned by registration, unregistered when self goes
+        weakref.finalize(self, _unregister, self._registered)
+        self._forward = 0
+        self._two_streams = streams == 2
+        self._streams: dict[str, torch.cuda.Stream] = {}  # "out" (to the host), "in" (back): one stream unless two
+        self._reads: dict[int, object] = {}  # a freed buffer's data_ptr -> the event of the copy back that read it
+        self.host_wait_s = 0.0
+        self._fetch_waits: list | None = None  # while timed: (before, after) CUDA events around each fetch wait
+
+    @contextlib.contextmanager
+    def timed_fetch_waits(self):
+        """Within: each wait of the compute stream for an input fetched back from the host is bracketed by two
+        timing events (any thread: the backward runs in autograd's). Yields a function that, once the GPU has
+        run the work (synchronize first), gives the milliseconds the compute stream stood waiting in total: the
+        time the bus, not the host or the kernels, set the pace."""
+        events = self._fetch_waits = []
+        try:
+            yield lambda: sum(before.elapsed_time(after) for before, after in events)
+        finally:
+            self._fetch_waits = None
+
+    def _side_stream_after_compute(self, direction: str):
+        """The stream of the copies ``direction`` ("out" to the host, "in" back), made to wait for the compute
+        stream."""
+        # current_stream() must be read here, outside `torch.cuda.stream(side)`: inside, it is the side
+        # stream itself, and a stream that waits on itself orders nothing (the copies would race the compute)
+        if not self._streams:
+            self._streams["out"] = torch.cuda.Stream()
+            self._streams["in"] = torch.cuda.Stream() if self._two_streams else self._streams["out"]
+        stream = self._streams[direction]
+        stream.wait_stream(torch.cuda.current_stream())
+        return stream
+
+    def _host_buffer(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A flat buffer of at least like.numel() elements and its view shaped like ``like``: a free one
+        where one is large enough; else a new one, rounded up (so that inputs a little longer than the last
+        ones reuse it), and the free buffers too small for this input are released. Pinned host memory then
+        stays about one forward's worth when the lengths of a run's batches vary, instead of growing with
+        each new longest batch."""
+        need = like.numel()
+        for i, buf in enumerate(self._free):
+            if buf.dtype == like.dtype and buf.numel() >= need:
+                return self._free.pop(i), buf[:need].view(like.shape)
+        self._release_smaller(need, like.dtype)
+        size = _rounded_up(need)
+        buf = (_pinned_empty(size, like.dtype, self._registered) if like.is_cuda
+               else torch.empty(size, dtype=like.dtype))
+        return buf, buf[:need].view(like.shape)
+
+    def _release_smaller(self, numel: int, dtype: torch.dtype) -> None:
+        small = [b for b in self._free if b.dtype == dtype and b.numel() < numel]
+        if not small:
+            return
+        self._free = [b for b in self._free if all(b is not s for s in small)]
+        for b in small:
+            self._reads.pop(b.data_ptr(), None)
+        registered = [b for b in small if any(b is r for r in self._registered)]
+        if registered:
+            self._registered[:] = [r for r in self._registered if all(r is not b for b in registered)]
+            _unregister(registered)  # after the copies still queued on them
+
+    def _release_before(self, forward: int) -> None:
+        """Forget what forwards before ``forward`` left behind (their backward never ran to the end)."""
+        for key in [k for k in self._saved if k[0] < forward]:  # never fetched: no copy back read them
+            self._free.append(self._saved.pop(key)[0])
+        for key in [k for k in self._prefetched if k[0] < forward]:
+            del self._prefetched[key]
+        for key in [k for k in self._groups if k[0] < forward]:
+            self._members.pop(self._groups.pop(key), None)
+
+    def save(self, slot: int, x: torch.Tensor, group=None) -> tuple[int, int]:
+        """Starts copying ``x`` to the host; returns the key that ``load`` takes. Slot 0 starts a new
+        forward; the entries of the previous forward are kept (two forwards before one backward work),
+        older ones are released. Entries saved under one ``group`` (within a forward) come back together."""
+        if slot == 0:
+            self._forward += 1
+            self._release_before(self._forward - 1)
+            self._lookahead = 0
+        key = (self._forward, slot)
+        group = (self._forward, slot if group is None else group)
+        self._groups[key] = group
+        members = self._members.setdefault(group, [])
+        members.append(key)
+        self._lookahead = max(self._lookahead, sum(self._saved[k][1].nbytes for k in members[:-1]) + x.nbytes)
+        buf, host = self._host_buffer(x)
+        done = None
+        if x.is_cuda:
+            stream = self._side_stream_after_compute("out")
+            read = self._reads.pop(buf.data_ptr(), None)
+            if read is not None:  # two streams: the copy back that last read this buffer must have finished
+                stream.wait_event(read)
+            with torch.cuda.stream(stream):
+                host.copy_(x, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record(stream)
+            x.record_stream(stream)  # x's memory is not reused before the copy has read it
+            self._copying.append((done, x.nbytes))
+            self._bound_copying(x.nbytes)
+        else:
+            host.copy_(x)
+        self._saved[key] = (buf, host, x.device, done)
+        return key
+
+    def _bound_copying(self, nbytes: int) -> None:
+        """Forgets the copies to the host that finished; while the rest hold more than MAX_COPYING_BYTES of
+        device memory, waits for the oldest (the GPU then still has every later layer queued)."""
+        self._copying_bytes += nbytes
+        while self._copying and (self._copying_bytes > MAX_COPYING_BYTES or self._copying[0][0].query()):
+            done, size = self._copying.popleft()
+            start = time.perf_counter()
+            done.synchronize()  # at once where query() said it finished
+            self.host_wait_s += time.perf_counter() - start
+            self._copying_bytes -= size
+
+    def _fetch(self, key: tuple[int, int]):
+        if key not in self._saved:
+            raise RuntimeError("the offloaded input of this layer was released: offloaded checkpointing keeps "
+                               "the inputs of the last two forwards until their backward")
+        buf, host, device, copied_out = self._saved.pop(key)
+        self._free.append(buf)  # a later save's copy into it waits for this copy (the same stream, or its event)
+        if device.type != "cuda":
+            return host.clone(), None
+        x = torch.empty(host.shape, dtype=host.dtype, device=device)
+        stream = self._side_stream_after_compute("in")
+        if self._two_streams:
+            stream.wait_event(copied_out)
+        with torch.cuda.stream(stream):
+            x.copy_(host, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(stream)
+        x.record_stream(stream)
+        if self._two_streams:
+            self._reads[buf.data_ptr()] = done
+        return x, done
+
+    def load(self, key: tuple[int, int]) -> torch.Tensor:
+        """The input saved under ``key`` on its device; starts fetching what comes below it."""
+        x, done = self._prefetched.pop(key, None) or self._fetch(key)
+        self._prefetch_below(key)
+        if done is not None:
+            compute = torch.cuda.current_stream()
+            timed = self._fetch_waits
+            if timed is None:
+                compute.wait_event(done)
+            else:
+                before, after = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                before.record(compute)
+                compute.wait_event(done)
+                after.record(compute)
+                timed.append((before, after))
+        return x
+
+    def _prefetch_below(self, key: tuple[int, int]) -> None:
+        """Fetches the groups of the slots below ``key``, nearest first, while less than the forward's largest
+        group is on its way (at least one group): with one input per group, the next input alone."""
+        ahead = sum(x.nbytes for k, (x, _) in self._prefetched.items() if k[0] == key[0])
+        for slot in range(key[1] - 1, -1, -1):
+            below = (key[0], slot)
+            if below in self._prefetched:
+                continue
+            if below not in self._saved or (ahead and ahead >= self._lookahead):
+                return
+            for member in self._members[self._groups[below]]:
+                if member in self._saved:
+                    self._prefetched[member] = fetched = self._fetch(member)
+                    ahead += fetched[0].nbytes
+
+
+def _rounded_up(n: int) -> int:
+    """n rounded up to a multiple of 1/8 of the power of two below it (at most 12.5% more)."""
+    step = max(1, (1 << max(0, n.bit_length() - 1)) >> 3)
+    return -(-n // step) * step
+
+
+_registration = {"works": True}  # False once cudaHostRegister failed in this process (WSL, some ARM boards)
+
+
+def _pinned_empty(numel: int, dtype: torch.dtype, registered: list[torch.Tensor]) -> torch.Tensor:
+    """A host buffer of ``numel`` elements that the GPU copies to and from asynchronously, appended to
+    ``registered`` when pinned by registration. Its pages are faulted in by torch's intra-op threads
+    (``zero_``) and then registered with CUDA: faster than ``pin_memory=True`` (cudaHostAlloc, which
+    faults the pages in on one thread), a cost the offload mode's first step pays. Where registration
+    fails, ``pin_memory=True`` from then on."""
+    if _registration["works"]:
+        buf = torch.empty(numel, dtype=dtype)
+        buf.zero_()
+        cudart = torch.cuda.cudart()
+        # flags 0 (cudaHostRegisterDefault): with unified addressing, portable to every device's context and mapped
+        if cudart.cudaHostRegister(buf.data_ptr(), buf.untyped_storage().nbytes(), 0) == cudart.cudaError.success:
+            registered.append(buf)
+            return buf
+        _registration["works"] = False
+        _clear_cuda_error()
+    return torch.empty(numel, dtype=dtype, pin_memory=True)
+
+
+def _clear_cuda_error() -> None:
+    """Reads (and so resets) CUDA's last error: a failed cudaHostRegister leaves it set, and torch's next
+    kernel-launch check would raise it as that kernel's error. torch does not bind cudaGetLastError; the
+    CUDA runtime it loaded does."""
+    try:
+        with open("/proc/self/maps") as maps:  # Linux only; elsewhere the error is left set
+            paths = {line.split(maxsplit=5)[5].strip() for line in maps if "libcudart.so" in line}
+        for path in paths:
+            ctypes.CDLL(path).cudaGetLastError()
+    except (OSError, IndexError, AttributeError):  # no such file or symbol: nothing more to do
+        return
+
+
+def _unregister(registered: list[torch.Tensor]) -> None:
+    """Unregisters the buffers of :func:`_pinned_empty` once no copy still uses them, before their memory is freed."""
+    if registered and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+        cudart = torch.cuda.cudart()
+        for buf in registered:
+            cudart.cudaHostUnregister(buf.data_ptr())
+    registered.clear()
+
+
+def offloading_saved(fn, x: torch.Tensor, offloader: HostOffloader, next_slot: Callable[[], int]) -> torch.Tensor:
+    """``fn(x, context)`` with its graph kept and the activations it saves for the backward (the tensors of at
+    least an eighth of x's size, parameters aside) copied to the host instead of kept on the device, one group
+    that comes back as a whole in the backward. A view of a contiguous tensor at most twice its size is saved
+    as that tensor (once for all its views), so views that lie side by side in one tensor (a fused product's
+    outputs) still do after the backward fetched them. A tensor declared derived from one saved before it
+    (:meth:`PartContext.derived`) is not copied but recomputed from that one in the backward. ``next_slot()``
+    gives each copy its offloader slot; the group is named by the first one."""
+    bases, derivations, group = {}, {}, []
+
+    def base_of(t):  # a view goes as its base, once for all its views, unless the base is far larger
+        base = t._base
+        return t if base is None or not base.is_contiguous() or base.numel() > 2 * t.numel() else base
+
+    def packed(t, entry, base):
+        entry["uses"] += 1
+        return entry, t.shape, t.stride(), t.storage_offset() - base.storage_offset() if base is not t else None
+
+    def pack(t):
+        if isinstance(t, torch.nn.Parameter) or t.numel() * 8 < x.numel():
+            return t
+        how = derivations.get(id(t))
+        if how is not None and how[0] is t:
+            _, source, recompute = how
+            entry = bases.get(id(base_of(source)))
+            if entry is not None:
+                return packed(source, entry, base_of(source)), recompute
+        base = base_of(t)
+        entry = bases.get(id(base))
+        if entry is None:
+            slot = next_slot()
+            if not group:
+                group.append(slot)
+            entry = bases[id(base)] = {"key": offloader.save(slot, base, group[0]),
+                                       "uses": 0, "fetched": None, "base": base}
+        return packed(t, entry, base)
+
+    def restored(entry, shape, stride, offset):
+        if entry["fetched"] is None:
+            entry["fetched"] = offloader.load(entry["key"])
+        base = entry["fetched"]
+        entry["uses"] -= 1
+        if entry["uses"] == 0:
+            entry["fetched"] = None
+        return base if offset is None else base.as_strided(shape, stride, base.storage_offset() + offset)
+
+    def unpack(saved):
+        if not isinstance(saved, tuple):
+            return saved
+        if len(saved) == 2:  # a derived tensor: (its source as saved, recompute)
+            with torch.no_grad():
+                return saved[1](restored(*saved[0]))
+        return restored(*saved)
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        y = fn(x, PartContext(derivations=derivations))
+    for entry in bases.values():  # held only so that no other tensor took a base's id during fn
+        del entry["base"]
+    derivations.clear()
+    return y
