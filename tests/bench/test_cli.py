@@ -48,7 +48,7 @@ def test_bad_options(tmp_path, args, message):
 def test_missing_package_names_it(tmp_path, monkeypatch):
     from fastbench.bench import arms
 
-    monkeypatch.setitem(arms._REGISTRY, "peer", arms.ArmSpec(
+    monkeypatch.setitem(arms.table(), "peer", arms.ArmSpec(
         "peer", "test", ("fastbench_no_such_module",), "pip install peer-kernels", lambda cfg: None))
     result = _compare("--arms", "peft,peer", tmp_path=tmp_path)
     assert result.exit_code == 2

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import os
 
-from fastbench.bench.arms import ArmSpec, RunConfig, base_model, load_4bit, register_arm
+from fastbench.bench.arms import ArmSpec, RunConfig
+from fastbench.bench.arms.hf import base_model, load_4bit
 
 _CKPT = {"true": True, "false": False, "offload": "offload", "auto": "auto"}
 # offload-mode options, each setting a switch of fastbench.checkpointing in the arm's processes
@@ -64,7 +65,7 @@ def _fused(load):
 
 
 _OPTIONS = "option ckpt=true|false|offload|auto|GiB; with offload save_every, keep_last, streams, whole_layers"
-register_arm(ArmSpec("fused", f"fastbench fused LoRA on the bf16 model ({_OPTIONS})",
-                     ("peft",), "pip install peft", _fused(base_model), kind="bf16"))
-register_arm(ArmSpec("fused-4bit", f"fastbench fused QLoRA on the NF4 model ({_OPTIONS})",
-                     ("peft", "bitsandbytes"), "pip install bitsandbytes", _fused(load_4bit), kind="nf4"))
+FUSED = ArmSpec("fused", f"fastbench fused LoRA on the bf16 model ({_OPTIONS})",
+                ("peft",), "pip install peft", _fused(base_model), kind="bf16")
+FUSED_4BIT = ArmSpec("fused-4bit", f"fastbench fused QLoRA on the NF4 model ({_OPTIONS})",
+                     ("peft", "bitsandbytes"), "pip install bitsandbytes", _fused(load_4bit), kind="nf4")
