@@ -2,16 +2,9 @@
 regression checks."""
 from __future__ import annotations
 
+import dataclasses
 
 import click
-
-# option name -> RunConfig field; the options a saved configuration (--from/--resume) fixes
-_RUN_OPTIONS = {"seq_len": "seq_len", "batch": "batch", "grad_accum": "grad_accum", "steps": "steps",
-                "warmup": "warmup", "lora_r": "lora_r", "lora_alpha": "lora_alpha",
-                "lora_dropout": "lora_dropout", "targets": "targets", "lr": "lr", "seed": "seed",
-                "dtype": "dtype", "gradient_checkpointing": "gradient_checkpointing", "device": "device",
-                "pad_fraction": "pad_fraction", "profile": "profile"}
-_COMPARE_OPTIONS = ("models", "arms", "repeats", "baseline_arm", "loss_tolerance", "arm_models")
 
 # what a bare `fastbench compare` runs
 GPU_DEFAULTS = dict(models="llama-3.2-1b", arms="peft,qlora", seq_len=2048, batch=2, steps=10, warmup=3, repeats=2)
@@ -44,10 +37,9 @@ def _resolve(opts: dict) -> dict:
         raise click.UsageError(f"--device {device}: no CUDA GPU is visible here")
     defaults = GPU_DEFAULTS if device.startswith("cuda") else CPU_DEFAULTS
     value = {k: (opts[k] if opts.get(k) is not None else defaults.get(k)) for k in opts}
-    run = RunConfig(device=device)
-    for option, field in _RUN_OPTIONS.items():
-        if option != "device" and value.get(option) is not None:
-            setattr(run, field, value[option])
+    # the options named after a RunConfig field set it (--seq-len: seq_len, ...); the others shape the comparison
+    fields = {f.name for f in dataclasses.fields(RunConfig)} - {"model", "device", "arm_options"}
+    run = RunConfig(device=device, **{k: v for k, v in value.items() if k in fields and v is not None})
     run.targets = tuple(_split(run.targets)) if isinstance(run.targets, str) else run.targets
     labels = unique_labels(_split(value["arms"] or ""))
     models = _split(value["models"] or "")

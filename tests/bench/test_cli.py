@@ -158,3 +158,26 @@ def test_interrupted_compare_keeps_the_measured_processes(tmp_path, make_record,
     done = json.loads(next((tmp_path / "r").glob("*.json")).read_text())
     assert done["status"] == "interrupted" and [r["repeat"] for r in done["runs"]] == [0]
     assert next((tmp_path / "p").glob("*.md")).exists()
+
+
+def test_run_options_reach_every_process(tmp_path, make_record, monkeypatch):
+    """Each option named after a RunConfig field sets it; the rest keep the CPU defaults."""
+    from fastbench.bench import runner
+
+    configs = []
+
+    def fake_run_one(label, model, repeat, run_config, workdir, env, timeout):
+        configs.append(run_config)
+        return make_record(label, model=model, repeat=repeat)
+
+    monkeypatch.setattr(runner, "run_one", fake_run_one)
+    result = CliRunner().invoke(main, ["compare", "--models", "llama-3-8b-tiny", "--arms", "peft", "--seq-len", "48",
+                                       "--lora-r", "4", "--targets", "q_proj, v_proj", "--no-gradient-checkpointing",
+                                       "--lr", "1e-3", "--pad-fraction", "0.2", "--dtype", "float32",
+                                       "--results-dir", str(tmp_path / "r"), "--reports-dir", str(tmp_path / "p")])
+    assert result.exit_code == 0, result.output
+    (run,) = configs
+    assert run["seq_len"] == 48 and run["lora_r"] == 4 and run["targets"] == ["q_proj", "v_proj"]
+    assert run["gradient_checkpointing"] is False and run["lr"] == 1e-3 and run["pad_fraction"] == 0.2
+    assert run["dtype"] == "float32" and run["device"] == "cpu"
+    assert run["steps"] == 4 and run["warmup"] == 1 and run["batch"] == 2 and run["lora_alpha"] == 16
