@@ -156,7 +156,7 @@ def run(spec: dict) -> dict:
             raise torch.OutOfMemoryError(f"simulated out of memory (FASTBENCH_SIMULATE_OOM={simulate})")
         timed = batches[cfg.warmup:]
         # the model's build and the warm-up's compiles leave many young objects; a full collection of them
-        # (about 0.3 s in such a process, the host idle meanwhile) is done here, not inside a timed step
+        # (long enough to show, the host idle meanwhile) is done here, not inside a timed step
         gc.collect()
         gc_pauses = []  # (generation, seconds) of the collections during the timed steps: a long one starves the GPU
         gc.callbacks.append(timer := _gc_timer(gc_pauses))
