@@ -82,9 +82,10 @@ def _arm_models(specs, labels: list[str], models: list[str]) -> dict[str, list[s
 
 def _validate(compare: dict) -> None:
     """Every model and arm usable on this machine, every size sane; UsageError otherwise."""
-    from fastbench.bench.arms import RunConfig, get_arm
+    from fastbench.bench.arms import RunConfig, check_label, get_arm
 
     for label in compare["arms"]:
+        check_label(label)
         get_arm(label)
     for model in compare["models"]:
         RunConfig.from_dict({**compare["run"], "model": model}).validate()

@@ -31,6 +31,19 @@ def _compare(*args, tmp_path):
     (["--arm-models", "qlora"], "write ARM@MODEL"),
     (["--arm-models", "lora@llama-3.2-1b-tiny"], "'lora' is not among --arms"),
     (["--arm-models", "qlora@mistral-7b"], "mistral-7b not among --models"),
+    (["--arms", "peft,fused:ckpt=banana"], "arm 'fused': ckpt='banana' is not valid; write ckpt=true|false|offload|auto|<GiB>"),
+    (["--arms", "peft,fused:ckp=40"], "arm 'fused' has no option 'ckp'; valid: ckpt=true|false|offload|auto|<GiB>, "
+                                      "autotune=on|off, save_every=<whole number>"),
+    (["--arms", "fused-4bit:ckpt=offload:save_every=x"], "save_every='x' is not valid; write save_every=<whole number>"),
+    (["--arms", "fused-4bit:ckpt=offload:keep_last=-1"], "keep_last='-1' is not valid"),
+    (["--arms", "fused:ckpt=offload:streams=3"], "write streams=1|2"),
+    (["--arms", "fused:ckpt=offload:whole_layers=2"], "write whole_layers=0|1"),
+    (["--arms", "fused:ckpt=offload:embedding=yes"], "write embedding=0|1"),
+    (["--arms", "fused:autotune=maybe"], "write autotune=on|off"),
+    (["--arms", "fused:ckpt=0"], "ckpt='0' is not valid"),
+    (["--arms", "fused:ckpt=40:save_every=3"], "option save_every applies to ckpt=offload only"),
+    (["--arms", "peft:ckpt=true"], "arm 'peft' has no option 'ckpt'; it takes none"),
+    (["--arms", "peft,qlora:ckpt=true"], "arm 'qlora' has no option 'ckpt'"),
     (["--device", "cuda:7"] , None),
 ])
 def test_bad_options(tmp_path, args, message):
@@ -42,7 +55,8 @@ def test_bad_options(tmp_path, args, message):
         message = "no CUDA GPU"
     result = _compare(*args, tmp_path=tmp_path)
     assert result.exit_code == 2, result.output
-    assert message in result.output
+    error = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(error) == 1 and message in error[0], result.output  # one line says it all
 
 
 def test_missing_package_names_it(tmp_path, monkeypatch):

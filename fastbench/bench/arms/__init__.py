@@ -34,6 +34,10 @@ class MissingPackage(ValueError):
     pass
 
 
+class BadArmOption(UnknownArm):
+    pass
+
+
 @dataclass
 class RunConfig:
     """Everything one training process needs; JSON round-trippable via to_dict/from_dict."""
@@ -102,6 +106,32 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class ArmOption:
+    """One option an arm takes after its name (``fused:ckpt=offload``): ``values`` says what may be written
+    (messages show it), ``parse`` turns the text into the value the arm uses and raises ValueError if it cannot."""
+
+    name: str
+    values: str
+    parse: Callable[[str], Any]
+
+
+def one_of(*words: str) -> Callable[[str], str]:
+    """A parser accepting exactly these words (case-insensitive), returned in lower case."""
+    def parse(text: str) -> str:
+        if text.lower() not in words:
+            raise ValueError(text)
+        return text.lower()
+    return parse
+
+
+def whole_number(text: str) -> int:
+    """0, 1, 2, ... written in decimal digits."""
+    if not text.isdigit():
+        raise ValueError(text)
+    return int(text)
+
+
+@dataclass(frozen=True)
 class ArmSpec:
     name: str
     description: str
@@ -110,10 +140,33 @@ class ArmSpec:
     build: Callable[[RunConfig], Any]
     kind: str = ""  # "bf16" or "nf4": which arms its losses must match; inferred from the name if empty
     import_first: tuple[str, ...] = ()  # modules the worker imports before torch/transformers
+    options: tuple[ArmOption, ...] = ()  # what may follow the name in a label
+    check_options: Callable[[dict[str, Any]], None] | None = None  # rules across options; ValueError if broken
 
     @property
     def loss_kind(self) -> str:
         return self.kind or ("nf4" if "4bit" in self.name or "qlora" in self.name else "bf16")
+
+    def parse_options(self, options: dict[str, str]) -> dict[str, Any]:
+        """Each option's value as the arm uses it; BadArmOption naming the option or value and the valid ones."""
+        known = {o.name: o for o in self.options}
+        valid = ", ".join(f"{o.name}={o.values}" for o in self.options)
+        parsed = {}
+        for key, text in options.items():
+            if key not in known:
+                raise BadArmOption(f"arm {self.name!r} has no option {key!r}; "
+                                   + (f"valid: {valid}" if valid else "it takes none"))
+            try:
+                parsed[key] = known[key].parse(text)
+            except ValueError:
+                raise BadArmOption(f"arm {self.name!r}: {key}={text!r} is not valid; "
+                                   f"write {key}={known[key].values}") from None
+        if self.check_options is not None:
+            try:
+                self.check_options(parsed)
+            except ValueError as e:
+                raise BadArmOption(f"arm {self.name!r}: {e}") from None
+        return parsed
 
 
 @functools.cache
@@ -154,6 +207,15 @@ def get_arm(label: str, check_installed: bool = True) -> ArmSpec:
                 raise MissingPackage(f"arm {name!r} needs the Python package {module!r}, which is not "
                                      f"installed; install it with: {spec.install_hint}")
     return spec
+
+
+def check_label(label: str) -> dict[str, Any]:
+    """The options of a label parsed and checked against its arm's (before any process runs)."""
+    _, options = parse_label(label)
+    try:
+        return get_arm(label, check_installed=False).parse_options(options)
+    except BadArmOption as e:
+        raise BadArmOption(f"{e} (in --arms {label.split('#')[0]!r})") from None
 
 
 def unique_labels(labels: list[str]) -> list[str]:
