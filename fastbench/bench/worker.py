@@ -8,8 +8,9 @@ allocated, torch reserved, NVML for this process), the autotune tier per op, how
 the GPU were during the timed steps (fastbench.bench.busy), and the allocator settings as the arm left them
 (``alloc_env``: an arm may set its own on import). Running out of memory gives status "oom"
 (simulate with FASTBENCH_SIMULATE_OOM=<label or arm name>); any other failure status "error" with its
-message (FASTBENCH_SIMULATE_KILL and _HANG: :func:`simulate_fault`). A step is: forward with labels and backward for each micro-batch (loss divided by grad_accum),
-optimizer step, zero grad. With ``config.profile``, one more step after
+message (FASTBENCH_SIMULATE_KILL and _HANG: :func:`simulate_fault`). A step is: forward with labels and
+backward for each micro-batch (loss divided by grad_accum), optimizer step, zero grad. With
+``config.profile``, one more step after
 everything above is measured runs under torch.profiler and gives ``profile`` (time per region, see
 fastbench.bench.profile; ``{"error": ...}`` if that step fails); it is in no other figure.
 """

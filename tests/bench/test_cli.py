@@ -31,10 +31,13 @@ def _compare(*args, tmp_path):
     (["--arm-models", "qlora"], "write ARM@MODEL"),
     (["--arm-models", "lora@llama-3.2-1b-tiny"], "'lora' is not among --arms"),
     (["--arm-models", "qlora@mistral-7b"], "mistral-7b not among --models"),
-    (["--arms", "peft,fused:ckpt=banana"], "arm 'fused': ckpt='banana' is not valid; write ckpt=true|false|offload|auto|<GiB>"),
-    (["--arms", "peft,fused:ckp=40"], "arm 'fused' has no option 'ckp'; valid: ckpt=true|false|offload|auto|<GiB>, "
-                                      "autotune=on|off, save_every=<whole number>"),
-    (["--arms", "fused-4bit:ckpt=offload:save_every=x"], "save_every='x' is not valid; write save_every=<whole number>"),
+    (["--arms", "peft,fused:ckpt=banana"],
+     "arm 'fused': ckpt='banana' is not valid; write ckpt=true|false|offload|auto|<GiB>"),
+    (["--arms", "peft,fused:ckp=40"],
+     "arm 'fused' has no option 'ckp'; valid: ckpt=true|false|offload|auto|<GiB>, autotune=on|off, "
+     "save_every=<whole number>"),
+    (["--arms", "fused-4bit:ckpt=offload:save_every=x"],
+     "save_every='x' is not valid; write save_every=<whole number>"),
     (["--arms", "fused-4bit:ckpt=offload:keep_last=-1"], "keep_last='-1' is not valid"),
     (["--arms", "fused:ckpt=offload:streams=3"], "write streams=1|2"),
     (["--arms", "fused:ckpt=offload:whole_layers=2"], "write whole_layers=0|1"),
