@@ -8,7 +8,7 @@ import triton.language as tl
 
 
 def cdiv(a: int, b: int) -> int:
-    """ceil(a / b) for the host's launch grids (``triton.cdiv`` costs ~1.5 us a call: it goes through
+    """ceil(a / b) for the host's launch grids (``triton.cdiv`` costs more on the host: it goes through
     Triton's constexpr-function wrapper, and launches take several per layer and step)."""
     return -(-a // b)
 

@@ -317,7 +317,7 @@ def dequantize_nf4_weights(weights, out=None, *, quant_states=None) -> list[torc
     """Several ``Params4bit`` weights (or packed data with ``quant_states``) stacked in one output,
     weight g's values right after weight g-1's. Two or three weights sharing their tables, blocksize and
     dtype take one launch (the fused path's Q/K/V and gate/up: fewer launches, and the small k/v
-    matrices no longer run alone); others one launch each. Bit-exact with ``dequantize_4bit``.
+    matrices do not run alone); others one launch each. Bit-exact with ``dequantize_4bit``.
 
     ``out``: contiguous, at least the total number of elements (the fused path passes a [sum of rows,
     cols] view, the same object every step). Returns each weight's view of it, in its own shape."""

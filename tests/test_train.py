@@ -33,7 +33,7 @@ def lora_tensors(model):
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A tiny Llama checkpoint with a word-level tokenizer (words t0..t251)."""
-    from fastbench.presets import save_checkpoint
+    from fastbench.bench.checkpoint_cache import save_checkpoint
 
     return save_checkpoint(PRESET, str(tmp_path_factory.mktemp("ckpt") / "llama-tiny"), seed=11)
 

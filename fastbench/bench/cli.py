@@ -2,16 +2,11 @@
 regression checks."""
 from __future__ import annotations
 
+import dataclasses
 
 import click
 
-# option name -> RunConfig field; the options a saved configuration (--from/--resume) fixes
-_RUN_OPTIONS = {"seq_len": "seq_len", "batch": "batch", "grad_accum": "grad_accum", "steps": "steps",
-                "warmup": "warmup", "lora_r": "lora_r", "lora_alpha": "lora_alpha",
-                "lora_dropout": "lora_dropout", "targets": "targets", "lr": "lr", "seed": "seed",
-                "dtype": "dtype", "gradient_checkpointing": "gradient_checkpointing", "device": "device",
-                "pad_fraction": "pad_fraction", "profile": "profile"}
-_COMPARE_OPTIONS = ("models", "arms", "repeats", "baseline_arm", "loss_tolerance", "arm_models")
+DEFAULT_ALLOC_CONF = "expandable_segments:True"  # less fragmentation; what Unsloth sets on import
 
 # what a bare `fastbench compare` runs
 GPU_DEFAULTS = dict(models="llama-3.2-1b", arms="peft,qlora", seq_len=2048, batch=2, steps=10, warmup=3, repeats=2)
@@ -44,10 +39,9 @@ def _resolve(opts: dict) -> dict:
         raise click.UsageError(f"--device {device}: no CUDA GPU is visible here")
     defaults = GPU_DEFAULTS if device.startswith("cuda") else CPU_DEFAULTS
     value = {k: (opts[k] if opts.get(k) is not None else defaults.get(k)) for k in opts}
-    run = RunConfig(device=device)
-    for option, field in _RUN_OPTIONS.items():
-        if option != "device" and value.get(option) is not None:
-            setattr(run, field, value[option])
+    # the options named after a RunConfig field set it (--seq-len: seq_len, ...); the others shape the comparison
+    fields = {f.name for f in dataclasses.fields(RunConfig)} - {"model", "device", "arm_options"}
+    run = RunConfig(device=device, **{k: v for k, v in value.items() if k in fields and v is not None})
     run.targets = tuple(_split(run.targets)) if isinstance(run.targets, str) else run.targets
     labels = unique_labels(_split(value["arms"] or ""))
     models = _split(value["models"] or "")
@@ -67,7 +61,19 @@ def _resolve(opts: dict) -> dict:
                "loss_tolerance": tol, "run": {k: v for k, v in run.to_dict().items() if k != "model"},
                "arm_models": _arm_models(value.get("arm_models") or (), labels, models)}
     compare["kinds"] = {label: get_arm(label, check_installed=False).loss_kind for label in labels}
+    compare["alloc_conf"] = _alloc_conf(value["alloc_conf"])
     return compare
+
+
+def _alloc_conf(text: str) -> str | None:
+    """--alloc-conf as the allocator reads it (key:value pairs, comma-separated), None for 'none'."""
+    if text.strip().lower() == "none":
+        return None
+    pairs = [p.strip() for p in text.split(",")]
+    if not all(k.strip() and v.strip() for k, sep, v in (p.partition(":") for p in pairs)):
+        raise click.UsageError(f"--alloc-conf {text!r}: write key:value[,key:value], e.g. {DEFAULT_ALLOC_CONF}, "
+                               "or none")
+    return ",".join(pairs)
 
 
 def _arm_models(specs, labels: list[str], models: list[str]) -> dict[str, list[str]]:
@@ -90,12 +96,29 @@ def _arm_models(specs, labels: list[str], models: list[str]) -> dict[str, list[s
 
 def _validate(compare: dict) -> None:
     """Every model and arm usable on this machine, every size sane; UsageError otherwise."""
-    from fastbench.bench.arms import RunConfig, get_arm
+    from fastbench.bench.arms import RunConfig, check_label, get_arm
 
     for label in compare["arms"]:
+        check_label(label)
         get_arm(label)
     for model in compare["models"]:
         RunConfig.from_dict({**compare["run"], "model": model}).validate()
+
+
+def _check_against(results: dict, old: dict, path: str, allow_config_change: bool) -> list[str]:
+    """Before anything runs: the configurations must match (else exit 2 naming what differs, unless
+    allowed: then the differences are returned to be reported) and the runs must share a (model, arm)."""
+    from fastbench.bench import regress
+
+    changes = regress.config_differences(results, old)
+    if changes and not allow_config_change:
+        raise click.UsageError(f"--against {path} ran another configuration: {'; '.join(changes)}; compare like "
+                               "with like, or pass --allow-config-change")
+    if not regress.pairs_in_common(results, old):
+        old_pairs = sorted({f"{r['arm']} on {r['model']}" for r in old["runs"] if r["status"] == "ok"})
+        raise click.UsageError(f"--against {path} has nothing in common with this run: no arm on a model that "
+                               f"finished there ({', '.join(old_pairs) or 'none finished'})")
+    return changes
 
 
 def summarize_results(results: dict) -> dict:
@@ -142,17 +165,26 @@ def summarize_results(results: dict) -> dict:
                                                     "an arm of the same kind [0.01; bf16 vs 4-bit: 0.02].")
 @click.option("--from", "from_path", type=click.Path(dir_okay=False), help="Re-run the configuration of a results file.")
 @click.option("--resume", "resume_path", type=click.Path(dir_okay=False),
-              help="Finish a partial or interrupted results file (runs only its missing processes).")
+              help="Finish a partial or interrupted results file: runs its missing processes and again those "
+                   "that crashed or timed out.")
 @click.option("--against", "against_path", type=click.Path(dir_okay=False),
               help="Compare with an earlier results file; exit non-zero on a regression.")
 @click.option("--max-regression", default="5%", show_default=True,
               help="Allowed tokens/s drop or peak-memory rise against --against (beyond the noise).")
+@click.option("--allow-config-change", is_flag=True,
+              help="Compare with --against although the configurations differ (seq-len, batch, dtype, allocator, "
+                   "GPU, ...); without it such a comparison exits 2 naming what differs.")
+@click.option("--alloc-conf", default=DEFAULT_ALLOC_CONF, show_default=True,
+              help="PYTORCH_ALLOC_CONF of every process (the caching allocator's settings, the same for every arm, "
+                   "recorded); 'none': PyTorch's defaults.")
 @click.option("--results-dir", default="results", show_default=True, type=click.Path(file_okay=False))
 @click.option("--reports-dir", default="reports", show_default=True, type=click.Path(file_okay=False))
-@click.option("--timeout", type=float, default=None, help="Seconds one process may take before it is "
-                                                         "recorded as 'timeout' [none].")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Seconds one process may take before it is stopped and recorded as 'timeout' (the run goes on; "
+                   "--resume runs it again) [none].")
 @click.pass_context
-def compare(ctx, from_path, resume_path, against_path, max_regression, results_dir, reports_dir, timeout, **opts):
+def compare(ctx, from_path, resume_path, against_path, max_regression, allow_config_change, results_dir, reports_dir,
+            timeout, **opts):
     """Train each arm on each model for a few steps, every (arm, model, repeat) in a fresh process,
     and compare tokens/s, peak memory and the first losses against the baseline arm.
 
@@ -197,6 +229,12 @@ def compare(ctx, from_path, resume_path, against_path, max_regression, results_d
     if not resume_path:
         results = results_io.new_results(results_io.new_run_id(environment), compare_cfg, environment)
     results["environment"] = environment
+    config_changes = _check_against(results, old, against_path, allow_config_change) if old is not None else []
+    for directory, option in ((results_dir, "--results-dir"), (reports_dir, "--reports-dir")):
+        try:  # before the first process: what it measures must have somewhere to go
+            results_io.check_writable(directory, option)
+        except results_io.BadResults as e:
+            raise click.UsageError(str(e)) from None
     if not environment["gpu"]:
         click.echo(f"note: {report.CPU_NOTE}")
     click.echo(f"fastbench compare {results['id']}: {', '.join(compare_cfg['arms'])} on "
@@ -210,7 +248,8 @@ def compare(ctx, from_path, resume_path, against_path, max_regression, results_d
         old["summary"] = summarize_results(old)
         regressions = regress.find_regressions(results, old, threshold)
         results["against"] = {"path": against_path, "id": old["id"], "max_regression": threshold,
-                              "regressions": regressions}
+                              "compared": [list(p) for p in regress.pairs_in_common(results, old)],
+                              "config_changes": config_changes, "regressions": regressions}
     json_path = results_io.write(results, results_dir)
     report_path = report.write_report(results, reports_dir, regressions, against_path)
 
@@ -219,6 +258,9 @@ def compare(ctx, from_path, resume_path, against_path, max_regression, results_d
     click.echo("\n".join(report.table(summary, compare_cfg["baseline_arm"])))
     for line in report.loss_lines(summary):
         click.echo(line.replace("**", ""))
+    if old is not None:
+        click.echo(f"against {against_path}: {len(results['against']['compared'])} arm/model pair(s) compared"
+                   + "".join(f"; configuration change allowed: {c}" for c in config_changes))
     for r in regressions or []:
         click.echo(regress.describe(r))
     click.echo(f"\nresults: {json_path}\nreport:  {report_path}")

@@ -1,7 +1,8 @@
 """Regression check of a new run against an old one, arm by arm and model by model.
 
 A metric regressed when it got worse by more than the threshold AND by more than the noise: tokens/s
-fell (relative to the old median) or peak allocated memory rose. The noise of a metric is the largest
+fell (relative to the old median) or the peak memory PyTorch reserved rose (what decides whether a run fits a
+card; allocated memory can stay flat while fragmentation grows reserved). The noise of a metric is the largest
 of the process-to-process spreads of both runs and the A/A noise floor either run measured for that
 arm. An arm that ran before and now runs out of memory or fails is a regression too.
 """
@@ -19,6 +20,46 @@ def parse_threshold(text: str) -> float:
     if not 0 <= value < 1:
         raise ValueError(f"threshold {text!r} must be between 0% and 100%")
     return value
+
+
+# what makes two runs' figures comparable: the step's shape, the precision, the allocator, the GPU
+COMPARABLE_RUN = ("seq_len", "batch", "grad_accum", "lora_r", "lora_alpha", "lora_dropout", "targets", "dtype",
+                  "gradient_checkpointing", "pad_fraction", "device")
+
+
+def _fmt_value(value) -> str:
+    return ",".join(value) if isinstance(value, (list, tuple)) else str(value)
+
+
+def config_differences(new: dict, old: dict) -> list[str]:
+    """What differs between two results' configurations that changes speed or memory, one phrase each
+    (``"seq_len 2048 there, 1024 here"``); the allocator setting of files that predate it reads as unset."""
+    found = []
+    for key in COMPARABLE_RUN:
+        there, here = old["compare"]["run"].get(key), new["compare"]["run"].get(key)
+        if _fmt_value(there) != _fmt_value(here):
+            found.append(f"{key} {_fmt_value(there)} there, {_fmt_value(here)} here")
+    there, here = old["compare"].get("alloc_conf"), new["compare"].get("alloc_conf")
+    if there != here:
+        found.append(f"allocator {there or 'unset'} there, {here or 'unset'} here")
+    there, here = old["environment"].get("gpu"), new["environment"].get("gpu")
+    if there != here:
+        found.append(f"GPU {there or 'none (CPU)'} there, {here or 'none (CPU)'} here")
+    return found
+
+
+def planned_pairs(compare: dict) -> list[tuple[str, str]]:
+    """(model, arm) of every pair a comparison runs."""
+    from fastbench.bench.runner import runs_on
+
+    return [(m, a) for m in compare["models"] for a in compare["arms"] if runs_on(a, m, compare.get("arm_models"))]
+
+
+def pairs_in_common(new: dict, old: dict) -> list[tuple[str, str]]:
+    """The (model, arm) pairs the new run plans that finished at least one process in the old run: what
+    ``--against`` can compare."""
+    finished = {(r["model"], r["arm"]) for r in old["runs"] if r["status"] == "ok"}
+    return [pair for pair in planned_pairs(new["compare"]) if pair in finished]
 
 
 def _noise(summary: dict, model: str, arm: str, key: str) -> float:
@@ -41,7 +82,7 @@ def find_regressions(new: dict, old: dict, threshold: float) -> list[dict]:
                           "change": None, "noise": None})
             continue
         checks = [("tokens/s", "tokens_per_s", "repeat_spread", "tokens_per_s_noise", -1),
-                  ("peak allocated GiB", "peak_allocated_gib", "memory_spread", "memory_noise", +1)]
+                  ("peak reserved GiB", "peak_reserved_gib", "memory_spread", "memory_noise", +1)]
         for metric, key, spread, aa, worse in checks:
             if row.get(key) is None or before.get(key) is None:
                 continue

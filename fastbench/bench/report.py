@@ -7,6 +7,7 @@ import os
 import statistics
 
 from fastbench.bench.regress import describe as describe_regression
+from fastbench.bench.results import atomic_path
 from fastbench.env import format_host, format_switches
 
 CPU_NOTE = "CPU run: these figures prove the pipeline works end to end, not how fast anything is."
@@ -126,8 +127,8 @@ def plot(summary: dict, path_stem: str) -> list[str]:
     names = []
     for metric, lo, hi, ylabel, suffix in (
             ("tokens_per_s", "tokens_per_s_p10", "tokens_per_s_p90", "tokens/s (median, p10-p90)", "tokens_per_s"),
-            ("peak_allocated_gib", "peak_allocated_gib_min", "peak_allocated_gib_max",
-             "peak allocated GiB (median, min-max)", "peak_memory")):
+            ("peak_reserved_gib", "peak_reserved_gib_min", "peak_reserved_gib_max",
+             "peak reserved GiB (median, min-max)", "peak_memory")):
         if not any(r.get(metric) is not None for r in rows):
             continue  # no CUDA memory figures on a CPU
         fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(models) * len(arms)), 3.6))
@@ -150,7 +151,8 @@ def plot(summary: dict, path_stem: str) -> list[str]:
         ax.legend(fontsize="small")
         fig.tight_layout()
         name = f"{os.path.basename(path_stem)}-{suffix}.png"
-        fig.savefig(os.path.join(os.path.dirname(path_stem), name), dpi=110)
+        with atomic_path(os.path.join(os.path.dirname(path_stem), name)) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
         plt.close(fig)
         names.append(name)
     return names
@@ -185,8 +187,7 @@ def busy_lines(results: dict) -> list[str]:
              + (f", of {cpus} on this machine" if cpus else "") + "; GPU busy: the share of time a kernel ran "
              "(NVML)."
              + ("; host waiting for copies: ms per step the host thread waited for the offload mode's copies to "
-                "the host (their sources may hold at most "
-                "fastbench.fused.checkpointing.offload.MAX_COPYING_BYTES): counted in its "
+                "the host (their sources may hold a bounded amount of GPU memory): counted in its "
                 "cores (CUDA's wait may spin) but issuing nothing; fused arms only" if waits else ""), "",
              "| model | arm | repeat | median step s | GPU busy % | this process's cores | other processes' cores "
              "| steal % |" + (" host waiting for copies ms/step |" if waits else ""),
@@ -195,6 +196,27 @@ def busy_lines(results: dict) -> list[str]:
         cells = [_fmt(r.get(k), spec) for k, spec in columns]
         lines.append(f"| {r['model']} | {r['arm']} | {r['repeat'] + 1} | {statistics.median(r['step_s']):.3f} | "
                      + " | ".join(cells) + " |")
+    return lines
+
+
+def allocator_line(results: dict) -> str:
+    """The allocator setting every process got, and any process whose arm changed it (Unsloth sets its own)."""
+    conf = results["compare"].get("alloc_conf")
+    text = (f"PYTORCH_ALLOC_CONF={conf} in every process" if conf
+            else "PyTorch's defaults in every process (PYTORCH_ALLOC_CONF unset)")
+    changed = sorted({f"{r['arm']}: {r['alloc_env']}" for r in results["runs"]
+                      if r.get("alloc_env") and set(r["alloc_env"].values()) != {conf}})
+    return text + (f"; changed inside the process by {', '.join(changed)}" if changed else "")
+
+
+def against_lines(against: dict, regressions: list[dict] | None) -> list[str]:
+    """What was compared with the earlier run, the configuration changes allowed, and the regressions."""
+    compared = against.get("compared", [])
+    lines = [f"- compared: {', '.join(f'{arm} on {model}' for model, arm in compared) or 'nothing'}"]
+    lines += [f"- configuration change (allowed): {change}" for change in against.get("config_changes", [])]
+    lines += [f"- **{describe_regression(r)}**" for r in regressions or []]
+    if compared and not regressions:
+        lines.append("- no regression")
     return lines
 
 
@@ -210,6 +232,7 @@ def write_report(results: dict, reports_dir: str, regressions: list[dict] | None
              f"- versions: {versions}; git {env['git_sha'] or 'n/a'}{' (dirty)' if env.get('git_dirty') else ''}",
              f"- switches: {format_switches(env.get('switches'))}",
              f"- host: {format_host(env.get('host'))}",
+             f"- allocator: {allocator_line(results)}",
              f"- models {', '.join(compare['models'])}; arms {', '.join(compare['arms'])}"
              + "".join(f"; {arm} on {', '.join(models)} only" for arm, models in compare.get("arm_models", {}).items())
              + f"; {compare['repeats']} repeats, {run['warmup']} warm-up + {run['steps']} timed steps",
@@ -224,7 +247,7 @@ def write_report(results: dict, reports_dir: str, regressions: list[dict] | None
     if summary["noise_floor"]:
         lines += ["", "## A/A noise floor", ""]
         lines += [f"- {n['twin']} / {n['arm']} on {n['model']}: tokens/s ratio {n['ratio']:.3f} "
-                  f"[{n['ratio_lo']:.3f}, {n['ratio_hi']:.3f}]; peak memory differs by {n['memory_noise']:.2%}"
+                  f"[{n['ratio_lo']:.3f}, {n['ratio_hi']:.3f}]; peak reserved memory differs by {n['memory_noise']:.2%}"
                   for n in summary["noise_floor"]]
     failed = [r for r in results["runs"] if r["status"] != "ok"]
     if failed:
@@ -232,8 +255,7 @@ def write_report(results: dict, reports_dir: str, regressions: list[dict] | None
         lines += [f"- {r['arm']} on {r['model']}, repeat {r['repeat'] + 1}: {r['status']} in {r['phase']}: "
                   f"{(r['error'] or '').splitlines()[0][:300] if r['error'] else ''}" for r in failed]
     if against is not None:
-        lines += ["", f"## Against {against}", ""]
-        lines += [f"- **{describe_regression(r)}**" for r in regressions] or ["- no regression"]
+        lines += ["", f"## Against {against}", ""] + against_lines(results.get("against") or {}, regressions)
     profile = profile_lines(results)
     if profile:
         lines += [""] + profile
@@ -245,6 +267,6 @@ def write_report(results: dict, reports_dir: str, regressions: list[dict] | None
     if any(r.get("ok_runs") for r in summary["rows"]):
         lines += [""] + [f"![{name}]({name})" for name in plot(summary, stem)]
     path = stem + ".md"
-    with open(path, "w") as f:
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
         f.write("\n".join(lines) + "\n")
     return path

@@ -9,11 +9,13 @@ region of one extra step, fastbench.bench.profile) is optional: files without it
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
 import re
 import secrets
+import tempfile
 
 from fastbench.bench import busy
 
@@ -43,15 +45,40 @@ def json_path(results_dir: str, run_id: str) -> str:
     return os.path.join(results_dir, run_id + ".json")
 
 
+def check_writable(directory: str, option: str) -> None:
+    """Make ``directory`` if needed and write a file in it, or raise BadResults naming ``option`` and why."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".fastbench-check-"):
+            pass
+    except OSError as e:
+        raise BadResults(f"{option} {directory}: cannot write there ({e.strerror or e}); choose another "
+                         "directory") from None
+
+
+@contextlib.contextmanager
+def atomic_path(path: str):
+    """A temporary name beside ``path`` to write to; renamed to ``path`` when the block ends, removed if it fails
+    (a reader never sees half a file, and an earlier version stays whole)."""
+    directory, name = os.path.split(path)
+    tmp = os.path.join(directory, f".{name}.{os.getpid()}.tmp")  # the writer makes it: the usual permissions
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
 def write(results: dict, results_dir: str) -> str:
-    """Write the JSON atomically and the long-format CSV; returns the JSON path."""
+    """Write the JSON and the long-format CSV, each atomically; returns the JSON path."""
     os.makedirs(results_dir, exist_ok=True)
     path = json_path(results_dir, results["id"])
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
         json.dump(results, f, indent=1)
-    os.replace(tmp, path)
-    long_frame(results).to_csv(os.path.splitext(path)[0] + ".csv", index=False)
+    with atomic_path(os.path.splitext(path)[0] + ".csv") as tmp:
+        long_frame(results).to_csv(tmp, index=False)
     return path
 
 

@@ -5,13 +5,15 @@ right after a given one), results written after every process.
 Workers run in a scratch directory (not the repository root, where ``import bitsandbytes`` would find
 ``kernels/`` under its bare name), offline (no hub access), with one shared directory for the preset
 checkpoints that path-based loaders need (removed at the end unless $FASTBENCH_CHECKPOINT_CACHE names
-one). Ctrl-C stops after writing what was measured, status "interrupted".
+one), under one allocator setting (``compare["alloc_conf"]`` as PYTORCH_ALLOC_CONF). Ctrl-C stops after
+writing what was measured, status "interrupted".
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -21,7 +23,7 @@ from typing import Callable
 import click
 
 from fastbench.bench import results as results_io
-from fastbench.bench.worker import new_record
+from fastbench.bench.worker import ALLOC_ENV, new_record
 
 
 def runs_on(arm: str, model: str, arm_models: dict[str, list[str]] | None) -> bool:
@@ -65,14 +67,18 @@ def run_one(label: str, model: str, repeat: int, run_config: dict, workdir: str,
         return new_record(label, model, repeat, config, "timeout", f"no result after {timeout:.0f} s; log:\n"
                           + _tail(log))
     if proc.returncode != 0 or not os.path.exists(out):
-        return new_record(label, model, repeat, config, "crashed",
-                          f"worker exited with code {proc.returncode}; log:\n" + _tail(log))
+        how = (f"killed by {signal.Signals(-proc.returncode).name}" if proc.returncode < 0
+               else f"exited with code {proc.returncode}")
+        return new_record(label, model, repeat, config, "crashed", f"worker {how}; log:\n" + _tail(log))
     with open(out) as f:
         return json.load(f)
 
 
-def worker_env(checkpoint_cache: str) -> dict:
-    env = dict(os.environ)
+def worker_env(checkpoint_cache: str, alloc_conf: str | None) -> dict:
+    """This process's environment for a worker, with the allocator setting every worker of a run shares
+    (under both its names; None: PyTorch's defaults)."""
+    env = {k: v for k, v in os.environ.items() if k not in ALLOC_ENV}
+    env.update(dict.fromkeys(ALLOC_ENV, alloc_conf) if alloc_conf else {})
     env.setdefault("FASTBENCH_CHECKPOINT_CACHE", checkpoint_cache)
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -80,17 +86,21 @@ def worker_env(checkpoint_cache: str) -> dict:
     return env
 
 
+RUN_AGAIN = ("crashed", "timeout")  # statuses a resumed run replaces: the process, not the arm, failed
+
+
 def run_compare(results: dict, results_dir: str, timeout: float | None = None,
                 echo: Callable[..., None] = click.echo) -> bool:
-    """Run every planned process that ``results["runs"]`` lacks (all of them for a new run; the rest
-    for a resumed one), appending records and rewriting the results file after each. Returns False if
-    interrupted (Ctrl-C); the file then has status "interrupted"."""
+    """Run every planned process that ``results["runs"]`` lacks (all of them for a new run; the rest,
+    and those that crashed or timed out, for a resumed one), appending records and rewriting the results
+    file after each. Returns False if interrupted (Ctrl-C); the file then has status "interrupted"."""
     compare = results["compare"]
+    results["runs"] = [r for r in results["runs"] if r["status"] not in RUN_AGAIN]
     done = {(r["arm"], r["model"], r["repeat"]) for r in results["runs"]}
     todo = [p for p in plan(compare["arms"], compare["models"], compare["repeats"], compare.get("arm_models"))
             if (p[2], p[1], p[0]) not in done]
     scratch = tempfile.mkdtemp(prefix="fastbench-compare-")
-    env = worker_env(os.path.join(scratch, "checkpoints"))
+    env = worker_env(os.path.join(scratch, "checkpoints"), compare.get("alloc_conf"))
     workdir = os.path.join(scratch, "runs")
     os.makedirs(workdir)
     started = time.monotonic()

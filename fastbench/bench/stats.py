@@ -58,7 +58,7 @@ def summarize_arm(records: list[dict]) -> dict:
         row[key] = _median(r[key] for r in ok)
         values = [r[key] for r in ok if r[key] is not None]
         row[key + "_min"], row[key + "_max"] = (min(values), max(values)) if values else (None, None)
-    row["memory_spread"] = _spread([r["peak_allocated_gib"] for r in ok])
+    row["memory_spread"] = _spread([r["peak_reserved_gib"] for r in ok])  # reserved: what decides a fit
     for key in busy.FIELDS:  # records written before fastbench measured the host lack them
         row[key] = _median(r.get(key) for r in ok)
     return row
@@ -147,7 +147,7 @@ def summarize(records: list[dict], labels: list[str], models: list[str], baselin
             if "#" in label and twin in by_arm and _ok(by_arm[twin]) and _ok(by_arm[label]):
                 ratio, lo, hi = bootstrap_ratio([step_tokens_per_s(r) for r in _ok(by_arm[label])],
                                                 [step_tokens_per_s(r) for r in _ok(by_arm[twin])])
-                mem = [_median(r["peak_allocated_gib"] for r in _ok(by_arm[a])) for a in (twin, label)]
+                mem = [_median(r["peak_reserved_gib"] for r in _ok(by_arm[a])) for a in (twin, label)]
                 noise.append({"model": model, "arm": twin, "twin": label, "ratio": ratio, "ratio_lo": lo,
                               "ratio_hi": hi, "tokens_per_s_noise": abs(ratio - 1),
                               "memory_noise": _spread(mem) if None not in mem else 0.0})

@@ -4,11 +4,13 @@ The spec holds ``arm`` (a label), ``repeat`` and ``config`` (a RunConfig dict). 
 arm (load time), runs ``warmup`` steps timed on the wall clock (the first one is the time to first
 step) and ``steps`` timed steps (CUDA events on a GPU, no synchronisation in between; perf_counter on
 a CPU), and writes one record: per-step times, tokens and losses, peak memory three ways (torch
-allocated, torch reserved, NVML for this process), the autotune tier per op, and how busy the CPUs and
-the GPU were during the timed steps (fastbench.bench.busy). Running out of memory gives status "oom"
+allocated, torch reserved, NVML for this process), the autotune tier per op, how busy the CPUs and
+the GPU were during the timed steps (fastbench.bench.busy), and the allocator settings as the arm left them
+(``alloc_env``: an arm may set its own on import). Running out of memory gives status "oom"
 (simulate with FASTBENCH_SIMULATE_OOM=<label or arm name>); any other failure status "error" with its
-message. A step is: forward with labels and backward for each micro-batch (loss divided by grad_accum),
-optimizer step, zero grad. With ``config.profile``, one more step after
+message (FASTBENCH_SIMULATE_KILL and _HANG: :func:`simulate_fault`). A step is: forward with labels and
+backward for each micro-batch (loss divided by grad_accum), optimizer step, zero grad. With
+``config.profile``, one more step after
 everything above is measured runs under torch.profiler and gives ``profile`` (time per region, see
 fastbench.bench.profile; ``{"error": ...}`` if that step fails); it is in no other figure.
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import signal
 import sys
 import time
 import traceback
@@ -25,6 +28,7 @@ from fastbench.bench import busy
 from fastbench.bench.profile import offloading
 
 GIB = 2**30
+ALLOC_ENV = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")  # the caching allocator's settings (new name, old name)
 
 
 def _nvml_gib(device_index: int) -> tuple[float | None, float | None]:
@@ -91,14 +95,14 @@ def new_record(label: str, model: str, repeat: int, config: dict, status: str = 
             "warmup_step_s": [], "step_s": [], "tokens_per_step": [], "losses": [],
             "peak_allocated_gib": None, "peak_reserved_gib": None, "nvml_process_gib": None,
             "nvml_device_gib": None, **dict.fromkeys(busy.FIELDS), "gc_timed": None, "offload_wait_ms": None,
-            "autotune_tiers": None, "profile": None, "config": config}
+            "autotune_tiers": None, "profile": None, "alloc_env": None, "config": config}
 
 
 def run(spec: dict) -> dict:
     if not str(spec["config"].get("device", "cpu")).startswith("cuda"):
         # Triton kernels (the fused arms) on a CPU: its interpreter, chosen before anything imports triton
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    from fastbench.bench import arms
+    from fastbench.bench import arms, checkpoint_cache
 
     label = spec["arm"]
     name, options = arms.parse_label(label)
@@ -122,8 +126,8 @@ def run(spec: dict) -> dict:
         t0 = time.perf_counter()
         model = arm.build(cfg)
         sync()
-        record["materialize_s"] = arms.materialize_seconds
-        record["load_s"] = time.perf_counter() - t0 - arms.materialize_seconds
+        record["materialize_s"] = checkpoint_cache.materialize_seconds
+        record["load_s"] = time.perf_counter() - t0 - checkpoint_cache.materialize_seconds
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise RuntimeError(f"arm {label!r} built a model with no trainable parameters")
@@ -156,7 +160,7 @@ def run(spec: dict) -> dict:
             raise torch.OutOfMemoryError(f"simulated out of memory (FASTBENCH_SIMULATE_OOM={simulate})")
         timed = batches[cfg.warmup:]
         # the model's build and the warm-up's compiles leave many young objects; a full collection of them
-        # (about 0.3 s in such a process, the host idle meanwhile) is done here, not inside a timed step
+        # (long enough to show, the host idle meanwhile) is done here, not inside a timed step
         gc.collect()
         gc_pauses = []  # (generation, seconds) of the collections during the timed steps: a long one starves the GPU
         gc.callbacks.append(timer := _gc_timer(gc_pauses))
@@ -196,6 +200,7 @@ def run(spec: dict) -> dict:
         record["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / GIB
         record["nvml_process_gib"], record["nvml_device_gib"] = _nvml_gib(torch.cuda.current_device())
     record["autotune_tiers"] = _autotune_tiers()
+    record["alloc_env"] = {k: os.environ[k] for k in ALLOC_ENV if k in os.environ}  # as the arm left them
     if cfg.profile and record["status"] == "ok":
         from fastbench.bench.profile import profile_step
 
@@ -206,12 +211,24 @@ def run(spec: dict) -> dict:
     return record
 
 
+def simulate_fault(label: str) -> None:
+    """Tests of the harness: FASTBENCH_SIMULATE_KILL=<label or arm name> makes this worker die by SIGKILL
+    (as the kernel's out-of-memory killer does), FASTBENCH_SIMULATE_HANG=<...> makes it hang; before it
+    loads anything."""
+    names = (label, label.split(":")[0].split("#")[0])
+    if os.environ.get("FASTBENCH_SIMULATE_KILL") in names:
+        os.kill(os.getpid(), signal.SIGKILL)
+    if os.environ.get("FASTBENCH_SIMULATE_HANG") in names:
+        time.sleep(24 * 3600)
+
+
 def main(argv: list[str]) -> int:
     if len(argv) != 2:
         print(__doc__.splitlines()[0], file=sys.stderr)
         return 2
     with open(argv[0]) as f:
         spec = json.load(f)
+    simulate_fault(spec["arm"])
     record = run(spec)
     tmp = argv[1] + ".tmp"
     with open(tmp, "w") as f:

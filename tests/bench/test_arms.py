@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fastbench.bench import arms
-from fastbench.bench.arms import ArmSpec, RunConfig
+from fastbench.bench.arms import ArmSpec, RunConfig, hf
 from fastbench.bench.data import IGNORE_INDEX, count_tokens, make_batch, make_steps
 from fastbench.presets import NotAModel, UnknownPreset, resolve_model
 
@@ -23,24 +23,28 @@ def test_unknown_arm_lists_valid_ones():
 
 
 def test_missing_package_says_which_and_how(monkeypatch):
-    monkeypatch.setitem(arms._REGISTRY, "needs-nothing", ArmSpec(
+    monkeypatch.setitem(arms.table(), "needs-nothing", ArmSpec(
         "needs-nothing", "test", ("fastbench_no_such_module",), "pip install no-such-thing", lambda cfg: None))
     with pytest.raises(arms.MissingPackage, match="fastbench_no_such_module.*pip install no-such-thing"):
         arms.get_arm("needs-nothing")
     assert arms.get_arm("needs-nothing", check_installed=False).name == "needs-nothing"
 
 
-def test_plugin_module_registers_arms_lazily(tmp_path, monkeypatch):
-    (tmp_path / "fastbench_test_plugin.py").write_text(
-        "from fastbench.bench.arms import ArmSpec, register_arm\n"
-        "register_arm(ArmSpec('plugged-4bit', 'test', (), '', lambda cfg: None))\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(arms, "_PLUGINS", ("fastbench_test_plugin", "fastbench_absent_plugin"))
-    monkeypatch.setattr(arms, "_plugins_loaded", False)
-    monkeypatch.setattr(arms, "_REGISTRY", dict(arms._REGISTRY))
-    spec = arms.get_arm("plugged-4bit:ckpt=offload")
-    assert spec.name == "plugged-4bit" and spec.loss_kind == "nf4"
-    assert arms.get_arm("peft").loss_kind == "bf16" and arms.get_arm("qlora").loss_kind == "nf4"
+def test_the_table_lists_every_arm_with_its_loss_kind():
+    kinds = {name: arms.get_arm(f"{name}:ckpt=offload", check_installed=False).loss_kind for name in arms.arm_names()}
+    assert kinds == {"peft": "bf16", "qlora": "nf4", "liger": "bf16", "liger-qlora": "nf4", "unsloth": "bf16",
+                     "unsloth-qlora": "nf4", "fused": "bf16", "fused-4bit": "nf4"}
+
+
+def test_importing_the_arms_imports_no_torch():
+    """The worker imports Unsloth before torch and transformers: the arm modules must not import them."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from fastbench.bench import arms; arms.table(); "
+            "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 def test_run_config_round_trip_and_validation():
@@ -91,17 +95,17 @@ def test_qlora_reads_a_prequantized_checkpoint_and_local_paths_match_presets(tmp
     monkeypatch.setenv("FASTBENCH_CHECKPOINT_CACHE", str(tmp_path / "cache"))
     cfg = RunConfig(model="qwen2.5-7b-tiny", seq_len=32, device="cpu")
     ids = torch.randint(0, 512, (2, 32))
-    arms.load_4bit(cfg).save_pretrained(tmp_path / "q4")
+    hf.load_4bit(cfg).save_pretrained(tmp_path / "q4")
     assert resolve_model(str(tmp_path / "q4")).prequantized_4bit
-    from_q4 = arms.build_qlora(RunConfig(model=str(tmp_path / "q4"), seq_len=32, device="cpu"))
-    from_preset = arms.build_qlora(cfg)
+    from_q4 = hf.build_qlora(RunConfig(model=str(tmp_path / "q4"), seq_len=32, device="cpu"))
+    from_preset = hf.build_qlora(cfg)
     assert type(from_q4.base_model.model.model.layers[0].mlp.up_proj.base_layer).__name__ == "Linear4bit"
     with torch.no_grad():
         assert torch.equal(from_q4(input_ids=ids, labels=ids).loss, from_preset(input_ids=ids, labels=ids).loss)
     with pytest.raises(ValueError, match="4-bit checkpoint"):
-        arms.build_peft(RunConfig(model=str(tmp_path / "q4"), seq_len=32, device="cpu"))
-    local = arms.build_peft(RunConfig(model=arms.checkpoint_path(cfg), seq_len=32, device="cpu"))
-    preset = arms.build_peft(cfg)
+        hf.build_peft(RunConfig(model=str(tmp_path / "q4"), seq_len=32, device="cpu"))
+    local = hf.build_peft(RunConfig(model=hf.checkpoint_path(cfg), seq_len=32, device="cpu"))
+    preset = hf.build_peft(cfg)
     with torch.no_grad():
         assert torch.equal(local(input_ids=ids, labels=ids).loss, preset(input_ids=ids, labels=ids).loss)
     assert sum(p.numel() for p in preset.parameters() if p.requires_grad) > 0

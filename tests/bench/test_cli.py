@@ -31,6 +31,22 @@ def _compare(*args, tmp_path):
     (["--arm-models", "qlora"], "write ARM@MODEL"),
     (["--arm-models", "lora@llama-3.2-1b-tiny"], "'lora' is not among --arms"),
     (["--arm-models", "qlora@mistral-7b"], "mistral-7b not among --models"),
+    (["--arms", "peft,fused:ckpt=banana"],
+     "arm 'fused': ckpt='banana' is not valid; write ckpt=true|false|offload|auto|<GiB>"),
+    (["--arms", "peft,fused:ckp=40"],
+     "arm 'fused' has no option 'ckp'; valid: ckpt=true|false|offload|auto|<GiB>, autotune=on|off, "
+     "save_every=<whole number>"),
+    (["--arms", "fused-4bit:ckpt=offload:save_every=x"],
+     "save_every='x' is not valid; write save_every=<whole number>"),
+    (["--arms", "fused-4bit:ckpt=offload:keep_last=-1"], "keep_last='-1' is not valid"),
+    (["--arms", "fused:ckpt=offload:streams=3"], "write streams=1|2"),
+    (["--arms", "fused:ckpt=offload:whole_layers=2"], "write whole_layers=0|1"),
+    (["--arms", "fused:ckpt=offload:embedding=yes"], "write embedding=0|1"),
+    (["--arms", "fused:autotune=maybe"], "write autotune=on|off"),
+    (["--arms", "fused:ckpt=0"], "ckpt='0' is not valid"),
+    (["--arms", "fused:ckpt=40:save_every=3"], "option save_every applies to ckpt=offload only"),
+    (["--arms", "peft:ckpt=true"], "arm 'peft' has no option 'ckpt'; it takes none"),
+    (["--arms", "peft,qlora:ckpt=true"], "arm 'qlora' has no option 'ckpt'"),
     (["--device", "cuda:7"] , None),
 ])
 def test_bad_options(tmp_path, args, message):
@@ -42,13 +58,14 @@ def test_bad_options(tmp_path, args, message):
         message = "no CUDA GPU"
     result = _compare(*args, tmp_path=tmp_path)
     assert result.exit_code == 2, result.output
-    assert message in result.output
+    error = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(error) == 1 and message in error[0], result.output  # one line says it all
 
 
 def test_missing_package_names_it(tmp_path, monkeypatch):
     from fastbench.bench import arms
 
-    monkeypatch.setitem(arms._REGISTRY, "peer", arms.ArmSpec(
+    monkeypatch.setitem(arms.table(), "peer", arms.ArmSpec(
         "peer", "test", ("fastbench_no_such_module",), "pip install peer-kernels", lambda cfg: None))
     result = _compare("--arms", "peft,peer", tmp_path=tmp_path)
     assert result.exit_code == 2
@@ -158,3 +175,26 @@ def test_interrupted_compare_keeps_the_measured_processes(tmp_path, make_record,
     done = json.loads(next((tmp_path / "r").glob("*.json")).read_text())
     assert done["status"] == "interrupted" and [r["repeat"] for r in done["runs"]] == [0]
     assert next((tmp_path / "p").glob("*.md")).exists()
+
+
+def test_run_options_reach_every_process(tmp_path, make_record, monkeypatch):
+    """Each option named after a RunConfig field sets it; the rest keep the CPU defaults."""
+    from fastbench.bench import runner
+
+    configs = []
+
+    def fake_run_one(label, model, repeat, run_config, workdir, env, timeout):
+        configs.append(run_config)
+        return make_record(label, model=model, repeat=repeat)
+
+    monkeypatch.setattr(runner, "run_one", fake_run_one)
+    result = CliRunner().invoke(main, ["compare", "--models", "llama-3-8b-tiny", "--arms", "peft", "--seq-len", "48",
+                                       "--lora-r", "4", "--targets", "q_proj, v_proj", "--no-gradient-checkpointing",
+                                       "--lr", "1e-3", "--pad-fraction", "0.2", "--dtype", "float32",
+                                       "--results-dir", str(tmp_path / "r"), "--reports-dir", str(tmp_path / "p")])
+    assert result.exit_code == 0, result.output
+    (run,) = configs
+    assert run["seq_len"] == 48 and run["lora_r"] == 4 and run["targets"] == ["q_proj", "v_proj"]
+    assert run["gradient_checkpointing"] is False and run["lr"] == 1e-3 and run["pad_fraction"] == 0.2
+    assert run["dtype"] == "float32" and run["device"] == "cpu"
+    assert run["steps"] == 4 and run["warmup"] == 1 and run["batch"] == 2 and run["lora_alpha"] == 16

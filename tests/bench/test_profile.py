@@ -323,25 +323,6 @@ def test_files_without_profile_still_read_and_report(tmp_path, rng, make_record,
     assert "Where the time goes" not in text
 
 
-@pytest.mark.slow
-def test_compare_with_profile_on_cpu(tmp_path, monkeypatch):
-    monkeypatch.setenv("FASTBENCH_CHECKPOINT_CACHE", str(tmp_path / "ckpt"))
-    out = CliRunner().invoke(main, ["compare", "--models", "llama-3.2-1b-tiny", "--arms", "peft", "--seq-len", "16",
-                                    "--batch", "1", "--steps", "1", "--warmup", "0", "--device", "cpu", "--profile",
-                                    "--results-dir", str(tmp_path / "r"), "--reports-dir", str(tmp_path / "p")])
-    assert out.exit_code == 0, out.output
-    (path,) = (tmp_path / "r").glob("*.json")
-    run = json.loads(path.read_text())
-    assert run["compare"]["run"]["profile"] is True
-    (r,) = run["runs"]
-    assert len(r["step_s"]) == 1 and len(r["losses"]) == 1  # the profiled step is in no other figure
-    p = r["profile"]
-    assert p["activity"] == "cpu" and p["ms"]["matmul"] > 0 and p["ms"]["attention"] > 0
-    assert p["total_ms"] == pytest.approx(sum(p["ms"].values()))
-    text = (tmp_path / "p" / (run["id"] + ".md")).read_text()
-    assert "## Where the time goes" in text and "### llama-3.2-1b-tiny" in text and "| matmul |" in text
-
-
 def test_from_an_older_file_reruns_it_with_profile(tmp_path, rng, make_record, make_results, monkeypatch):
     from fastbench.bench import runner
 

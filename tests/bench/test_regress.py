@@ -32,9 +32,9 @@ def test_doctored_baseline_trips_naming_arm_model_metric(rng, make_record, make_
     old = _run(make_record, make_results, rng, tps=1250.0, mem=8.0)  # the old run was faster and leaner
     found = regress.find_regressions(new, old, 0.05)
     assert {(r["arm"], r["model"], r["metric"]) for r in found} == {
-        ("peft", "m", "tokens/s"), ("peft", "m", "peak allocated GiB")}
+        ("peft", "m", "tokens/s"), ("peft", "m", "peak reserved GiB")}
     text = " ".join(regress.describe(r) for r in found)
-    assert "REGRESSION peft on m: tokens/s" in text and "REGRESSION peft on m: peak allocated GiB" in text
+    assert "REGRESSION peft on m: tokens/s" in text and "REGRESSION peft on m: peak reserved GiB" in text
     speed = next(r for r in found if r["metric"] == "tokens/s")
     assert speed["change"] == pytest.approx(-0.2, abs=0.03) and speed["noise"] < 0.05
 
@@ -66,3 +66,29 @@ def test_parse_threshold(text, value):
 def test_parse_threshold_rejects(text):
     with pytest.raises(ValueError):
         regress.parse_threshold(text)
+
+
+def test_reserved_memory_rise_is_a_regression_though_allocated_stays(rng, make_record, make_results):
+    """What decides whether a run fits a card is what the allocator reserved: a rise there counts even where
+    the allocated peak did not move."""
+    old = _run(make_record, make_results, rng)
+    new = copy.deepcopy(old)
+    for r in new["runs"]:
+        if r["arm"] == "peft":
+            r["peak_reserved_gib"] *= 1.3
+    new["summary"] = summarize_results(new)
+    (r,) = regress.find_regressions(new, old, 0.05)
+    assert (r["arm"], r["metric"]) == ("peft", "peak reserved GiB") and r["change"] == pytest.approx(0.3)
+
+
+def test_config_differences_name_what_changed(rng, make_record, make_results):
+    old = _run(make_record, make_results, rng)
+    new = copy.deepcopy(old)
+    assert regress.config_differences(new, old) == []
+    new["compare"]["run"].update(seq_len=1024, targets=["q_proj"], steps=99)  # steps: not a change of what is measured
+    new["compare"]["alloc_conf"] = "expandable_segments:True"
+    new["environment"]["gpu"] = "NVIDIA H200"
+    assert regress.config_differences(new, old) == [
+        "seq_len 2048 there, 1024 here",
+        "targets q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj there, q_proj here",
+        "allocator unset there, expandable_segments:True here", "GPU none (CPU) there, NVIDIA H200 here"]

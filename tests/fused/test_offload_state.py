@@ -64,7 +64,7 @@ def test_two_forwards_before_one_backward(seed):
 
 
 def test_host_memory_stays_one_forward_when_batch_lengths_vary(seed):
-    """Batches of varying length: every new longest one used to add a forward's worth of host buffers."""
+    """Batches of varying length: a new longest one must not add a forward's worth of host buffers."""
     layers, offload = Layers(n=4), policy("offload")
     reference = policy(False)
     for rows in (3, 5, 4, 9, 2, 17, 16, 12):

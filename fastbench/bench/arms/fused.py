@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import os
 
-from fastbench.bench.arms import ArmSpec, RunConfig, base_model, load_4bit, register_arm
+from fastbench.bench.arms import ArmOption, ArmSpec, RunConfig, one_of, whole_number
+from fastbench.bench.arms.hf import base_model, load_4bit
 
 _CKPT = {"true": True, "false": False, "offload": "offload", "auto": "auto"}
 # offload-mode options: OffloadConfig's fields
@@ -70,7 +71,40 @@ def _fused(load):
 
 _OPTIONS = ("option ckpt=true|false|offload|auto|GiB; with offload save_every, keep_last, streams, whole_layers, "
             "embedding")
-register_arm(ArmSpec("fused", f"fastbench fused LoRA on the bf16 model ({_OPTIONS})",
-                     ("peft",), "pip install peft", _fused(base_model), kind="bf16"))
-register_arm(ArmSpec("fused-4bit", f"fastbench fused QLoRA on the NF4 model ({_OPTIONS})",
-                     ("peft", "bitsandbytes"), "pip install bitsandbytes", _fused(load_4bit), kind="nf4"))
+
+
+# The options of both fused arms, checked before any process runs (the build parses them again)
+def _ckpt_option(text: str):
+    """true, false, offload (or unsloth), auto, or a budget in GiB (a positive number)."""
+    words = {"true": True, "false": False, "offload": "offload", "unsloth": "offload", "auto": "auto"}
+    if text.lower() in words:
+        return words[text.lower()]
+    gib = float(text)
+    if not 0 < gib < float("inf"):
+        raise ValueError(text)
+    return gib
+
+
+_OFFLOAD_SETTINGS = (ArmOption("save_every", "<whole number>", whole_number),
+                     ArmOption("keep_last", "<whole number>", whole_number),
+                     ArmOption("streams", "1|2", one_of("1", "2")),
+                     ArmOption("whole_layers", "0|1", one_of("0", "1")),
+                     ArmOption("embedding", "0|1", one_of("0", "1")))
+ARM_OPTIONS = (ArmOption("ckpt", "true|false|offload|auto|<GiB>", _ckpt_option),
+               ArmOption("autotune", "on|off", one_of("on", "off")), *_OFFLOAD_SETTINGS)
+
+
+def _offload_only(options: dict) -> None:
+    """The offload settings apply with ckpt=offload only."""
+    for setting in _OFFLOAD_SETTINGS:
+        if setting.name in options and options.get("ckpt") != "offload":
+            raise ValueError(f"option {setting.name} applies to ckpt=offload only: write "
+                             f"ckpt=offload:{setting.name}={options[setting.name]}")
+
+
+FUSED = ArmSpec("fused", f"fastbench fused LoRA on the bf16 model ({_OPTIONS})",
+                ("peft",), "pip install peft", _fused(base_model), kind="bf16",
+                options=ARM_OPTIONS, check_options=_offload_only)
+FUSED_4BIT = ArmSpec("fused-4bit", f"fastbench fused QLoRA on the NF4 model ({_OPTIONS})",
+                     ("peft", "bitsandbytes"), "pip install bitsandbytes", _fused(load_4bit), kind="nf4",
+                     options=ARM_OPTIONS, check_options=_offload_only)

@@ -1,4 +1,5 @@
-# How long pinning host memory takes on this machine, and what the copies from it cost.
+"""Probe: how long pinning host memory takes on this machine (pin_memory, cudaHostRegister), and what
+device-to-host copies into pinned and pageable buffers cost."""
 import time, torch
 torch.zeros(1, device="cuda")
 n = 16 << 20  # bf16 elements in 32 MiB

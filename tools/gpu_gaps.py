@@ -40,8 +40,8 @@ def gaps(trace_path):
         streams[k["args"]["stream"]] += k["dur"]
     compute = streams.most_common(1)[0][0]
     ks = sorted((k for k in kernels if k["args"]["stream"] == compute), key=lambda k: k["ts"])
-    # runtime launches (cuBLAS, PyTorch's kernels) and driver launches (Triton's cuLaunchKernel): the first
-    # version of this probe read only the runtime's and left the gaps before every Triton kernel unexplained
+    # runtime launches (cuBLAS, PyTorch's kernels) and driver launches (Triton's cuLaunchKernel) both count:
+    # without the driver's, the gap before every Triton kernel would go unexplained
     launches = {e["args"]["correlation"]: e for e in tr
                 if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
     ops = sorted((e for e in tr if e.get("cat") in ("cpu_op", "user_annotation") and e.get("ph") == "X"), key=lambda e: e["ts"])
