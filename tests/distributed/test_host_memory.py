@@ -18,21 +18,21 @@ def offloader_bytes(model):
 
 
 @pytest.mark.parametrize("save_every", ["2"])  # layer 0 keeps its MLP's activations, layer 1 its two inputs
-def test_estimate_bounds_what_the_offloader_holds(seed, monkeypatch, save_every):
+def test_estimate_bounds_what_the_offloader_holds(seed, save_every):
     from fastbench import FastLanguageModel
     from fastbench.presets import build_config
 
-    monkeypatch.setenv("FASTBENCH_OFFLOAD_SAVE_EVERY", save_every)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         base, _ = FastLanguageModel.from_pretrained("llama-3-8b-tiny", dtype=torch.float32, device="cpu", seed=seed)
         model = FastLanguageModel.get_peft_model(base, r=4, random_state=seed, use_gradient_checkpointing="offload",
-                                                 fallback=False)
+                                                 offload={"save_every": int(save_every)}, fallback=False)
     B, T = 2, 24
     ids = torch.randint(0, 512, (B, T))
     model(input_ids=ids, labels=ids).loss.backward()
     held = offloader_bytes(model)
-    estimate = offload_host_bytes(build_config("llama-3-8b-tiny"), B * T, dtype_bytes=4)
+    estimate = offload_host_bytes(build_config("llama-3-8b-tiny"), B * T, dtype_bytes=4,
+                                  offload=OffloadConfig(save_every=int(save_every)))
     assert held <= estimate <= 1.25 * held, (held, estimate)
 
 
