@@ -111,7 +111,9 @@ def test_merged_16bit_casts_the_fp32_merge_once(seed, tmp_path):
         assert saved.keys() == reference.keys()
         assert all(saved[k].dtype == dtype and torch.equal(saved[k], reference[k].to(dtype)) for k in saved)
         assert (out / "tokenizer.json").exists()
-    model.save_pretrained_merged(str(tmp_path / str(torch.float16)))  # replaces the directory: now bf16
+    with pytest.raises(ValueError, match="exists and is not empty; pass overwrite=True"):
+        model.save_pretrained_merged(str(tmp_path / str(torch.float16)))
+    model.save_pretrained_merged(str(tmp_path / str(torch.float16)), overwrite=True)  # replaced: now bf16
     saved = load_file(str(tmp_path / str(torch.float16) / "model.safetensors"))
     assert {t.dtype for t in saved.values()} == {torch.bfloat16}
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([str(torch.bfloat16), str(torch.float16)])
@@ -187,7 +189,7 @@ def test_gguf_f16_holds_the_merged_model(seed, tmp_path, preset, arch):
     model = lora_model(preset)
     before = snapshot(model)
     tok = tokenizer()
-    path = model.save_pretrained_gguf(str(tmp_path), tok)
+    path = model.save_pretrained_gguf(str(tmp_path), tok, "f16")
     assert_unchanged(model, before)
     assert path.endswith("model.F16.gguf") and os.listdir(tmp_path) == ["model.F16.gguf"]
     reader = gguf.GGUFReader(path)
@@ -248,7 +250,7 @@ def test_gguf_f16_holds_the_merged_model(seed, tmp_path, preset, arch):
 
 def test_interleaving_turns_rotate_half_rope_into_interleaved_rope(seed):
     """q . k under HF's rotate-half RoPE equals q' . k' under interleaved RoPE on the permuted rows."""
-    from fastbench.export import _interleave_rope_rows
+    from fastbench.export.gguf_file import interleave_rope_rows as _interleave_rope_rows
 
     heads, d, hidden, pos_q, pos_k = 3, 8, 5, 7, 2
     wq, wk = (torch.randn(heads * d, hidden, dtype=torch.float64) for _ in range(2))
@@ -307,10 +309,10 @@ def test_gguf_refusals_are_clear(tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
     model = lora_model("llama-3-8b-tiny")
-    with pytest.raises(ValueError, match=r"k-quant.*llama-quantize .*model\.F16\.gguf .*Q4_K_M"):
-        model.save_pretrained_gguf(str(tmp_path), tokenizer(), quantization_method="q4_k_m")
-    with pytest.raises(ValueError, match="f16, bf16, q8_0"):
+    with pytest.raises(ValueError, match="unknown quantization_method 'q3'; valid: q4_k_m, q4_k_s, .*f16, bf16, f32"):
         model.save_pretrained_gguf(str(tmp_path), tokenizer(), quantization_method="q3")
+    with pytest.raises(ValueError, match="'iq2_xs'; valid"):
+        model.save_pretrained_gguf(str(tmp_path), tokenizer(), quantization_method=["q8_0", "iq2_xs"])
     with pytest.raises(ValueError, match="needs the tokenizer"):
         model.save_pretrained_gguf(str(tmp_path))
     words = Tokenizer(models.WordLevel({"<unk>": 0, "a": 1}, unk_token="<unk>"))
@@ -321,6 +323,12 @@ def test_gguf_refusals_are_clear(tmp_path):
     with pytest.raises(ValueError, match="supports the model types llama.*'gpt2'"):
         save_pretrained_gguf(gpt2, str(tmp_path), tokenizer())
     assert os.listdir(tmp_path) == []
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="exists and is not empty; pass overwrite=True"):
+        model.save_pretrained_gguf(str(tmp_path), tokenizer(), "f16")
+    assert os.listdir(tmp_path) == ["notes.txt"]
+    model.save_pretrained_gguf(str(tmp_path), tokenizer(), "f16", overwrite=True)
+    assert sorted(os.listdir(tmp_path)) == ["model.F16.gguf", "notes.txt"]
 
 
 def test_gguf_sentencepiece_style_tokenizer_gets_scores_and_byte_tokens(tmp_path):
@@ -334,8 +342,9 @@ def test_gguf_sentencepiece_style_tokenizer_gets_scores_and_byte_tokens(tmp_path
     spm = Tokenizer(models.BPE({p: i for i, p in enumerate(pieces)}, merges, unk_token="<unk>", byte_fallback=True))
     tok = PreTrainedTokenizerFast(tokenizer_object=spm, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
     model = lora_model("mistral-7b-tiny")
-    reader = gguf.GGUFReader(model.save_pretrained_gguf(str(tmp_path), tok))
+    reader = gguf.GGUFReader(model.save_pretrained_gguf(str(tmp_path), tok, "f16"))
     assert field(reader, "tokenizer.ggml.model") == "llama"
+    assert field(reader, "tokenizer.ggml.add_space_prefix") is False  # this tokenizer prepends no "\u2581"
     assert "tokenizer.ggml.merges" not in reader.fields
     types, scores = field(reader, "tokenizer.ggml.token_type"), field(reader, "tokenizer.ggml.scores")
     T = gguf.TokenType
@@ -343,6 +352,7 @@ def test_gguf_sentencepiece_style_tokenizer_gets_scores_and_byte_tokens(tmp_path
     assert set(types[3:259]) == {T.BYTE} and set(types[259:len(pieces)]) == {T.NORMAL}
     assert set(types[len(pieces):]) == {T.UNUSED}
     assert scores[pieces.index("ab")] == 0.0 and scores[pieces.index("\u2581ab")] == -1.0
+    assert scores[pieces.index("a")] == scores[0] == -3.0  # no merge makes them: below every merge
 
 
 @pytest.mark.gpu

@@ -32,7 +32,7 @@ _AFFINE_OFFSETS = torch.linspace(-1.0, 1.5, 26).tolist()
 _SYMMETRIC_OFFSETS = torch.linspace(-0.6, 1.2, 19).tolist()
 _REFITS = 2
 # elements quantized at once (the candidate loop's temporaries are a few of these in fp32)
-_CHUNK = {"cpu": 1 << 22, "cuda": 1 << 26}
+_CHUNK = {"cpu": 1 << 16, "cuda": 1 << 26}
 
 
 def quantize_k(weight: torch.Tensor, qtype: str) -> torch.Tensor:
@@ -79,19 +79,18 @@ def _fit_affine(x: torch.Tensor, qmax: int):
     for offset in _AFFINE_OFFSETS:
         inv = (qmax + offset) / span
         q = ((x - lo) * torch.nan_to_num(inv, posinf=0.0)).round_().clamp_(0, qmax)
-        a, m = _affine_lsq(x, q, sum_x)
-        err = (a * q + m - x).square_().sum(-1, keepdim=True)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_a, best_m = torch.where(better, a, best_a), torch.where(better, m, best_m)
+        best_a, best_m, best_err = _keep_better_affine(x, q, sum_x, best_a, best_m, best_err)
     for _ in range(_REFITS):
         q = _affine_codes(x, best_a, best_m, qmax)
-        a, m = _affine_lsq(x, q, sum_x)
-        err = (a * q + m - x).square_().sum(-1, keepdim=True)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_a, best_m = torch.where(better, a, best_a), torch.where(better, m, best_m)
+        best_a, best_m, best_err = _keep_better_affine(x, q, sum_x, best_a, best_m, best_err)
     return best_a.squeeze(-1), best_m.squeeze(-1)
+
+
+def _keep_better_affine(x, q, sum_x, best_a, best_m, best_err):
+    a, m = _affine_lsq(x, q, sum_x)
+    err = (a * q + m - x).square_().sum(-1, keepdim=True)
+    better = err < best_err
+    return torch.where(better, a, best_a), torch.where(better, m, best_m), torch.where(better, err, best_err)
 
 
 def _affine_codes(x, a, m, qmax):
