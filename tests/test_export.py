@@ -1,4 +1,5 @@
 """Merged and GGUF export of the fused PEFT model (fastbench.export), on tiny presets with random weights."""
+import copy
 import json
 import os
 import warnings
@@ -385,3 +386,39 @@ def test_nf4_merge_on_gpu_uses_the_fused_dequantization(seed, tmp_path):
     with torch.no_grad():
         logits = plain(input_ids=ids).logits
     assert logits.isfinite().all() and rel(logits, expected) < 1e-4
+
+
+def test_nf4_weights_in_bitsandbytes_cpu_packing_merge_and_train_as_before(seed):
+    """bitsandbytes rewrites an NF4 weight into its CPU kernel's layout after an eval-mode forward on a CPU
+    with AVX512-BF16 (generate under for_inference). Merging and the fused training forward read that
+    layout: the same weights as before, up to the bf16 rounding of absmax the rewrite makes."""
+    import bitsandbytes.functional as bnbf
+
+    from fastbench.kernels.nf4 import dequantize_nf4_weight
+
+    model = lora_model("llama-3-8b-tiny", load_in_4bit=True)
+    ids = torch.randint(0, 512, (2, 9))
+    before_merge = dict(merged_tensors(model))
+    with torch.no_grad():
+        before_logits = model(input_ids=ids).logits
+    FastLanguageModel.for_inference(model)
+    with torch.no_grad():
+        model.generate(input_ids=ids[:1, :4], max_new_tokens=2, do_sample=False)
+    weights = [m.weight for m in model.get_base_model().modules() if hasattr(getattr(m, "weight", None), "quant_state")]
+    for w in weights:  # where the CPU lacks AVX512-BF16 the rewrite did not happen: make it
+        if not getattr(w.quant_state, "packing_format_for_cpu", False):
+            w.data, w.quant_state = bnbf._convert_weight_packed_for_cpu(w.data, w.quant_state)
+    assert all(w.quant_state.packing_format_for_cpu for w in weights)
+    FastLanguageModel.for_training(model)
+
+    after_merge = dict(merged_tensors(model))
+    assert after_merge.keys() == before_merge.keys()
+    for name in before_merge:
+        assert rel(after_merge[name], before_merge[name]) < 1e-2, name
+    w, state = weights[0], weights[0].quant_state
+    standard, _ = bnbf._convert_weight_packed_for_cpu_inverse(w.data.clone(), copy.deepcopy(state))
+    codes = torch.stack([standard.view(torch.uint8) >> 4, standard.view(torch.uint8) & 15], -1).reshape(-1).long()
+    held = state.code[codes] * state.absmax.t().reshape(-1).float().repeat_interleave(state.blocksize)
+    assert torch.equal(dequantize_nf4_weight(w).float().reshape(-1), held)  # the weight bitsandbytes computes with
+    with torch.no_grad():
+        assert rel(model(input_ids=ids).logits, before_logits) < 2e-2
