@@ -30,10 +30,12 @@ def _methods(ctx, param, values):
               help="The merged checkpoint's dtype, and the base's when loaded.")
 @click.option("--load-in-4bit", is_flag=True, help="Load the adapter's base as NF4, as QLoRA trained it: the "
               "adapter is merged onto the dequantized NF4 weights it was trained with.")
+@click.option("--base", help="The adapter's base (a checkpoint or a preset name), where adapter_config.json "
+              "names none or another place.")
 @click.option("--seed", default=3407, show_default=True, type=int,
               help="For a preset base (random weights): the seed it was built with (fastbench train's --seed).")
 @click.option("--overwrite", is_flag=True, help="Write into output directories that are not empty.")
-def export_command(source, methods, output, merged_dir, dtype, load_in_4bit, seed, overwrite):
+def export_command(source, methods, output, merged_dir, dtype, load_in_4bit, base, seed, overwrite):
     """Export SOURCE, an adapter directory (fastbench train's output: merged onto the base its
     adapter_config.json names) or a merged checkpoint, as GGUF files for llama.cpp (k-quants
     included, no llama.cpp needed) and/or a merged checkpoint.
@@ -54,7 +56,7 @@ def export_command(source, methods, output, merged_dir, dtype, load_in_4bit, see
             check_target_directory(directory, overwrite)
     except ValueError as e:
         raise click.UsageError(str(e).replace("overwrite=True (--overwrite on the command line)", "--overwrite"))
-    model, tokenizer = _load(source, getattr(torch, dtype), load_in_4bit, seed)
+    model, tokenizer = _load(source, getattr(torch, dtype), load_in_4bit, base, seed)
     if methods and tokenizer is None:
         raise click.UsageError(f"{source} and its base have no tokenizer, and a GGUF needs one: save the tokenizer "
                                "beside the adapter (tokenizer.save_pretrained)")
@@ -73,7 +75,7 @@ def export_command(source, methods, output, merged_dir, dtype, load_in_4bit, see
         raise click.UsageError(str(e)) from None
 
 
-def _load(source: str, dtype, load_in_4bit: bool, seed: int):
+def _load(source: str, dtype, load_in_4bit: bool, base_name: str | None, seed: int):
     """(model, tokenizer) of an adapter directory (base + adapter, unmerged) or a checkpoint."""
     import warnings
 
@@ -90,10 +92,11 @@ def _load(source: str, dtype, load_in_4bit: bool, seed: int):
         return FastLanguageModel.from_pretrained(source, dtype=dtype, device=device, load_in_4bit=load_in_4bit)
     from peft import PeftModel
 
-    with open(adapter_config) as f:
-        base_name = json.load(f).get("base_model_name_or_path")
     if not base_name:
-        raise click.BadParameter(f"{adapter_config} names no base_model_name_or_path", param_hint="SOURCE")
+        with open(adapter_config) as f:
+            base_name = json.load(f).get("base_model_name_or_path")
+    if not base_name:
+        raise click.UsageError(f"{adapter_config} names no base model (base_model_name_or_path): give --base")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a preset's "random weights, no tokenizer"
         try:
