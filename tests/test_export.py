@@ -422,3 +422,41 @@ def test_nf4_weights_in_bitsandbytes_cpu_packing_merge_and_train_as_before(seed)
     assert torch.equal(dequantize_nf4_weight(w).float().reshape(-1), held)  # the weight bitsandbytes computes with
     with torch.no_grad():
         assert rel(model(input_ids=ids).logits, before_logits) < 2e-2
+
+
+def fake_disk(monkeypatch, free: int):
+    import collections
+    import shutil
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(free * 2, free, free))
+
+
+def test_no_room_on_disk_is_refused_before_writing(tmp_path, monkeypatch):
+    model = lora_model("llama-3-8b-tiny")
+    model.save_pretrained_gguf(str(tmp_path / "gguf"), tokenizer(), "q8_0")
+    model.save_pretrained_merged(str(tmp_path / "merged"))
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    fake_disk(monkeypatch, 50_000)
+    with pytest.raises(ValueError, match=r"not enough disk space for .*gguf: the export needs .* MiB, 0.0 MiB is free"):
+        model.save_pretrained_gguf(str(tmp_path / "gguf"), tokenizer(), ["q8_0", "f32"], overwrite=True)
+    with pytest.raises(ValueError, match="not enough disk space for .*merged"):
+        model.save_pretrained_merged(str(tmp_path / "merged"), overwrite=True)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before  # nothing touched or left
+
+
+def test_disk_filling_up_mid_write_leaves_the_previous_file(tmp_path, monkeypatch):
+    import errno
+
+    model = lora_model("llama-3-8b-tiny")
+    path = model.save_pretrained_gguf(str(tmp_path), tokenizer(), "q8_0")
+    before = open(path, "rb").read()
+
+    def full_disk(writer, **kw):
+        writer.fout[0].write(b"\0" * 1000)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", full_disk)
+    with pytest.raises(ValueError, match="the disk filled up while writing .*model.Q8_0.gguf; nothing was left"):
+        model.save_pretrained_gguf(str(tmp_path), tokenizer(), "q8_0", overwrite=True)
+    assert os.listdir(tmp_path) == ["model.Q8_0.gguf"] and open(path, "rb").read() == before
