@@ -28,8 +28,8 @@ QK_K = 256
 BLOCK_BYTES = {"Q3_K": 110, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
 
 # step 1's candidates: the sub-block's extreme maps to code (end + offset), for these offsets
-_AFFINE_OFFSETS = torch.linspace(-1.0, 1.5, 26).tolist()
-_SYMMETRIC_OFFSETS = torch.linspace(-0.6, 1.2, 19).tolist()
+_AFFINE_OFFSETS = torch.linspace(-1.0, 1.5, 11).tolist()
+_SYMMETRIC_OFFSETS = torch.linspace(-0.6, 1.2, 10).tolist()
 _REFITS = 2
 # elements quantized at once (the candidate loop's temporaries are a few of these in fp32)
 _CHUNK = {"cpu": 1 << 16, "cuda": 1 << 26}
