@@ -11,6 +11,11 @@ llama.cpp reads two kinds of BPE:
   ``add_space_prefix``.
 Whether BOS / EOS are added and whether a space is prefixed are read off what the tokenizer does to a
 string, not off its flags (which do not always say what it does).
+
+One difference no metadata can remove: llama.cpp's sentencepiece-style tokenizer prefixes its space as
+sentencepiece itself does, also to text that already starts with a space and to every piece of text
+after a special token; transformers' tokenizers (Metaspace, prepend_scheme "first") prefix it only at
+the start of a text that does not start with a space.
 """
 from __future__ import annotations
 
