@@ -460,3 +460,19 @@ def test_disk_filling_up_mid_write_leaves_the_previous_file(tmp_path, monkeypatc
     with pytest.raises(ValueError, match="the disk filled up while writing .*model.Q8_0.gguf; nothing was left"):
         model.save_pretrained_gguf(str(tmp_path), tokenizer(), "q8_0", overwrite=True)
     assert os.listdir(tmp_path) == ["model.Q8_0.gguf"] and open(path, "rb").read() == before
+
+
+def test_tokenizer_with_a_split_llama_cpp_lacks_is_refused(tmp_path):
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r"\w+|\s+"), behavior="isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.train_from_iterator(["a b c"], trainers.BpeTrainer(vocab_size=300,
+                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    model = lora_model("qwen3-8b-tiny")
+    with pytest.raises(ValueError, match=r"llama.cpp splits text with a fixed set of regexes; this tokenizer's split "
+                                         r"pattern '\\\\w\+\|\\\\s\+' is not one"):
+        model.save_pretrained_gguf(str(tmp_path), PreTrainedTokenizerFast(tokenizer_object=tok), "f16")
+    assert os.listdir(tmp_path) == []
