@@ -115,7 +115,9 @@ def tokenizer_metadata(tokenizer, vocab_size: int, bos_fallback: int | None = No
         raise UnsupportedTokenizer("llama.cpp reads BPE tokenizers that are byte-level (ByteLevel pre-tokenizer) or "
                                    "fall back to bytes (sentencepiece style); this one is neither")
 
-    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else bos_fallback
+    bos = tokenizer.bos_token_id
+    if bos is None and bos_fallback is not None and 0 <= bos_fallback < vocab_size:
+        bos = bos_fallback
     for role, token_id in (("bos", bos), ("eos", tokenizer.eos_token_id), ("pad", tokenizer.pad_token_id)):
         if token_id is not None:
             meta.special[role] = token_id
