@@ -13,6 +13,7 @@ COMMANDS = {
     "compare": "fastbench.bench.cli:compare",
     "tune": "fastbench.autotune.cli:tune",
     "train": "fastbench.train.cli:train_command",
+    "export": "fastbench.export.cli:export_command",
 }
 
 
@@ -44,6 +45,7 @@ def main():
     fastbench compare   controlled speed/VRAM comparisons, reports and regression checks
     fastbench tune      tune the kernels for this GPU and cache the winners
     fastbench train     fine-tune a model with the fused path
+    fastbench export    an adapter or merged model as GGUF (q4_k_m, ...) or a merged checkpoint
     """
 if __name__ == "__main__":
     main()

@@ -277,16 +277,47 @@ def _weight_plan(weight, state) -> _Plan:
     tensors = (weight, state.absmax, *((state.offset, state.state2.absmax) if state.nested else ()))
     where = tuple(t.data_ptr() if isinstance(t, torch.Tensor) else t for t in tensors)
     cached = getattr(state, _PLAN_ATTR, None)
-    if cached is not None and cached[0] == where and cached[1].dtype == state.dtype:
+    if cached is not None and cached[0] == where and cached[1].dtype == weight_dtype(state):
         return cached[1]
     packed = weight.data if isinstance(weight, torch.nn.Parameter) else weight
-    s2 = state.state2 if state.nested else None
-    plan = _plan(packed, state.absmax, state.code, shape=state.shape, blocksize=state.blocksize,
-                 absmax_code=s2.code if s2 else None, absmax_scale=s2.absmax if s2 else None,
-                 absmax_offset=state.offset if s2 else None, absmax_blocksize=s2.blocksize if s2 else 256,
-                 dtype=state.dtype)
+    plan = _plan(**weight_arguments(packed, state))
     setattr(state, _PLAN_ATTR, (where, plan))
     return plan
+
+
+def weight_dtype(state) -> torch.dtype:
+    """The dtype a bitsandbytes weight dequantizes to (the one it had before a CPU repacking)."""
+    if getattr(state, "packing_format_for_cpu", False):
+        return getattr(state, "original_dtype", state.dtype)
+    return state.dtype
+
+
+def weight_arguments(packed: torch.Tensor, state) -> dict:
+    """The arguments of :func:`dequantize_nf4` / :func:`reference` for a bitsandbytes weight's packed
+    data and quant state.
+
+    bitsandbytes rewrites a 4-bit weight into its CPU kernel's layout when it runs an eval-mode forward
+    on a CPU with AVX512-BF16 (``quant_state.packing_format_for_cpu``): per 32 output rows and pair of
+    columns, the 64 codes of a [32 rows, 2 columns] tile go to 32 bytes, tile element j in the low nibble
+    of byte j and element 32 + j in its high nibble; absmax becomes bf16, transposed to [cols/blocksize,
+    rows], double quantization undone. That layout is read back here to the standard one (two codes per
+    byte, the first in the high nibble, row-major), with those bf16 absmax values: the weight the model
+    computes with since then."""
+    if getattr(state, "packing_format_for_cpu", False):
+        rows, cols = state.shape
+        tiles = packed.contiguous().view(torch.uint8).reshape(-1, 32)
+        codes = torch.cat([tiles & 15, tiles >> 4], -1).reshape(rows // 32, cols // 2, 32, 2)
+        codes = codes.transpose(1, 2).reshape(-1, 2)
+        standard = (codes[:, 0] << 4) | codes[:, 1]
+        absmax = state.absmax.t().reshape(-1).float()
+        return dict(packed=standard, absmax=absmax, code=state.code, shape=state.shape, blocksize=state.blocksize,
+                    absmax_code=None, absmax_scale=None, absmax_offset=None, absmax_blocksize=256,
+                    dtype=weight_dtype(state))
+    s2 = state.state2 if state.nested else None
+    return dict(packed=packed, absmax=state.absmax, code=state.code, shape=state.shape, blocksize=state.blocksize,
+                absmax_code=s2.code if s2 else None, absmax_scale=s2.absmax if s2 else None,
+                absmax_offset=state.offset if s2 else None, absmax_blocksize=s2.blocksize if s2 else 256,
+                dtype=state.dtype)
 
 
 def dequantize_nf4_weight(weight, out=None, *, quant_state=None):

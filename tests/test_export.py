@@ -1,4 +1,5 @@
 """Merged and GGUF export of the fused PEFT model (fastbench.export), on tiny presets with random weights."""
+import copy
 import json
 import os
 import warnings
@@ -111,7 +112,9 @@ def test_merged_16bit_casts_the_fp32_merge_once(seed, tmp_path):
         assert saved.keys() == reference.keys()
         assert all(saved[k].dtype == dtype and torch.equal(saved[k], reference[k].to(dtype)) for k in saved)
         assert (out / "tokenizer.json").exists()
-    model.save_pretrained_merged(str(tmp_path / str(torch.float16)))  # replaces the directory: now bf16
+    with pytest.raises(ValueError, match="exists and is not empty; pass overwrite=True"):
+        model.save_pretrained_merged(str(tmp_path / str(torch.float16)))
+    model.save_pretrained_merged(str(tmp_path / str(torch.float16)), overwrite=True)  # replaced: now bf16
     saved = load_file(str(tmp_path / str(torch.float16) / "model.safetensors"))
     assert {t.dtype for t in saved.values()} == {torch.bfloat16}
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([str(torch.bfloat16), str(torch.float16)])
@@ -187,7 +190,7 @@ def test_gguf_f16_holds_the_merged_model(seed, tmp_path, preset, arch):
     model = lora_model(preset)
     before = snapshot(model)
     tok = tokenizer()
-    path = model.save_pretrained_gguf(str(tmp_path), tok)
+    path = model.save_pretrained_gguf(str(tmp_path), tok, "f16")
     assert_unchanged(model, before)
     assert path.endswith("model.F16.gguf") and os.listdir(tmp_path) == ["model.F16.gguf"]
     reader = gguf.GGUFReader(path)
@@ -248,7 +251,7 @@ def test_gguf_f16_holds_the_merged_model(seed, tmp_path, preset, arch):
 
 def test_interleaving_turns_rotate_half_rope_into_interleaved_rope(seed):
     """q . k under HF's rotate-half RoPE equals q' . k' under interleaved RoPE on the permuted rows."""
-    from fastbench.export import _interleave_rope_rows
+    from fastbench.export.gguf_file import interleave_rope_rows as _interleave_rope_rows
 
     heads, d, hidden, pos_q, pos_k = 3, 8, 5, 7, 2
     wq, wk = (torch.randn(heads * d, hidden, dtype=torch.float64) for _ in range(2))
@@ -307,10 +310,10 @@ def test_gguf_refusals_are_clear(tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
     model = lora_model("llama-3-8b-tiny")
-    with pytest.raises(ValueError, match=r"k-quant.*llama-quantize .*model\.F16\.gguf .*Q4_K_M"):
-        model.save_pretrained_gguf(str(tmp_path), tokenizer(), quantization_method="q4_k_m")
-    with pytest.raises(ValueError, match="f16, bf16, q8_0"):
+    with pytest.raises(ValueError, match="unknown quantization_method 'q3'; valid: q4_k_m, q4_k_s, .*f16, bf16, f32"):
         model.save_pretrained_gguf(str(tmp_path), tokenizer(), quantization_method="q3")
+    with pytest.raises(ValueError, match="'iq2_xs'; valid"):
+        model.save_pretrained_gguf(str(tmp_path), tokenizer(), quantization_method=["q8_0", "iq2_xs"])
     with pytest.raises(ValueError, match="needs the tokenizer"):
         model.save_pretrained_gguf(str(tmp_path))
     words = Tokenizer(models.WordLevel({"<unk>": 0, "a": 1}, unk_token="<unk>"))
@@ -321,6 +324,12 @@ def test_gguf_refusals_are_clear(tmp_path):
     with pytest.raises(ValueError, match="supports the model types llama.*'gpt2'"):
         save_pretrained_gguf(gpt2, str(tmp_path), tokenizer())
     assert os.listdir(tmp_path) == []
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="exists and is not empty; pass overwrite=True"):
+        model.save_pretrained_gguf(str(tmp_path), tokenizer(), "f16")
+    assert os.listdir(tmp_path) == ["notes.txt"]
+    model.save_pretrained_gguf(str(tmp_path), tokenizer(), "f16", overwrite=True)
+    assert sorted(os.listdir(tmp_path)) == ["model.F16.gguf", "notes.txt"]
 
 
 def test_gguf_sentencepiece_style_tokenizer_gets_scores_and_byte_tokens(tmp_path):
@@ -334,8 +343,9 @@ def test_gguf_sentencepiece_style_tokenizer_gets_scores_and_byte_tokens(tmp_path
     spm = Tokenizer(models.BPE({p: i for i, p in enumerate(pieces)}, merges, unk_token="<unk>", byte_fallback=True))
     tok = PreTrainedTokenizerFast(tokenizer_object=spm, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
     model = lora_model("mistral-7b-tiny")
-    reader = gguf.GGUFReader(model.save_pretrained_gguf(str(tmp_path), tok))
+    reader = gguf.GGUFReader(model.save_pretrained_gguf(str(tmp_path), tok, "f16"))
     assert field(reader, "tokenizer.ggml.model") == "llama"
+    assert field(reader, "tokenizer.ggml.add_space_prefix") is False  # this tokenizer prepends no "\u2581"
     assert "tokenizer.ggml.merges" not in reader.fields
     types, scores = field(reader, "tokenizer.ggml.token_type"), field(reader, "tokenizer.ggml.scores")
     T = gguf.TokenType
@@ -343,6 +353,7 @@ def test_gguf_sentencepiece_style_tokenizer_gets_scores_and_byte_tokens(tmp_path
     assert set(types[3:259]) == {T.BYTE} and set(types[259:len(pieces)]) == {T.NORMAL}
     assert set(types[len(pieces):]) == {T.UNUSED}
     assert scores[pieces.index("ab")] == 0.0 and scores[pieces.index("\u2581ab")] == -1.0
+    assert scores[pieces.index("a")] == scores[0] == -3.0  # no merge makes them: below every merge
 
 
 @pytest.mark.gpu
@@ -375,3 +386,93 @@ def test_nf4_merge_on_gpu_uses_the_fused_dequantization(seed, tmp_path):
     with torch.no_grad():
         logits = plain(input_ids=ids).logits
     assert logits.isfinite().all() and rel(logits, expected) < 1e-4
+
+
+def test_nf4_weights_in_bitsandbytes_cpu_packing_merge_and_train_as_before(seed):
+    """bitsandbytes rewrites an NF4 weight into its CPU kernel's layout after an eval-mode forward on a CPU
+    with AVX512-BF16 (generate under for_inference). Merging and the fused training forward read that
+    layout: the same weights as before, up to the bf16 rounding of absmax the rewrite makes."""
+    import bitsandbytes.functional as bnbf
+
+    from fastbench.kernels.nf4 import dequantize_nf4_weight
+
+    model = lora_model("llama-3-8b-tiny", load_in_4bit=True)
+    ids = torch.randint(0, 512, (2, 9))
+    before_merge = dict(merged_tensors(model))
+    with torch.no_grad():
+        before_logits = model(input_ids=ids).logits
+    FastLanguageModel.for_inference(model)
+    with torch.no_grad():
+        model.generate(input_ids=ids[:1, :4], max_new_tokens=2, do_sample=False)
+    weights = [m.weight for m in model.get_base_model().modules() if hasattr(getattr(m, "weight", None), "quant_state")]
+    for w in weights:  # where the CPU lacks AVX512-BF16 the rewrite did not happen: make it
+        if not getattr(w.quant_state, "packing_format_for_cpu", False):
+            w.data, w.quant_state = bnbf._convert_weight_packed_for_cpu(w.data, w.quant_state)
+    assert all(w.quant_state.packing_format_for_cpu for w in weights)
+    FastLanguageModel.for_training(model)
+
+    after_merge = dict(merged_tensors(model))
+    assert after_merge.keys() == before_merge.keys()
+    for name in before_merge:
+        assert rel(after_merge[name], before_merge[name]) < 1e-2, name
+    w, state = weights[0], weights[0].quant_state
+    standard, _ = bnbf._convert_weight_packed_for_cpu_inverse(w.data.clone(), copy.deepcopy(state))
+    codes = torch.stack([standard.view(torch.uint8) >> 4, standard.view(torch.uint8) & 15], -1).reshape(-1).long()
+    held = state.code[codes] * state.absmax.t().reshape(-1).float().repeat_interleave(state.blocksize)
+    assert torch.equal(dequantize_nf4_weight(w).float().reshape(-1), held)  # the weight bitsandbytes computes with
+    with torch.no_grad():
+        assert rel(model(input_ids=ids).logits, before_logits) < 2e-2
+
+
+def fake_disk(monkeypatch, free: int):
+    import collections
+    import shutil
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(free * 2, free, free))
+
+
+def test_no_room_on_disk_is_refused_before_writing(tmp_path, monkeypatch):
+    model = lora_model("llama-3-8b-tiny")
+    model.save_pretrained_gguf(str(tmp_path / "gguf"), tokenizer(), "q8_0")
+    model.save_pretrained_merged(str(tmp_path / "merged"))
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    fake_disk(monkeypatch, 50_000)
+    with pytest.raises(ValueError, match=r"not enough disk space for .*gguf: the export needs .* MiB, 0.0 MiB is free"):
+        model.save_pretrained_gguf(str(tmp_path / "gguf"), tokenizer(), ["q8_0", "f32"], overwrite=True)
+    with pytest.raises(ValueError, match="not enough disk space for .*merged"):
+        model.save_pretrained_merged(str(tmp_path / "merged"), overwrite=True)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before  # nothing touched or left
+
+
+def test_disk_filling_up_mid_write_leaves_the_previous_file(tmp_path, monkeypatch):
+    import errno
+
+    model = lora_model("llama-3-8b-tiny")
+    path = model.save_pretrained_gguf(str(tmp_path), tokenizer(), "q8_0")
+    before = open(path, "rb").read()
+
+    def full_disk(writer, **kw):
+        writer.fout[0].write(b"\0" * 1000)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", full_disk)
+    with pytest.raises(ValueError, match="the disk filled up while writing .*model.Q8_0.gguf; nothing was left"):
+        model.save_pretrained_gguf(str(tmp_path), tokenizer(), "q8_0", overwrite=True)
+    assert os.listdir(tmp_path) == ["model.Q8_0.gguf"] and open(path, "rb").read() == before
+
+
+def test_tokenizer_with_a_split_llama_cpp_lacks_is_refused(tmp_path):
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r"\w+|\s+"), behavior="isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.train_from_iterator(["a b c"], trainers.BpeTrainer(vocab_size=300,
+                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    model = lora_model("qwen3-8b-tiny")
+    with pytest.raises(ValueError, match=r"llama.cpp splits text with a fixed set of regexes; this tokenizer's split "
+                                         r"pattern '\\\\w\+\|\\\\s\+' is not one"):
+        model.save_pretrained_gguf(str(tmp_path), PreTrainedTokenizerFast(tokenizer_object=tok), "f16")
+    assert os.listdir(tmp_path) == []

@@ -1,0 +1,77 @@
+"""``fastbench export``: bad input refused with one line and exit 2 before any model loads; an adapter
+directory merged onto its base and written as GGUF files and a merged checkpoint."""
+import json
+import warnings
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from fastbench.cli import main
+from fastbench.export import merged_tensors
+from fastbench.model import FastLanguageModel
+from test_export import gguf_tensors, rel, tokenizer
+
+gguf = pytest.importorskip("gguf")
+
+
+def run(*args):
+    return CliRunner().invoke(main, ["export", *map(str, args)])
+
+
+@pytest.fixture
+def adapter(tmp_path):
+    """An adapter of the llama-3-8b-tiny preset (base seed 5) with its tokenizer, and the trained model."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base, _ = FastLanguageModel.from_pretrained("llama-3-8b-tiny", dtype=torch.float32, device="cpu", seed=5)
+        model = FastLanguageModel.get_peft_model(base, r=4, lora_alpha=8, random_state=1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    model.save_pretrained(str(tmp_path / "adapter"))
+    tokenizer().save_pretrained(str(tmp_path / "adapter"))
+    return tmp_path / "adapter", model
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--gguf", "q4_k_xl"], "unknown method 'q4_k_xl'; valid: q4_k_m, q4_k_s"),
+    (["--gguf", "q8_0,iq1_s"], "unknown method 'iq1_s'"),
+    ([], "nothing to write: give --gguf METHOD and/or --merged DIR"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
+    result = run(tmp_path, *args)
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+
+
+def test_refuses_a_non_empty_output_and_a_source_that_is_no_model(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("x")
+    (tmp_path / "empty").mkdir()
+    result = run(tmp_path / "empty", "--gguf", "q8_0", "--output", tmp_path / "out")
+    assert result.exit_code == 2 and "exists and is not empty; pass --overwrite" in result.output
+    result = run(tmp_path / "empty", "--gguf", "q8_0", "--output", tmp_path / "new")
+    assert result.exit_code == 2 and "neither adapter_config.json" in result.output
+    assert not (tmp_path / "new").exists()
+
+
+def test_adapter_without_a_named_base_asks_for_base(adapter):
+    path, _ = adapter
+    config = json.loads((path / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = None
+    (path / "adapter_config.json").write_text(json.dumps(config))
+    result = run(path, "--gguf", "f16")
+    assert result.exit_code == 2 and "give --base" in result.output
+
+
+def test_adapter_is_merged_onto_its_base_and_exported(adapter, tmp_path):
+    path, model = adapter
+    result = run(path, "--base", "llama-3-8b-tiny", "--seed", 5, "--dtype", "float16", "--gguf", "f32,q8_0",
+                 "--output", tmp_path / "gguf", "--merged", tmp_path / "merged")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "gguf").iterdir()) == ["model.F32.gguf", "model.Q8_0.gguf"]
+    assert (tmp_path / "merged" / "config.json").exists() and (tmp_path / "merged" / "tokenizer.json").exists()
+    want = dict(merged_tensors(model))["model.layers.1.mlp.down_proj.weight"]
+    got = gguf_tensors(gguf.GGUFReader(str(tmp_path / "gguf" / "model.F32.gguf")))["blk.1.ffn_down.weight"][2]
+    assert rel(got, want) < 2e-3  # the base loaded in fp16 (--dtype)
