@@ -1,9 +1,9 @@
 """Starting N training processes on this machine through ``torch.distributed.run`` (torchrun).
 
-``fastbench train ... --nproc N`` re-executes itself as ``python -m torch.distributed.run --standalone
---nproc_per_node N -m fastbench train ...`` (the same arguments less ``--nproc``); each process then finds
-torchrun's ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` in its environment (:func:`torchrun_env`) and joins
-the world (fastbench.distributed.world). ``torchrun --nproc_per_node N -m fastbench train ...`` gives the
+``fastbench train ... --nproc N`` runs torch.distributed.run's agent for ``--standalone --nproc_per_node N
+-m fastbench train ...`` (its own arguments); each process then finds torchrun's ``RANK`` / ``WORLD_SIZE`` /
+``LOCAL_RANK`` in its environment (:func:`torchrun_env`), trains instead of launching again, and joins the
+world (fastbench.distributed.world). ``torchrun --nproc_per_node N -m fastbench train ...`` gives the
 same processes directly.
 """
 from __future__ import annotations
@@ -100,8 +100,8 @@ def launch(argv: Sequence[str], nproc: int, module: str = "fastbench", gpus: int
     torch.distributed.run, whose agent runs in this process. Returns 0 when every process succeeded, or
     128 + the signal's number when this process got SIGINT or SIGTERM (the agent passes the signal to every
     process and waits for them to end); raises :class:`ProcessFailed` naming the first process that failed
-    (the agent then stops the others with SIGTERM). The caller strips its own ``--nproc`` from ``argv``
-    (:func:`without_option`) so that the processes do not launch again."""
+    (the agent then stops the others with SIGTERM). The processes must not launch again: they find
+    torchrun's variables (:func:`torchrun_env`), or the caller strips its ``--nproc`` (:func:`without_option`)."""
     import logging
 
     from torch.distributed import run as torchrun
@@ -114,7 +114,11 @@ def launch(argv: Sequence[str], nproc: int, module: str = "fastbench", gpus: int
     # caller say
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     try:
-        torchrun.run(torchrun.parse_args(launch_command(argv, nproc, module)[3:]))
+        # the processes' arguments are set after parsing: torchrun's parser would take abbreviations of its
+        # own options among them (``--r`` for ``--rdzv-*``/``--role``, ``--nproc`` for ``--nproc-per-node``)
+        args = torchrun.parse_args(launch_command([], nproc, module)[3:])
+        args.training_script_args = list(argv)
+        torchrun.run(args)
     except SignalException as e:
         return 128 + int(e.sigval)
     except ChildFailedError as e:

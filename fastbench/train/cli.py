@@ -298,6 +298,7 @@ def train_command(ctx, model, data, data_format, text_field, chat_template, trai
         raise click.BadParameter(f"{nproc}, and torchrun started {torchrun.world_size} processes: leave --nproc out "
                                  "under torchrun, or give the same number", param_hint="--nproc")
     world_size = torchrun.world_size if torchrun else nproc or 1
+    ctx.params["nproc"] = world_size  # as the saved configuration records it
     checkpoint_path = check_output(output, resume, overwrite)
     resume_state = None
     if checkpoint_path:
@@ -368,12 +369,13 @@ def _joined_world():
         raise click.UsageError(str(e)) from None
 
 
-def command_line(ctx: click.Context, leave_out: tuple[str, ...] = ("nproc",)) -> list[str]:
-    """This run's arguments (a --config file's values included) as a command line of the same command."""
+def command_line(ctx: click.Context) -> list[str]:
+    """This run's arguments (a --config file's values included) as a command line of the same command (which
+    each launched process runs: it finds torchrun's variables, and --nproc equal to their world size)."""
     args = []
     for param in ctx.command.params:
         value = ctx.params.get(param.name)
-        if param.name in leave_out or not param.expose_value or value is None:
+        if not param.expose_value or value is None:
             continue
         if isinstance(param, click.Argument):
             args.insert(0, str(value))
