@@ -259,8 +259,8 @@ def summary_line(state, output, started, world_size=1) -> str:
               "present. Each trains --batch rows of every micro-batch, so a step covers N x batch x grad-accum rows; "
               "the LoRA gradients are summed over the processes and the loss is the mean over all their label "
               "tokens. Rank 0 writes the files. --resume needs the N the checkpoint was written with. "
-              "'torchrun --nproc_per_node N -m fastbench train ...' starts the same processes (then --nproc may be "
-              "left out).")
+              "'torchrun --nproc_per_node N -m fastbench -- train ...' starts the same processes (--nproc may then be "
+              "left out; the '--' keeps torchrun from taking --r or --nproc for its own options).")
 @click.option("--trust-remote-code", is_flag=True, help="Let the checkpoint run its own Python code (off: never).")
 @click.option("--allow-pickle", is_flag=True, help="Allow pickle-based weight files (.bin, .pt), which can run code.")
 @click.pass_context
