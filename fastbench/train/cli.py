@@ -552,11 +552,12 @@ def _train(peft_model, prepared, output, overwrite, resume_state, lr, warmup_ste
     except Exception as e:  # the optimizer has not stepped on a failed step: the finished ones are kept
         if several and stop.stopped:  # a collective cut short by the signal that stops every process
             stopped()
-        if several and peer_lost(e):
+        if several and peer_lost(e):  # another process ended: the launcher's SIGTERM follows
+            if _await_launcher(stop):
+                stopped()
             click.echo(who + keep(f"another process failed in step {state.done + 1} (its message is above)"),
                        err=True)
-            _await_launcher(stop)
-            raise SystemExit(exit_code(stop)) from None
+            raise SystemExit(1) from None
         click.echo(who + keep(f"failed in step {state.done + 1}"), err=True)
         raise
     barrier(world)
@@ -564,17 +565,17 @@ def _train(peft_model, prepared, output, overwrite, resume_state, lr, warmup_ste
         click.echo(summary_line(state, output, started, world.world_size), err=True)
 
 
-def _await_launcher(stop, timeout_s: float = 60.0) -> None:
-    """Waits for the launcher's SIGTERM, which follows another process's failure, so that the launcher names
-    that process as the cause; exits 1 when none comes."""
+def _await_launcher(stop, timeout_s: float = 60.0) -> bool:
+    """Waits for the signal that stops this process after another one ended (the launcher's SIGTERM after a
+    failure, or the user's signal that reached it first), so that the launcher names the process that ended
+    first; whether the signal came."""
     deadline = time.monotonic() + timeout_s
     try:
         while not stop.stopped and time.monotonic() < deadline:
             time.sleep(0.1)
     except KeyboardInterrupt:
         pass
-    if not stop.stopped:
-        raise SystemExit(1)
+    return stop.stopped
 
 
 def _export(peft_model, tokenizer, output, merge, gguf_method):
