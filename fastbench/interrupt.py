@@ -13,22 +13,42 @@ import types
 
 
 @contextlib.contextmanager
-def sigterm_as_interrupt():
-    state = types.SimpleNamespace(terminated=False)
+def sigterm_as_interrupt(once: bool = False):
+    """Yields the state: ``terminated`` (SIGTERM came), ``stopped`` (a handled signal came) and ``held()``, a
+    context in which a handled signal is only recorded (what it stops, e.g. saving the adapter, finishes;
+    the caller reads ``stopped`` after it). ``once``: SIGINT is handled too, and only the first SIGINT or
+    SIGTERM raises KeyboardInterrupt, later ones are ignored: for a process of a launched job, which gets a
+    Ctrl-C both from the terminal and from its launcher."""
+    state = types.SimpleNamespace(terminated=False, stopped=False, holding=False)
 
     def handler(signum, frame):
-        state.terminated = True
-        raise KeyboardInterrupt
+        if once and state.stopped:
+            return
+        state.stopped = True
+        state.terminated = state.terminated or signum == signal.SIGTERM
+        if not state.holding:
+            raise KeyboardInterrupt
 
+    @contextlib.contextmanager
+    def held():
+        holding, state.holding = state.holding, True
+        try:
+            yield
+        finally:
+            state.holding = holding
+
+    state.held = held
+    signals = (signal.SIGTERM, signal.SIGINT) if once else (signal.SIGTERM,)
     try:
-        previous = signal.signal(signal.SIGTERM, handler)
+        previous = {s: signal.signal(s, handler) for s in signals}
     except ValueError:  # not the main thread: signals cannot be handled here, nothing changes
         yield state
         return
     try:
         yield state
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def exit_code(state) -> int:

@@ -111,11 +111,11 @@ def train_with_third_step(monkeypatch, tmp_path, seed, third_step):
     returns (the output directory, click's result)."""
     calls, accumulate = [], loop_module.accumulate
 
-    def patched(model, micro_batches):
+    def patched(model, micro_batches, *world):
         calls.append(1)
         if len(calls) == 3:
             third_step()
-        return accumulate(model, micro_batches)
+        return accumulate(model, micro_batches, *world)
 
     monkeypatch.setattr(loop_module, "accumulate", patched)
     out = tmp_path / "adapter"

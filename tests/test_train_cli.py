@@ -94,11 +94,11 @@ def test_resumed_run_equals_the_uninterrupted_one(tmp_path, ckpt, plain_peft, mo
 
     calls, accumulate = [], loop_module.accumulate
 
-    def stop_in_step_5(model, micro_batches):
+    def stop_in_step_5(model, micro_batches, *world):
         calls.append(1)
         if len(calls) == 5:
             raise KeyboardInterrupt
-        return accumulate(model, micro_batches)
+        return accumulate(model, micro_batches, *world)
 
     monkeypatch.setattr(loop_module, "accumulate", stop_in_step_5)
     first = invoke(ckpt, "--output", tmp_path / "split", *args)
@@ -238,9 +238,9 @@ def test_interrupted_while_the_model_loads(tmp_path, ckpt, monkeypatch, stop):
 def test_nan_loss(tmp_path, ckpt, plain_peft, monkeypatch, on_nan):
     calls, accumulate = [], loop_module.accumulate
 
-    def nan_in_step_3(model, micro_batches):
+    def nan_in_step_3(model, micro_batches, *world):
         calls.append(1)
-        loss, tokens = accumulate(model, micro_batches)
+        loss, tokens = accumulate(model, micro_batches, *world)
         return (float("nan"), tokens) if len(calls) == 3 else (loss, tokens)
 
     monkeypatch.setattr(loop_module, "accumulate", nan_in_step_3)

@@ -9,9 +9,9 @@ Functions and its activation checkpointing take the parameters as inputs, so eac
 parameter, and DDP's hook, once per backward as DDP expects (``find_unused_parameters=False``).
 
 The loss of one optimizer step is the mean token loss over the label tokens of every rank and every
-micro-batch of the step: with N_r labels on rank r and N = sum_r N_r (one all-reduce before the first
-backward), each micro-batch's loss is its summed token loss / N, and the gradients are *summed* over ranks
-(a comm hook, not DDP's default mean), so
+micro-batch of the step (fastbench.train.loop.accumulate): with N_r labels on rank r and N = sum_r N_r (one
+all-reduce before the first backward), each micro-batch's loss is its summed token loss / N, and the
+gradients are *summed* over ranks (a comm hook, not DDP's default mean), so
 
     grad = sum_r sum_micro d(sum of token losses)/dθ / N
 
@@ -19,14 +19,12 @@ exactly what one process computes over the whole batch. Micro-batches but the la
 (their gradients accumulate locally; the last backward reduces the sum).
 """
 import contextlib
-from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from fastbench.distributed.world import World, all_reduce_sum
+from fastbench.distributed.world import World
 
 IGNORE_INDEX = -100
 
@@ -80,33 +78,3 @@ def sync_gradients(model: torch.nn.Module, last: bool):
     if last or not isinstance(model, DistributedDataParallel):
         return contextlib.nullcontext()
     return model.no_sync()
-
-
-def label_count(micro_batches: Sequence[dict]) -> int:
-    """The label tokens of micro-batches as the causal loss sees them (labels shifted by one)."""
-    return sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches)
-
-
-@dataclass(frozen=True)
-class StepResult:
-    loss: float  # the step's mean token loss over every rank's label tokens
-    labels: int  # label tokens of the step, all ranks
-    tokens: int  # input tokens (attention mask) of this rank's micro-batches
-
-
-def accumulate(model: torch.nn.Module, micro_batches: Sequence[dict], world: World) -> StepResult:
-    """Forward and backward of one optimizer step's micro-batches on this rank (``model`` from :func:`wrap`),
-    each loss normalised by the label count of the whole step over all ranks; the gradients are then those
-    of the step's mean token loss, on every rank alike. The loss is summed over ranks for reporting (one
-    more all-reduce of a scalar). Every rank must call it with the same number of micro-batches."""
-    device = next(p for p in model.parameters() if p.requires_grad).device
-    labels = int(all_reduce_sum(label_count(micro_batches), world))
-    total = torch.zeros((), dtype=torch.float32, device=device)
-    for i, b in enumerate(micro_batches):
-        with sync_gradients(model, last=i == len(micro_batches) - 1):
-            loss = model(**{k: v.to(device) for k, v in b.items()}, num_items_in_batch=max(labels, 1)).loss
-            loss.backward()
-        total += loss.detach().float()
-    tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
-                 for b in micro_batches)
-    return StepResult(float(all_reduce_sum(total, world)), labels, tokens)

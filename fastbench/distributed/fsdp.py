@@ -15,7 +15,7 @@ Refused, saying why:
   the packed data, which FSDP2's DTensor sharding neither splits nor gathers; bitsandbytes supports FSDP1
   flat parameters with ``bnb_4bit_quant_storage`` only, not FSDP2.
 
-The loss is normalised over the world's label tokens (fastbench.distributed.ddp.accumulate), so the
+The loss is normalised over the world's label tokens (fastbench.train.loop.accumulate), so the
 gradient reduction sums (divide factor 1, plain SUM collectives) instead of averaging.
 """
 import torch

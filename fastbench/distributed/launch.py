@@ -1,15 +1,14 @@
 """Starting N training processes on this machine through ``torch.distributed.run`` (torchrun).
 
-``fastbench train ... --nproc N`` re-executes itself as ``python -m torch.distributed.run --standalone
---nproc_per_node N -m fastbench train ...`` (the same arguments less ``--nproc``); each process then finds
-torchrun's ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` in its environment (:func:`torchrun_env`) and joins
-the world (fastbench.distributed.world). ``torchrun --nproc_per_node N -m fastbench train ...`` gives the
+``fastbench train ... --nproc N`` runs torch.distributed.run's agent for ``--standalone --nproc_per_node N
+-m fastbench train ...`` (its own arguments); each process then finds torchrun's ``RANK`` / ``WORLD_SIZE`` /
+``LOCAL_RANK`` in its environment (:func:`torchrun_env`), trains instead of launching again, and joins the
+world (fastbench.distributed.world). ``torchrun --nproc_per_node N -m fastbench train ...`` gives the
 same processes directly.
 """
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from dataclasses import dataclass
 from typing import Mapping, Sequence
@@ -87,11 +86,42 @@ def launch_command(argv: Sequence[str], nproc: int, module: str = "fastbench") -
             "-m", module, *argv]
 
 
+class ProcessFailed(RuntimeError):
+    """A process of the job failed (its own message is in its output); the launcher stopped the others."""
+
+    def __init__(self, rank: int, exitcode: int, nproc: int):
+        self.rank, self.exitcode, self.nproc = rank, exitcode, nproc
+        how = f"was killed by signal {-exitcode}" if exitcode < 0 else f"exited with {exitcode}"
+        super().__init__(f"process {rank} of {nproc} {how}; the others were stopped")
+
+
 def launch(argv: Sequence[str], nproc: int, module: str = "fastbench", gpus: int | None = None) -> int:
-    """Runs ``python -m module *argv`` as ``nproc`` processes (checked by :func:`check_nproc` first) and
-    returns the exit code: 0 when every process succeeded. The caller strips its own ``--nproc`` from
-    ``argv`` (:func:`without_option`) so that the processes do not launch again."""
+    """Runs ``python -m module *argv`` as ``nproc`` processes (checked by :func:`check_nproc` first) through
+    torch.distributed.run, whose agent runs in this process. Returns 0 when every process succeeded, or
+    128 + the signal's number when this process got SIGINT or SIGTERM (the agent passes the signal to every
+    process and waits for them to end); raises :class:`ProcessFailed` naming the first process that failed
+    (the agent then stops the others with SIGTERM). The processes must not launch again: they find
+    torchrun's variables (:func:`torchrun_env`), or the caller strips its ``--nproc`` (:func:`without_option`)."""
+    import logging
+
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
     check_nproc(nproc, gpus)
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    return subprocess.call(launch_command(argv, nproc, module), env=env)
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    # the agent's own lines (closing signals, its view of a failure) repeat what the processes and the
+    # caller say
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    try:
+        # the processes' arguments are set after parsing: torchrun's parser would take abbreviations of its
+        # own options among them (``--r`` for ``--rdzv-*``/``--role``, ``--nproc`` for ``--nproc-per-node``)
+        args = torchrun.parse_args(launch_command([], nproc, module)[3:])
+        args.training_script_args = list(argv)
+        torchrun.run(args)
+    except SignalException as e:
+        return 128 + int(e.sigval)
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        raise ProcessFailed(rank, failure.exitcode, nproc) from None
+    return 0

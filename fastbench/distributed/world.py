@@ -102,6 +102,13 @@ def all_reduce_sum(value: torch.Tensor | float | int, world: World) -> torch.Ten
     return t
 
 
+def peer_lost(error: BaseException) -> bool:
+    """Whether ``error`` is a collective's failure because another process of the world ended (its own error
+    is the cause to report): torch's distributed errors, and gloo's closed connections."""
+    return isinstance(error, dist.DistError) or (isinstance(error, RuntimeError) and any(
+        s in str(error) for s in ("Connection closed by peer", "Connection reset by peer")))
+
+
 WORLD_SIZE_KEY = "world_size"
 
 

@@ -53,9 +53,12 @@ def _rng_state() -> dict:
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
-def save_checkpoint(output: str, step: int, model, optimizer, scheduler, position: dict) -> str:
-    """Writes ``OUTPUT/checkpoint-{step}/`` whole or not at all; returns its path."""
+def save_checkpoint(output: str, step: int, model, optimizer, scheduler, position: dict, world_size: int = 1) -> str:
+    """Writes ``OUTPUT/checkpoint-{step}/`` whole or not at all (``world_size``: the processes that trained
+    it, which a resumed run must have too); returns its path."""
     import torch
+
+    from fastbench.distributed.world import WORLD_SIZE_KEY
 
     target = os.path.join(output, f"checkpoint-{step}")
     tmp = tempfile.mkdtemp(prefix=f".checkpoint-{step}-", dir=output)
@@ -65,7 +68,7 @@ def save_checkpoint(output: str, step: int, model, optimizer, scheduler, positio
         torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
         torch.save(_rng_state(), os.path.join(tmp, "rng.pt"))
         with open(os.path.join(tmp, STATE_FILE), "w") as f:
-            json.dump({"step": step, "position": position}, f)
+            json.dump({"step": step, "position": position, WORLD_SIZE_KEY: world_size}, f)
         if os.path.exists(target):  # written by an earlier run that was resumed from before this step
             old = tempfile.mkdtemp(prefix=f".old-checkpoint-{step}-", dir=output)
             os.replace(target, os.path.join(old, "c"))
@@ -81,10 +84,12 @@ def save_checkpoint(output: str, step: int, model, optimizer, scheduler, positio
 
 def load_checkpoint(path: str) -> dict:
     """Every file of a checkpoint read into memory (CPU) and checked, before any model is loaded:
-    {"step", "position", "adapter", "optimizer", "scheduler", "rng", "path"}. CheckpointError names what
-    is damaged."""
+    {"step", "position", "world_size", "adapter", "optimizer", "scheduler", "rng", "path"} (a checkpoint
+    without a world size was written by one process). CheckpointError names what is damaged."""
     import torch
     from safetensors.torch import load_file
+
+    from fastbench.distributed.world import WORLD_SIZE_KEY
 
     def damaged(name, error):
         return CheckpointError(f"{path} is damaged ({name}: {error}); delete that directory to resume from the "
@@ -95,6 +100,7 @@ def load_checkpoint(path: str) -> dict:
         with open(os.path.join(path, STATE_FILE)) as f:
             meta = json.load(f)
         state["step"], state["position"] = int(meta["step"]), dict(meta["position"])
+        state[WORLD_SIZE_KEY] = int(meta.get(WORLD_SIZE_KEY, 1))
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise damaged(STATE_FILE, e) from None
     try:

@@ -5,9 +5,16 @@ records, tokenizer and template) is checked before the model loads; each is one 
 where, exit 2. The adapter is saved to --output at the end, when a step fails (the finished steps'; out of
 memory says what to change), when a step's loss is NaN/inf (``--on-nan stop``) and on Ctrl-C or SIGTERM,
 including while the model loads (exit 130 / 143).
+
+Several processes (``--nproc N``, or started by torchrun): this process checks the options, the output and
+the checkpoint, then launches N processes of itself through torch.distributed.run
+(fastbench.distributed.launch), each of which finds torchrun's variables, joins the world, trains its share of
+every step under DDP and leaves the files to rank 0. A signal reaches every process (the launcher passes
+it on); a process that fails stops the job, and the launcher exits with its exit code.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -150,7 +157,7 @@ def split_eval(examples, fraction: float, seed: int):
 
 
 def load_model(source, max_seq_length, load_in_4bit, seed, rank, target_modules, lora_alpha, checkpointing,
-               trust_remote_code, allow_pickle):
+               trust_remote_code, allow_pickle, say=True):
     from fastbench import FastLanguageModel
 
     extra = {}  # passed only when set, so loaders without these keywords still work
@@ -171,17 +178,20 @@ def load_model(source, max_seq_length, load_in_4bit, seed, rank, target_modules,
                                                      use_gradient_checkpointing=checkpointing)
         except ValueError as e:  # PEFT: a target module that does not exist
             raise click.BadParameter(str(e), param_hint="--targets") from None
-    _echo_warnings(w for w in caught if issubclass(w.category, UserWarning))
-    for line in getattr(model.get_base_model(), "fastbench_patches", ["plain PEFT (no fused path)"]):
-        click.echo(f"fastbench: {line}", err=True)
+    if say:
+        _echo_warnings(w for w in caught if issubclass(w.category, UserWarning))
+        for line in getattr(model.get_base_model(), "fastbench_patches", ["plain PEFT (no fused path)"]):
+            click.echo(f"fastbench: {line}", err=True)
     return model
 
 
-def summary_line(state, output, started) -> str:
+def summary_line(state, output, started, world_size=1) -> str:
     import torch
 
     rate = state.tokens / state.seconds if state.seconds else 0.0
     parts = [f"{state.done} steps", f"{rate:,.0f} real tokens/s"]
+    if world_size > 1:
+        parts[-1] += f" on {world_size} processes"
     if torch.cuda.is_available():
         parts.append(f"peak reserved GPU memory {torch.cuda.max_memory_reserved() / 2 ** 30:.2f} GiB")
     parts.append(f"{time.monotonic() - started:.0f} s")
@@ -244,13 +254,20 @@ def summary_line(state, output, started) -> str:
 @click.option("--merge", is_flag=True, help="At the end, also write the merged model to OUTPUT/merged.")
 @click.option("--gguf", "gguf_method", help="At the end, also write a GGUF file to OUTPUT/gguf with this "
               "quantization method (f16, q8_0, ...).")
+@click.option("--nproc", type=click.IntRange(min=1), help="Train on N processes of this machine, one GPU each (gloo "
+              "processes on a machine without GPUs), launched through torch.distributed.run; at most the GPUs "
+              "present. Each trains --batch rows of every micro-batch, so a step covers N x batch x grad-accum rows; "
+              "the LoRA gradients are summed over the processes and the loss is the mean over all their label "
+              "tokens. Rank 0 writes the files. --resume needs the N the checkpoint was written with. "
+              "'torchrun --nproc_per_node N -m fastbench -- train ...' starts the same processes (--nproc may then be "
+              "left out; the '--' keeps torchrun from taking --r or --nproc for its own options).")
 @click.option("--trust-remote-code", is_flag=True, help="Let the checkpoint run its own Python code (off: never).")
 @click.option("--allow-pickle", is_flag=True, help="Allow pickle-based weight files (.bin, .pt), which can run code.")
 @click.pass_context
 def train_command(ctx, model, data, data_format, text_field, chat_template, train_on_inputs, packing, output, resume,
                   overwrite, max_seq_length, load_in_4bit, rank, lora_alpha, targets, batch, grad_accum, lr, steps,
                   epochs, warmup_steps, checkpointing, seed, save_every, eval_data, eval_fraction, eval_every, on_nan,
-                  merge, gguf_method, trust_remote_code, allow_pickle):
+                  merge, gguf_method, nproc, trust_remote_code, allow_pickle):
     """Fine-tune MODEL (a fastbench preset or a local checkpoint directory) with LoRA on the fused path."""
     from fastbench.presets import NotAModel, UnknownPreset, resolve_model
     from fastbench.train.checkpoint import CheckpointError, load_checkpoint
@@ -276,38 +293,144 @@ def train_command(ctx, model, data, data_format, text_field, chat_template, trai
             raise click.UsageError("--data random is an endless stream: give --steps")
         if eval_data or eval_fraction:
             raise click.UsageError("--data random has nothing to evaluate on; drop --eval-data/--eval-fraction")
+    torchrun = _torchrun_env()
+    if torchrun and nproc and nproc != torchrun.world_size:
+        raise click.BadParameter(f"{nproc}, and torchrun started {torchrun.world_size} processes: leave --nproc out "
+                                 "under torchrun, or give the same number", param_hint="--nproc")
+    world_size = torchrun.world_size if torchrun else nproc or 1
+    ctx.params["nproc"] = world_size  # as the saved configuration records it
     checkpoint_path = check_output(output, resume, overwrite)
     resume_state = None
     if checkpoint_path:
+        from fastbench.distributed.world import World, WorldSizeMismatch, check_resume
+
         try:
             resume_state = load_checkpoint(checkpoint_path)
-        except CheckpointError as e:
+            check_resume(resume_state, World(world_size=world_size), checkpoint_path)
+        except (CheckpointError, WorldSizeMismatch) as e:
             raise click.BadParameter(str(e), param_hint="--resume") from None
+    if not torchrun and world_size > 1:
+        _launch(ctx, world_size, source, checkpointing, batch, max_seq_length)
 
-    with sigterm_as_interrupt() as stop:
+    with sigterm_as_interrupt(once=torchrun is not None) as stop, contextlib.ExitStack() as joined:
+        world = None
         try:
+            world = joined.enter_context(_joined_world())
             prepared = _prepare(source, data, data_format, text_field, chat_template, train_on_inputs, packing,
                                 max_seq_length, batch, grad_accum, steps, epochs, seed, eval_data, eval_fraction,
-                                trust_remote_code)
+                                trust_remote_code, world)
             if resume_state and resume_state["step"] >= prepared.steps:
                 raise click.UsageError(f"{resume_state['path']} is at step {resume_state['step']}, which already "
                                        f"reaches --steps/--epochs ({prepared.steps} steps); raise them to train on")
             peft_model = load_model(source, max_seq_length, load_in_4bit, seed, rank, target_modules, lora_alpha,
-                                    checkpointing, trust_remote_code, allow_pickle)
-            os.makedirs(output, exist_ok=True)
-            save_effective_config(ctx, output)
+                                    checkpointing, trust_remote_code, allow_pickle, say=world.is_main)
+            if world.is_main:
+                os.makedirs(output, exist_ok=True)
+                save_effective_config(ctx, output)
         except KeyboardInterrupt:
-            click.echo(f"{'terminated (SIGTERM)' if stop.terminated else 'interrupted'} before training started; "
-                       "nothing was trained", err=True)
+            if world is None or world.is_main:
+                click.echo(f"{'terminated (SIGTERM)' if stop.terminated else 'interrupted'} before training "
+                           "started; nothing was trained", err=True)
             raise SystemExit(exit_code(stop)) from None
         _train(peft_model, prepared, output, overwrite, resume_state, lr, warmup_steps, save_every, eval_every,
-               on_nan, stop, started)
+               on_nan, stop, started, world)
+        if not world.is_main:
+            return
         try:
             _export(peft_model, prepared.tokenizer, output, merge, gguf_method)
         except KeyboardInterrupt:
             click.echo(f"{'terminated (SIGTERM)' if stop.terminated else 'interrupted'} while exporting; the adapter "
                        f"is saved in {output}", err=True)
             raise SystemExit(exit_code(stop)) from None
+
+
+# --------------------------------------------------------------------------------------- several processes
+def _torchrun_env():
+    from fastbench.distributed.launch import DistributedSetupError, torchrun_env
+
+    try:
+        return torchrun_env()
+    except DistributedSetupError as e:
+        raise click.UsageError(str(e)) from None
+
+
+@contextlib.contextmanager
+def _joined_world():
+    """The world of this process (a world of one without torchrun's variables), once every process of it
+    has passed the checks before it: rank 0 writes into --output only after that."""
+    from fastbench.distributed.launch import DistributedSetupError
+    from fastbench.distributed.world import barrier, process_group
+
+    try:
+        with process_group() as world:
+            barrier(world)
+            yield world
+    except DistributedSetupError as e:
+        raise click.UsageError(str(e)) from None
+
+
+def command_line(ctx: click.Context) -> list[str]:
+    """This run's arguments (a --config file's values included) as a command line of the same command (which
+    each launched process runs: it finds torchrun's variables, and --nproc equal to their world size)."""
+    args = []
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if not param.expose_value or value is None:
+            continue
+        if isinstance(param, click.Argument):
+            args.insert(0, str(value))
+        elif param.is_flag and param.secondary_opts:
+            args.append(param.opts[0] if value else param.secondary_opts[0])
+        elif param.is_flag:
+            args += [param.opts[0]] if value else []
+        else:
+            args += [param.opts[0], str(value)]
+    return args
+
+
+def check_offload_host_memory(source, nproc, batch, max_seq_length, gpus):
+    """--checkpointing offload on several processes: each pins its own host buffers; refuses up front when the
+    host lacks the memory of all of them (the numbers in the message)."""
+    from fastbench.distributed.host_memory import HostMemoryShort, check_host_memory, offload_host_bytes
+
+    if source.preset is not None:
+        from fastbench.presets import build_config
+
+        config = build_config(source.preset)
+    else:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(source.path).get_text_config()
+    per_rank = offload_host_bytes(config, batch * max_seq_length, dtype_bytes=2 if gpus else 4)
+    try:
+        check_host_memory(per_rank, nproc)
+    except HostMemoryShort as e:
+        raise click.BadParameter(str(e), param_hint="--nproc") from None
+
+
+def _launch(ctx, nproc, source, checkpointing, batch, max_seq_length):
+    """Runs this command as ``nproc`` processes of one world (torch.distributed.run) and exits with the job's
+    exit code: 0, 130/143 when stopped by a signal, or the exit code of the process that failed first."""
+    import torch
+
+    from fastbench.distributed.launch import DistributedSetupError, ProcessFailed, check_nproc, launch
+
+    gpus = torch.cuda.device_count()
+    try:
+        check_nproc(nproc, gpus)
+    except DistributedSetupError as e:
+        raise click.BadParameter(str(e).removeprefix(f"--nproc {nproc}: "), param_hint="--nproc") from None
+    if checkpointing == "offload":
+        check_offload_host_memory(source, nproc, batch, max_seq_length, gpus)
+    click.echo(f"launching {nproc} processes ({'one GPU each, NCCL' if gpus else 'gloo, CPU'})", err=True)
+    try:
+        code = launch([ctx.info_name, *command_line(ctx)], nproc, gpus=gpus)
+    except ProcessFailed as e:
+        click.echo(f"fastbench train: {e}", err=True)
+        raise SystemExit(e.exitcode if e.exitcode > 0 else 1) from None
+    except KeyboardInterrupt:  # before the processes started
+        raise SystemExit(130) from None
+    raise SystemExit(code)
 
 
 class _Prepared:
@@ -318,12 +441,13 @@ class _Prepared:
 
 
 def _prepare(source, data, data_format, text_field, chat_template, train_on_inputs, packing, max_seq_length,
-             batch, grad_accum, steps, epochs, seed, eval_data, eval_fraction, trust_remote_code):
+             batch, grad_accum, steps, epochs, seed, eval_data, eval_fraction, trust_remote_code, world):
     from fastbench.train.loop import ExamplePlan, RandomPlan, eval_batches
 
+    share = (world.rank, world.world_size)
     if data == "random":
-        return _Prepared(tokenizer=None, plan=RandomPlan(source.vocab_size, max_seq_length, batch, grad_accum, seed),
-                         evaluation=None, steps=steps)
+        return _Prepared(tokenizer=None, plan=RandomPlan(source.vocab_size, max_seq_length, batch, grad_accum, seed,
+                                                         *share), evaluation=None, steps=steps)
     tokenizer = load_tokenizer(source, chat_template, trust_remote_code)
     examples, fmt, truncated = load_examples(data, tokenizer, data_format, text_field, train_on_inputs,
                                              max_seq_length)
@@ -339,75 +463,119 @@ def _prepare(source, data, data_format, text_field, chat_template, train_on_inpu
         raise click.ClickException(f"the tokenizer of {source.name} makes ids beyond its vocab_size "
                                    f"{source.vocab_size}")
     pad_id = tokenizer.pad_token_id
-    plan = ExamplePlan(examples, batch, grad_accum, max_seq_length, packing, pad_id, seed)
+    plan = ExamplePlan(examples, batch, grad_accum, max_seq_length, packing, pad_id, seed, *share)
     steps = steps or plan.steps_in(epochs or 1)
     rows = sum(len(micro) for step in plan.epoch(0) for micro in step)
-    click.echo(f"{len(examples)} {fmt} examples"
-               + (f" ({truncated} longer than --max-seq-length {max_seq_length}, truncated)" if truncated else "")
-               + (f", packed into {rows} rows" if packing else "")
-               + f"; {steps} steps of {batch} x {grad_accum}"
-               + (f"; {len(evaluation_examples)} eval examples" if evaluation_examples else ""), err=True)
-    evaluation = eval_batches(evaluation_examples, batch, max_seq_length, packing, pad_id) \
+    if world.is_main:
+        processes = f"{world.world_size} processes x " if world.world_size > 1 else ""
+        click.echo(f"{len(examples)} {fmt} examples"
+                   + (f" ({truncated} longer than --max-seq-length {max_seq_length}, truncated)" if truncated else "")
+                   + (f", packed into {rows} rows" if packing else "")
+                   + f"; {steps} steps of {processes}{batch} x {grad_accum}"
+                   + (f"; {len(evaluation_examples)} eval examples" if evaluation_examples else ""), err=True)
+    evaluation = eval_batches(evaluation_examples, batch, max_seq_length, packing, pad_id, *share) \
         if evaluation_examples else None
     return _Prepared(tokenizer=tokenizer, plan=plan, evaluation=evaluation, steps=steps)
 
 
 def _train(peft_model, prepared, output, overwrite, resume_state, lr, warmup_steps, save_every, eval_every, on_nan,
-           stop, started):
+           stop, started, world):
+    """Trains ``peft_model`` (under DDP in a world of several processes) and saves the adapter; on every kind
+    of stop the adapter of the finished steps is kept. Rank 0 alone writes; the others wait for it."""
     import torch
     from tqdm.auto import tqdm
 
+    from fastbench.distributed import ddp
+    from fastbench.distributed.world import barrier, peer_lost
     from fastbench.train.checkpoint import CheckpointError, save_adapter
     from fastbench.train.loop import LoopSettings, LoopState, NonFiniteLoss, keep_log_until, plot_loss, train_loop
 
-    tokenizer = prepared.tokenizer
+    tokenizer, main, several = prepared.tokenizer, world.is_main, world.world_size > 1
     settings = LoopSettings(output=output, steps=prepared.steps, lr=lr, warmup_steps=warmup_steps,
                             save_every=save_every, eval_every=eval_every, on_nan=on_nan)
     state = LoopState()
     bar = tqdm(total=prepared.steps, initial=resume_state["step"] if resume_state else 0, desc="train",
-               unit="step", dynamic_ncols=True)
+               unit="step", dynamic_ncols=True, disable=not main)
+    who = f"process {world.rank}: " if several else ""
+
+    def save():
+        """Rank 0: the adapter and the plot (a signal meanwhile is held until they are written)."""
+        if main:
+            with stop.held():
+                save_adapter(peft_model, tokenizer, output)
+                plot_loss(output)
 
     def keep(note):
         bar.close()
         if state.done:
-            save_adapter(peft_model, tokenizer, output)
-            plot_loss(output)
+            save()
         kept = f"the adapter of the {state.done} finished steps is saved to {output}" if state.done \
             else "no step finished"
-        return f"{note}; {kept}"
+        return f"{note}; {kept}" if main else note
+
+    def stopped():
+        bar.close()
+        if main:
+            save()
+            click.echo(f"{'terminated (SIGTERM)' if stop.terminated else 'interrupted'} after step {state.done}: "
+                       f"adapter saved to {output}", err=True)
+        raise SystemExit(exit_code(stop))
 
     try:
-        if overwrite:
-            clear_previous_run(output)
-        keep_log_until(output, resume_state["step"] if resume_state else 0)
-        train_loop(peft_model, prepared.plan, settings, state, prepared.evaluation, resume_state, bar)
+        if main:
+            if overwrite:
+                clear_previous_run(output)
+            keep_log_until(output, resume_state["step"] if resume_state else 0)
+        model = ddp.wrap(peft_model, world)
+        train_loop(model, prepared.plan, settings, state, prepared.evaluation, resume_state, bar, world)
         bar.close()
-        save_adapter(peft_model, tokenizer, output)
-        plot_loss(output)
+        save()
     except KeyboardInterrupt:
+        stopped()
+    except CheckpointError as e:  # the same on every rank: rank 0 says it
         bar.close()
-        save_adapter(peft_model, tokenizer, output)
-        plot_loss(output)
-        click.echo(f"{'terminated (SIGTERM)' if stop.terminated else 'interrupted'} after step {state.done}: adapter "
-                   f"saved to {output}", err=True)
-        raise SystemExit(exit_code(stop)) from None
-    except CheckpointError as e:
-        bar.close()
+        if not main:
+            raise SystemExit(2) from None
         raise click.BadParameter(str(e), param_hint="--resume") from None
-    except NonFiniteLoss as e:
+    except NonFiniteLoss as e:  # the same on every rank (the loss and the gradients are the world's)
+        if not main:
+            raise SystemExit(1) from None
         last = f"; the last checkpoint, {state.last_checkpoint}, is kept" if state.last_checkpoint else ""
         raise click.ClickException(keep(
             f"step {e.step}: the loss is {e.loss} and the gradient norm {e.grad_norm}, not finite; stopped{last}. "
             "Likely a learning rate too high for this model (lower --lr or raise --warmup-steps), float16 overflow, "
             "or a broken example in this step; --on-nan skip skips such steps")) from None
     except torch.OutOfMemoryError:
-        raise click.ClickException(keep(
+        raise click.ClickException(who + keep(
             f"out of GPU memory in step {state.done + 1}") + ". Lower --batch (raise --grad-accum to keep the step "
             "size) or --max-seq-length, or use --checkpointing offload or --load-in-4bit") from None
-    except Exception:  # the optimizer has not stepped on a failed step: the finished ones are kept
-        click.echo(keep(f"failed in step {state.done + 1}"), err=True)
+    except Exception as e:  # the optimizer has not stepped on a failed step: the finished ones are kept
+        if several and stop.stopped:  # a collective cut short by the signal that stops every process
+            stopped()
+        if several and peer_lost(e):  # another process ended: the launcher's SIGTERM follows
+            if _await_launcher(stop):
+                stopped()
+            click.echo(who + keep(f"another process failed in step {state.done + 1} (its message is above)"),
+                       err=True)
+            raise SystemExit(1) from None
+        click.echo(who + keep(f"failed in step {state.done + 1}"), err=True)
         raise
-    click.echo(summary_line(state, output, started), err=True)
+    barrier(world)
+    if main:
+        click.echo(summary_line(state, output, started, world.world_size), err=True)
+
+
+def _await_launcher(stop, timeout_s: float = 60.0) -> bool:
+    """Waits for the signal that stops this process after another one ended (the launcher's SIGTERM after a
+    failure, or the user's signal that reached it first), so that the launcher names the process that ended
+    first; whether the signal came."""
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not stop.stopped and time.monotonic() < deadline:
+            time.sleep(0.1)
+    except KeyboardInterrupt:
+        pass
+    return stop.stopped
 
 
 def _export(peft_model, tokenizer, output, merge, gguf_method):

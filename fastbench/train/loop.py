@@ -9,6 +9,12 @@ Which examples a step takes depends only on the seed and the step: epoch e is th
 generator seeded with (seed, e), packed into rows (or one per row), ``batch`` rows per micro-batch. A
 checkpoint records (epoch, steps done in it), and a resumed run takes exactly the steps the uninterrupted
 run would have taken.
+
+Several processes (fastbench.distributed): every rank builds the same global steps, of micro-batches of
+``batch`` x world-size rows, and trains its own ``batch`` rows of each (fastbench.distributed.data); the
+label count of a step is summed over the ranks, and DDP sums the LoRA gradients, so N ranks train exactly
+what one process trains with N times the batch. Rank 0 alone writes the log and the checkpoints; a
+checkpoint records the world size, and only a world of that size resumes it.
 """
 from __future__ import annotations
 
@@ -24,17 +30,32 @@ from fastbench.train.packing import MicroBatch, pack_rows, packed_batch, padded_
 
 
 # ------------------------------------------------------------------------------------------------ plans
+def _rank_share(rows: list, rank: int, world_size: int, build) -> MicroBatch:
+    """``build``(this rank's rows of a global micro-batch): its contiguous share, or, when that is empty, the
+    first row without labels (fastbench.distributed.data)."""
+    if world_size == 1:
+        return build(rows)
+    from fastbench.distributed.data import row_share, without_labels
+
+    share = row_share(len(rows), rank, world_size)
+    if share:
+        return build(rows[share.start:share.stop])
+    return MicroBatch(without_labels(build(rows[:1]).inputs), 0)
+
+
 class ExamplePlan:
-    """The steps over a list of examples, epoch after epoch (see the module docstring)."""
+    """The steps over a list of examples, epoch after epoch (see the module docstring). ``batch`` rows per
+    micro-batch on each of ``world_size`` ranks; ``micro_batch`` builds rank ``rank``'s share."""
 
     def __init__(self, examples: list[dict], batch: int, grad_accum: int, max_seq_length: int, packing: bool,
-                 pad_id: int, seed: int):
+                 pad_id: int, seed: int, rank: int = 0, world_size: int = 1):
         self.examples, self.batch, self.grad_accum = examples, batch, grad_accum
         self.max_seq_length, self.packing, self.pad_id, self.seed = max_seq_length, packing, pad_id, seed
+        self.rank, self.world_size = rank, world_size
         self._cache: dict[int, list] = {}
 
     def epoch(self, e: int) -> list[list[list[list[int]]]]:
-        """Epoch ``e`` as steps -> micro-batches -> rows -> example indices."""
+        """Epoch ``e`` as steps -> global micro-batches (``batch`` x world size rows) -> rows -> example indices."""
         if e not in self._cache:
             rng = random.Random(f"{self.seed}:{e}")
             order = list(range(len(self.examples)))
@@ -45,7 +66,8 @@ class ExamplePlan:
                 rng.shuffle(rows)
             else:
                 rows = [[i] for i in order]
-            micro = [rows[j: j + self.batch] for j in range(0, len(rows), self.batch)]
+            width = self.batch * self.world_size
+            micro = [rows[j: j + width] for j in range(0, len(rows), width)]
             self._cache = {e: [micro[j: j + self.grad_accum] for j in range(0, len(micro), self.grad_accum)]}
         return self._cache[e]
 
@@ -53,6 +75,10 @@ class ExamplePlan:
         return sum(len(self.epoch(e)) for e in range(epochs))
 
     def micro_batch(self, rows: list[list[int]]) -> MicroBatch:
+        """This rank's share of the global micro-batch ``rows``."""
+        return _rank_share(rows, self.rank, self.world_size, self._build)
+
+    def _build(self, rows: list[list[int]]) -> MicroBatch:
         if self.packing:
             return packed_batch([[self.examples[i] for i in row] for row in rows], self.pad_id)
         return padded_batch([self.examples[row[0]] for row in rows], self.pad_id)
@@ -69,11 +95,14 @@ class ExamplePlan:
 
 
 class RandomPlan:
-    """Endless steps of seeded random token ids (no padding), for smoke tests of presets."""
+    """Endless steps of seeded random token ids (no padding), for smoke tests of presets; global micro-batches
+    of ``batch`` x ``world_size`` rows, of which rank ``rank`` trains its share."""
 
-    def __init__(self, vocab_size: int, seq_len: int, batch: int, grad_accum: int, seed: int):
+    def __init__(self, vocab_size: int, seq_len: int, batch: int, grad_accum: int, seed: int, rank: int = 0,
+                 world_size: int = 1):
         self.vocab_size, self.seq_len, self.batch, self.grad_accum, self.seed = vocab_size, seq_len, batch, \
             grad_accum, seed
+        self.rank, self.world_size = rank, world_size
 
     def stream(self, position: dict):
         import torch
@@ -83,43 +112,77 @@ class RandomPlan:
         while True:
             micro = []
             for _ in range(self.grad_accum):
-                ids = torch.randint(0, self.vocab_size, (self.batch, self.seq_len), generator=g)
-                micro.append(MicroBatch({"input_ids": ids, "attention_mask": torch.ones_like(ids),
-                                         "labels": ids.clone()}, ids.numel()))
+                ids = torch.randint(0, self.vocab_size, (self.batch * self.world_size, self.seq_len), generator=g)
+                micro.append(_rank_share(list(ids), self.rank, self.world_size, self._build))
             step += 1
             if step > position["step"]:
                 yield {"epoch": 0, "step": step}, micro
 
+    @staticmethod
+    def _build(rows: list) -> MicroBatch:
+        import torch
+
+        ids = torch.stack(rows)
+        return MicroBatch({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()},
+                          ids.numel())
+
 
 # ------------------------------------------------------------------------------------------------- step
-def step_label_count(micro_batches: list[MicroBatch]) -> int:
-    """N: the labels the loss sees in one optimizer step (shifted by one), over all its micro-batches. Across
-    several processes this is where the count would be summed over all of them (an all-reduce), so every
-    rank divides by the same N."""
-    return sum(int((b.inputs["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches)
+def _world(world):
+    from fastbench.distributed.world import World
+
+    return world or World()
 
 
-def accumulate(model, micro_batches: list[MicroBatch]) -> tuple[float, int]:
-    """Forward and backward of one optimizer step's micro-batches, each loss normalised by the step's label
-    count. Returns (mean token loss, real tokens). No KV cache: transformers reads packed rows from
-    position_ids only without one."""
-    device = next(p for p in model.parameters() if p.requires_grad).device
-    n = max(1, step_label_count(micro_batches))
-    total = 0.0
-    for b in micro_batches:
-        inputs = {k: v.to(device) for k, v in b.inputs.items()}
-        loss = model(**inputs, num_items_in_batch=n, use_cache=False).loss
-        loss.backward()
-        total = total + loss.detach()
-    return float(total), sum(b.tokens for b in micro_batches)
+def step_label_count(micro_batches: list[MicroBatch], world=None) -> int:
+    """N: the labels the loss sees in one optimizer step (shifted by one), over all its micro-batches and,
+    in a ``world`` of several processes, over all of them (an all-reduce), so every rank divides by the
+    same N."""
+    from fastbench.distributed.world import all_reduce_sum
+
+    local = sum(int((b.inputs["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches)
+    return int(all_reduce_sum(local, _world(world)))
 
 
-def evaluate(model, micro_batches: list[MicroBatch]) -> float:
-    """Mean token loss over all labels of ``micro_batches`` (no gradients; the model's mode is restored)."""
+def accumulate(model, micro_batches: list[MicroBatch], world=None) -> tuple[float, int]:
+    """Forward and backward of one optimizer step's micro-batches (this rank's, for a ``model`` under DDP:
+    fastbench.distributed.ddp.wrap), each loss normalised by the step's label count over the world; the
+    gradients are reduced over the ranks in the last micro-batch's backward only. Returns (mean token loss,
+    real tokens), both of the whole world. No KV cache: transformers reads packed rows from position_ids
+    only without one."""
     import torch
 
+    from fastbench.distributed.ddp import sync_gradients
+    from fastbench.distributed.world import all_reduce_sum
+
+    world = _world(world)
     device = next(p for p in model.parameters() if p.requires_grad).device
-    n = max(1, step_label_count(micro_batches))
+    n = max(1, step_label_count(micro_batches, world))
+    total = 0.0
+    for i, b in enumerate(micro_batches):
+        inputs = {k: v.to(device) for k, v in b.inputs.items()}
+        with sync_gradients(model, last=i == len(micro_batches) - 1):
+            loss = model(**inputs, num_items_in_batch=n, use_cache=False).loss
+            loss.backward()
+        total = total + loss.detach()
+    if not world.grouped:
+        return float(total), sum(b.tokens for b in micro_batches)
+    summed = all_reduce_sum(torch.tensor([float(total), sum(b.tokens for b in micro_batches)],
+                                         dtype=torch.float64), world)
+    return float(summed[0]), int(summed[1])
+
+
+def evaluate(model, micro_batches: list[MicroBatch], world=None) -> float:
+    """Mean token loss over all labels of ``micro_batches`` (each rank's share in a ``world`` of several; no
+    gradients; the model's mode is restored)."""
+    import torch
+
+    from fastbench.distributed.ddp import unwrap
+    from fastbench.distributed.world import all_reduce_sum
+
+    model = unwrap(model)
+    device = next(p for p in model.parameters() if p.requires_grad).device
+    n = max(1, step_label_count(micro_batches, world))
     was_training = model.training
     model.eval()
     total = 0.0
@@ -130,17 +193,20 @@ def evaluate(model, micro_batches: list[MicroBatch]) -> float:
                 total += float(model(**inputs, num_items_in_batch=n, use_cache=False).loss)
     finally:
         model.train(was_training)
-    return total
+    return float(all_reduce_sum(torch.tensor(total, dtype=torch.float64), _world(world)))
 
 
-def eval_batches(examples: list[dict], batch: int, max_seq_length: int, packing: bool, pad_id: int):
-    """The evaluation set as micro-batches, in order (packed or padded like training)."""
-    plan = ExamplePlan(examples, batch, 1, max_seq_length, packing, pad_id, seed=0)
+def eval_batches(examples: list[dict], batch: int, max_seq_length: int, packing: bool, pad_id: int, rank: int = 0,
+                 world_size: int = 1):
+    """The evaluation set as micro-batches, in order (packed or padded like training); rank ``rank``'s share
+    of each of ``batch`` x ``world_size`` rows."""
+    plan = ExamplePlan(examples, batch, 1, max_seq_length, packing, pad_id, 0, rank, world_size)
     if packing:
         rows = pack_rows([len(e["input_ids"]) for e in examples], max_seq_length)
     else:
         rows = [[i] for i in range(len(examples))]
-    return [plan.micro_batch(rows[j: j + batch]) for j in range(0, len(rows), batch)]
+    width = batch * world_size
+    return [plan.micro_batch(rows[j: j + width]) for j in range(0, len(rows), width)]
 
 
 def make_optimizer(model, lr: float, warmup_steps: int, total_steps: int):
@@ -242,30 +308,35 @@ class LoopState:
 
 
 def train_loop(model, plan, settings: LoopSettings, state: LoopState, evaluation=None, resume: dict | None = None,
-               progress=None) -> LoopState:
+               progress=None, world=None) -> LoopState:
     """Runs the steps from ``resume`` (a loaded checkpoint) or from the start up to ``settings.steps``,
     updating ``state`` as it goes (so a caller catching an exception knows what finished). ``evaluation``:
     micro-batches of the eval set; evaluated every ``eval_every`` steps and at the end. Raises
-    NonFiniteLoss for a step with a NaN/inf loss or gradient under ``on_nan="stop"``."""
+    NonFiniteLoss for a step with a NaN/inf loss or gradient under ``on_nan="stop"``. In a ``world`` of
+    several processes (``model`` under DDP, ``plan`` and ``evaluation`` this rank's shares) every rank runs
+    it; rank 0 alone writes the log and the checkpoints."""
     import torch
 
+    from fastbench.distributed.ddp import unwrap
     from fastbench.train.checkpoint import restore, save_checkpoint
 
+    world = _world(world)
     params, optimizer, schedule = make_optimizer(model, settings.lr, settings.warmup_steps, settings.steps)
     position = {"epoch": 0, "step": 0}
     if resume is not None:
-        restore(resume, model, optimizer, schedule)
+        restore(resume, unwrap(model), optimizer, schedule)
         state.done, position = resume["step"], resume["position"]
         state.last_checkpoint = resume["path"]
     model.train()
     log_path = os.path.join(settings.output, "train_log.jsonl")
 
     def log(row):
-        with open(log_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        if world.is_main:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
 
     def run_eval():
-        state.eval_loss = evaluate(model, evaluation)
+        state.eval_loss = evaluate(model, evaluation, world)
         row = {"step": state.done, "eval_loss": state.eval_loss,
                "eval_ppl": math.exp(min(state.eval_loss, 700.0))}
         log(row)
@@ -276,7 +347,7 @@ def train_loop(model, plan, settings: LoopSettings, state: LoopState, evaluation
         after, micro_batches = next(stream)
         start = time.perf_counter()
         lr_now = schedule.get_last_lr()[0]
-        loss, tokens = accumulate(model, micro_batches)
+        loss, tokens = accumulate(model, micro_batches, world)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
         step = state.done + 1
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
@@ -303,7 +374,11 @@ def train_loop(model, plan, settings: LoopSettings, state: LoopState, evaluation
         if evaluation and settings.eval_every and step % settings.eval_every == 0 and step < settings.steps:
             run_eval()
         if settings.save_every and step % settings.save_every == 0:
-            state.last_checkpoint = save_checkpoint(settings.output, step, model, optimizer, schedule, position)
+            path = os.path.join(settings.output, f"checkpoint-{step}")
+            if world.is_main:
+                path = save_checkpoint(settings.output, step, unwrap(model), optimizer, schedule, position,
+                                       world.world_size)
+            state.last_checkpoint = path
     if evaluation:
         run_eval()
     return state

@@ -58,16 +58,22 @@ def lora_model(seed, lora_seed, fused=False, targets=("q_proj", "v_proj", "down_
     return model
 
 
+def step_loss(model, micro_batches, world):
+    """The trainer's accumulation of one optimizer step of collated micro-batches; returns its loss."""
+    from fastbench.train.loop import accumulate
+    from fastbench.train.packing import MicroBatch
+
+    return accumulate(model, [MicroBatch(b, 0) for b in micro_batches], world)[0]
+
+
 def train(model, steps, world, opt=None):
     """Optimizer steps over ``steps``; returns (losses, the last step's LoRA gradients, the LoRA weights after)."""
-    from fastbench.distributed import ddp
-
     params = [p for p in model.parameters() if p.requires_grad]
     opt = opt or torch.optim.AdamW(params, lr=1e-2)
     losses = []
     for step in steps:
         opt.zero_grad(set_to_none=True)
-        losses.append(ddp.accumulate(model, step, world).loss)
+        losses.append(step_loss(model, step, world))
         grads = [p.grad.clone() for p in params]
         opt.step()
     return losses, grads, [p.detach().clone() for p in params]
@@ -162,7 +168,6 @@ def _fused(rank, seed, out):
 def test_fused_model_with_checkpointing_under_ddp(seed, tmp_path):
     """The fused path's autograd Functions and recomputed layers under DDP (two micro-batches, the first under
     no_sync): the same step as one process of plain PEFT with the same adapters on the whole batch."""
-    from fastbench.distributed import ddp
     from fastbench.distributed.world import World
     from fastbench.presets import DEFAULT_TARGETS
 
@@ -175,7 +180,7 @@ def test_fused_model_with_checkpointing_under_ddp(seed, tmp_path):
         for name, p in reference.named_parameters():
             if p.requires_grad:
                 p.copy_(fused[name])
-    loss = ddp.accumulate(reference, next(global_steps(seed, rows=((3, 2),))), World()).loss
+    loss = step_loss(reference, next(global_steps(seed, rows=((3, 2),))), World())
     assert abs(losses[0] - loss) < 1e-5 * abs(loss)
     ref_grads = [p.grad for p in reference.parameters() if p.requires_grad]
     assert len(grads) == len(ref_grads) > 0

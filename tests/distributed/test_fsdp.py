@@ -6,15 +6,13 @@ import pytest
 import torch
 
 from _worlds import TIMEOUT_S, run_world
-from test_ddp import PRESET, assert_same_training, global_steps, lora_model
+from test_ddp import PRESET, assert_same_training, global_steps, lora_model, step_loss
 
 STEPS = 2
 
 
 def train_sharded(model, steps, world):
     from torch.distributed.tensor import DTensor
-
-    from fastbench.distributed import ddp
 
     def full(t):
         return t.full_tensor() if isinstance(t, DTensor) else t
@@ -24,7 +22,7 @@ def train_sharded(model, steps, world):
     losses = []
     for step in steps:
         opt.zero_grad(set_to_none=True)
-        losses.append(ddp.accumulate(model, step, world).loss)
+        losses.append(step_loss(model, step, world))
         grads = [full(p.grad).clone() for p in params]
         opt.step()
     return losses, grads, [full(p.detach()).clone() for p in params]
