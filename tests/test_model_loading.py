@@ -21,7 +21,7 @@ PRESET = "llama-3-8b-tiny"
 @pytest.fixture(scope="module")
 def safe(tmp_path_factory):
     """A tiny Llama checkpoint (safetensors, with a tokenizer)."""
-    from fastbench.presets import save_checkpoint
+    from fastbench.bench.checkpoint_cache import save_checkpoint
 
     return save_checkpoint(PRESET, str(tmp_path_factory.mktemp("safe") / "llama-tiny"), seed=5)
 
@@ -152,7 +152,7 @@ def test_remote_code_does_not_run_unless_trusted(safe, tmp_path):
 
 
 def test_the_cli_refuses_in_one_line(pickled, tmp_path):
-    from fastbench.train import train_command
+    from fastbench.train.cli import train_command
 
     result = CliRunner().invoke(train_command, [pickled, "--data", "random", "--steps", "1", "--output",
                                                 str(tmp_path / "out")])

@@ -37,7 +37,8 @@ def base_model(cfg: RunConfig):
     else:
         model = AutoModelForCausalLM.from_pretrained(source.path, dtype=cfg.torch_dtype,
                                                      device_map={"": _concrete_device(cfg)},
-                                                     attn_implementation="sdpa")
+                                                     attn_implementation="sdpa", use_safetensors=True,
+                                                     trust_remote_code=False)
     model.config.use_cache = False
     return model.train()
 
@@ -52,7 +53,8 @@ def load_4bit(cfg: RunConfig):
     path = checkpoint_path(cfg)
     quant = {} if resolve_model(cfg.model).prequantized_4bit else {"quantization_config": nf4_config(cfg.torch_dtype)}
     model = AutoModelForCausalLM.from_pretrained(path, dtype=cfg.torch_dtype, attn_implementation="sdpa",
-                                                 device_map={"": _concrete_device(cfg)}, **quant)
+                                                 device_map={"": _concrete_device(cfg)}, use_safetensors=True,
+                                                 trust_remote_code=False, **quant)
     model.config.use_cache = False
     return model
 
