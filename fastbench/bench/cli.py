@@ -3,8 +3,12 @@ regression checks."""
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import click
+
+from fastbench.chat_templates import TEMPLATE_NAMES
+from fastbench.train.data import FORMATS as DATA_FORMATS
 
 DEFAULT_ALLOC_CONF = "expandable_segments:True"  # less fragmentation; what Unsloth sets on import
 
@@ -105,6 +109,37 @@ def _validate(compare: dict) -> None:
         RunConfig.from_dict({**compare["run"], "model": model}).validate()
 
 
+def _prepare_data(compare: dict) -> dict[str, dict]:
+    """Per model, the steps of the data file (none for random tokens), and ``compare["data"]``: the file's
+    name, path, size, hash and per model its length stats. A file that cannot be used, or one that changed
+    since a results file recorded it, is a UsageError (exit 2) before any process starts."""
+    from fastbench.bench import file_data
+    from fastbench.bench.arms import RunConfig
+    from fastbench.train.data import DataError
+
+    run = compare["run"]
+    if not run.get("data"):
+        return {}
+    path = run["data"]
+    if not os.path.exists(path):
+        raise click.BadParameter(f"{path}: no such file", param_hint="--data")
+    described = file_data.describe_file(path)
+    recorded = compare.get("data")
+    if recorded and recorded["sha256"] != described["sha256"]:
+        raise click.BadParameter(f"{path} is not the file the results were measured on (sha256 "
+                                 f"{described['sha256'][:12]}, recorded {recorded['sha256'][:12]}); give that "
+                                 "file", param_hint="--data")
+    prepared = {}
+    for model in compare["models"]:
+        try:
+            prepared[model] = file_data.prepare(RunConfig.from_dict({**run, "model": model}),
+                                                run["warmup"] + run["steps"])
+        except DataError as e:
+            raise click.BadParameter(str(e), param_hint="--data") from None
+    compare["data"] = {**described, "models": {m: p["stats"] for m, p in prepared.items()}}
+    return prepared
+
+
 def _check_against(results: dict, old: dict, path: str, allow_config_change: bool) -> list[str]:
     """Before anything runs: the configurations must match (else exit 2 naming what differs, unless
     allowed: then the differences are returned to be reported) and the runs must share a (model, arm)."""
@@ -154,7 +189,29 @@ def summarize_results(results: dict) -> dict:
 @click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None,
               help="Activation checkpointing [on].")
 @click.option("--device", help="cuda, cuda:N or cpu [cuda if available].")
-@click.option("--pad-fraction", type=float, help="Mean fraction of right padding per sequence [0].")
+@click.option("--pad-fraction", type=float, help="Mean fraction of right padding per sequence of random tokens [0].")
+@click.option("--data", type=click.Path(), metavar="FILE",
+              help="Train on this data file (.jsonl, .json, .csv, .parquet, .txt or a datasets.save_to_disk "
+                   "directory; read, rendered and labelled as `fastbench train` does) instead of random tokens. "
+                   "A step consumes the next examples of the file (shuffled with --seed) that pack into "
+                   "batch x grad-accum rows of --seq-len tokens, the same examples for every arm: the fused arms "
+                   "train them packed into such rows, the others (peft, qlora, unsloth, liger) as their users do, "
+                   "--batch examples per micro-batch padded to the longest (all truncated at --seq-len). So a "
+                   "step is the same real tokens in every arm, and real tokens/s (padding not counted) compares "
+                   "the same work; the padding each arm carried is reported beside it. Tokenizer: a checkpoint's "
+                   "own; for a preset, a byte-level BPE trained on the file (see --tokenizer).")
+@click.option("--format", "data_format", type=click.Choice(DATA_FORMATS),
+              help="The records' format [detected from the first record].")
+@click.option("--packing/--no-packing", default=None,
+              help="With --data: the fused arms pack examples into rows (--no-packing: they pad like the "
+                   "others) [packing].")
+@click.option("--text-field", help="With --data: the field of text records [text].")
+@click.option("--chat-template", type=click.Choice(TEMPLATE_NAMES),
+              help="With --data: render conversations with this template instead of the tokenizer's "
+                   "[the tokenizer's; a preset's built tokenizer: chatml].")
+@click.option("--tokenizer", type=click.Path(file_okay=False), metavar="DIR",
+              help="With --data: the tokenizer saved in DIR [a checkpoint's own; for a preset, a byte-level "
+                   "BPE trained on the data file, up to the preset's vocab size].")
 @click.option("--profile/--no-profile", default=None,
               help="After the timed steps, two more steps per process: one timed from an idle GPU (does "
                    "the host CPU bound the step? with offloaded checkpointing also: how long did the host wait "
@@ -224,6 +281,7 @@ def compare(ctx, from_path, resume_path, against_path, max_regression, allow_con
         _validate(compare_cfg)
     except (UnknownArm, MissingPackage, UnknownPreset, NotAModel, ValueError) as e:
         raise click.UsageError(str(e)) from None
+    prepared = _prepare_data(compare_cfg)
 
     environment = collect_environment()
     if not resume_path:
@@ -239,8 +297,10 @@ def compare(ctx, from_path, resume_path, against_path, max_regression, allow_con
         click.echo(f"note: {report.CPU_NOTE}")
     click.echo(f"fastbench compare {results['id']}: {', '.join(compare_cfg['arms'])} on "
                f"{', '.join(compare_cfg['models'])}, {compare_cfg['repeats']} repeat(s)")
+    for line in report.data_lines(compare_cfg):
+        click.echo(line)
     with sigterm_as_interrupt() as stop:  # a scheduler's SIGTERM keeps what was measured, as Ctrl-C does
-        finished = run_compare(results, results_dir, timeout=timeout)
+        finished = run_compare(results, results_dir, timeout=timeout, prepared=prepared)
 
     results["summary"] = summarize_results(results)
     regressions = None

@@ -51,13 +51,14 @@ def _tail(path: str, chars: int = 1500) -> str:
 
 
 def run_one(label: str, model: str, repeat: int, run_config: dict, workdir: str, env: dict,
-            timeout: float | None) -> dict:
-    """One worker process; a crash or a timeout becomes a record with that status and the log tail."""
+            timeout: float | None, data: str | None = None) -> dict:
+    """One worker process; a crash or a timeout becomes a record with that status and the log tail. ``data``:
+    the prepared steps of a data file (fastbench.bench.file_data) for this model, as a JSON file."""
     stem = os.path.join(workdir, f"{len(os.listdir(workdir)):04d}-{label.replace(':', '_').replace('#', '_')}"
                                  f"-{model.replace('/', '_')}-r{repeat}")
     config = {**run_config, "model": model}
     with open(stem + ".spec.json", "w") as f:
-        json.dump({"arm": label, "repeat": repeat, "config": config}, f)
+        json.dump({"arm": label, "repeat": repeat, "config": config, "data": data}, f)
     out, log = stem + ".out.json", stem + ".log"
     try:
         with open(log, "w") as logf:
@@ -90,10 +91,12 @@ RUN_AGAIN = ("crashed", "timeout")  # statuses a resumed run replaces: the proce
 
 
 def run_compare(results: dict, results_dir: str, timeout: float | None = None,
-                echo: Callable[..., None] = click.echo) -> bool:
+                echo: Callable[..., None] = click.echo, prepared: dict[str, dict] | None = None) -> bool:
     """Run every planned process that ``results["runs"]`` lacks (all of them for a new run; the rest,
     and those that crashed or timed out, for a resumed one), appending records and rewriting the results
-    file after each. Returns False if interrupted (Ctrl-C); the file then has status "interrupted"."""
+    file after each. ``prepared``: per model, the steps of a data file (fastbench.bench.file_data.prepare),
+    handed to its workers as one file. Returns False if interrupted (Ctrl-C); the file then has status
+    "interrupted"."""
     compare = results["compare"]
     results["runs"] = [r for r in results["runs"] if r["status"] not in RUN_AGAIN]
     done = {(r["arm"], r["model"], r["repeat"]) for r in results["runs"]}
@@ -103,11 +106,16 @@ def run_compare(results: dict, results_dir: str, timeout: float | None = None,
     env = worker_env(os.path.join(scratch, "checkpoints"), compare.get("alloc_conf"))
     workdir = os.path.join(scratch, "runs")
     os.makedirs(workdir)
+    data = {}
+    for n, (model, doc) in enumerate((prepared or {}).items()):
+        data[model] = os.path.join(scratch, f"data-{n}.json")
+        with open(data[model], "w") as f:
+            json.dump({"pad_id": doc["pad_id"], "steps": doc["steps"]}, f)
     started = time.monotonic()
     try:
         for i, (repeat, model, label) in enumerate(todo, 1):
             echo(f"[{i}/{len(todo)}] {label} on {model}, repeat {repeat + 1}/{compare['repeats']} ... ", nl=False)
-            record = run_one(label, model, repeat, compare["run"], workdir, env, timeout)
+            record = run_one(label, model, repeat, compare["run"], workdir, env, timeout, data.get(model))
             results["runs"].append(record)
             results_io.write(results, results_dir)
             echo(describe_record(record) + time_left(time.monotonic() - started, i, len(todo)))

@@ -1,7 +1,9 @@
 """Statistics over worker records: per (model, arm) medians and spreads, ratios against the baseline
 arm with a bootstrap confidence interval, the A/A noise floor, and the loss check.
 
-Throughput is pooled over the timed steps of all repeats (tokens/s of each step); its p10-p90 is the
+Throughput is real (non-padding) tokens/s, pooled over the timed steps of all repeats (of each step); beside
+it ``padded_tokens_per_s`` counts every position computed and ``padding`` is the share of padding among
+them. Its p10-p90 is the
 step-to-step spread, and ``repeat_spread`` = (max - min) / median of the per-repeat medians is the
 process-to-process spread. The ratio's CI resamples repeats, then steps within each chosen repeat
 (two-level bootstrap, seeded), so a difference between processes widens it.
@@ -21,7 +23,14 @@ LOSS_TOLERANCE = {"same": 0.01, "cross": 0.02}  # relative; "cross": bf16 vs nf4
 
 
 def step_tokens_per_s(record: dict) -> np.ndarray:
+    """Real (non-padding) tokens per second of each timed step."""
     return np.asarray(record["tokens_per_step"], float) / np.asarray(record["step_s"], float)
+
+
+def positions(record: dict) -> list[int]:
+    """Positions computed per timed step, padding included (records from before they were counted had none:
+    their tokens)."""
+    return record.get("positions_per_step") or record["tokens_per_step"]
 
 
 def _ok(records: list[dict]) -> list[dict]:
@@ -52,6 +61,9 @@ def summarize_arm(records: list[dict]) -> dict:
         tokens_per_s_p90=float(np.percentile(tps, 90)),
         step_s=float(np.median(step_s)), step_s_p10=float(np.percentile(step_s, 10)),
         step_s_p90=float(np.percentile(step_s, 90)),
+        padded_tokens_per_s=float(np.median(np.concatenate(
+            [np.asarray(positions(r), float) / np.asarray(r["step_s"], float) for r in ok]))),
+        padding=1 - sum(sum(r["tokens_per_step"]) for r in ok) / sum(sum(positions(r)) for r in ok),
         repeat_spread=_spread([float(np.median(step_tokens_per_s(r))) for r in ok]),
         load_s=_median(r["load_s"] for r in ok), first_step_s=_median(r["first_step_s"] for r in ok))
     for key in ("peak_allocated_gib", "peak_reserved_gib", "nvml_process_gib", "nvml_device_gib"):

@@ -1,6 +1,7 @@
 """One benchmark process: ``python -m fastbench.bench.worker <spec.json> <out.json>``.
 
-The spec holds ``arm`` (a label), ``repeat`` and ``config`` (a RunConfig dict). The worker builds the
+The spec holds ``arm`` (a label), ``repeat``, ``config`` (a RunConfig dict) and, for a run on a data file,
+``data``: the path of the steps the parent prepared (fastbench.bench.file_data.prepare, as JSON). The worker builds the
 arm (load time), runs ``warmup`` steps timed on the wall clock (the first one is the time to first
 step) and ``steps`` timed steps (CUDA events on a GPU, no synchronisation in between; perf_counter on
 a CPU), and writes one record: per-step times, tokens and losses, peak memory three ways (torch
@@ -9,7 +10,10 @@ the GPU were during the timed steps (fastbench.bench.busy), and the allocator se
 (``alloc_env``: an arm may set its own on import). Running out of memory gives status "oom"
 (simulate with FASTBENCH_SIMULATE_OOM=<label or arm name>); any other failure status "error" with its
 message (FASTBENCH_SIMULATE_KILL and _HANG: :func:`simulate_fault`). A step is: forward with labels and
-backward for each micro-batch (loss divided by grad_accum), optimizer step, zero grad. With
+backward for each micro-batch, optimizer step, zero grad; each micro-batch's loss (the mean over its label
+tokens) is weighted by its share of the step's label tokens, so the step's loss is the mean over all of
+them however they fall into micro-batches. ``tokens_per_step`` counts the real tokens of each timed step,
+``positions_per_step`` every position computed, padding included. With
 ``config.profile``, one more step after
 everything above is measured runs under torch.profiler and gives ``profile`` (time per region, see
 fastbench.bench.profile; ``{"error": ...}`` if that step fails); it is in no other figure.
@@ -28,7 +32,8 @@ from fastbench.bench import busy
 from fastbench.bench.profile import offloading
 
 GIB = 2**30
-ALLOC_ENV = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")  # the caching allocator's settings (new name, old name)
+ALLOC_ENV = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
+IGNORE_INDEX = -100  # the caching allocator's settings (new name, old name)
 
 
 def _nvml_gib(device_index: int) -> tuple[float | None, float | None]:
@@ -92,7 +97,7 @@ def new_record(label: str, model: str, repeat: int, config: dict, status: str = 
     """A worker record with nothing measured yet (the runner also uses it for processes that died)."""
     return {"arm": label, "model": model, "repeat": repeat, "status": status, "error": error,
             "phase": "load", "load_s": None, "materialize_s": 0.0, "first_step_s": None, "first_step_compiles": None,
-            "warmup_step_s": [], "step_s": [], "tokens_per_step": [], "losses": [],
+            "warmup_step_s": [], "step_s": [], "tokens_per_step": [], "positions_per_step": [], "losses": [],
             "peak_allocated_gib": None, "peak_reserved_gib": None, "nvml_process_gib": None,
             "nvml_device_gib": None, **dict.fromkeys(busy.FIELDS), "gc_timed": None, "offload_wait_ms": None,
             "autotune_tiers": None, "profile": None, "alloc_env": None, "config": config}
@@ -110,8 +115,6 @@ def run(spec: dict) -> dict:
     for module in arm.import_first:  # Unsloth patches transformers on import: it must come first
         __import__(module)
     import torch
-
-    from fastbench.bench.data import count_tokens, make_steps
 
     cfg = arms.RunConfig.from_dict(spec["config"])
     cfg.arm_options = {**cfg.arm_options, **options}
@@ -132,13 +135,14 @@ def run(spec: dict) -> dict:
         if not params:
             raise RuntimeError(f"arm {label!r} built a model with no trainable parameters")
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, fused=cuda)
-        batches = make_steps(cfg, vocab_size, cfg.device)
+        batches, real_tokens = training_steps(spec, cfg, vocab_size, arm.packs)
+        weights = [label_shares(micro_batches) for micro_batches in batches]
         simulate = os.environ.get("FASTBENCH_SIMULATE_OOM", "")
 
-        def step(micro_batches):
+        def step(i):
             total = 0.0
-            for b in micro_batches:
-                loss = model(**b).loss / cfg.grad_accum
+            for b, share in zip(batches[i], weights[i]):
+                loss = model(**b).loss * share
                 loss.backward()
                 total = total + loss.detach()
             optimizer.step()
@@ -149,7 +153,7 @@ def run(spec: dict) -> dict:
         compiled = _triton_compiled()
         for i in range(cfg.warmup):
             t = time.perf_counter()
-            losses.append(step(batches[i]))
+            losses.append(step(i))
             sync()
             record["warmup_step_s"].append(time.perf_counter() - t)
             after = _triton_compiled() if i == 0 and compiled is not None else None
@@ -158,7 +162,7 @@ def run(spec: dict) -> dict:
         record["phase"] = "timed"
         if simulate in (label, name):
             raise torch.OutOfMemoryError(f"simulated out of memory (FASTBENCH_SIMULATE_OOM={simulate})")
-        timed = batches[cfg.warmup:]
+        timed = range(cfg.warmup, len(batches))
         # the model's build and the warm-up's compiles leave many young objects; a full collection of them
         # (long enough to show, the host idle meanwhile) is done here, not inside a timed step
         gc.collect()
@@ -188,7 +192,8 @@ def run(spec: dict) -> dict:
                               "ms": 1e3 * sum(t for _, t in gc_pauses),
                               "max_ms": 1e3 * max((t for _, t in gc_pauses), default=0.0)}
         record["first_step_s"] = (record["warmup_step_s"] or record["step_s"])[0]
-        record["tokens_per_step"] = [count_tokens(b) for b in timed]
+        record["tokens_per_step"] = real_tokens[cfg.warmup:]
+        record["positions_per_step"] = [sum(b["input_ids"].numel() for b in batches[i]) for i in timed]
         record["phase"] = "done"
     except Exception as exc:  # recorded, never raised: the run goes on with the next arm
         record["status"] = "oom" if _is_oom(exc) else "error"
@@ -205,10 +210,39 @@ def run(spec: dict) -> dict:
         from fastbench.bench.profile import profile_step
 
         try:
-            record["profile"] = profile_step(lambda: step(batches[-1]), cuda, offloading(model))
+            record["profile"] = profile_step(lambda: step(len(batches) - 1), cuda, offloading(model))
         except Exception as exc:  # the measured steps stand; the breakdown is missing
             record["profile"] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
     return record
+
+
+def training_steps(spec: dict, cfg, vocab_size: int, packs: bool) -> tuple[list[list[dict]], list[int]]:
+    """(every step's micro-batches on ``cfg.device``, every step's real tokens): random tokens
+    (fastbench.bench.data), or the steps of a data file the parent prepared (``spec["data"]``), packed for an
+    arm that ``packs`` (with ``cfg.packing``), padded for the others."""
+    if not spec.get("data"):
+        from fastbench.bench.data import count_tokens, make_steps
+
+        steps = make_steps(cfg, vocab_size, cfg.device)
+        return steps, [count_tokens(s) for s in steps]
+    from fastbench.bench.file_data import micro_batches
+
+    with open(spec["data"]) as f:
+        prepared = json.load(f)
+    steps, real = [], []
+    for examples in prepared["steps"][: cfg.warmup + cfg.steps]:
+        mbs = micro_batches(examples, packs and cfg.packing, cfg.batch, cfg.seq_len, prepared["pad_id"])
+        steps.append([{k: v.to(cfg.device) for k, v in mb.inputs.items()} for mb in mbs])
+        real.append(sum(mb.tokens for mb in mbs))
+    return steps, real
+
+
+def label_shares(micro_batches: list[dict]) -> list[float]:
+    """Each micro-batch's share of its step's label tokens (labels shifted by one, as the causal loss takes
+    them): the weight of its mean loss in the step's mean."""
+    counts = [int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches]
+    total = sum(counts)
+    return [c / total if total else 1 / len(counts) for c in counts]
 
 
 def simulate_fault(label: str) -> None:

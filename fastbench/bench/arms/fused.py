@@ -104,7 +104,7 @@ def _offload_only(options: dict) -> None:
 
 FUSED = ArmSpec("fused", f"fastbench fused LoRA on the bf16 model ({_OPTIONS})",
                 ("peft",), "pip install peft", _fused(base_model), kind="bf16",
-                options=ARM_OPTIONS, check_options=_offload_only)
+                options=ARM_OPTIONS, check_options=_offload_only, packs=True)
 FUSED_4BIT = ArmSpec("fused-4bit", f"fastbench fused QLoRA on the NF4 model ({_OPTIONS})",
                      ("peft", "bitsandbytes"), "pip install bitsandbytes", _fused(load_4bit), kind="nf4",
-                     options=ARM_OPTIONS, check_options=_offload_only)
+                     options=ARM_OPTIONS, check_options=_offload_only, packs=True)
