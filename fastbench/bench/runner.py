@@ -115,7 +115,7 @@ def run_compare(results: dict, results_dir: str, timeout: float | None = None,
     try:
         for i, (repeat, model, label) in enumerate(todo, 1):
             echo(f"[{i}/{len(todo)}] {label} on {model}, repeat {repeat + 1}/{compare['repeats']} ... ", nl=False)
-            record = run_one(label, model, repeat, compare["run"], workdir, env, timeout, data.get(model))
+            record = run_one(label, model, repeat, compare["run"], workdir, env, timeout, data=data.get(model))
             results["runs"].append(record)
             results_io.write(results, results_dir)
             echo(describe_record(record) + time_left(time.monotonic() - started, i, len(todo)))

@@ -108,7 +108,7 @@ def test_resume_runs_only_what_is_missing(tmp_path, make_record, make_results, m
     path.write_text(json.dumps(res))
     ran = []
 
-    def fake_run_one(label, model, repeat, run_config, workdir, env, timeout):
+    def fake_run_one(label, model, repeat, run_config, workdir, env, timeout, **job):
         ran.append((label, model, repeat))
         return make_record(label, model=model, repeat=repeat)
 
@@ -130,7 +130,7 @@ def test_arm_models_restricts_an_arm_to_some_models(tmp_path, make_record, monke
 
     ran = []
 
-    def fake_run_one(label, model, repeat, run_config, workdir, env, timeout):
+    def fake_run_one(label, model, repeat, run_config, workdir, env, timeout, **job):
         ran.append((label, model))
         return make_record(label, model=model, repeat=repeat)
 
@@ -159,7 +159,7 @@ def test_interrupted_compare_keeps_the_measured_processes(tmp_path, make_record,
 
     from fastbench.bench import runner
 
-    def fake_run_one(label, model, repeat, run_config, workdir, env, timeout):
+    def fake_run_one(label, model, repeat, run_config, workdir, env, timeout, **job):
         if repeat == 1:
             if stop == "ctrl-c":
                 raise KeyboardInterrupt
@@ -183,7 +183,7 @@ def test_run_options_reach_every_process(tmp_path, make_record, monkeypatch):
 
     configs = []
 
-    def fake_run_one(label, model, repeat, run_config, workdir, env, timeout):
+    def fake_run_one(label, model, repeat, run_config, workdir, env, timeout, **job):
         configs.append(run_config)
         return make_record(label, model=model, repeat=repeat)
 
