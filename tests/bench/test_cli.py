@@ -38,9 +38,8 @@ def _compare(*args, tmp_path):
      "save_every=<whole number>"),
     (["--arms", "fused-4bit:ckpt=offload:save_every=x"],
      "save_every='x' is not valid; write save_every=<whole number>"),
-    (["--arms", "fused-4bit:ckpt=offload:keep_last=-1"], "keep_last='-1' is not valid"),
-    (["--arms", "fused:ckpt=offload:streams=3"], "write streams=1|2"),
-    (["--arms", "fused:ckpt=offload:whole_layers=2"], "write whole_layers=0|1"),
+    (["--arms", "fused:ckpt=offload:streams=2"], "has no option 'streams'; valid: ckpt=true|false|offload|auto|<GiB>, "
+     "autotune=on|off, save_every=<whole number>, embedding=0|1"),
     (["--arms", "fused:ckpt=offload:embedding=yes"], "write embedding=0|1"),
     (["--arms", "fused:autotune=maybe"], "write autotune=on|off"),
     (["--arms", "fused:ckpt=0"], "ckpt='0' is not valid"),
