@@ -51,6 +51,9 @@ def _resolve(opts: dict) -> dict:
     models = _split(value["models"] or "")
     if not labels or not models:
         raise click.UsageError("--arms and --models must each name at least one")
+    nproc = value.get("nproc") or 1
+    if nproc > 1:
+        labels = _with_jobs_of(labels, nproc)
     baseline = value["baseline_arm"] or ("peft" if "peft" in labels else labels[0])
     if baseline not in labels:
         raise click.UsageError(f"--baseline-arm {baseline!r} is not among --arms ({', '.join(labels)})")
@@ -66,7 +69,30 @@ def _resolve(opts: dict) -> dict:
                "arm_models": _arm_models(value.get("arm_models") or (), labels, models)}
     compare["kinds"] = {label: get_arm(label, check_installed=False).loss_kind for label in labels}
     compare["alloc_conf"] = _alloc_conf(value["alloc_conf"])
+    compare["nproc"] = nproc
+    compare["dist_backend"] = value.get("dist_backend") or ("nccl" if device.startswith("cuda") else None)
     return compare
+
+
+def _with_jobs_of(labels: list[str], nproc: int) -> list[str]:
+    """``labels`` with, after each arm that runs as a job of ranks (the fused ones), the same arm as a job of
+    ``nproc`` ranks (``fused-4bit:ckpt=offload`` -> also ``fused-4bit:ckpt=offload:nproc=2``)."""
+    from fastbench.bench.arms import NPROC_OPTION, UnknownArm, get_arm
+
+    out = []
+    for label in labels:
+        out.append(label)
+        try:
+            takes = any(o.name == NPROC_OPTION for o in get_arm(label, check_installed=False).options)
+        except UnknownArm:
+            continue  # _validate names it
+        if takes and NPROC_OPTION not in label.split("#")[0].split(":")[1:]:
+            base, sep, twin = label.partition("#")
+            out.append(f"{base}:{NPROC_OPTION}={nproc}{sep}{twin}")
+    if len(out) == len(labels):
+        raise click.UsageError(f"--nproc {nproc} measures how the fused arms scale over ranks; --arms names none "
+                               "(fused, fused-4bit)")
+    return out
 
 
 def _alloc_conf(text: str) -> str | None:
@@ -105,6 +131,7 @@ def _validate(compare: dict) -> None:
     for label in compare["arms"]:
         check_label(label)
         get_arm(label)
+    _check_ranks(compare)
     for model in compare["models"]:
         RunConfig.from_dict({**compare["run"], "model": model}).validate()
 
@@ -114,7 +141,7 @@ def _prepare_data(compare: dict) -> dict[str, dict]:
     name, path, size, hash and per model its length stats. A file that cannot be used, or one that changed
     since a results file recorded it, is a UsageError (exit 2) before any process starts."""
     from fastbench.bench import file_data
-    from fastbench.bench.arms import RunConfig
+    from fastbench.bench.arms import RunConfig, world_size
     from fastbench.train.data import DataError
 
     run = compare["run"]
@@ -131,13 +158,37 @@ def _prepare_data(compare: dict) -> dict[str, dict]:
                                  "file", param_hint="--data")
     prepared = {}
     for model in compare["models"]:
-        try:
-            prepared[model] = file_data.prepare(RunConfig.from_dict({**run, "model": model}),
-                                                run["warmup"] + run["steps"])
-        except DataError as e:
-            raise click.BadParameter(str(e), param_hint="--data") from None
-    compare["data"] = {**described, "models": {m: p["stats"] for m, p in prepared.items()}}
+        for ranks in sorted({world_size(label) for label in compare["arms"]}):
+            try:
+                prepared[model, ranks] = file_data.prepare(RunConfig.from_dict({**run, "model": model}),
+                                                           run["warmup"] + run["steps"], ranks)
+            except DataError as e:
+                raise click.BadParameter(str(e), param_hint="--data") from None
+    stats = {}
+    for (model, _), p in prepared.items():  # the smallest job's plan, the one a single GPU trains
+        stats.setdefault(model, p["stats"])
+    compare["data"] = {**described, "models": stats}
     return prepared
+
+
+def _check_ranks(compare: dict) -> None:
+    """A job of N ranks needs N GPUs here (one each), or on a CPU run the gloo backend (a test of the
+    pipeline); ValueError saying what to change otherwise."""
+    from fastbench.bench.arms import world_size
+    from fastbench.distributed.launch import check_nproc
+
+    ranks = max(world_size(label) for label in compare["arms"])
+    backend = compare.get("dist_backend")
+    if compare["run"]["device"].startswith("cuda"):
+        if ranks > 1:
+            import torch
+
+            check_nproc(ranks, torch.cuda.device_count())
+        if backend == "gloo":
+            raise ValueError("--dist-backend gloo is for CPU runs; GPU ranks join through nccl")
+    elif ranks > 1 and backend != "gloo":
+        raise ValueError(f"--nproc {ranks} on a CPU run: ranks of a CPU job join through gloo, which only tests "
+                         "the pipeline; pass --dist-backend gloo for that, or run on GPUs")
 
 
 def _check_against(results: dict, old: dict, path: str, allow_config_change: bool) -> list[str]:
@@ -217,6 +268,16 @@ def summarize_results(results: dict) -> dict:
                    "the host CPU bound the step? with offloaded checkpointing also: how long did the host wait "
                    "for copies out, the GPU for inputs fetched back?) and one profiled (time per region: "
                    "matmul, dequantize, attention, ...), both in the report; allowed with --from [off].")
+@click.option("--nproc", type=click.IntRange(min=1),
+              help="Data-parallel scaling: each fused arm also runs as one job of N ranks (one process and GPU "
+                   "each, torch.distributed DDP, NCCL), each rank training --batch rows per micro-batch, so the "
+                   "job trains N times the rows of one GPU per step (with --data: the next examples that fill N x "
+                   "batch x grad-accum rows). The report gives the job's real tokens/s, per GPU, and the scaling "
+                   "factor against the same arm on one GPU in the same run; every result row records its world "
+                   "size. N may not exceed the GPUs here [1].")
+@click.option("--dist-backend", type=click.Choice(["nccl", "gloo"]),
+              help="How ranks join: nccl (GPUs); gloo lets --nproc run on a CPU, as a test of the pipeline "
+                   "[nccl].")
 @click.option("--baseline-arm", help="Arm the ratios and loss checks refer to [peft].")
 @click.option("--loss-tolerance", type=float, help="Relative tolerance of the first steps' losses against "
                                                     "an arm of the same kind [0.01; bf16 vs 4-bit: 0.02].")
@@ -316,7 +377,8 @@ def compare(ctx, from_path, resume_path, against_path, max_regression, allow_con
     summary = results["summary"]
     click.echo("")
     click.echo("\n".join(report.table(summary, compare_cfg["baseline_arm"])))
-    for line in report.loss_lines(summary):
+    for line in report.loss_lines(summary) + report.scaling_lines(
+            summary, "GPU" if environment["gpu"] else "CPU rank"):
         click.echo(line.replace("**", ""))
     if old is not None:
         click.echo(f"against {against_path}: {len(results['against']['compared'])} arm/model pair(s) compared"

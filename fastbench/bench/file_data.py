@@ -175,10 +175,12 @@ def length_stats(lengths: list[int], seq_len: int) -> dict:
             "mean": round(sum(s) / len(s), 1), f"over_{seq_len}": sum(x > seq_len for x in s)}
 
 
-def prepare(cfg, steps: int) -> dict:
+def prepare(cfg, steps: int, world_size: int = 1) -> dict:
     """The data of one model for a run: ``{"pad_id", "steps": [[example, ...], ...], "stats"}`` with
-    ``steps`` steps of examples ({"input_ids", "labels"} lists), see the module docstring. DataError for a
-    file, record or tokenizer that cannot be used (the message says which and what to do)."""
+    ``steps`` steps of examples ({"input_ids", "labels"} lists), see the module docstring; for a job of
+    ``world_size`` ranks each step fills ``world_size`` times the rows (each rank gets ``batch`` rows per
+    micro-batch). DataError for a file, record or tokenizer that cannot be used (the message says which and
+    what to do)."""
     from fastbench.presets import resolve_model
 
     source = resolve_model(cfg.model)
@@ -200,7 +202,8 @@ def prepare(cfg, steps: int) -> dict:
     kept = [e for e in examples if any(t != IGNORE_INDEX for t in e["labels"])]
     if not kept:
         raise DataError(f"{cfg.data}: no example keeps a label token within --seq-len {cfg.seq_len}")
-    plan = plan_steps([len(e["input_ids"]) for e in kept], cfg.batch * cfg.grad_accum, cfg.seq_len, steps, cfg.seed)
+    plan = plan_steps([len(e["input_ids"]) for e in kept], world_size * cfg.batch * cfg.grad_accum, cfg.seq_len,
+                      steps, cfg.seed)
     stats = {"format": fmt, "tokenizer": how, "records": len(records), "examples": len(examples),
              "truncated": truncated, "dropped_without_labels": len(examples) - len(kept),
              "lengths": length_stats(lengths, cfg.seq_len),

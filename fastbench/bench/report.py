@@ -52,6 +52,21 @@ def table(summary: dict, baseline: str) -> list[str]:
     return lines
 
 
+def scaling_lines(summary: dict, unit: str = "GPU") -> list[str]:
+    """One line per job of several ranks (one ``unit`` each): its real tokens/s, per rank, and the factor
+    against one rank."""
+    lines = []
+    for s in summary.get("scaling", []):
+        head = (f"{s['arm']} on {s['model']}: {s['world_size']} {unit}s {s['tokens_per_s']:,.0f} real tokens/s "
+                f"({s['tokens_per_s_per_gpu']:,.0f} per {unit})")
+        if "factor" in s:
+            lines.append(f"{head} vs {s['single']} on 1 {unit} {s['single_tokens_per_s']:,.0f}: scaling "
+                         f"{s['factor']:.2f}x ({s['efficiency']:.0%} of linear)")
+        else:
+            lines.append(f"{head}; {s['single']} on 1 {unit} did not finish: no scaling factor")
+    return lines
+
+
 def data_lines(compare: dict) -> list[str]:
     """What the arms trained on: random tokens (nothing to say), or the data file, its hash, and per model
     the tokenizer, the examples' lengths and how many examples a step took."""
@@ -269,6 +284,12 @@ def write_report(results: dict, reports_dir: str, regressions: list[dict] | None
         lines += [f"> {CPU_NOTE}", ""]
     lines += table(summary, compare["baseline_arm"]) + [""]
     lines += ["## Losses of the first steps", ""] + [f"- {x}" for x in loss_lines(summary) or ["nothing to compare"]]
+    if summary.get("scaling"):
+        lines += ["", "## Scaling over GPUs", "",
+                  "Each job of N ranks (torch.distributed DDP, one process per GPU) trains N x the rows of one "
+                  "GPU per step; tokens/s are the whole job's, real tokens only. Its losses are not compared "
+                  "with the other arms' (other rows)."]
+        lines += [""] + [f"- {line}" for line in scaling_lines(summary, "GPU" if env["gpu"] else "CPU rank")]
     if summary["noise_floor"]:
         lines += ["", "## A/A noise floor", ""]
         lines += [f"- {n['twin']} / {n['arm']} on {n['model']}: tokens/s ratio {n['ratio']:.3f} "

@@ -93,9 +93,10 @@ def _is_oom(exc: BaseException) -> bool:
 
 
 def new_record(label: str, model: str, repeat: int, config: dict, status: str = "ok",
-               error: str | None = None) -> dict:
+               error: str | None = None, world_size: int = 1) -> dict:
     """A worker record with nothing measured yet (the runner also uses it for processes that died)."""
-    return {"arm": label, "model": model, "repeat": repeat, "status": status, "error": error,
+    return {"arm": label, "model": model, "repeat": repeat, "world_size": world_size, "status": status,
+            "error": error,
             "phase": "load", "load_s": None, "materialize_s": 0.0, "first_step_s": None, "first_step_compiles": None,
             "warmup_step_s": [], "step_s": [], "tokens_per_step": [], "positions_per_step": [], "losses": [],
             "peak_allocated_gib": None, "peak_reserved_gib": None, "nvml_process_gib": None,
@@ -103,7 +104,10 @@ def new_record(label: str, model: str, repeat: int, config: dict, status: str = 
             "autotune_tiers": None, "profile": None, "alloc_env": None, "config": config}
 
 
-def run(spec: dict) -> dict:
+def run(spec: dict, world=None) -> dict:
+    """One arm's process, or rank ``world.rank`` of a job of several (fastbench.distributed.world.World: the
+    arm's model under DDP, each rank its share of every global micro-batch; the record, written by rank 0,
+    counts the tokens of the whole job and times rank 0's steps)."""
     if not str(spec["config"].get("device", "cpu")).startswith("cuda"):
         # Triton kernels (the fused arms) on a CPU: its interpreter, chosen before anything imports triton
         os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -116,9 +120,16 @@ def run(spec: dict) -> dict:
         __import__(module)
     import torch
 
+    from fastbench.distributed import ddp
+    from fastbench.distributed.data import shard_rows
+    from fastbench.distributed.world import World
+
+    world = world or World()
     cfg = arms.RunConfig.from_dict(spec["config"])
     cfg.arm_options = {**cfg.arm_options, **options}
-    record = new_record(label, cfg.model, spec.get("repeat", 0), cfg.to_dict())
+    record = new_record(label, cfg.model, spec.get("repeat", 0), cfg.to_dict(), world_size=world.world_size)
+    if world.grouped:
+        cfg.device = str(world.device)
     cuda = cfg.device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     losses = []
@@ -127,7 +138,7 @@ def run(spec: dict) -> dict:
             torch.cuda.set_device(torch.device(cfg.device))
         vocab_size = cfg.validate().vocab_size
         t0 = time.perf_counter()
-        model = arm.build(cfg)
+        model = ddp.wrap(arm.build(cfg), world)
         sync()
         record["materialize_s"] = checkpoint_cache.materialize_seconds
         record["load_s"] = time.perf_counter() - t0 - checkpoint_cache.materialize_seconds
@@ -135,11 +146,19 @@ def run(spec: dict) -> dict:
         if not params:
             raise RuntimeError(f"arm {label!r} built a model with no trainable parameters")
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, fused=cuda)
-        batches, real_tokens = training_steps(spec, cfg, vocab_size, arm.packs)
+        steps, real_tokens = training_steps(spec, cfg, vocab_size, arm.packs, world.world_size)
+        positions = [sum(b["input_ids"].numel() for b in step) for step in steps]
+        batches = [[{k: v.to(cfg.device) for k, v in shard_rows(b, world.rank, world.world_size).items()}
+                    for b in step] for step in steps]
         weights = [label_shares(micro_batches) for micro_batches in batches]
         simulate = os.environ.get("FASTBENCH_SIMULATE_OOM", "")
 
         def step(i):
+            if world.grouped:  # the loss normalised over every rank's label tokens, LoRA gradients summed
+                loss = ddp.accumulate(model, batches[i], world).loss
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                return loss
             total = 0.0
             for b, share in zip(batches[i], weights[i]):
                 loss = model(**b).loss * share
@@ -169,7 +188,7 @@ def run(spec: dict) -> dict:
         gc_pauses = []  # (generation, seconds) of the collections during the timed steps: a long one starves the GPU
         gc.callbacks.append(timer := _gc_timer(gc_pauses))
         busy_start = busy.Sample()
-        offload = offloading(model)
+        offload = offloading(ddp.unwrap(model))
         waited = offload.host_wait_s if offload is not None else None
         if cuda:
             events = [torch.cuda.Event(enable_timing=True) for _ in range(len(timed) + 1)]
@@ -193,7 +212,7 @@ def run(spec: dict) -> dict:
                               "max_ms": 1e3 * max((t for _, t in gc_pauses), default=0.0)}
         record["first_step_s"] = (record["warmup_step_s"] or record["step_s"])[0]
         record["tokens_per_step"] = real_tokens[cfg.warmup:]
-        record["positions_per_step"] = [sum(b["input_ids"].numel() for b in batches[i]) for i in timed]
+        record["positions_per_step"] = positions[cfg.warmup:]
         record["phase"] = "done"
     except Exception as exc:  # recorded, never raised: the run goes on with the next arm
         record["status"] = "oom" if _is_oom(exc) else "error"
@@ -210,20 +229,25 @@ def run(spec: dict) -> dict:
         from fastbench.bench.profile import profile_step
 
         try:
-            record["profile"] = profile_step(lambda: step(len(batches) - 1), cuda, offloading(model))
+            record["profile"] = profile_step(lambda: step(len(batches) - 1), cuda, offloading(ddp.unwrap(model)))
         except Exception as exc:  # the measured steps stand; the breakdown is missing
             record["profile"] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
     return record
 
 
-def training_steps(spec: dict, cfg, vocab_size: int, packs: bool) -> tuple[list[list[dict]], list[int]]:
-    """(every step's micro-batches on ``cfg.device``, every step's real tokens): random tokens
-    (fastbench.bench.data), or the steps of a data file the parent prepared (``spec["data"]``), packed for an
-    arm that ``packs`` (with ``cfg.packing``), padded for the others."""
+def training_steps(spec: dict, cfg, vocab_size: int, packs: bool,
+                   world_size: int = 1) -> tuple[list[list[dict]], list[int]]:
+    """(every step's global micro-batches, on the CPU; every step's real tokens): random tokens
+    (fastbench.bench.data), or the steps of a data file the parent prepared (``spec["data"]``: for this job's
+    world size), packed for an arm that ``packs`` (with ``cfg.packing``), padded for the others. A job of
+    ``world_size`` ranks takes ``world_size x batch`` rows per micro-batch, ``batch`` on each rank."""
+    import dataclasses
+
+    cfg = dataclasses.replace(cfg, batch=cfg.batch * world_size)
     if not spec.get("data"):
         from fastbench.bench.data import count_tokens, make_steps
 
-        steps = make_steps(cfg, vocab_size, cfg.device)
+        steps = make_steps(cfg, vocab_size, "cpu")
         return steps, [count_tokens(s) for s in steps]
     from fastbench.bench.file_data import micro_batches
 
@@ -232,7 +256,7 @@ def training_steps(spec: dict, cfg, vocab_size: int, packs: bool) -> tuple[list[
     steps, real = [], []
     for examples in prepared["steps"][: cfg.warmup + cfg.steps]:
         mbs = micro_batches(examples, packs and cfg.packing, cfg.batch, cfg.seq_len, prepared["pad_id"])
-        steps.append([{k: v.to(cfg.device) for k, v in mb.inputs.items()} for mb in mbs])
+        steps.append([mb.inputs for mb in mbs])
         real.append(sum(mb.tokens for mb in mbs))
     return steps, real
 
@@ -263,12 +287,29 @@ def main(argv: list[str]) -> int:
     with open(argv[0]) as f:
         spec = json.load(f)
     simulate_fault(spec["arm"])
-    record = run(spec)
-    tmp = argv[1] + ".tmp"
+    from fastbench.distributed.launch import torchrun_env
+
+    if torchrun_env() is None:
+        _write(run(spec), argv[1])
+        return 0
+    from fastbench.distributed.world import process_group  # a rank of a job torchrun started
+
+    with process_group(spec.get("backend")) as world:
+        record = run(spec, world)
+        if world.is_main:
+            _write(record, argv[1])
+        if record["status"] != "ok":  # other ranks may wait in a collective: end the job (torchrun stops them)
+            print(f"rank {world.rank}: {record.get('traceback') or record['error']}", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(1)
+    return 0
+
+
+def _write(record: dict, path: str) -> None:
+    tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(record, f)
-    os.replace(tmp, argv[1])
-    return 0
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

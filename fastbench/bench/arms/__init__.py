@@ -207,6 +207,14 @@ def parse_label(label: str) -> tuple[str, dict[str, str]]:
     return name, options
 
 
+NPROC_OPTION = "nproc"  # the ranks a job runs as (``fused:nproc=2``); arms that take it train under DDP
+
+
+def world_size(label: str) -> int:
+    """How many ranks the job of ``label`` runs as (its ``nproc`` option; 1 without it)."""
+    return int(parse_label(label)[1].get(NPROC_OPTION, 1))
+
+
 def get_arm(label: str, check_installed: bool = True) -> ArmSpec:
     """The ArmSpec of a label; unknown names list the valid ones, missing packages say how to install."""
     name, _ = parse_label(label)

@@ -8,6 +8,8 @@ Options, after the name:
   budget in GiB (``ckpt=40``); without it, the run's gradient_checkpointing decides (every layer or none).
 - ``autotune=off``: every kernel gets its heuristic default instead of the tuned cache
   (``fused:autotune=off,fused`` compares the two in one run).
+- ``nproc=N``: the job runs as N ranks, one process and GPU each, under torch.distributed (DDP over the LoRA
+  gradients, fastbench.distributed), each rank ``batch`` rows per micro-batch (``compare --nproc N`` adds it).
 - with ``ckpt=offload``: ``save_every=n`` and ``embedding=0|1``, the fields of the
   :class:`~fastbench.OffloadConfig` the arm's model is made with (``fused-4bit:ckpt=offload:save_every=3``
   beside ``fused-4bit:ckpt=offload`` compares it with the default in one run).
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import os
 
-from fastbench.bench.arms import ArmOption, ArmSpec, RunConfig, one_of, whole_number
+from fastbench.bench.arms import NPROC_OPTION, ArmOption, ArmSpec, RunConfig, one_of, whole_number
 from fastbench.bench.arms.hf import base_model, load_4bit
 
 
@@ -37,11 +39,14 @@ def _ckpt_option(text: str):
 _OFFLOAD_SETTINGS = (ArmOption("save_every", "<whole number>", whole_number),
                      ArmOption("embedding", "0|1", lambda text: one_of("0", "1")(text) == "1"))
 ARM_OPTIONS = (ArmOption("ckpt", "true|false|offload|auto|<GiB>", _ckpt_option),
-               ArmOption("autotune", "on|off", one_of("on", "off")), *_OFFLOAD_SETTINGS)
+               ArmOption("autotune", "on|off", one_of("on", "off")), *_OFFLOAD_SETTINGS,
+               ArmOption(NPROC_OPTION, "<whole number>", whole_number))
 
 
-def _offload_only(options: dict) -> None:
-    """The offload settings apply with ckpt=offload only."""
+def _check_options(options: dict) -> None:
+    """The offload settings apply with ckpt=offload only; a job has one rank or more."""
+    if options.get(NPROC_OPTION) == 0:
+        raise ValueError(f"{NPROC_OPTION}=0: a job has 1 rank or more")
     for setting in _OFFLOAD_SETTINGS:
         if setting.name in options and options.get("ckpt") != "offload":
             raise ValueError(f"option {setting.name} applies to ckpt=offload only: write "
@@ -68,11 +73,11 @@ def _fused(load):
     return build
 
 
-_OPTIONS = "option ckpt=true|false|offload|auto|GiB, autotune=on|off; with offload save_every, embedding"
+_OPTIONS = "option ckpt=true|false|offload|auto|GiB, autotune=on|off, nproc=N; with offload save_every, embedding"
 
 FUSED = ArmSpec("fused", f"fastbench fused LoRA on the bf16 model ({_OPTIONS})",
                 ("peft",), "pip install peft", _fused(base_model), kind="bf16",
-                options=ARM_OPTIONS, check_options=_offload_only, packs=True)
+                options=ARM_OPTIONS, check_options=_check_options, packs=True)
 FUSED_4BIT = ArmSpec("fused-4bit", f"fastbench fused QLoRA on the NF4 model ({_OPTIONS})",
                      ("peft", "bitsandbytes"), "pip install bitsandbytes", _fused(load_4bit), kind="nf4",
-                     options=ARM_OPTIONS, check_options=_offload_only, packs=True)
+                     options=ARM_OPTIONS, check_options=_check_options, packs=True)
