@@ -13,7 +13,10 @@ message (FASTBENCH_SIMULATE_KILL and _HANG: :func:`simulate_fault`). A step is: 
 backward for each micro-batch, optimizer step, zero grad; each micro-batch's loss (the mean over its label
 tokens) is weighted by its share of the step's label tokens, so the step's loss is the mean over all of
 them however they fall into micro-batches. ``tokens_per_step`` counts the real tokens of each timed step,
-``positions_per_step`` every position computed, padding included. With
+``positions_per_step`` every position computed, padding included. Started by torchrun (a label with
+``nproc=N``), each process is one rank of a job (fastbench.distributed): the model under DDP, each rank its
+rows of every global micro-batch; rank 0 writes the record, with the whole job's tokens and its own step
+times and peak memory. With
 ``config.profile``, one more step after
 everything above is measured runs under torch.profiler and gives ``profile`` (time per region, see
 fastbench.bench.profile; ``{"error": ...}`` if that step fails); it is in no other figure.
