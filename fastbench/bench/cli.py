@@ -3,8 +3,12 @@ regression checks."""
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import click
+
+from fastbench.chat_templates import TEMPLATE_NAMES
+from fastbench.train.data import FORMATS as DATA_FORMATS
 
 DEFAULT_ALLOC_CONF = "expandable_segments:True"  # less fragmentation; what Unsloth sets on import
 
@@ -47,6 +51,9 @@ def _resolve(opts: dict) -> dict:
     models = _split(value["models"] or "")
     if not labels or not models:
         raise click.UsageError("--arms and --models must each name at least one")
+    nproc = value.get("nproc") or 1
+    if nproc > 1:
+        labels = _with_jobs_of(labels, nproc)
     baseline = value["baseline_arm"] or ("peft" if "peft" in labels else labels[0])
     if baseline not in labels:
         raise click.UsageError(f"--baseline-arm {baseline!r} is not among --arms ({', '.join(labels)})")
@@ -62,7 +69,30 @@ def _resolve(opts: dict) -> dict:
                "arm_models": _arm_models(value.get("arm_models") or (), labels, models)}
     compare["kinds"] = {label: get_arm(label, check_installed=False).loss_kind for label in labels}
     compare["alloc_conf"] = _alloc_conf(value["alloc_conf"])
+    compare["nproc"] = nproc
+    compare["dist_backend"] = value.get("dist_backend") or ("nccl" if device.startswith("cuda") else None)
     return compare
+
+
+def _with_jobs_of(labels: list[str], nproc: int) -> list[str]:
+    """``labels`` with, after each arm that runs as a job of ranks (the fused ones), the same arm as a job of
+    ``nproc`` ranks (``fused-4bit:ckpt=offload`` -> also ``fused-4bit:ckpt=offload:nproc=2``)."""
+    from fastbench.bench.arms import NPROC_OPTION, UnknownArm, get_arm
+
+    out = []
+    for label in labels:
+        out.append(label)
+        try:
+            takes = any(o.name == NPROC_OPTION for o in get_arm(label, check_installed=False).options)
+        except UnknownArm:
+            continue  # _validate names it
+        if takes and NPROC_OPTION not in label.split("#")[0].split(":")[1:]:
+            base, sep, twin = label.partition("#")
+            out.append(f"{base}:{NPROC_OPTION}={nproc}{sep}{twin}")
+    if len(out) == len(labels):
+        raise click.UsageError(f"--nproc {nproc} measures how the fused arms scale over ranks; --arms names none "
+                               "(fused, fused-4bit)")
+    return out
 
 
 def _alloc_conf(text: str) -> str | None:
@@ -101,8 +131,64 @@ def _validate(compare: dict) -> None:
     for label in compare["arms"]:
         check_label(label)
         get_arm(label)
+    _check_ranks(compare)
     for model in compare["models"]:
         RunConfig.from_dict({**compare["run"], "model": model}).validate()
+
+
+def _prepare_data(compare: dict) -> dict[str, dict]:
+    """Per model, the steps of the data file (none for random tokens), and ``compare["data"]``: the file's
+    name, path, size, hash and per model its length stats. A file that cannot be used, or one that changed
+    since a results file recorded it, is a UsageError (exit 2) before any process starts."""
+    from fastbench.bench import file_data
+    from fastbench.bench.arms import RunConfig, world_size
+    from fastbench.train.data import DataError
+
+    run = compare["run"]
+    if not run.get("data"):
+        return {}
+    path = run["data"]
+    if not os.path.exists(path):
+        raise click.BadParameter(f"{path}: no such file", param_hint="--data")
+    described = file_data.describe_file(path)
+    recorded = compare.get("data")
+    if recorded and recorded["sha256"] != described["sha256"]:
+        raise click.BadParameter(f"{path} is not the file the results were measured on (sha256 "
+                                 f"{described['sha256'][:12]}, recorded {recorded['sha256'][:12]}); give that "
+                                 "file", param_hint="--data")
+    prepared = {}
+    for model in compare["models"]:
+        for ranks in sorted({world_size(label) for label in compare["arms"]}):
+            try:
+                prepared[model, ranks] = file_data.prepare(RunConfig.from_dict({**run, "model": model}),
+                                                           run["warmup"] + run["steps"], ranks)
+            except DataError as e:
+                raise click.BadParameter(str(e), param_hint="--data") from None
+    stats = {}
+    for (model, _), p in prepared.items():  # the smallest job's plan, the one a single GPU trains
+        stats.setdefault(model, p["stats"])
+    compare["data"] = {**described, "models": stats}
+    return prepared
+
+
+def _check_ranks(compare: dict) -> None:
+    """A job of N ranks needs N GPUs here (one each), or on a CPU run the gloo backend (a test of the
+    pipeline); ValueError saying what to change otherwise."""
+    from fastbench.bench.arms import world_size
+    from fastbench.distributed.launch import check_nproc
+
+    ranks = max(world_size(label) for label in compare["arms"])
+    backend = compare.get("dist_backend")
+    if compare["run"]["device"].startswith("cuda"):
+        if ranks > 1:
+            import torch
+
+            check_nproc(ranks, torch.cuda.device_count())
+        if backend == "gloo":
+            raise ValueError("--dist-backend gloo is for CPU runs; GPU ranks join through nccl")
+    elif ranks > 1 and backend != "gloo":
+        raise ValueError(f"--nproc {ranks} on a CPU run: ranks of a CPU job join through gloo, which only tests "
+                         "the pipeline; pass --dist-backend gloo for that, or run on GPUs")
 
 
 def _check_against(results: dict, old: dict, path: str, allow_config_change: bool) -> list[str]:
@@ -154,12 +240,44 @@ def summarize_results(results: dict) -> dict:
 @click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None,
               help="Activation checkpointing [on].")
 @click.option("--device", help="cuda, cuda:N or cpu [cuda if available].")
-@click.option("--pad-fraction", type=float, help="Mean fraction of right padding per sequence [0].")
+@click.option("--pad-fraction", type=float, help="Mean fraction of right padding per sequence of random tokens [0].")
+@click.option("--data", type=click.Path(), metavar="FILE",
+              help="Train on this data file (.jsonl, .json, .csv, .parquet, .txt or a datasets.save_to_disk "
+                   "directory; read, rendered and labelled as `fastbench train` does) instead of random tokens. "
+                   "A step consumes the next examples of the file (shuffled with --seed) that pack into "
+                   "batch x grad-accum rows of --seq-len tokens, the same examples for every arm: the fused arms "
+                   "train them packed into such rows, the others (peft, qlora, unsloth, liger) as their users do, "
+                   "--batch examples per micro-batch padded to the longest (all truncated at --seq-len). So a "
+                   "step is the same real tokens in every arm, and real tokens/s (padding not counted) compares "
+                   "the same work; the padding each arm carried is reported beside it. Tokenizer: a checkpoint's "
+                   "own; for a preset, a byte-level BPE trained on the file (see --tokenizer).")
+@click.option("--format", "data_format", type=click.Choice(DATA_FORMATS),
+              help="The records' format [detected from the first record].")
+@click.option("--packing/--no-packing", default=None,
+              help="With --data: the fused arms pack examples into rows (--no-packing: they pad like the "
+                   "others) [packing].")
+@click.option("--text-field", help="With --data: the field of text records [text].")
+@click.option("--chat-template", type=click.Choice(TEMPLATE_NAMES),
+              help="With --data: render conversations with this template instead of the tokenizer's "
+                   "[the tokenizer's; a preset's built tokenizer: chatml].")
+@click.option("--tokenizer", type=click.Path(file_okay=False), metavar="DIR",
+              help="With --data: the tokenizer saved in DIR [a checkpoint's own; for a preset, a byte-level "
+                   "BPE trained on the data file, up to the preset's vocab size].")
 @click.option("--profile/--no-profile", default=None,
               help="After the timed steps, two more steps per process: one timed from an idle GPU (does "
                    "the host CPU bound the step? with offloaded checkpointing also: how long did the host wait "
                    "for copies out, the GPU for inputs fetched back?) and one profiled (time per region: "
                    "matmul, dequantize, attention, ...), both in the report; allowed with --from [off].")
+@click.option("--nproc", type=click.IntRange(min=1),
+              help="Data-parallel scaling: each fused arm also runs as one job of N ranks (one process and GPU "
+                   "each, torch.distributed DDP, NCCL), each rank training --batch rows per micro-batch, so the "
+                   "job trains N times the rows of one GPU per step (with --data: the next examples that fill N x "
+                   "batch x grad-accum rows). The report gives the job's real tokens/s, per GPU, and the scaling "
+                   "factor against the same arm on one GPU in the same run; every result row records its world "
+                   "size. N may not exceed the GPUs here [1].")
+@click.option("--dist-backend", type=click.Choice(["nccl", "gloo"]),
+              help="How ranks join: nccl (GPUs); gloo lets --nproc run on a CPU, as a test of the pipeline "
+                   "[nccl].")
 @click.option("--baseline-arm", help="Arm the ratios and loss checks refer to [peft].")
 @click.option("--loss-tolerance", type=float, help="Relative tolerance of the first steps' losses against "
                                                     "an arm of the same kind [0.01; bf16 vs 4-bit: 0.02].")
@@ -224,6 +342,7 @@ def compare(ctx, from_path, resume_path, against_path, max_regression, allow_con
         _validate(compare_cfg)
     except (UnknownArm, MissingPackage, UnknownPreset, NotAModel, ValueError) as e:
         raise click.UsageError(str(e)) from None
+    prepared = _prepare_data(compare_cfg)
 
     environment = collect_environment()
     if not resume_path:
@@ -239,8 +358,10 @@ def compare(ctx, from_path, resume_path, against_path, max_regression, allow_con
         click.echo(f"note: {report.CPU_NOTE}")
     click.echo(f"fastbench compare {results['id']}: {', '.join(compare_cfg['arms'])} on "
                f"{', '.join(compare_cfg['models'])}, {compare_cfg['repeats']} repeat(s)")
+    for line in report.data_lines(compare_cfg):
+        click.echo(line)
     with sigterm_as_interrupt() as stop:  # a scheduler's SIGTERM keeps what was measured, as Ctrl-C does
-        finished = run_compare(results, results_dir, timeout=timeout)
+        finished = run_compare(results, results_dir, timeout=timeout, prepared=prepared)
 
     results["summary"] = summarize_results(results)
     regressions = None
@@ -256,7 +377,8 @@ def compare(ctx, from_path, resume_path, against_path, max_regression, allow_con
     summary = results["summary"]
     click.echo("")
     click.echo("\n".join(report.table(summary, compare_cfg["baseline_arm"])))
-    for line in report.loss_lines(summary):
+    for line in report.loss_lines(summary) + report.scaling_lines(
+            summary, "GPU" if environment["gpu"] else "CPU rank"):
         click.echo(line.replace("**", ""))
     if old is not None:
         click.echo(f"against {against_path}: {len(results['against']['compared'])} arm/model pair(s) compared"

@@ -31,6 +31,19 @@ def _fmt_value(value) -> str:
     return ",".join(value) if isinstance(value, (list, tuple)) else str(value)
 
 
+def data_identity(compare: dict) -> str:
+    """What the arms trained on, as far as it changes the figures: "random tokens", or the data file (name and
+    hash) with the settings that turn it into steps."""
+    data, run = compare.get("data"), compare["run"]
+    if not data:
+        return "random tokens"
+    settings = [f"{k} {run[k]}" for k, default in (("data_format", None), ("text_field", "text"),
+                                                  ("chat_template", None), ("tokenizer", None))
+                if run.get(k, default) != default]
+    return (f"{data['name']} (sha256 {data['sha256'][:12]}{', packing off' if not run.get('packing', True) else ''}"
+            + "".join(f", {x}" for x in settings) + ")")
+
+
 def config_differences(new: dict, old: dict) -> list[str]:
     """What differs between two results' configurations that changes speed or memory, one phrase each
     (``"seq_len 2048 there, 1024 here"``); the allocator setting of files that predate it reads as unset."""
@@ -39,6 +52,9 @@ def config_differences(new: dict, old: dict) -> list[str]:
         there, here = old["compare"]["run"].get(key), new["compare"]["run"].get(key)
         if _fmt_value(there) != _fmt_value(here):
             found.append(f"{key} {_fmt_value(there)} there, {_fmt_value(here)} here")
+    there, here = data_identity(old["compare"]), data_identity(new["compare"])
+    if there != here:
+        found.append(f"data {there} there, {here} here")
     there, here = old["compare"].get("alloc_conf"), new["compare"].get("alloc_conf")
     if there != here:
         found.append(f"allocator {there or 'unset'} there, {here or 'unset'} here")

@@ -32,7 +32,8 @@ def _losses(values) -> str:
 
 
 def table(summary: dict, baseline: str) -> list[str]:
-    head = ["model", "arm", "tokens/s (median)", "p10-p90", f"ratio vs {baseline} [95% CI]", "s/step",
+    head = ["model", "arm", "real tokens/s (median)", "p10-p90", f"ratio vs {baseline} [95% CI]",
+            "tokens/s with padding", "padding", "s/step",
             "peak alloc GiB", "reserved GiB", "NVML GiB", "load s", "first step s", "runs"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in summary["rows"]:
@@ -42,11 +43,49 @@ def table(summary: dict, baseline: str) -> list[str]:
             ratio = (f"{r['ratio']:.2f} [{r['ratio_lo']:.2f}, {r['ratio_hi']:.2f}]" if "ratio" in r else "n/a")
             cells = [r["model"], r["arm"], _fmt(r["tokens_per_s"]),
                      f"{_fmt(r['tokens_per_s_p10'])}-{_fmt(r['tokens_per_s_p90'])}", ratio,
+                     _fmt(r.get("padded_tokens_per_s")), _fmt(r.get("padding"), ".1%"),
                      _fmt(r["step_s"], ".3f"), _fmt(r["peak_allocated_gib"], ".2f"),
                      _fmt(r["peak_reserved_gib"], ".2f"), _fmt(r["nvml_process_gib"] or r["nvml_device_gib"], ".2f"),
                      _fmt(r["load_s"], ".1f"), _fmt(r["first_step_s"], ".2f"),
                      f"{r['ok_runs']}/{r['runs']}" + ("" if r["status"] == "ok" else f" ({r['status']})")]
         lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def scaling_lines(summary: dict, unit: str = "GPU") -> list[str]:
+    """One line per job of several ranks (one ``unit`` each): its real tokens/s, per rank, and the factor
+    against one rank."""
+    lines = []
+    for s in summary.get("scaling", []):
+        head = (f"{s['arm']} on {s['model']}: {s['world_size']} {unit}s {s['tokens_per_s']:,.0f} real tokens/s "
+                f"({s['tokens_per_s_per_gpu']:,.0f} per {unit})")
+        if "factor" in s:
+            lines.append(f"{head} vs {s['single']} on 1 {unit} {s['single_tokens_per_s']:,.0f}: scaling "
+                         f"{s['factor']:.2f}x ({s['efficiency']:.0%} of linear)")
+        else:
+            lines.append(f"{head}; {s['single']} on 1 {unit} did not finish: no scaling factor")
+    return lines
+
+
+def data_lines(compare: dict) -> list[str]:
+    """What the arms trained on: random tokens (nothing to say), or the data file, its hash, and per model
+    the tokenizer, the examples' lengths and how many examples a step took."""
+    data = compare.get("data")
+    if not data:
+        return []
+    run = compare["run"]
+    lines = [f"data: {data['name']} ({data['bytes']:,} bytes, sha256 {data['sha256'][:16]}); a step is the next "
+             f"examples that pack into {run['batch'] * run['grad_accum']} rows of {run['seq_len']} tokens, the same "
+             "in every arm: packed for the fused arms" + (" (packing off: padded)" if not run.get("packing", True)
+                                                         else "") + f", {run['batch']} examples per padded "
+             "micro-batch for the others"]
+    for model, st in data["models"].items():
+        n = st["lengths"]
+        per_step = st["examples_per_step"]
+        lines.append(f"data on {model}: {st['examples']} {st['format']} examples of {n['min']}-{n['max']} tokens "
+                     f"(median {n['median']}, p10 {n['p10']}, p90 {n['p90']}, mean {n['mean']}), {st['truncated']} "
+                     f"truncated at {run['seq_len']}, {st['dropped_without_labels']} dropped without a label left; "
+                     f"{min(per_step)}-{max(per_step)} examples per step; tokenizer: {st['tokenizer']}")
     return lines
 
 
@@ -239,11 +278,18 @@ def write_report(results: dict, reports_dir: str, regressions: list[dict] | None
              f"- seq {run['seq_len']}, batch {run['batch']}, grad accum {run['grad_accum']}, LoRA r={run['lora_r']} "
              f"alpha={run['lora_alpha']} dropout={run['lora_dropout']} on {', '.join(run['targets'])}, lr {run['lr']}, "
              f"{run['dtype']}, checkpointing {'on' if run['gradient_checkpointing'] else 'off'}, seed {run['seed']}, "
-             f"padding {run['pad_fraction']:.0%}", ""]
+             + (f"padding {run['pad_fraction']:.0%}" if not run.get("data") else "a data file (below)")]
+    lines += [f"- {line}" for line in data_lines(compare)] + [""]
     if not env["gpu"]:
         lines += [f"> {CPU_NOTE}", ""]
     lines += table(summary, compare["baseline_arm"]) + [""]
     lines += ["## Losses of the first steps", ""] + [f"- {x}" for x in loss_lines(summary) or ["nothing to compare"]]
+    if summary.get("scaling"):
+        lines += ["", "## Scaling over GPUs", "",
+                  "Each job of N ranks (torch.distributed DDP, one process per GPU) trains N x the rows of one "
+                  "GPU per step; tokens/s are the whole job's, real tokens only. Its losses are not compared "
+                  "with the other arms' (other rows)."]
+        lines += [""] + [f"- {line}" for line in scaling_lines(summary, "GPU" if env["gpu"] else "CPU rank")]
     if summary["noise_floor"]:
         lines += ["", "## A/A noise floor", ""]
         lines += [f"- {n['twin']} / {n['arm']} on {n['model']}: tokens/s ratio {n['ratio']:.3f} "

@@ -23,6 +23,7 @@ from typing import Callable
 import click
 
 from fastbench.bench import results as results_io
+from fastbench.bench.arms import world_size
 from fastbench.bench.worker import ALLOC_ENV, new_record
 
 
@@ -51,25 +52,34 @@ def _tail(path: str, chars: int = 1500) -> str:
 
 
 def run_one(label: str, model: str, repeat: int, run_config: dict, workdir: str, env: dict,
-            timeout: float | None) -> dict:
-    """One worker process; a crash or a timeout becomes a record with that status and the log tail."""
+            timeout: float | None, data: str | None = None, backend: str | None = None) -> dict:
+    """One worker process (or, for a label with ``nproc=N``, N of them under torchrun: one job of N ranks
+    joined through ``backend``); a crash or a timeout becomes a record with that status and the log tail.
+    ``data``: the prepared steps of a data file (fastbench.bench.file_data) for this job, as a JSON file."""
     stem = os.path.join(workdir, f"{len(os.listdir(workdir)):04d}-{label.replace(':', '_').replace('#', '_')}"
                                  f"-{model.replace('/', '_')}-r{repeat}")
     config = {**run_config, "model": model}
+    ranks = world_size(label)
     with open(stem + ".spec.json", "w") as f:
-        json.dump({"arm": label, "repeat": repeat, "config": config}, f)
+        json.dump({"arm": label, "repeat": repeat, "config": config, "data": data, "backend": backend}, f)
     out, log = stem + ".out.json", stem + ".log"
+    argv = ["-m", "fastbench.bench.worker", stem + ".spec.json", out]
+    if ranks > 1:  # one process per rank, started by torchrun on a free local port
+        argv = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", *argv]
+        env = {**env, "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // ranks))}
     try:
         with open(log, "w") as logf:
-            proc = subprocess.run([sys.executable, "-m", "fastbench.bench.worker", stem + ".spec.json", out],
-                                  cwd=workdir, env=env, stdout=logf, stderr=subprocess.STDOUT, timeout=timeout)
+            proc = subprocess.run([sys.executable, *argv], cwd=workdir, env=env, stdout=logf,
+                                  stderr=subprocess.STDOUT, timeout=timeout)
     except subprocess.TimeoutExpired:
         return new_record(label, model, repeat, config, "timeout", f"no result after {timeout:.0f} s; log:\n"
-                          + _tail(log))
-    if proc.returncode != 0 or not os.path.exists(out):
+                          + _tail(log), world_size=ranks)
+    # a job of several ranks ends non-zero when one fails; rank 0's record, if written, says how
+    if not os.path.exists(out) or (proc.returncode != 0 and ranks == 1):
         how = (f"killed by {signal.Signals(-proc.returncode).name}" if proc.returncode < 0
                else f"exited with code {proc.returncode}")
-        return new_record(label, model, repeat, config, "crashed", f"worker {how}; log:\n" + _tail(log))
+        return new_record(label, model, repeat, config, "crashed", f"worker {how}; log:\n" + _tail(log),
+                          world_size=ranks)
     with open(out) as f:
         return json.load(f)
 
@@ -90,10 +100,12 @@ RUN_AGAIN = ("crashed", "timeout")  # statuses a resumed run replaces: the proce
 
 
 def run_compare(results: dict, results_dir: str, timeout: float | None = None,
-                echo: Callable[..., None] = click.echo) -> bool:
+                echo: Callable[..., None] = click.echo, prepared: dict[tuple[str, int], dict] | None = None) -> bool:
     """Run every planned process that ``results["runs"]`` lacks (all of them for a new run; the rest,
     and those that crashed or timed out, for a resumed one), appending records and rewriting the results
-    file after each. Returns False if interrupted (Ctrl-C); the file then has status "interrupted"."""
+    file after each. ``prepared``: per (model, world size), the steps of a data file
+    (fastbench.bench.file_data.prepare), handed to its workers as one file. Returns False if interrupted (Ctrl-C); the file then has status
+    "interrupted"."""
     compare = results["compare"]
     results["runs"] = [r for r in results["runs"] if r["status"] not in RUN_AGAIN]
     done = {(r["arm"], r["model"], r["repeat"]) for r in results["runs"]}
@@ -103,11 +115,17 @@ def run_compare(results: dict, results_dir: str, timeout: float | None = None,
     env = worker_env(os.path.join(scratch, "checkpoints"), compare.get("alloc_conf"))
     workdir = os.path.join(scratch, "runs")
     os.makedirs(workdir)
+    data = {}
+    for n, (key, doc) in enumerate((prepared or {}).items()):
+        data[key] = os.path.join(scratch, f"data-{n}.json")
+        with open(data[key], "w") as f:
+            json.dump({"pad_id": doc["pad_id"], "steps": doc["steps"]}, f)
     started = time.monotonic()
     try:
         for i, (repeat, model, label) in enumerate(todo, 1):
             echo(f"[{i}/{len(todo)}] {label} on {model}, repeat {repeat + 1}/{compare['repeats']} ... ", nl=False)
-            record = run_one(label, model, repeat, compare["run"], workdir, env, timeout)
+            record = run_one(label, model, repeat, compare["run"], workdir, env, timeout,
+                             data=data.get((model, world_size(label))), backend=compare.get("dist_backend"))
             results["runs"].append(record)
             results_io.write(results, results_dir)
             echo(describe_record(record) + time_left(time.monotonic() - started, i, len(todo)))

@@ -1,7 +1,9 @@
 """Statistics over worker records: per (model, arm) medians and spreads, ratios against the baseline
 arm with a bootstrap confidence interval, the A/A noise floor, and the loss check.
 
-Throughput is pooled over the timed steps of all repeats (tokens/s of each step); its p10-p90 is the
+Throughput is real (non-padding) tokens/s, pooled over the timed steps of all repeats (of each step); beside
+it ``padded_tokens_per_s`` counts every position computed and ``padding`` is the share of padding among
+them. Its p10-p90 is the
 step-to-step spread, and ``repeat_spread`` = (max - min) / median of the per-repeat medians is the
 process-to-process spread. The ratio's CI resamples repeats, then steps within each chosen repeat
 (two-level bootstrap, seeded), so a difference between processes widens it.
@@ -13,6 +15,7 @@ import math
 import numpy as np
 
 from fastbench.bench import busy
+from fastbench.bench.arms import NPROC_OPTION, world_size
 from fastbench.bench.runner import runs_on
 
 BOOTSTRAP_SAMPLES = 2000
@@ -21,7 +24,14 @@ LOSS_TOLERANCE = {"same": 0.01, "cross": 0.02}  # relative; "cross": bf16 vs nf4
 
 
 def step_tokens_per_s(record: dict) -> np.ndarray:
+    """Real (non-padding) tokens per second of each timed step."""
     return np.asarray(record["tokens_per_step"], float) / np.asarray(record["step_s"], float)
+
+
+def positions(record: dict) -> list[int]:
+    """Positions computed per timed step, padding included (records from before they were counted had none:
+    their tokens)."""
+    return record.get("positions_per_step") or record["tokens_per_step"]
 
 
 def _ok(records: list[dict]) -> list[dict]:
@@ -52,6 +62,9 @@ def summarize_arm(records: list[dict]) -> dict:
         tokens_per_s_p90=float(np.percentile(tps, 90)),
         step_s=float(np.median(step_s)), step_s_p10=float(np.percentile(step_s, 10)),
         step_s_p90=float(np.percentile(step_s, 90)),
+        padded_tokens_per_s=float(np.median(np.concatenate(
+            [np.asarray(positions(r), float) / np.asarray(r["step_s"], float) for r in ok]))),
+        padding=1 - sum(sum(r["tokens_per_step"]) for r in ok) / sum(sum(positions(r)) for r in ok),
         repeat_spread=_spread([float(np.median(step_tokens_per_s(r))) for r in ok]),
         load_s=_median(r["load_s"] for r in ok), first_step_s=_median(r["first_step_s"] for r in ok))
     for key in ("peak_allocated_gib", "peak_reserved_gib", "nvml_process_gib", "nvml_device_gib"):
@@ -120,15 +133,16 @@ def summarize(records: list[dict], labels: list[str], models: list[str], baselin
         base_steps = [step_tokens_per_s(r) for r in base_ok]
         base_losses = median_losses(by_arm.get(baseline, []))
         for label in planned:
-            row = {"model": model, "arm": label, "kind": kinds[label], **summarize_arm(by_arm[label])}
+            row = {"model": model, "arm": label, "kind": kinds[label], "world_size": world_size(label),
+                   **summarize_arm(by_arm[label])}
             ok = _ok(by_arm[label])
             if ok and base_steps:
                 row["ratio"], row["ratio_lo"], row["ratio_hi"] = bootstrap_ratio(
                     [step_tokens_per_s(r) for r in ok], base_steps)
             rows.append(row)
-            if label == baseline or not ok:
-                continue  # nothing to compare (OOM or failed runs are reported as such)
-            same_kind = [a for a in planned if kinds[a] == kinds[label] and _ok(by_arm[a])]
+            if label == baseline or not ok or world_size(label) > 1:
+                continue  # nothing to compare (OOM or failed runs are reported as such; a job of N ranks trains N x the rows)
+            same_kind = [a for a in planned if kinds[a] == kinds[label] and _ok(by_arm[a]) and world_size(a) == 1]
             if base_losses and (kinds[label] == kinds[baseline] or same_kind[0] == label):
                 ref, tol = baseline, loss_tolerance["same" if kinds[label] == kinds[baseline] else "cross"]
                 ref_losses = base_losses
@@ -151,5 +165,28 @@ def summarize(records: list[dict], labels: list[str], models: list[str], baselin
                 noise.append({"model": model, "arm": twin, "twin": label, "ratio": ratio, "ratio_lo": lo,
                               "ratio_hi": hi, "tokens_per_s_noise": abs(ratio - 1),
                               "memory_noise": _spread(mem) if None not in mem else 0.0})
-    return {"rows": rows, "loss_checks": loss_checks, "noise_floor": noise}
+    return {"rows": rows, "loss_checks": loss_checks, "noise_floor": noise, "scaling": scaling(rows)}
+
+
+def single_rank_label(label: str) -> str:
+    """The label of the same arm on one rank (``fused:nproc=2`` -> ``fused``)."""
+    return label.replace(f":{NPROC_OPTION}={world_size(label)}", "")
+
+
+def scaling(rows: list[dict]) -> list[dict]:
+    """Per job of N > 1 ranks that finished: its real tokens/s (the whole job's), per GPU, and the factor
+    against the same arm on one GPU of the same run (``efficiency`` = factor / N; 1 is linear scaling)."""
+    by_key = {(r["model"], r["arm"]): r for r in rows if r.get("ok_runs")}
+    out = []
+    for (model, label), row in by_key.items():
+        n = row.get("world_size", 1)
+        one = by_key.get((model, single_rank_label(label)))
+        if n > 1:
+            entry = {"model": model, "arm": label, "single": single_rank_label(label), "world_size": n,
+                     "tokens_per_s": row["tokens_per_s"], "tokens_per_s_per_gpu": row["tokens_per_s"] / n}
+            if one is not None:
+                factor = row["tokens_per_s"] / one["tokens_per_s"]
+                entry.update(single_tokens_per_s=one["tokens_per_s"], factor=factor, efficiency=factor / n)
+            out.append(entry)
+    return out
 

@@ -1,6 +1,7 @@
 """One benchmark process: ``python -m fastbench.bench.worker <spec.json> <out.json>``.
 
-The spec holds ``arm`` (a label), ``repeat`` and ``config`` (a RunConfig dict). The worker builds the
+The spec holds ``arm`` (a label), ``repeat``, ``config`` (a RunConfig dict) and, for a run on a data file,
+``data``: the path of the steps the parent prepared (fastbench.bench.file_data.prepare, as JSON). The worker builds the
 arm (load time), runs ``warmup`` steps timed on the wall clock (the first one is the time to first
 step) and ``steps`` timed steps (CUDA events on a GPU, no synchronisation in between; perf_counter on
 a CPU), and writes one record: per-step times, tokens and losses, peak memory three ways (torch
@@ -9,7 +10,13 @@ the GPU were during the timed steps (fastbench.bench.busy), and the allocator se
 (``alloc_env``: an arm may set its own on import). Running out of memory gives status "oom"
 (simulate with FASTBENCH_SIMULATE_OOM=<label or arm name>); any other failure status "error" with its
 message (FASTBENCH_SIMULATE_KILL and _HANG: :func:`simulate_fault`). A step is: forward with labels and
-backward for each micro-batch (loss divided by grad_accum), optimizer step, zero grad. With
+backward for each micro-batch, optimizer step, zero grad; each micro-batch's loss (the mean over its label
+tokens) is weighted by its share of the step's label tokens, so the step's loss is the mean over all of
+them however they fall into micro-batches. ``tokens_per_step`` counts the real tokens of each timed step,
+``positions_per_step`` every position computed, padding included. Started by torchrun (a label with
+``nproc=N``), each process is one rank of a job (fastbench.distributed): the model under DDP, each rank its
+rows of every global micro-batch; rank 0 writes the record, with the whole job's tokens and its own step
+times and peak memory. With
 ``config.profile``, one more step after
 everything above is measured runs under torch.profiler and gives ``profile`` (time per region, see
 fastbench.bench.profile; ``{"error": ...}`` if that step fails); it is in no other figure.
@@ -28,7 +35,8 @@ from fastbench.bench import busy
 from fastbench.bench.profile import offloading
 
 GIB = 2**30
-ALLOC_ENV = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")  # the caching allocator's settings (new name, old name)
+ALLOC_ENV = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
+IGNORE_INDEX = -100  # the caching allocator's settings (new name, old name)
 
 
 def _nvml_gib(device_index: int) -> tuple[float | None, float | None]:
@@ -88,17 +96,21 @@ def _is_oom(exc: BaseException) -> bool:
 
 
 def new_record(label: str, model: str, repeat: int, config: dict, status: str = "ok",
-               error: str | None = None) -> dict:
+               error: str | None = None, world_size: int = 1) -> dict:
     """A worker record with nothing measured yet (the runner also uses it for processes that died)."""
-    return {"arm": label, "model": model, "repeat": repeat, "status": status, "error": error,
+    return {"arm": label, "model": model, "repeat": repeat, "world_size": world_size, "status": status,
+            "error": error,
             "phase": "load", "load_s": None, "materialize_s": 0.0, "first_step_s": None, "first_step_compiles": None,
-            "warmup_step_s": [], "step_s": [], "tokens_per_step": [], "losses": [],
+            "warmup_step_s": [], "step_s": [], "tokens_per_step": [], "positions_per_step": [], "losses": [],
             "peak_allocated_gib": None, "peak_reserved_gib": None, "nvml_process_gib": None,
             "nvml_device_gib": None, **dict.fromkeys(busy.FIELDS), "gc_timed": None, "offload_wait_ms": None,
             "autotune_tiers": None, "profile": None, "alloc_env": None, "config": config}
 
 
-def run(spec: dict) -> dict:
+def run(spec: dict, world=None) -> dict:
+    """One arm's process, or rank ``world.rank`` of a job of several (fastbench.distributed.world.World: the
+    arm's model under DDP, each rank its share of every global micro-batch; the record, written by rank 0,
+    counts the tokens of the whole job and times rank 0's steps)."""
     if not str(spec["config"].get("device", "cpu")).startswith("cuda"):
         # Triton kernels (the fused arms) on a CPU: its interpreter, chosen before anything imports triton
         os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -111,11 +123,16 @@ def run(spec: dict) -> dict:
         __import__(module)
     import torch
 
-    from fastbench.bench.data import count_tokens, make_steps
+    from fastbench.distributed import ddp
+    from fastbench.distributed.data import shard_rows
+    from fastbench.distributed.world import World
 
+    world = world or World()
     cfg = arms.RunConfig.from_dict(spec["config"])
     cfg.arm_options = {**cfg.arm_options, **options}
-    record = new_record(label, cfg.model, spec.get("repeat", 0), cfg.to_dict())
+    record = new_record(label, cfg.model, spec.get("repeat", 0), cfg.to_dict(), world_size=world.world_size)
+    if world.grouped:
+        cfg.device = str(world.device)
     cuda = cfg.device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     losses = []
@@ -124,7 +141,7 @@ def run(spec: dict) -> dict:
             torch.cuda.set_device(torch.device(cfg.device))
         vocab_size = cfg.validate().vocab_size
         t0 = time.perf_counter()
-        model = arm.build(cfg)
+        model = ddp.wrap(arm.build(cfg), world)
         sync()
         record["materialize_s"] = checkpoint_cache.materialize_seconds
         record["load_s"] = time.perf_counter() - t0 - checkpoint_cache.materialize_seconds
@@ -132,13 +149,22 @@ def run(spec: dict) -> dict:
         if not params:
             raise RuntimeError(f"arm {label!r} built a model with no trainable parameters")
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, fused=cuda)
-        batches = make_steps(cfg, vocab_size, cfg.device)
+        steps, real_tokens = training_steps(spec, cfg, vocab_size, arm.packs, world.world_size)
+        positions = [sum(b["input_ids"].numel() for b in step) for step in steps]
+        batches = [[{k: v.to(cfg.device) for k, v in shard_rows(b, world.rank, world.world_size).items()}
+                    for b in step] for step in steps]
+        weights = [label_shares(micro_batches) for micro_batches in batches]
         simulate = os.environ.get("FASTBENCH_SIMULATE_OOM", "")
 
-        def step(micro_batches):
+        def step(i):
+            if world.grouped:  # the loss normalised over every rank's label tokens, LoRA gradients summed
+                loss = ddp.accumulate(model, batches[i], world).loss
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                return loss
             total = 0.0
-            for b in micro_batches:
-                loss = model(**b).loss / cfg.grad_accum
+            for b, share in zip(batches[i], weights[i]):
+                loss = model(**b).loss * share
                 loss.backward()
                 total = total + loss.detach()
             optimizer.step()
@@ -149,7 +175,7 @@ def run(spec: dict) -> dict:
         compiled = _triton_compiled()
         for i in range(cfg.warmup):
             t = time.perf_counter()
-            losses.append(step(batches[i]))
+            losses.append(step(i))
             sync()
             record["warmup_step_s"].append(time.perf_counter() - t)
             after = _triton_compiled() if i == 0 and compiled is not None else None
@@ -158,14 +184,14 @@ def run(spec: dict) -> dict:
         record["phase"] = "timed"
         if simulate in (label, name):
             raise torch.OutOfMemoryError(f"simulated out of memory (FASTBENCH_SIMULATE_OOM={simulate})")
-        timed = batches[cfg.warmup:]
+        timed = range(cfg.warmup, len(batches))
         # the model's build and the warm-up's compiles leave many young objects; a full collection of them
         # (long enough to show, the host idle meanwhile) is done here, not inside a timed step
         gc.collect()
         gc_pauses = []  # (generation, seconds) of the collections during the timed steps: a long one starves the GPU
         gc.callbacks.append(timer := _gc_timer(gc_pauses))
         busy_start = busy.Sample()
-        offload = offloading(model)
+        offload = offloading(ddp.unwrap(model))
         waited = offload.host_wait_s if offload is not None else None
         if cuda:
             events = [torch.cuda.Event(enable_timing=True) for _ in range(len(timed) + 1)]
@@ -188,7 +214,8 @@ def run(spec: dict) -> dict:
                               "ms": 1e3 * sum(t for _, t in gc_pauses),
                               "max_ms": 1e3 * max((t for _, t in gc_pauses), default=0.0)}
         record["first_step_s"] = (record["warmup_step_s"] or record["step_s"])[0]
-        record["tokens_per_step"] = [count_tokens(b) for b in timed]
+        record["tokens_per_step"] = real_tokens[cfg.warmup:]
+        record["positions_per_step"] = positions[cfg.warmup:]
         record["phase"] = "done"
     except Exception as exc:  # recorded, never raised: the run goes on with the next arm
         record["status"] = "oom" if _is_oom(exc) else "error"
@@ -205,10 +232,44 @@ def run(spec: dict) -> dict:
         from fastbench.bench.profile import profile_step
 
         try:
-            record["profile"] = profile_step(lambda: step(batches[-1]), cuda, offloading(model))
+            record["profile"] = profile_step(lambda: step(len(batches) - 1), cuda, offloading(ddp.unwrap(model)))
         except Exception as exc:  # the measured steps stand; the breakdown is missing
             record["profile"] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
     return record
+
+
+def training_steps(spec: dict, cfg, vocab_size: int, packs: bool,
+                   world_size: int = 1) -> tuple[list[list[dict]], list[int]]:
+    """(every step's global micro-batches, on the CPU; every step's real tokens): random tokens
+    (fastbench.bench.data), or the steps of a data file the parent prepared (``spec["data"]``: for this job's
+    world size), packed for an arm that ``packs`` (with ``cfg.packing``), padded for the others. A job of
+    ``world_size`` ranks takes ``world_size x batch`` rows per micro-batch, ``batch`` on each rank."""
+    import dataclasses
+
+    cfg = dataclasses.replace(cfg, batch=cfg.batch * world_size)
+    if not spec.get("data"):
+        from fastbench.bench.data import count_tokens, make_steps
+
+        steps = make_steps(cfg, vocab_size, "cpu")
+        return steps, [count_tokens(s) for s in steps]
+    from fastbench.bench.file_data import micro_batches
+
+    with open(spec["data"]) as f:
+        prepared = json.load(f)
+    steps, real = [], []
+    for examples in prepared["steps"][: cfg.warmup + cfg.steps]:
+        mbs = micro_batches(examples, packs and cfg.packing, cfg.batch, cfg.seq_len, prepared["pad_id"])
+        steps.append([mb.inputs for mb in mbs])
+        real.append(sum(mb.tokens for mb in mbs))
+    return steps, real
+
+
+def label_shares(micro_batches: list[dict]) -> list[float]:
+    """Each micro-batch's share of its step's label tokens (labels shifted by one, as the causal loss takes
+    them): the weight of its mean loss in the step's mean."""
+    counts = [int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches]
+    total = sum(counts)
+    return [c / total if total else 1 / len(counts) for c in counts]
 
 
 def simulate_fault(label: str) -> None:
@@ -229,12 +290,29 @@ def main(argv: list[str]) -> int:
     with open(argv[0]) as f:
         spec = json.load(f)
     simulate_fault(spec["arm"])
-    record = run(spec)
-    tmp = argv[1] + ".tmp"
+    from fastbench.distributed.launch import torchrun_env
+
+    if torchrun_env() is None:
+        _write(run(spec), argv[1])
+        return 0
+    from fastbench.distributed.world import process_group  # a rank of a job torchrun started
+
+    with process_group(spec.get("backend")) as world:
+        record = run(spec, world)
+        if world.is_main:
+            _write(record, argv[1])
+        if record["status"] != "ok":  # other ranks may wait in a collective: end the job (torchrun stops them)
+            print(f"rank {world.rank}: {record.get('traceback') or record['error']}", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(1)
+    return 0
+
+
+def _write(record: dict, path: str) -> None:
+    tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(record, f)
-    os.replace(tmp, argv[1])
-    return 0
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

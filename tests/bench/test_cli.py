@@ -38,9 +38,8 @@ def _compare(*args, tmp_path):
      "save_every=<whole number>"),
     (["--arms", "fused-4bit:ckpt=offload:save_every=x"],
      "save_every='x' is not valid; write save_every=<whole number>"),
-    (["--arms", "fused-4bit:ckpt=offload:keep_last=-1"], "keep_last='-1' is not valid"),
-    (["--arms", "fused:ckpt=offload:streams=3"], "write streams=1|2"),
-    (["--arms", "fused:ckpt=offload:whole_layers=2"], "write whole_layers=0|1"),
+    (["--arms", "fused:ckpt=offload:streams=2"], "has no option 'streams'; valid: ckpt=true|false|offload|auto|<GiB>, "
+     "autotune=on|off, save_every=<whole number>, embedding=0|1"),
     (["--arms", "fused:ckpt=offload:embedding=yes"], "write embedding=0|1"),
     (["--arms", "fused:autotune=maybe"], "write autotune=on|off"),
     (["--arms", "fused:ckpt=0"], "ckpt='0' is not valid"),
@@ -108,7 +107,7 @@ def test_resume_runs_only_what_is_missing(tmp_path, make_record, make_results, m
     path.write_text(json.dumps(res))
     ran = []
 
-    def fake_run_one(label, model, repeat, run_config, workdir, env, timeout):
+    def fake_run_one(label, model, repeat, run_config, workdir, env, timeout, **job):
         ran.append((label, model, repeat))
         return make_record(label, model=model, repeat=repeat)
 
@@ -130,7 +129,7 @@ def test_arm_models_restricts_an_arm_to_some_models(tmp_path, make_record, monke
 
     ran = []
 
-    def fake_run_one(label, model, repeat, run_config, workdir, env, timeout):
+    def fake_run_one(label, model, repeat, run_config, workdir, env, timeout, **job):
         ran.append((label, model))
         return make_record(label, model=model, repeat=repeat)
 
@@ -159,7 +158,7 @@ def test_interrupted_compare_keeps_the_measured_processes(tmp_path, make_record,
 
     from fastbench.bench import runner
 
-    def fake_run_one(label, model, repeat, run_config, workdir, env, timeout):
+    def fake_run_one(label, model, repeat, run_config, workdir, env, timeout, **job):
         if repeat == 1:
             if stop == "ctrl-c":
                 raise KeyboardInterrupt
@@ -183,7 +182,7 @@ def test_run_options_reach_every_process(tmp_path, make_record, monkeypatch):
 
     configs = []
 
-    def fake_run_one(label, model, repeat, run_config, workdir, env, timeout):
+    def fake_run_one(label, model, repeat, run_config, workdir, env, timeout, **job):
         configs.append(run_config)
         return make_record(label, model=model, repeat=repeat)
 

@@ -26,7 +26,7 @@ def fake_workers(monkeypatch, make_record):
     """Every worker process replaced by a record made here; returns the list of (arm, model, repeat) run."""
     ran = []
 
-    def fake_run_one(label, model, repeat, run_config, workdir, env, timeout):
+    def fake_run_one(label, model, repeat, run_config, workdir, env, timeout, **job):
         ran.append((label, model, repeat))
         return make_record(label, model=model, repeat=repeat)
 
@@ -114,7 +114,7 @@ def test_results_are_written_whole_after_every_process(tmp_path, make_record, mo
     """Each process's record is on disk (JSON and CSV, no temporary files left) before the next starts."""
     seen = []
 
-    def fake_run_one(label, model, repeat, run_config, workdir, env, timeout):
+    def fake_run_one(label, model, repeat, run_config, workdir, env, timeout, **job):
         files = list((tmp_path / "r").glob("*")) if (tmp_path / "r").exists() else []
         runs = json.loads(next(f for f in files if f.suffix == ".json").read_text())["runs"] if seen else []
         seen.append(([r["arm"] for r in runs], sorted(f.suffix for f in files)))

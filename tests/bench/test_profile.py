@@ -334,7 +334,7 @@ def test_from_an_older_file_reruns_it_with_profile(tmp_path, rng, make_record, m
     path.write_text(json.dumps(old))
     configs = []
 
-    def fake_run_one(label, model, repeat, run_config, workdir, env, timeout):
+    def fake_run_one(label, model, repeat, run_config, workdir, env, timeout, **job):
         configs.append(run_config)
         record = make_record(label, model=model, repeat=repeat, rng=rng)
         record["profile"] = _profile(rng)

@@ -59,6 +59,13 @@ class RunConfig:
     device: str = "cuda"
     pad_fraction: float = 0.0  # mean fraction of each sequence that is right padding (mask 0, label -100)
     profile: bool = False  # after the timed steps, one more step under torch.profiler (fastbench.bench.profile)
+    # a data file instead of random tokens (fastbench.bench.file_data); None: random tokens
+    data: str | None = None
+    data_format: str | None = None  # one of fastbench.train.data.FORMATS; None: detected
+    packing: bool = True  # packing arms pack the file's examples into rows (the others always pad)
+    text_field: str = "text"
+    chat_template: str | None = None  # a fastbench.chat_templates name replacing the tokenizer's
+    tokenizer: str | None = None  # a tokenizer directory; None: the model's (a preset's: built from the data)
     arm_options: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -92,6 +99,10 @@ class RunConfig:
             raise ValueError(f"unknown dtype {self.dtype!r}; valid: {', '.join(DTYPES)}")
         if not self.targets:
             raise ValueError("targets must name at least one module")
+        if self.data is None and (self.data_format or self.chat_template or self.tokenizer):
+            raise ValueError("format, chat-template and tokenizer apply to a data file: give --data")
+        if self.data is not None and self.pad_fraction:
+            raise ValueError("pad-fraction pads random tokens; a data file brings its own padding: drop one")
         source = resolve_model(self.model)
         if self.seq_len > source.max_seq_len:
             raise ValueError(f"seq-len {self.seq_len} is beyond {source.name}'s limit "
@@ -142,6 +153,7 @@ class ArmSpec:
     import_first: tuple[str, ...] = ()  # modules the worker imports before torch/transformers
     options: tuple[ArmOption, ...] = ()  # what may follow the name in a label
     check_options: Callable[[dict[str, Any]], None] | None = None  # rules across options; ValueError if broken
+    packs: bool = False  # trains a data file's examples packed into rows (else padded, batch examples at a time)
 
     @property
     def loss_kind(self) -> str:
@@ -193,6 +205,14 @@ def parse_label(label: str) -> tuple[str, dict[str, str]]:
             raise UnknownArm(f"bad arm option {opt!r} in {label!r}: write name:key=value")
         options[key] = value
     return name, options
+
+
+NPROC_OPTION = "nproc"  # the ranks a job runs as (``fused:nproc=2``); arms that take it train under DDP
+
+
+def world_size(label: str) -> int:
+    """How many ranks the job of ``label`` runs as (its ``nproc`` option; 1 without it)."""
+    return int(parse_label(label)[1].get(NPROC_OPTION, 1))
 
 
 def get_arm(label: str, check_installed: bool = True) -> ArmSpec:
