@@ -260,7 +260,7 @@ def test_nan_loss(tmp_path, ckpt, plain_peft, monkeypatch, on_nan):
 
 
 def test_tokenizer_without_pad_token_pads_with_eos_and_says_so(tmp_path, ckpt, plain_peft, monkeypatch):
-    import fastbench.export as export
+    from fastbench.export import gguf_file, merge
 
     nopad = tmp_path / "nopad"
     shutil.copytree(ckpt, nopad)
@@ -268,8 +268,8 @@ def test_tokenizer_without_pad_token_pads_with_eos_and_says_so(tmp_path, ckpt, p
     config["pad_token"] = None
     (nopad / "tokenizer_config.json").write_text(json.dumps(config))
     exported = []
-    monkeypatch.setattr(export, "save_pretrained_merged", lambda m, d, t=None, **k: exported.append(("merged", d)) or d)
-    monkeypatch.setattr(export, "save_pretrained_gguf", lambda m, d, t=None, **k: exported.append((k, d)) or d)
+    monkeypatch.setattr(merge, "save_pretrained_merged", lambda m, d, t=None, **k: exported.append(("merged", d)) or d)
+    monkeypatch.setattr(gguf_file, "save_pretrained_gguf", lambda m, d, t=None, **k: exported.append((k, d)) or d)
     data, out = write_jsonl(tmp_path / "chat.jsonl", chat_records(4)), tmp_path / "run"
     result = invoke(nopad, "--data", data, "--output", out, "--steps", 1, "--merge", "--gguf", "q8_0", *FAST)
     assert result.exit_code == 0, result.output
