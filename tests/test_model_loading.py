@@ -140,7 +140,10 @@ def test_remote_code_does_not_run_unless_trusted(safe, tmp_path):
     shutil.copytree(safe, path)
     marker = tmp_path / "ran"
     (path / "modeling_planted.py").write_text(f"open({str(marker)!r}, 'w').close()\n"
-                                              "from transformers import LlamaForCausalLM as PlantedForCausalLM\n")
+                                              "from transformers import LlamaForCausalLM\n"
+                                              # a class of its own: transformers registers the class it loads
+                                              # for auto-class saving, which must not touch Llama's own
+                                              "class PlantedForCausalLM(LlamaForCausalLM):\n    pass\n")
     config = json.loads((path / "config.json").read_text())
     config["auto_map"] = {"AutoModelForCausalLM": "modeling_planted.PlantedForCausalLM"}
     (path / "config.json").write_text(json.dumps(config))
