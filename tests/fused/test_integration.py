@@ -37,10 +37,7 @@ def test_arm_starts_where_its_baseline_starts(seed, arm, baseline, tmp_path, mon
 @pytest.mark.parametrize("options, message", [({"ckpt": "40", "save_every": "3"}, "ckpt=offload only"),
                                                ({"ckpt": "offload", "save_every": "x"}, "give a whole number"),
                                                ({"ckpt": "offload", "every": "3"}, "valid: ckpt, autotune, save_every"),
-                                               ({"ckpt": "true", "keep_last": "1"}, "keep_last applies to ckpt=offload"),
-                                               ({"ckpt": "offload", "keep_last": "-1"}, "keep_last='-1': give a whole"),
-                                               ({"ckpt": "offload", "streams": "3"}, "streams=3: give 1"),
-                                               ({"ckpt": "offload", "whole_layers": "2"}, "whole_layers=2: give 0"),
+                                               ({"ckpt": "true", "embedding": "1"}, "embedding applies to ckpt=offload"),
                                                ({"ckpt": "offload", "embedding": "no"}, "embedding='no': give 1")])
 def test_arm_offload_options_are_checked(options, message, tmp_path, monkeypatch):
     from fastbench.bench.arms import RunConfig, get_arm
@@ -57,13 +54,12 @@ def test_arm_options_become_the_models_offload_config(tmp_path, monkeypatch):
     from fastbench.fused.checkpointing import OffloadConfig
 
     monkeypatch.setenv("FASTBENCH_CHECKPOINT_CACHE", str(tmp_path))
-    _, options = parse_label("fused:ckpt=offload:save_every=3:keep_last=1:streams=2:whole_layers=1:embedding=0")
+    _, options = parse_label("fused:ckpt=offload:save_every=3:embedding=0")
     cfg = RunConfig(model="llama-3-8b-tiny", seq_len=12, batch=1, lora_r=4, dtype="float32", device="cpu",
                     arm_options=options)
     model = get_arm("fused").build(cfg)
     state = model.get_base_model().get_decoder()._fastbench
-    assert state.config.offload == OffloadConfig(save_every=3, keep_last=1, streams=2, whole_layers=True,
-                                                 embedding=False)
+    assert state.config.offload == OffloadConfig(save_every=3, embedding=False)
     assert isinstance(model.get_input_embeddings().weight, torch.nn.Parameter)  # embedding=0: left on the device
     cfg = RunConfig(**{**cfg.to_dict(), "arm_options": {"ckpt": "offload"}, "targets": cfg.targets})
     assert get_arm("fused").build(cfg).get_base_model().get_decoder()._fastbench.config.offload == OffloadConfig()
@@ -78,7 +74,7 @@ def test_worker_records_the_offload_wait_of_an_offload_arm(tmp_path, monkeypatch
     monkeypatch.setenv("FASTBENCH_CHECKPOINT_CACHE", str(tmp_path))
     cfg = RunConfig(model="llama-3-8b-tiny", seq_len=12, batch=1, lora_r=4, dtype="float32", device="cpu", steps=2,
                     warmup=1).to_dict()
-    record = worker.run({"arm": "fused:ckpt=offload:save_every=1:keep_last=1:streams=2", "config": cfg, "repeat": 0})
+    record = worker.run({"arm": "fused:ckpt=offload:save_every=1", "config": cfg, "repeat": 0})
     assert record["status"] == "ok", record["error"]
     assert record["offload_wait_ms"] == 0.0 and len(record["step_s"]) == 2
 

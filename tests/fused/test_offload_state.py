@@ -260,19 +260,6 @@ class TwoPartLayers:
         return torch.autograd.grad((h ** 2).sum(), [x, *self.W, *self.V])
 
 
-def run_against_keeping_everything(ckpt, monkeypatch):
-    """TwoPartLayers' gradients under ``ckpt`` checked against keeping everything; returns the layers (their
-    MLP run counts) and the slots ``ckpt``'s offloader saved under, in order."""
-    layers, x = TwoPartLayers(), torch.randn(5, 8, requires_grad=True)
-    expected = layers.grads(policy(False), x)
-    saved, save = [], ckpt.offloader.save
-    monkeypatch.setattr(ckpt.offloader, "save", lambda slot, t, group=None: (saved.append(slot), save(slot, t, group))[1])
-    layers.mlp_runs, SideBySide.shared = [0] * 4, []
-    for a, b in zip(layers.grads(ckpt, x), expected):
-        assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
-    return layers, saved
-
-
 @pytest.mark.parametrize("every", [1, 2])
 def test_offload_keeping_saved_activations_of_every_nth_mlp(seed, every):
     """Offload mode with save_last_every=n: layers 0, n, 2n, ... keep their last part's graph with its saved
@@ -289,39 +276,6 @@ def test_offload_keeping_saved_activations_of_every_nth_mlp(seed, every):
         assert layers.mlp_runs == [1 if i % every == 0 else 2 for i in range(4)]
         assert SideBySide.shared == [True] * 4
     assert not ckpt.offloader._saved and not ckpt.offloader._prefetched
-
-
-@pytest.mark.parametrize("keep_last, every", [(1, 2), (2, 2), (3, 0), (4, 1)])
-def test_the_last_layers_keep_on_the_gpu_what_would_go_to_the_host(seed, monkeypatch, keep_last, every):
-    """OffloadConfig(keep_last=k): the last k layers copy nothing to the host (their units keep their input,
-    a saved last part its activations, on the device), the others as before; the gradients do not change."""
-    ckpt = policy("offload", layers=4, keep_last=keep_last, save_every=every)
-    assert ckpt.keep_last == keep_last and f"the last {keep_last} layers' on the GPU" in ckpt.describe()
-    layers, saved = run_against_keeping_everything(ckpt, monkeypatch)
-    offloaded = 4 - keep_last
-    assert layers.mlp_runs == [1 if every and i % every == 0 else 2 for i in range(4)]
-    assert saved[0] == 0 if offloaded else saved == []  # slot 0 (a new forward) comes first where anything goes
-    per_layer = [1 + (2 if every and i % every == 0 else 1) for i in range(offloaded)]  # 2 tensors per saved MLP
-    assert len(saved) == sum(per_layer)
-    assert not ckpt.offloader._saved and not ckpt.offloader._prefetched
-
-
-@pytest.mark.parametrize("every", [0, 2])
-def test_whole_layers_keep_one_input_per_recomputed_layer(seed, monkeypatch, every):
-    """OffloadConfig(whole_layers=True): a layer whose MLP is recomputed is one unit with one offloaded input
-    (its attention recomputed in full); a layer whose MLP is saved stays as before; the gradients do not
-    change."""
-    ckpt = policy("offload", layers=4, whole_layers=True, save_every=every)
-    assert ckpt.whole_layers and "a layer recomputed whole keeps one input" in ckpt.describe()
-    layers, saved = run_against_keeping_everything(ckpt, monkeypatch)
-    kept = [every and i % every == 0 for i in range(4)]
-    assert layers.mlp_runs == [1 if k else 2 for k in kept]
-    assert len(saved) == sum(3 if k else 1 for k in kept)  # saved MLP: its attention's input, h and gu
-
-
-def test_keep_last_needs_the_layer_count():
-    assert policy("offload", keep_last=2).keep_last == 0  # no layer count given: nothing kept
-    assert policy("offload", layers=4, keep_last=2).keep_last == 2
 
 
 @pytest.mark.parametrize("view", [False, True])
@@ -469,13 +423,11 @@ def test_the_other_modes_say_what_they_keep(setting, says):
 
 @pytest.mark.parametrize("offload, message", [
     ({"save_every": "two"}, "save_every='two': give a whole number n >= 0"),
-    ({"keep_last": -1}, "keep_last=-1: give a whole number n >= 0"),
-    ({"keep_last": "last two"}, "keep_last='last two': give a whole number"),
-    ({"streams": 3}, r"streams=3: give 1 \(one copy stream"),
-    ({"streams": True}, "streams=True: give 1"),
-    ({"whole_layers": "yes"}, r"whole_layers='yes': give 0 \(each half-layer"),
+    ({"save_every": -1}, "save_every=-1: give a whole number n >= 0"),
+    ({"embedding": "yes"}, r"embedding='yes': give 1 \(the input embedding's table"),
     ({"embedding": 2}, r"embedding=2: give 1 \(the input embedding's table"),
-    ({"every": 3}, "unknown option.*every; valid: save_every, keep_last, streams, whole_layers, embedding"),
+    ({"every": 3}, "unknown option.*every; valid: save_every, embedding"),
+    ({"streams": 2}, "unknown option.*streams; valid: save_every, embedding"),
     ("save_every=3", "an OffloadConfig or a dict of its fields")])
 def test_a_bad_offload_setting_says_what_was_wrong_and_what_to_give(offload, message):
     with pytest.raises(ValueError, match=message):
@@ -483,13 +435,13 @@ def test_a_bad_offload_setting_says_what_was_wrong_and_what_to_give(offload, mes
 
 
 def test_offload_config_fields_and_where_they_apply():
-    assert OffloadConfig() == OffloadConfig(save_every=2, keep_last=0, streams=1, whole_layers=False, embedding=True)
-    assert OffloadConfig(whole_layers=1, embedding=0) == OffloadConfig(whole_layers=True, embedding=False)
+    assert OffloadConfig() == OffloadConfig(save_every=2, embedding=True)
+    assert OffloadConfig(embedding=0) == OffloadConfig(embedding=False)
     assert CheckpointConfig.of("unsloth").offload == OffloadConfig()
-    assert CheckpointConfig.of("offload", {"streams": 2}).offload.streams == 2
+    assert CheckpointConfig.of("offload", {"save_every": 3}).offload.save_every == 3
     assert CheckpointConfig.of(True) == CheckpointConfig("recompute") and CheckpointConfig.of(True).offload is None
     assert CheckpointConfig.of("1.5").budget == 1.5 * 2**30 and CheckpointConfig.of("auto").budget is None
-    config = CheckpointConfig.of("offload", OffloadConfig(keep_last=1))
+    config = CheckpointConfig.of("offload", OffloadConfig(save_every=1))
     assert CheckpointConfig.of(config) is config
     with pytest.raises(ValueError, match="apply to use_gradient_checkpointing='offload' only"):
         CheckpointConfig.of(True, {"save_every": 1})

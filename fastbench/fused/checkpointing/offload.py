@@ -24,20 +24,18 @@ MAX_COPYING_BYTES = 2 * GiB
 class HostOffloader:
     """Copies checkpointed inputs to pinned host buffers on a side stream and back, prefetching one ahead.
 
-    By default every copy runs on one side stream, so a buffer's copy back to the GPU is ordered after its
-    copy to the host, and a reused buffer's next copy after both. With ``streams=2`` (an experiment:
-    ``OffloadConfig(streams=2)``) the copies to the host and those back run on two streams, so that the
-    bus carries both directions at once (where the backward's first fetches meet the forward's last copies
-    out); the same order is then kept by events: a copy back waits for its copy out, and a buffer's next
-    copy out for the copy back that read it. Each copy first makes its stream wait for all work queued on
-    the compute stream: it then reads only finished data, and writes only memory that no queued kernel
-    still uses (a buffer the compute stream freed while the CPU ran ahead).
+    The copies to the host and those back run on two streams, so that the bus carries both directions at once
+    (where the backward's first fetches meet the forward's last copies out). Events keep the order that one
+    stream would: a copy back waits for its copy out, and a buffer's next copy out for the copy back that read
+    it. Each copy first makes its stream wait for all work queued on the compute stream: it then reads only
+    finished data, and writes only memory that no queued kernel still uses (a buffer the compute stream freed
+    while the CPU ran ahead).
 
     ``host_wait_s``: the seconds the host thread has waited, in total, for copies to the host (the bound on the
     memory their sources hold, MAX_COPYING_BYTES): time the host could not issue work in, the bus being slower
     than the compute. :meth:`timed_fetch_waits` times the compute stream's waits for inputs fetched back."""
 
-    def __init__(self, streams: int = 1):
+    def __init__(self):
         # keys are (forward number, slot), slots numbering a forward's checkpointed parts 0, 1, ...: an entry
         # left by a step whose backward never finished (an OOM retry) can never be mistaken for a later step's
         # -> (buffer, host view, device, the copy's event or None)
@@ -52,8 +50,7 @@ class HostOffloader:
         self._registered: list[torch.Tensor] = []  # every buffer pinned by registration, unregistered when self goes
         weakref.finalize(self, _unregister, self._registered)
         self._forward = 0
-        self._two_streams = streams == 2
-        self._streams: dict[str, torch.cuda.Stream] = {}  # "out" (to the host), "in" (back): one stream unless two
+        self._streams: dict[str, torch.cuda.Stream] = {}  # "out" (to the host), "in" (back)
         self._reads: dict[int, object] = {}  # a freed buffer's data_ptr -> the event of the copy back that read it
         self.host_wait_s = 0.0
         self._fetch_waits: list | None = None  # while timed: (before, after) CUDA events around each fetch wait
@@ -76,8 +73,7 @@ class HostOffloader:
         # current_stream() must be read here, outside `torch.cuda.stream(side)`: inside, it is the side
         # stream itself, and a stream that waits on itself orders nothing (the copies would race the compute)
         if not self._streams:
-            self._streams["out"] = torch.cuda.Stream()
-            self._streams["in"] = torch.cuda.Stream() if self._two_streams else self._streams["out"]
+            self._streams = {"out": torch.cuda.Stream(), "in": torch.cuda.Stream()}
         stream = self._streams[direction]
         stream.wait_stream(torch.cuda.current_stream())
         return stream
@@ -138,7 +134,7 @@ class HostOffloader:
         if x.is_cuda:
             stream = self._side_stream_after_compute("out")
             read = self._reads.pop(buf.data_ptr(), None)
-            if read is not None:  # two streams: the copy back that last read this buffer must have finished
+            if read is not None:  # the copy back that last read this buffer must have finished
                 stream.wait_event(read)
             with torch.cuda.stream(stream):
                 host.copy_(x, non_blocking=True)
@@ -168,20 +164,18 @@ class HostOffloader:
             raise RuntimeError("the offloaded input of this layer was released: offloaded checkpointing keeps "
                                "the inputs of the last two forwards until their backward")
         buf, host, device, copied_out = self._saved.pop(key)
-        self._free.append(buf)  # a later save's copy into it waits for this copy (the same stream, or its event)
+        self._free.append(buf)  # a later save's copy into it waits for this copy's event
         if device.type != "cuda":
             return host.clone(), None
         x = torch.empty(host.shape, dtype=host.dtype, device=device)
         stream = self._side_stream_after_compute("in")
-        if self._two_streams:
-            stream.wait_event(copied_out)
+        stream.wait_event(copied_out)
         with torch.cuda.stream(stream):
             x.copy_(host, non_blocking=True)
             done = torch.cuda.Event()
             done.record(stream)
         x.record_stream(stream)
-        if self._two_streams:
-            self._reads[buf.data_ptr()] = done
+        self._reads[buf.data_ptr()] = done
         return x, done
 
     def load(self, key: tuple[int, int]) -> torch.Tensor:

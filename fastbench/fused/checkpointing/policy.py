@@ -8,7 +8,7 @@ from typing import Callable, Sequence
 import torch
 
 from fastbench.fused.checkpointing.config import GiB, CheckpointConfig
-from fastbench.fused.checkpointing.context import PLAIN, chain
+from fastbench.fused.checkpointing.context import chain
 from fastbench.fused.checkpointing.offload import HostOffloader, offloading_saved
 from fastbench.fused.checkpointing.recompute import RecomputedUnit
 
@@ -25,19 +25,14 @@ class LayerCheckpointing:
         self.mode = config.mode
         self.budget = config.budget  # bytes; "auto" (None) is decided at the first step
         offload = config.offload
-        self.offloader = HostOffloader(offload.streams) if offload is not None else None
+        self.offloader = HostOffloader() if offload is not None else None
         self.bytes_per_token: float | None = None  # measured by the budget mode
         self._kept = 0
         self._slot = 0  # the next offload slot of this forward
         # offload mode: every n-th layer (0: none) keeps its last part's graph, with the activations that part
         # saves offloaded, instead of recomputing it
         self.save_last_every = offload.save_every if offload is not None else 0
-        # offload mode, a model of ``layers`` layers: its last keep_last layers keep on the GPU what would go to
-        # the host (their backward comes first, while the copies of the layers before still drain)
         self.layers = layers
-        self.keep_last = offload.keep_last if offload is not None and layers else 0
-        # offload mode: a layer whose MLP is recomputed keeps one input (recomputed as one unit) instead of two
-        self.whole_layers = offload is not None and offload.whole_layers
 
     def __call__(self, index: int, x: torch.Tensor, parts: Sequence[Part]) -> torch.Tensor:
         """Layer ``index`` of a forward, given as consecutive parts ``[(fn, params), ...]`` (x -> fn_1(x, context)
@@ -56,16 +51,12 @@ class LayerCheckpointing:
         if index == 0:
             self._slot = 0
         saved_last = self.offloader is not None and self.save_last_every and index % self.save_last_every == 0
-        whole = self.mode == "recompute" or (self.whole_layers and not saved_last)
-        units = [parts] if whole else [[part] for part in parts]
-        on_gpu = self.keep_last and index >= self.layers - self.keep_last
-        offloader = None if on_gpu else self.offloader
+        units = [parts] if self.mode == "recompute" else [[part] for part in parts]
         for unit in units[:-1] if saved_last else units:
             params = [t for _, p in unit for t in (p() if callable(p) else p)]
-            x = RecomputedUnit.apply(tuple(fn for fn, _ in unit), offloader, self._next_slot(), x, *params)
+            x = RecomputedUnit.apply(tuple(fn for fn, _ in unit), self.offloader, self._next_slot(), x, *params)
         if saved_last:
-            fn = units[-1][0][0]
-            x = fn(x, PLAIN) if on_gpu else offloading_saved(fn, x, self.offloader, self._next_slot)
+            x = offloading_saved(units[-1][0][0], x, self.offloader, self._next_slot)
         return x
 
     def _next_slot(self) -> int:
@@ -105,10 +96,8 @@ class LayerCheckpointing:
         offload = ("recompute every layer, inputs" if not n else
                    "recompute every layer's attention, inputs and every MLP's activations" if n == 1 else
                    f"recompute every layer but every {_ordinal(n)} layer's MLP, inputs and those MLPs' activations")
-        kept = (f" (the last {self.keep_last} layers' on the GPU)" if self.keep_last else "") + \
-            ("; a layer recomputed whole keeps one input" if self.whole_layers else "")
         return {"keep": "no activation checkpointing", "recompute": "recompute every layer",
-                "offload": f"{offload} offloaded to pinned CPU memory{kept}",
+                "offload": f"{offload} offloaded to pinned CPU memory",
                 "budget": f"keep layers within a budget of {budget} GiB, recompute the rest"}[self.mode]
 
 
