@@ -374,38 +374,88 @@ def test_saved_groups_with_two_forwards_and_after_a_failed_backward(seed):
         assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
+class Copy:
+    """A copy's event: finished or not (``query``); ``synchronize`` records the wait."""
+
+    def __init__(self, finished):
+        self.finished, self.waited = finished, False
+
+    def query(self):
+        return self.finished
+
+    def synchronize(self):
+        self.waited = True
+        if not self.finished:  # a wait for a copy still on the bus
+            time.sleep(0.02)
+
+
 def test_copies_to_the_host_hold_a_bounded_amount_of_device_memory(monkeypatch):
     """Where the bus is slower than the compute, queued copies keep their sources alive: past
     MAX_COPYING_BYTES the host waits for the oldest copy; finished copies are forgotten without waiting."""
     ckpt = offload_module
-
-    class Copy:
-        def __init__(self, finished):
-            self.finished, self.waited = finished, False
-
-        def query(self):
-            return self.finished
-
-        def synchronize(self):
-            self.waited = True
-            if not self.finished:  # a wait for a copy still on the bus
-                time.sleep(0.02)
-
     monkeypatch.setattr(ckpt, "MAX_COPYING_BYTES", 100)
     offloader = ckpt.HostOffloader()
     copies = [Copy(False), Copy(False), Copy(True), Copy(False)]
-    for copy in copies[:2]:
-        offloader._copying.append((copy, 40))
-        offloader._bound_copying(40)
+    sources = [torch.empty(n, dtype=torch.uint8) for n in (40, 40, 40, 10)]
+    for copy, x in zip(copies[:2], sources):
+        offloader._hold_until_copied(x, copy)
     assert offloader._copying_bytes == 80 and not any(c.waited for c in copies)
-    offloader._copying.append((copies[2], 40))
-    offloader._bound_copying(40)  # 120 > 100: waits for the oldest only
+    offloader._hold_until_copied(sources[2], copies[2])  # 120 > 100: waits for the oldest only
     assert [c.waited for c in copies[:3]] == [True, False, False] and offloader._copying_bytes == 80
     assert offloader.host_wait_s >= 0.02  # the wait is counted, on the offloader, for the harness
     copies[1].finished = True
-    offloader._copying.append((copies[3], 10))
-    offloader._bound_copying(10)  # the two oldest finished: forgotten; the unfinished newest stays
-    assert list(offloader._copying) == [(copies[3], 10)] and offloader._copying_bytes == 10
+    offloader._hold_until_copied(sources[3], copies[3])  # the two oldest finished: forgotten; the newest stays
+    assert [c for c, _ in offloader._copying] == [copies[3]] and offloader._copying_bytes == 10
+
+
+def test_a_copy_source_is_held_until_its_copy_is_seen_finished(seed):
+    """A source copied to the host stays referenced by the offloader (its memory not reused) until its copy's
+    event says finished; every save and load drops the finished ones, oldest first."""
+    import gc
+    import weakref
+
+    from fastbench.fused.checkpointing.offload import HostOffloader
+
+    offloader = HostOffloader()
+    copies, held = [Copy(False), Copy(False)], []
+    for copy in copies:
+        x = torch.randn(8)
+        held.append(weakref.ref(x))
+        offloader._hold_until_copied(x, copy)
+        del x
+    gc.collect()
+    assert all(ref() is not None for ref in held)  # both copies still on the bus
+    copies[0].finished = True
+    key = offloader.save(0, torch.randn(4))  # a save drops the finished one
+    gc.collect()
+    assert held[0]() is None and held[1]() is not None
+    copies[1].finished = True
+    offloader.load(key)  # and so does a load
+    gc.collect()
+    assert held[1]() is None and offloader._copying_bytes == 0
+    assert not any(c.waited and not c.finished for c in copies)  # no wait on an unfinished copy below the bound
+
+
+def test_an_input_fetched_ahead_and_dropped_is_waited_for_first(seed, monkeypatch):
+    """An input fetched back ahead of its use and never loaded (a backward that stopped half-way) is dropped
+    only after the compute stream was made to wait for its copy: its memory is the compute stream's."""
+    from fastbench.fused.checkpointing.offload import HostOffloader
+
+    waits = []
+
+    class Stream:
+        def wait_event(self, event):
+            waits.append(event)
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    offloader = HostOffloader()
+    keys = [offloader.save(slot, torch.randn(4)) for slot in range(3)]
+    done = Copy(True)
+    offloader._prefetched[keys[1]] = (torch.randn(4), done)  # as a fetch on a GPU leaves it
+    offloader.save(0, torch.randn(4))  # a second forward: the first one's entries are kept
+    assert waits == []
+    offloader.save(0, torch.randn(4))  # a third: the first one's are released, the compute stream waits first
+    assert waits == [done] and not offloader._prefetched
 
 
 @pytest.mark.parametrize("every, says", [(0, "recompute every layer, inputs offloaded"),
