@@ -182,6 +182,9 @@ def write_atomically(path: str, data: bytes) -> None:
 
 def main(argv=None) -> int:
     args = parse(argv)
+    from fastbench.memory import use_expandable_segments
+
+    use_expandable_segments()  # before CUDA starts, unless PYTORCH_ALLOC_CONF says otherwise
     import torch
 
     if not torch.cuda.is_available():
