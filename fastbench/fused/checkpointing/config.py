@@ -90,8 +90,8 @@ class CheckpointConfig:
 
     ``mode``: ``"keep"`` (every layer's activations), ``"recompute"`` (each layer's input, the layer recomputed
     in the backward), ``"offload"`` (inputs in pinned host memory, see :class:`OffloadConfig`) or ``"budget"``
-    (the first layers that fit ``budget`` bytes keep their activations, the rest recompute; ``budget`` None:
-    70% of the GPU memory free at the first step). ``offload``: the offload mode's settings (the defaults
+    (each step planned so that its peak reserved GPU memory stays within ``budget`` bytes; ``budget`` None:
+    what this process can reserve on its GPU, less a margin). ``offload``: the offload mode's settings (the defaults
     when not given); None in the other modes.
     """
     mode: str = "recompute"
@@ -104,7 +104,7 @@ class CheckpointConfig:
         if self.budget is not None and (self.mode != "budget" or isinstance(self.budget, bool)
                                         or not isinstance(self.budget, (int, float)) or self.budget < 0):
             raise ValueError(f"checkpointing budget {self.budget!r}: give a number of bytes >= 0, with mode "
-                             "'budget' only (None: 70% of the GPU memory free at the first step)")
+                             "'budget' only (None: this GPU's free memory less a margin)")
         if self.mode == "offload":
             object.__setattr__(self, "offload", OffloadConfig.of(self.offload))
         elif self.offload is not None:

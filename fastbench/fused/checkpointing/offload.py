@@ -37,11 +37,13 @@ class HostOffloader:
     host is kept referenced until its copy is seen finished; an input fetched back is allocated on the compute
     stream, which waits for the copy's event before the input is used or dropped.
 
-    ``host_wait_s``: the seconds the host thread has waited, in total, for copies to the host (the bound on the
-    memory their sources hold, MAX_COPYING_BYTES): time the host could not issue work in, the bus being slower
+    ``max_copying_bytes`` (default MAX_COPYING_BYTES) bounds the device memory that the sources of copies to
+    the host still on the bus hold. ``host_wait_s``: the seconds the host thread has waited, in total, for
+    copies to the host (held to that bound): time the host could not issue work in, the bus being slower
     than the compute. :meth:`timed_fetch_waits` times the compute stream's waits for inputs fetched back."""
 
-    def __init__(self):
+    def __init__(self, max_copying_bytes: int = MAX_COPYING_BYTES):
+        self.max_copying_bytes = max_copying_bytes
         # keys are (forward number, slot), slots numbering a forward's checkpointed parts 0, 1, ...: an entry
         # left by a step whose backward never finished (an OOM retry) can never be mistaken for a later step's
         # -> (buffer, host view, device, the copy's event or None)
@@ -172,9 +174,9 @@ class HostOffloader:
     def _drain_copies(self) -> None:
         """Drops the sources of the copies to the host that finished (oldest first: one stream runs them in
         order), their memory back to the compute stream's pool at once; while the rest hold more than
-        MAX_COPYING_BYTES of device memory, waits for the oldest (the GPU then still has every later layer
+        ``max_copying_bytes`` of device memory, waits for the oldest (the GPU then still has every later layer
         queued)."""
-        while self._copying and (self._copying_bytes > MAX_COPYING_BYTES or self._copying[0][0].query()):
+        while self._copying and (self._copying_bytes > self.max_copying_bytes or self._copying[0][0].query()):
             done, x = self._copying.popleft()
             start = time.perf_counter()
             done.synchronize()  # at once where query() said it finished
