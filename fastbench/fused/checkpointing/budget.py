@@ -101,7 +101,8 @@ class StepBytes:
 class Plan:
     """The first ``keep`` layers keep their activations, the next ``offload`` recompute from inputs on the
     host, the rest (``recompute``) from inputs on the GPU; ``reserved``: the estimated peak reserved bytes;
-    ``fits``: within the budget (else the plan that needs the least)."""
+    ``fits``: within the budget (else the plan that needs the least); ``reserved`` 0: not estimated (a budget
+    without bound)."""
     keep: int
     offload: int
     recompute: int
@@ -114,7 +115,8 @@ class Plan:
 
     def describe(self) -> str:
         return (f"{self.keep} layers kept, {self.recompute} recomputed from inputs on the GPU, {self.offload} from "
-                f"inputs offloaded to pinned CPU memory; about {self.reserved / GiB:.1f} GiB reserved at the peak"
+                "inputs offloaded to pinned CPU memory"
+                + (f"; about {self.reserved / GiB:.1f} GiB reserved at the peak" if self.reserved else "")
                 + ("" if self.fits else " (over the budget: nothing fits it)"))
 
 

@@ -57,6 +57,7 @@ class HostOffloader:
         self._copying_bytes = 0
         self._registered: list[torch.Tensor] = []  # every buffer pinned by registration, unregistered when self goes
         weakref.finalize(self, _unregister, self._registered)
+        weakref.finalize(self, _wait_for_fetches, self._prefetched)
         self._forward = 0
         self._streams: dict[str, torch.cuda.Stream] = {}  # "out" (to the host), "in" (back)
         self._reads: dict[int, object] = {}  # a freed buffer's data_ptr -> the event of the copy back that read it
@@ -120,10 +121,7 @@ class HostOffloader:
         memory, the compute stream's, may then be reused at once."""
         for key in [k for k in self._saved if k[0] < forward]:  # never fetched: no copy back read them
             self._free.append(self._saved.pop(key)[0])
-        for key in [k for k in self._prefetched if k[0] < forward]:
-            x, done = self._prefetched.pop(key)
-            if done is not None:
-                torch.cuda.current_stream(x.device).wait_event(done)
+        _wait_for_fetches({k: self._prefetched.pop(k) for k in [k for k in self._prefetched if k[0] < forward]})
         for key in [k for k in self._groups if k[0] < forward]:
             self._members.pop(self._groups.pop(key), None)
 
@@ -237,6 +235,16 @@ class HostOffloader:
                 if member in self._saved:
                     self._prefetched[member] = fetched = self._fetch(member)
                     ahead += fetched[0].nbytes
+
+
+def _wait_for_fetches(prefetched: dict) -> None:
+    """Makes the compute stream wait for the copies back of inputs fetched ahead (``{key: (x, done)}``), which
+    are then dropped: their memory returns to the compute stream's pool, which must not reuse it before the
+    copies into it finished."""
+    for x, done in prefetched.values():
+        if done is not None:
+            torch.cuda.current_stream(x.device).wait_event(done)
+    prefetched.clear()
 
 
 def _rounded_up(n: int) -> int:
