@@ -89,7 +89,7 @@ def record(args) -> dict:
         step(model, optimizer, ids)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    torch.cuda.memory._record_memory_history(max_entries=1_000_000)
+    torch.cuda.memory._record_memory_history(max_entries=1_000_000, stacks="python")  # C++ frames: slow to read
     step(model, optimizer, batches[-1])
     torch.cuda.synchronize()
     snapshot = torch.cuda.memory._snapshot()
