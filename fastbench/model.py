@@ -8,6 +8,7 @@ import warnings
 import torch
 
 from fastbench.fused.decoder import SUPPORTED_FAMILIES
+from fastbench.memory import use_expandable_segments
 from fastbench.presets import DEFAULT_TARGETS
 
 
@@ -71,7 +72,12 @@ class FastLanguageModel:
         Loading never runs the checkpoint's code: ``trust_remote_code`` stays False unless passed True.
         Weights load from safetensors; pickle-based weights (``.bin``, ``.pt``, ``.pth``, ``.ckpt``)
         only with ``allow_pickle=True`` (with a warning, through ``torch.load(weights_only=True)``),
-        else :class:`UnsafeCheckpoint` says so."""
+        else :class:`UnsafeCheckpoint` says so.
+
+        Loading onto a GPU before this process started CUDA, with no allocator settings of the user's,
+        switches the CUDA caching allocator to expandable segments (:func:`fastbench.memory.use_expandable_segments`:
+        less memory reserved beyond what is allocated). To opt out, set ``PYTORCH_ALLOC_CONF`` yourself
+        (e.g. ``PYTORCH_ALLOC_CONF=expandable_segments:False``)."""
         from fastbench.presets import PRESETS, build_model
 
         if kwargs.pop("load_in_8bit", False):
@@ -81,6 +87,8 @@ class FastLanguageModel:
                              "is not supported: use transformers' Trainer on the plain model for that")
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.device(device).type == "cuda":
+            use_expandable_segments()  # before CUDA starts (default_dtype asks the GPU), unless the user chose
         dtype = dtype or default_dtype(device)
         tokenizer = None
         if model_name in PRESETS:

@@ -4,12 +4,10 @@ N processes start (each rank has its own offloader and buffers).
 What one forward of ``t = batch x seq_len`` tokens puts in host buffers (fastbench.fused.checkpointing), in the
 activation dtype's bytes ``b``, for a model of L layers, width h and MLP width i:
 
-- a layer recomputed in two parts keeps both parts' inputs: 2 t h b; recomputed whole
-  (``OffloadConfig.whole_layers``): t h b;
+- a recomputed layer keeps both its parts' inputs: 2 t h b;
 - every n-th layer (``OffloadConfig.save_every``, layers 0, n, 2n, ...) keeps its attention's input
   and its MLP's saved activations instead: the MLP input (its norm recomputed from it) and the gate and up
   projections, t (2h + 2i) b;
-- the last ``OffloadConfig.keep_last`` layers keep theirs on the GPU;
 - an untied input embedding table (vocab x h x b) with ``OffloadConfig.embedding``.
 
 Buffers are reused from step to step and rounded up by at most 1/8 (the offloader's rounding), so the
@@ -31,11 +29,11 @@ def offload_host_bytes(config, tokens: int, dtype_bytes: int = 2, offload: Offlo
     layers, h, i = config.num_hidden_layers, config.hidden_size, config.intermediate_size
     layout = offload or OffloadConfig()
     per_token = 0
-    for index in range(layers - layout.keep_last):
+    for index in range(layers):
         if layout.save_every and index % layout.save_every == 0:
             per_token += 3 * h + 2 * i
         else:
-            per_token += h if layout.whole_layers else 2 * h
+            per_token += 2 * h
     table = 0
     if layout.embedding and not getattr(config, "tie_word_embeddings", False):
         table = config.vocab_size * h * dtype_bytes

@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from fastbench.fused.checkpointing import CheckpointConfig, LayerCheckpointing
-from fastbench.fused.decoder import SdpaMasks, family_of, layer_parts, norm_eps, unsupported_lora
+from fastbench.fused.checkpointing.budget import ModelBytes, optimizer_bytes
+from fastbench.fused.decoder import (SdpaMasks, family_of, layer_parts, nf4_workspace_bytes, norm_eps,
+                                     unsupported_lora)
 from fastbench.fused.host_embedding import offload_input_embedding
 from fastbench.fused.state import FusedState
 from fastbench.kernels._tensors import interpreting
@@ -153,7 +155,12 @@ def install(model, config: CheckpointConfig) -> list[str]:
     if reason:
         raise ValueError(f"fastbench's fused path cannot run this model: {reason}")
     backbone = model.get_decoder()
-    checkpointing = LayerCheckpointing(config, layers=model.config.num_hidden_layers)
+    layers = backbone.layers[: model.config.num_hidden_layers]
+    counts = None
+    if config.mode == "budget":  # what the plan counts besides the activations
+        counts = ModelBytes(optimizer=optimizer_bytes(model.parameters()), workspace=nf4_workspace_bytes(layers[0]),
+                            vocab=model.lm_head.weight.shape[0])
+    checkpointing = LayerCheckpointing(config, layers=len(layers), model=counts)
     backbone._fastbench = FusedState(family_of(model.config), checkpointing, LoraFactorCache())
     backbone.forward = types.MethodType(fused_backbone_forward, backbone)
     model.forward = types.MethodType(fused_forward, model)

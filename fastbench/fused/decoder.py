@@ -193,6 +193,19 @@ def layer_projections(layer) -> tuple[tuple[Projection, ...], tuple[Projection, 
             tuple(projection(m) for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)))
 
 
+def nf4_workspace_bytes(layer) -> int:
+    """The bytes of the buffer a layer's NF4 weights are dequantized into (fastbench.kernels.lora): its largest
+    group of projections dequantized together (Q/K/V, O, gate/up, down), in the compute dtype; 0 without NF4
+    weights."""
+    attn, mlp = layer_projections(layer)
+    sizes = [0]
+    for group in (attn[:3], attn[3:], mlp[:2], mlp[2:]):
+        states = [getattr(p.weight, "quant_state", None) for p in group]
+        if all(st is not None for st in states):
+            sizes.append(sum(st.shape[0] for st in states) * states[0].shape[1] * states[0].dtype.itemsize)
+    return max(sizes)
+
+
 def attention_residual(layer, x, context: PartContext, cos, sin, mask, family: Family, projections=None,
                        cache: LoraFactorCache | None = None):
     """x + attention(RMSNorm(x)): the first part of a decoder layer, [B, T, hidden] -> [B, T, hidden].

@@ -45,8 +45,6 @@ def test_layouts():
     every2 = offload_host_bytes(config, t, b, OffloadConfig(save_every=2))
     assert every2 == int(9 / 8 * t * b * (16 * (3 * 4096 + 2 * 14336) + 16 * 2 * 4096)) + table
     assert offload_host_bytes(config, t, b, OffloadConfig(save_every=0, embedding=False)) == int(9 / 8 * t * b * 32 * 2 * 4096)
-    assert offload_host_bytes(config, t, b, OffloadConfig(save_every=0, whole_layers=True, keep_last=2,
-                                                          embedding=False)) == int(9 / 8 * t * b * 30 * 4096)
 
 
 def test_the_check_refuses_with_the_numbers():

@@ -156,16 +156,6 @@ def test_a_saved_mlp_recomputes_its_normed_input_instead_of_offloading_it(seed, 
     assert counts[1] - counts[0] == layers  # every layer's MLP saved (n = 1): one copy fewer each
 
 
-@pytest.mark.parametrize("offload", [{"keep_last": 1}, OffloadConfig(whole_layers=True)])
-@pytest.mark.parametrize("load_in_4bit", [False, True])
-def test_offload_experiments_match_peft(seed, load_in_4bit, offload):
-    """The last layer kept on the GPU; a layer whose MLP is recomputed kept as one input."""
-    fused, ref = pair("llama-3-8b-tiny", seed, load_in_4bit=load_in_4bit, checkpointing="offload", offload=offload)
-    ckpt = fused.get_base_model().model._fastbench.checkpointing
-    assert (ckpt.keep_last, ckpt.whole_layers) == ((1, False) if isinstance(offload, dict) else (0, True))
-    assert_same_step(fused, ref, *batch())
-
-
 @pytest.mark.parametrize("value", [-1, "two", 1.5, True])
 def test_a_bad_save_every_setting_says_what_to_give(seed, value):
     with pytest.raises(ValueError, match=f"save_every={value!r}: give a whole number"):

@@ -14,7 +14,7 @@ from fastbench.cli import main
 @pytest.mark.gpu
 @pytest.mark.slow
 def test_offload_matches_recompute_at_llama_3_8b(tmp_path):
-    arms = "fused-4bit:ckpt=true,fused-4bit:ckpt=offload,fused-4bit:ckpt=offload:streams=2:keep_last=2"  # + experiments
+    arms = "fused-4bit:ckpt=true,fused-4bit:ckpt=offload"
     args = ["compare", "--models", "llama-3-8b", "--arms", arms,
             "--baseline-arm", "fused-4bit:ckpt=true", "--seq-len", "2048", "--batch", "2", "--steps", "4",
             "--warmup", "1", "--repeats", "1", "--loss-tolerance", "0.005", "--profile",

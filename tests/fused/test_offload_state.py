@@ -103,7 +103,7 @@ def test_layers_of_two_parts(seed, mode):
 
     expected = torch.autograd.grad(loss(policy(False)), [x, *layers.weights])
     seen.clear()
-    ckpt = policy(mode)
+    ckpt = policy(mode, layers=4)
     if mode == 1e-9:  # a budget no layer fits: measured on a first forward, then every layer recomputed
         loss(ckpt)
         seen.clear()
@@ -260,19 +260,6 @@ class TwoPartLayers:
         return torch.autograd.grad((h ** 2).sum(), [x, *self.W, *self.V])
 
 
-def run_against_keeping_everything(ckpt, monkeypatch):
-    """TwoPartLayers' gradients under ``ckpt`` checked against keeping everything; returns the layers (their
-    MLP run counts) and the slots ``ckpt``'s offloader saved under, in order."""
-    layers, x = TwoPartLayers(), torch.randn(5, 8, requires_grad=True)
-    expected = layers.grads(policy(False), x)
-    saved, save = [], ckpt.offloader.save
-    monkeypatch.setattr(ckpt.offloader, "save", lambda slot, t, group=None: (saved.append(slot), save(slot, t, group))[1])
-    layers.mlp_runs, SideBySide.shared = [0] * 4, []
-    for a, b in zip(layers.grads(ckpt, x), expected):
-        assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
-    return layers, saved
-
-
 @pytest.mark.parametrize("every", [1, 2])
 def test_offload_keeping_saved_activations_of_every_nth_mlp(seed, every):
     """Offload mode with save_last_every=n: layers 0, n, 2n, ... keep their last part's graph with its saved
@@ -289,39 +276,6 @@ def test_offload_keeping_saved_activations_of_every_nth_mlp(seed, every):
         assert layers.mlp_runs == [1 if i % every == 0 else 2 for i in range(4)]
         assert SideBySide.shared == [True] * 4
     assert not ckpt.offloader._saved and not ckpt.offloader._prefetched
-
-
-@pytest.mark.parametrize("keep_last, every", [(1, 2), (2, 2), (3, 0), (4, 1)])
-def test_the_last_layers_keep_on_the_gpu_what_would_go_to_the_host(seed, monkeypatch, keep_last, every):
-    """OffloadConfig(keep_last=k): the last k layers copy nothing to the host (their units keep their input,
-    a saved last part its activations, on the device), the others as before; the gradients do not change."""
-    ckpt = policy("offload", layers=4, keep_last=keep_last, save_every=every)
-    assert ckpt.keep_last == keep_last and f"the last {keep_last} layers' on the GPU" in ckpt.describe()
-    layers, saved = run_against_keeping_everything(ckpt, monkeypatch)
-    offloaded = 4 - keep_last
-    assert layers.mlp_runs == [1 if every and i % every == 0 else 2 for i in range(4)]
-    assert saved[0] == 0 if offloaded else saved == []  # slot 0 (a new forward) comes first where anything goes
-    per_layer = [1 + (2 if every and i % every == 0 else 1) for i in range(offloaded)]  # 2 tensors per saved MLP
-    assert len(saved) == sum(per_layer)
-    assert not ckpt.offloader._saved and not ckpt.offloader._prefetched
-
-
-@pytest.mark.parametrize("every", [0, 2])
-def test_whole_layers_keep_one_input_per_recomputed_layer(seed, monkeypatch, every):
-    """OffloadConfig(whole_layers=True): a layer whose MLP is recomputed is one unit with one offloaded input
-    (its attention recomputed in full); a layer whose MLP is saved stays as before; the gradients do not
-    change."""
-    ckpt = policy("offload", layers=4, whole_layers=True, save_every=every)
-    assert ckpt.whole_layers and "a layer recomputed whole keeps one input" in ckpt.describe()
-    layers, saved = run_against_keeping_everything(ckpt, monkeypatch)
-    kept = [every and i % every == 0 for i in range(4)]
-    assert layers.mlp_runs == [1 if k else 2 for k in kept]
-    assert len(saved) == sum(3 if k else 1 for k in kept)  # saved MLP: its attention's input, h and gu
-
-
-def test_keep_last_needs_the_layer_count():
-    assert policy("offload", keep_last=2).keep_last == 0  # no layer count given: nothing kept
-    assert policy("offload", layers=4, keep_last=2).keep_last == 2
 
 
 @pytest.mark.parametrize("view", [False, True])
@@ -420,38 +374,91 @@ def test_saved_groups_with_two_forwards_and_after_a_failed_backward(seed):
         assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
-def test_copies_to_the_host_hold_a_bounded_amount_of_device_memory(monkeypatch):
+class Copy:
+    """A copy's event: finished or not (``query``); ``synchronize`` records the wait."""
+
+    def __init__(self, finished):
+        self.finished, self.waited = finished, False
+
+    def query(self):
+        return self.finished
+
+    def synchronize(self):
+        self.waited = True
+        if not self.finished:  # a wait for a copy still on the bus
+            time.sleep(0.02)
+
+
+def test_copies_to_the_host_hold_a_bounded_amount_of_device_memory():
     """Where the bus is slower than the compute, queued copies keep their sources alive: past
-    MAX_COPYING_BYTES the host waits for the oldest copy; finished copies are forgotten without waiting."""
-    ckpt = offload_module
-
-    class Copy:
-        def __init__(self, finished):
-            self.finished, self.waited = finished, False
-
-        def query(self):
-            return self.finished
-
-        def synchronize(self):
-            self.waited = True
-            if not self.finished:  # a wait for a copy still on the bus
-                time.sleep(0.02)
-
-    monkeypatch.setattr(ckpt, "MAX_COPYING_BYTES", 100)
-    offloader = ckpt.HostOffloader()
+    max_copying_bytes (default MAX_COPYING_BYTES) the host waits for the oldest copy; finished copies are forgotten without waiting."""
+    offloader = offload_module.HostOffloader(max_copying_bytes=100)
     copies = [Copy(False), Copy(False), Copy(True), Copy(False)]
-    for copy in copies[:2]:
-        offloader._copying.append((copy, 40))
-        offloader._bound_copying(40)
+    sources = [torch.empty(n, dtype=torch.uint8) for n in (40, 40, 40, 10)]
+    for copy, x in zip(copies[:2], sources):
+        offloader._hold_until_copied(x, copy)
     assert offloader._copying_bytes == 80 and not any(c.waited for c in copies)
-    offloader._copying.append((copies[2], 40))
-    offloader._bound_copying(40)  # 120 > 100: waits for the oldest only
+    offloader._hold_until_copied(sources[2], copies[2])  # 120 > 100: waits for the oldest only
     assert [c.waited for c in copies[:3]] == [True, False, False] and offloader._copying_bytes == 80
     assert offloader.host_wait_s >= 0.02  # the wait is counted, on the offloader, for the harness
     copies[1].finished = True
-    offloader._copying.append((copies[3], 10))
-    offloader._bound_copying(10)  # the two oldest finished: forgotten; the unfinished newest stays
-    assert list(offloader._copying) == [(copies[3], 10)] and offloader._copying_bytes == 10
+    offloader._hold_until_copied(sources[3], copies[3])  # the two oldest finished: forgotten; the newest stays
+    assert [c for c, _ in offloader._copying] == [copies[3]] and offloader._copying_bytes == 10
+
+
+def test_a_copy_source_is_held_until_its_copy_is_seen_finished(seed):
+    """A source copied to the host stays referenced by the offloader (its memory not reused) until its copy's
+    event says finished; every save and load drops the finished ones, oldest first."""
+    import gc
+    import weakref
+
+    from fastbench.fused.checkpointing.offload import HostOffloader
+
+    offloader = HostOffloader()
+    copies, held = [Copy(False), Copy(False)], []
+    for copy in copies:
+        x = torch.randn(8)
+        held.append(weakref.ref(x))
+        offloader._hold_until_copied(x, copy)
+        del x
+    gc.collect()
+    assert all(ref() is not None for ref in held)  # both copies still on the bus
+    copies[0].finished = True
+    key = offloader.save(0, torch.randn(4))  # a save drops the finished one
+    gc.collect()
+    assert held[0]() is None and held[1]() is not None
+    copies[1].finished = True
+    offloader.load(key)  # and so does a load
+    gc.collect()
+    assert held[1]() is None and offloader._copying_bytes == 0
+    assert not any(c.waited and not c.finished for c in copies)  # no wait on an unfinished copy below the bound
+
+
+def test_an_input_fetched_ahead_and_dropped_is_waited_for_first(seed, monkeypatch):
+    """An input fetched back ahead of its use and never loaded (a backward that stopped half-way) is dropped
+    only after the compute stream was made to wait for its copy: its memory is the compute stream's."""
+    from fastbench.fused.checkpointing.offload import HostOffloader
+
+    waits = []
+
+    class Stream:
+        def wait_event(self, event):
+            waits.append(event)
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    offloader = HostOffloader()
+    keys = [offloader.save(slot, torch.randn(4)) for slot in range(3)]
+    done = Copy(True)
+    offloader._prefetched[keys[1]] = (torch.randn(4), done)  # as a fetch on a GPU leaves it
+    offloader.save(0, torch.randn(4))  # a second forward: the first one's entries are kept
+    assert waits == []
+    offloader.save(0, torch.randn(4))  # a third: the first one's are released, the compute stream waits first
+    assert waits == [done] and not offloader._prefetched
+    offloader._prefetched[keys[0]] = (torch.randn(4), Copy(False))
+    del offloader  # and so when the offloader goes with an input on its way back
+    import gc
+    gc.collect()
+    assert len(waits) == 2
 
 
 @pytest.mark.parametrize("every, says", [(0, "recompute every layer, inputs offloaded"),
@@ -461,7 +468,7 @@ def test_the_offload_mode_says_what_it_recomputes(every, says):
     assert says in policy("offload", save_every=every).describe()
 
 
-@pytest.mark.parametrize("setting, says", [(40, "a budget of 40 GiB"), ("auto", "a budget of auto GiB"),
+@pytest.mark.parametrize("setting, says", [(40, "a budget of 40 GiB"), ("auto", "a budget of this GPU's free memory"),
                                            (False, "no activation checkpointing"), (True, "recompute every layer")])
 def test_the_other_modes_say_what_they_keep(setting, says):
     assert says in policy(setting).describe()
@@ -469,13 +476,11 @@ def test_the_other_modes_say_what_they_keep(setting, says):
 
 @pytest.mark.parametrize("offload, message", [
     ({"save_every": "two"}, "save_every='two': give a whole number n >= 0"),
-    ({"keep_last": -1}, "keep_last=-1: give a whole number n >= 0"),
-    ({"keep_last": "last two"}, "keep_last='last two': give a whole number"),
-    ({"streams": 3}, r"streams=3: give 1 \(one copy stream"),
-    ({"streams": True}, "streams=True: give 1"),
-    ({"whole_layers": "yes"}, r"whole_layers='yes': give 0 \(each half-layer"),
+    ({"save_every": -1}, "save_every=-1: give a whole number n >= 0"),
+    ({"embedding": "yes"}, r"embedding='yes': give 1 \(the input embedding's table"),
     ({"embedding": 2}, r"embedding=2: give 1 \(the input embedding's table"),
-    ({"every": 3}, "unknown option.*every; valid: save_every, keep_last, streams, whole_layers, embedding"),
+    ({"every": 3}, "unknown option.*every; valid: save_every, embedding"),
+    ({"streams": 2}, "unknown option.*streams; valid: save_every, embedding"),
     ("save_every=3", "an OffloadConfig or a dict of its fields")])
 def test_a_bad_offload_setting_says_what_was_wrong_and_what_to_give(offload, message):
     with pytest.raises(ValueError, match=message):
@@ -483,13 +488,13 @@ def test_a_bad_offload_setting_says_what_was_wrong_and_what_to_give(offload, mes
 
 
 def test_offload_config_fields_and_where_they_apply():
-    assert OffloadConfig() == OffloadConfig(save_every=2, keep_last=0, streams=1, whole_layers=False, embedding=True)
-    assert OffloadConfig(whole_layers=1, embedding=0) == OffloadConfig(whole_layers=True, embedding=False)
+    assert OffloadConfig() == OffloadConfig(save_every=2, embedding=True)
+    assert OffloadConfig(embedding=0) == OffloadConfig(embedding=False)
     assert CheckpointConfig.of("unsloth").offload == OffloadConfig()
-    assert CheckpointConfig.of("offload", {"streams": 2}).offload.streams == 2
+    assert CheckpointConfig.of("offload", {"save_every": 3}).offload.save_every == 3
     assert CheckpointConfig.of(True) == CheckpointConfig("recompute") and CheckpointConfig.of(True).offload is None
     assert CheckpointConfig.of("1.5").budget == 1.5 * 2**30 and CheckpointConfig.of("auto").budget is None
-    config = CheckpointConfig.of("offload", OffloadConfig(keep_last=1))
+    config = CheckpointConfig.of("offload", OffloadConfig(save_every=1))
     assert CheckpointConfig.of(config) is config
     with pytest.raises(ValueError, match="apply to use_gradient_checkpointing='offload' only"):
         CheckpointConfig.of(True, {"save_every": 1})

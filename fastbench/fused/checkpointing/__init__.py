@@ -18,15 +18,20 @@ then skips the O and down projections' forwards and the GLU); ``True`` recompute
   none) keeps its MLP's graph, the activations it saves offloaded to pinned memory as well, so its MLP is not
   recomputed. :class:`OffloadConfig` holds this mode's other settings. The fused path also keeps an untied,
   frozen input embedding table in pinned host memory in this mode (fastbench.fused.host_embedding).
-- a number (GiB) or ``"auto"``: a budget. The first layer of the first step runs un-checkpointed while the
-  bytes its autograd graph saves are counted; from then on the first ``budget // bytes_per_layer`` layers keep
-  their activations and the rest recompute. ``"auto"`` budgets 70% of the GPU memory free at the first step
-  (on a CPU: keeps everything).
+- a number (GiB) or ``"auto"``: a budget for the step's peak reserved GPU memory, all of it counted: weights,
+  LoRA parameters and optimizer state, activations, the loss, the dequantize workspace, the offload copies.
+  At the first step the bytes one kept layer saves are measured (the first layer run once more, its graph
+  dropped); each forward then keeps the first layers that fit and recomputes the rest, and where even
+  recomputing every layer does not fit, recomputes the first layers from inputs offloaded to pinned memory
+  (fastbench.fused.checkpointing.budget). ``"auto"`` budgets what this process can reserve on its GPU (its
+  free memory, within ``torch.cuda.set_per_process_memory_fraction``) less a margin (on a CPU: keeps
+  everything).
 
 A recomputed part must be deterministic (no dropout): the fused path refuses lora_dropout > 0.
 
-Modules: ``config`` (the settings), ``policy`` (which layers keep, recompute or offload), ``recompute`` (the
-autograd Function), ``offload`` (the pinned-memory copies), ``context`` (what a part is told as it runs).
+Modules: ``config`` (the settings), ``policy`` (which layers keep, recompute or offload), ``budget`` (the
+budget mode's plan), ``recompute`` (the autograd Function), ``offload`` (the pinned-memory copies), ``context``
+(what a part is told as it runs).
 """
 from fastbench.fused.checkpointing.config import CheckpointConfig, OffloadConfig, parse_setting
 from fastbench.fused.checkpointing.context import PartContext

@@ -33,32 +33,17 @@ class OffloadConfig:
 
     - ``save_every``: every n-th layer (0: none) keeps its MLP's graph, the activations it saves offloaded to
       pinned host memory too, instead of recomputing that MLP.
-    - ``keep_last``: the last n layers keep on the GPU what would go to the host (their backward comes first).
-    - ``streams``: 1, one copy stream for both directions; 2, copies to the host and back on two streams.
-    - ``whole_layers``: a layer whose MLP is recomputed keeps one input (recomputed as a whole, its attention's
-      O projection too) instead of one per half-layer.
     - ``embedding``: keep an untied, frozen input embedding table in pinned host memory
       (fastbench.fused.host_embedding).
     """
     save_every: int = 2
-    keep_last: int = 0
-    streams: int = 1
-    whole_layers: bool = False
     embedding: bool = True
 
     def __post_init__(self):
         _whole_number("save_every", self.save_every, "every n-th layer's MLP activations offloaded instead of "
                                                      "recomputed; 0: recompute every layer")
-        _whole_number("keep_last", self.keep_last, "the last n layers keep on the GPU what the offload mode would "
-                                                   "copy to the host; 0: none")
-        _one_of("streams", self.streams, {1: "one copy stream for both directions, the default",
-                                          2: "copies to the host and back on two streams"})
-        whole = _one_of("whole_layers", self.whole_layers, {
-            False: "each half-layer recomputed from its own offloaded input, the default",
-            True: "a layer whose MLP is recomputed keeps one input, recomputed as a whole"})
         embedding = _one_of("embedding", self.embedding, {
             True: "the input embedding's table in pinned host memory, the default", False: "on the GPU"})
-        object.__setattr__(self, "whole_layers", whole)
         object.__setattr__(self, "embedding", embedding)
 
     @classmethod
@@ -105,8 +90,8 @@ class CheckpointConfig:
 
     ``mode``: ``"keep"`` (every layer's activations), ``"recompute"`` (each layer's input, the layer recomputed
     in the backward), ``"offload"`` (inputs in pinned host memory, see :class:`OffloadConfig`) or ``"budget"``
-    (the first layers that fit ``budget`` bytes keep their activations, the rest recompute; ``budget`` None:
-    70% of the GPU memory free at the first step). ``offload``: the offload mode's settings (the defaults
+    (each step planned so that its peak reserved GPU memory stays within ``budget`` bytes; ``budget`` None:
+    what this process can reserve on its GPU, less a margin). ``offload``: the offload mode's settings (the defaults
     when not given); None in the other modes.
     """
     mode: str = "recompute"
@@ -119,7 +104,7 @@ class CheckpointConfig:
         if self.budget is not None and (self.mode != "budget" or isinstance(self.budget, bool)
                                         or not isinstance(self.budget, (int, float)) or self.budget < 0):
             raise ValueError(f"checkpointing budget {self.budget!r}: give a number of bytes >= 0, with mode "
-                             "'budget' only (None: 70% of the GPU memory free at the first step)")
+                             "'budget' only (None: this GPU's free memory less a margin)")
         if self.mode == "offload":
             object.__setattr__(self, "offload", OffloadConfig.of(self.offload))
         elif self.offload is not None:

@@ -24,20 +24,26 @@ MAX_COPYING_BYTES = 2 * GiB
 class HostOffloader:
     """Copies checkpointed inputs to pinned host buffers on a side stream and back, prefetching one ahead.
 
-    By default every copy runs on one side stream, so a buffer's copy back to the GPU is ordered after its
-    copy to the host, and a reused buffer's next copy after both. With ``streams=2`` (an experiment:
-    ``OffloadConfig(streams=2)``) the copies to the host and those back run on two streams, so that the
-    bus carries both directions at once (where the backward's first fetches meet the forward's last copies
-    out); the same order is then kept by events: a copy back waits for its copy out, and a buffer's next
-    copy out for the copy back that read it. Each copy first makes its stream wait for all work queued on
-    the compute stream: it then reads only finished data, and writes only memory that no queued kernel
-    still uses (a buffer the compute stream freed while the CPU ran ahead).
+    The copies to the host and those back run on two streams, so that the bus carries both directions at once
+    (where the backward's first fetches meet the forward's last copies out). Events keep the order that one
+    stream would: a copy back waits for its copy out, and a buffer's next copy out for the copy back that read
+    it. Each copy first makes its stream wait for all work queued on the compute stream: it then reads only
+    finished data, and writes only memory that no queued kernel still uses (a buffer the compute stream freed
+    while the CPU ran ahead).
 
-    ``host_wait_s``: the seconds the host thread has waited, in total, for copies to the host (the bound on the
-    memory their sources hold, MAX_COPYING_BYTES): time the host could not issue work in, the bus being slower
+    Device memory stays the compute stream's: nothing is allocated on a side stream, and nothing is marked as
+    used by one (``record_stream``, which holds a block back from reuse until all that the side stream queued
+    by the time the block is freed has run, and so makes the allocator reserve more). A source copied to the
+    host is kept referenced until its copy is seen finished; an input fetched back is allocated on the compute
+    stream, which waits for the copy's event before the input is used or dropped.
+
+    ``max_copying_bytes`` (default MAX_COPYING_BYTES) bounds the device memory that the sources of copies to
+    the host still on the bus hold. ``host_wait_s``: the seconds the host thread has waited, in total, for
+    copies to the host (held to that bound): time the host could not issue work in, the bus being slower
     than the compute. :meth:`timed_fetch_waits` times the compute stream's waits for inputs fetched back."""
 
-    def __init__(self, streams: int = 1):
+    def __init__(self, max_copying_bytes: int = MAX_COPYING_BYTES):
+        self.max_copying_bytes = max_copying_bytes
         # keys are (forward number, slot), slots numbering a forward's checkpointed parts 0, 1, ...: an entry
         # left by a step whose backward never finished (an OOM retry) can never be mistaken for a later step's
         # -> (buffer, host view, device, the copy's event or None)
@@ -47,13 +53,13 @@ class HostOffloader:
         self._groups: dict[tuple[int, int], tuple] = {}  # key -> its group (entries fetched back together)
         self._members: dict[tuple, list[tuple[int, int]]] = {}  # group -> its keys, in slot order
         self._lookahead = 0  # bytes to keep fetched ahead in a backward: the largest group of the forward
-        self._copying: collections.deque = collections.deque()  # (done event, bytes) of queued copies to the host
+        self._copying: collections.deque = collections.deque()  # (done event, source) of queued copies to the host
         self._copying_bytes = 0
         self._registered: list[torch.Tensor] = []  # every buffer pinned by registration, unregistered when self goes
         weakref.finalize(self, _unregister, self._registered)
+        weakref.finalize(self, _wait_for_fetches, self._prefetched)
         self._forward = 0
-        self._two_streams = streams == 2
-        self._streams: dict[str, torch.cuda.Stream] = {}  # "out" (to the host), "in" (back): one stream unless two
+        self._streams: dict[str, torch.cuda.Stream] = {}  # "out" (to the host), "in" (back)
         self._reads: dict[int, object] = {}  # a freed buffer's data_ptr -> the event of the copy back that read it
         self.host_wait_s = 0.0
         self._fetch_waits: list | None = None  # while timed: (before, after) CUDA events around each fetch wait
@@ -70,16 +76,15 @@ class HostOffloader:
         finally:
             self._fetch_waits = None
 
-    def _side_stream_after_compute(self, direction: str):
+    def _side_stream_after_compute(self, direction: str, device: torch.device):
         """The stream of the copies ``direction`` ("out" to the host, "in" back), made to wait for the compute
-        stream."""
+        stream of ``device``."""
         # current_stream() must be read here, outside `torch.cuda.stream(side)`: inside, it is the side
         # stream itself, and a stream that waits on itself orders nothing (the copies would race the compute)
         if not self._streams:
-            self._streams["out"] = torch.cuda.Stream()
-            self._streams["in"] = torch.cuda.Stream() if self._two_streams else self._streams["out"]
+            self._streams = {"out": torch.cuda.Stream(device), "in": torch.cuda.Stream(device)}
         stream = self._streams[direction]
-        stream.wait_stream(torch.cuda.current_stream())
+        stream.wait_stream(torch.cuda.current_stream(device))
         return stream
 
     def _host_buffer(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,11 +116,12 @@ class HostOffloader:
             _unregister(registered)  # after the copies still queued on them
 
     def _release_before(self, forward: int) -> None:
-        """Forget what forwards before ``forward`` left behind (their backward never ran to the end)."""
+        """Forget what forwards before ``forward`` left behind (their backward never ran to the end). An input
+        fetched ahead and never loaded is dropped only once the compute stream waits for its copy back: its
+        memory, the compute stream's, may then be reused at once."""
         for key in [k for k in self._saved if k[0] < forward]:  # never fetched: no copy back read them
             self._free.append(self._saved.pop(key)[0])
-        for key in [k for k in self._prefetched if k[0] < forward]:
-            del self._prefetched[key]
+        _wait_for_fetches({k: self._prefetched.pop(k) for k in [k for k in self._prefetched if k[0] < forward]})
         for key in [k for k in self._groups if k[0] < forward]:
             self._members.pop(self._groups.pop(key), None)
 
@@ -123,6 +129,7 @@ class HostOffloader:
         """Starts copying ``x`` to the host; returns the key that ``load`` takes. Slot 0 starts a new
         forward; the entries of the previous forward are kept (two forwards before one backward work),
         older ones are released. Entries saved under one ``group`` (within a forward) come back together."""
+        self._drain_copies()
         if slot == 0:
             self._forward += 1
             self._release_before(self._forward - 1)
@@ -136,60 +143,73 @@ class HostOffloader:
         buf, host = self._host_buffer(x)
         done = None
         if x.is_cuda:
-            stream = self._side_stream_after_compute("out")
+            # a strided source would be made contiguous inside the copy, in memory of the side stream's own
+            # pool (reserved, and never reused by the compute stream): done here, on the compute stream
+            x = x if x.is_contiguous() else x.contiguous()
+            stream = self._side_stream_after_compute("out", x.device)
             read = self._reads.pop(buf.data_ptr(), None)
-            if read is not None:  # two streams: the copy back that last read this buffer must have finished
+            if read is not None:  # the copy back that last read this buffer must have finished
                 stream.wait_event(read)
             with torch.cuda.stream(stream):
                 host.copy_(x, non_blocking=True)
                 done = torch.cuda.Event()
                 done.record(stream)
-            x.record_stream(stream)  # x's memory is not reused before the copy has read it
-            self._copying.append((done, x.nbytes))
-            self._bound_copying(x.nbytes)
+            self._hold_until_copied(x, done)
         else:
             host.copy_(x)
         self._saved[key] = (buf, host, x.device, done)
         return key
 
-    def _bound_copying(self, nbytes: int) -> None:
-        """Forgets the copies to the host that finished; while the rest hold more than MAX_COPYING_BYTES of
-        device memory, waits for the oldest (the GPU then still has every later layer queued)."""
-        self._copying_bytes += nbytes
-        while self._copying and (self._copying_bytes > MAX_COPYING_BYTES or self._copying[0][0].query()):
-            done, size = self._copying.popleft()
+    def _hold_until_copied(self, x: torch.Tensor, done) -> None:
+        """Keeps ``x``, the source of a copy to the host, referenced until that copy's event ``done`` is seen
+        finished (:meth:`_drain_copies`). Marking x as used by the side stream instead (``record_stream``)
+        keeps its memory from reuse until all that the side stream queued by the time x is freed has run,
+        and the allocator reserves new memory meanwhile."""
+        self._copying.append((done, x))
+        self._copying_bytes += x.nbytes
+        self._drain_copies()
+
+    def _drain_copies(self) -> None:
+        """Drops the sources of the copies to the host that finished (oldest first: one stream runs them in
+        order), their memory back to the compute stream's pool at once; while the rest hold more than
+        ``max_copying_bytes`` of device memory, waits for the oldest (the GPU then still has every later layer
+        queued)."""
+        while self._copying and (self._copying_bytes > self.max_copying_bytes or self._copying[0][0].query()):
+            done, x = self._copying.popleft()
             start = time.perf_counter()
             done.synchronize()  # at once where query() said it finished
             self.host_wait_s += time.perf_counter() - start
-            self._copying_bytes -= size
+            self._copying_bytes -= x.nbytes
 
     def _fetch(self, key: tuple[int, int]):
+        """Starts copying the input saved under ``key`` back to its device: (x, the copy's event or None).
+        x is allocated on the compute stream, and that stream waits for the event before x is used or
+        dropped (:meth:`load`, :meth:`_release_before`), so x's memory needs no side-stream bookkeeping."""
         if key not in self._saved:
             raise RuntimeError("the offloaded input of this layer was released: offloaded checkpointing keeps "
                                "the inputs of the last two forwards until their backward")
         buf, host, device, copied_out = self._saved.pop(key)
-        self._free.append(buf)  # a later save's copy into it waits for this copy (the same stream, or its event)
+        self._free.append(buf)  # a later save's copy into it waits for this copy's event
         if device.type != "cuda":
             return host.clone(), None
         x = torch.empty(host.shape, dtype=host.dtype, device=device)
-        stream = self._side_stream_after_compute("in")
-        if self._two_streams:
-            stream.wait_event(copied_out)
+        stream = self._side_stream_after_compute("in", device)
+        stream.wait_event(copied_out)
         with torch.cuda.stream(stream):
             x.copy_(host, non_blocking=True)
             done = torch.cuda.Event()
             done.record(stream)
-        x.record_stream(stream)
-        if self._two_streams:
-            self._reads[buf.data_ptr()] = done
+        self._reads[buf.data_ptr()] = done
         return x, done
 
     def load(self, key: tuple[int, int]) -> torch.Tensor:
-        """The input saved under ``key`` on its device; starts fetching what comes below it."""
+        """The input saved under ``key`` on its device, the compute stream made to wait for its copy; starts
+        fetching what comes below it."""
+        self._drain_copies()
         x, done = self._prefetched.pop(key, None) or self._fetch(key)
         self._prefetch_below(key)
         if done is not None:
-            compute = torch.cuda.current_stream()
+            compute = torch.cuda.current_stream(x.device)
             timed = self._fetch_waits
             if timed is None:
                 compute.wait_event(done)
@@ -215,6 +235,16 @@ class HostOffloader:
                 if member in self._saved:
                     self._prefetched[member] = fetched = self._fetch(member)
                     ahead += fetched[0].nbytes
+
+
+def _wait_for_fetches(prefetched: dict) -> None:
+    """Makes the compute stream wait for the copies back of inputs fetched ahead (``{key: (x, done)}``), which
+    are then dropped: their memory returns to the compute stream's pool, which must not reuse it before the
+    copies into it finished."""
+    for x, done in prefetched.values():
+        if done is not None:
+            torch.cuda.current_stream(x.device).wait_event(done)
+    prefetched.clear()
 
 
 def _rounded_up(n: int) -> int:

@@ -1,14 +1,16 @@
 """Which decoder layers keep their activations, recompute, or offload: :class:`LayerCheckpointing`, the policy
-a :class:`CheckpointConfig` sets, applied layer by layer at each forward (and, in the budget mode, the bytes a
-layer saves, measured at the first step)."""
+a :class:`CheckpointConfig` sets, applied layer by layer at each forward (in the budget mode, as planned for
+each forward's batch by fastbench.fused.checkpointing.budget from what the first step measured)."""
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Sequence
 
 import torch
 
+from fastbench.fused.checkpointing import budget as budgeting
 from fastbench.fused.checkpointing.config import GiB, CheckpointConfig
-from fastbench.fused.checkpointing.context import PLAIN, chain
+from fastbench.fused.checkpointing.context import chain
 from fastbench.fused.checkpointing.offload import HostOffloader, offloading_saved
 from fastbench.fused.checkpointing.recompute import RecomputedUnit
 
@@ -17,27 +19,28 @@ Part = tuple[Callable, "Sequence[torch.Tensor] | Callable"]
 
 
 class LayerCheckpointing:
-    """Runs each decoder layer of a forward under a :class:`CheckpointConfig`; in the offload mode, owns the
-    model's :class:`HostOffloader` (``offloader``, None in the other modes)."""
+    """Runs each decoder layer of a forward under a :class:`CheckpointConfig`. ``layers``: the model's decoder
+    layer count, and ``model``: its :class:`~fastbench.fused.checkpointing.budget.ModelBytes` (both for the
+    budget mode's plan). ``offloader``: the model's :class:`HostOffloader` in the offload mode (in the budget
+    mode, made once a plan offloads), else None. ``plan``: the budget mode's plan for the last forward."""
 
-    def __init__(self, config: CheckpointConfig, layers: int | None = None):
+    def __init__(self, config: CheckpointConfig, layers: int | None = None,
+                 model: budgeting.ModelBytes | None = None):
         self.config = config
         self.mode = config.mode
         self.budget = config.budget  # bytes; "auto" (None) is decided at the first step
         offload = config.offload
-        self.offloader = HostOffloader(offload.streams) if offload is not None else None
-        self.bytes_per_token: float | None = None  # measured by the budget mode
-        self._kept = 0
+        self.offloader = HostOffloader() if offload is not None else None
         self._slot = 0  # the next offload slot of this forward
         # offload mode: every n-th layer (0: none) keeps its last part's graph, with the activations that part
         # saves offloaded, instead of recomputing it
         self.save_last_every = offload.save_every if offload is not None else 0
-        # offload mode, a model of ``layers`` layers: its last keep_last layers keep on the GPU what would go to
-        # the host (their backward comes first, while the copies of the layers before still drain)
         self.layers = layers
-        self.keep_last = offload.keep_last if offload is not None and layers else 0
-        # offload mode: a layer whose MLP is recomputed keeps one input (recomputed as one unit) instead of two
-        self.whole_layers = offload is not None and offload.whole_layers
+        self.model = model or budgeting.ModelBytes()
+        self.plan: budgeting.Plan | None = None
+        self._resident: int | None = None  # budget mode: bytes allocated when the first forward started
+        self._keep_per_token: float | None = None  # budget mode: bytes a kept layer saves per token
+        self._warned = False
 
     def __call__(self, index: int, x: torch.Tensor, parts: Sequence[Part]) -> torch.Tensor:
         """Layer ``index`` of a forward, given as consecutive parts ``[(fn, params), ...]`` (x -> fn_1(x, context)
@@ -45,71 +48,100 @@ class LayerCheckpointing:
         returning them (asked for only when the part is recomputed)."""
         if self.mode == "keep" or not torch.is_grad_enabled():
             return chain((fn for fn, _ in parts), x)
-        if self.mode == "budget":
-            if index == 0:
-                self._kept = 0
-            if self.bytes_per_token is None:
-                return self._measure(parts, x)
-            if (self._kept + 1) * self.bytes_per_token * x.shape[:-1].numel() <= self._budget(x):
-                self._kept += 1
-                return chain((fn for fn, _ in parts), x)
         if index == 0:
             self._slot = 0
-        saved_last = self.offloader is not None and self.save_last_every and index % self.save_last_every == 0
-        whole = self.mode == "recompute" or (self.whole_layers and not saved_last)
-        units = [parts] if whole else [[part] for part in parts]
-        on_gpu = self.keep_last and index >= self.layers - self.keep_last
-        offloader = None if on_gpu else self.offloader
+        offloader = self.offloader
+        if self.mode == "budget":
+            if index == 0:
+                self.plan = self._plan(x, parts)
+            kind = self.plan.kind(index)
+            if kind == "keep":
+                return chain((fn for fn, _ in parts), x)
+            offloader = self.offloader if kind == "offload" else None
+        saved_last = self.mode == "offload" and self.save_last_every and index % self.save_last_every == 0
+        units = [parts] if self.mode == "recompute" else [[part] for part in parts]
         for unit in units[:-1] if saved_last else units:
             params = [t for _, p in unit for t in (p() if callable(p) else p)]
-            x = RecomputedUnit.apply(tuple(fn for fn, _ in unit), offloader, self._next_slot(), x, *params)
+            slot = self._next_slot() if offloader is not None else None
+            x = RecomputedUnit.apply(tuple(fn for fn, _ in unit), offloader, slot, x, *params)
         if saved_last:
-            fn = units[-1][0][0]
-            x = fn(x, PLAIN) if on_gpu else offloading_saved(fn, x, self.offloader, self._next_slot)
+            x = offloading_saved(units[-1][0][0], x, offloader, self._next_slot)
         return x
 
     def _next_slot(self) -> int:
         self._slot += 1
         return self._slot - 1
 
-    def _budget(self, x) -> float:
-        if self.budget is None:  # "auto", decided once at the first step
-            if x.is_cuda:
-                free, _ = torch.cuda.mem_get_info(x.device)
-                self.budget = 0.7 * (free + torch.cuda.memory_reserved(x.device)
-                                     - torch.cuda.memory_allocated(x.device))
-            else:
-                self.budget = float("inf")
-        return self.budget
+    def _plan(self, x: torch.Tensor, parts) -> budgeting.Plan:
+        """The budget mode's plan for a forward whose first layer's input is ``x``; at the first forward,
+        measures what is resident and what a kept layer saves (the first layer run once, its graph then
+        dropped), and decides "auto"'s budget."""
+        if self.budget is None:  # "auto"
+            self.budget = budgeting.auto_budget(x.device) if x.is_cuda else float("inf")
+        if self.layers is None:
+            raise ValueError("the budget mode plans over the model's decoder layers: give LayerCheckpointing "
+                             "their number (layers=...)")
+        if self.budget == float("inf"):
+            return budgeting.Plan(self.layers, 0, 0, 0)
+        if self._keep_per_token is None:
+            self._resident = torch.cuda.memory_allocated(x.device) if x.is_cuda else 0
+            self._keep_per_token = _saved_bytes(parts, x) / x.shape[:-1].numel()
+        tokens = x.shape[:-1].numel()
+        model = self.model
+        step = budgeting.StepBytes(
+            layers=self.layers, fixed=self._resident + model.optimizer + model.workspace,
+            keep=int(self._keep_per_token * tokens), inputs=2 * x.nbytes,
+            loss=budgeting.loss_bytes(tokens, x.shape[-1], model.vocab, x.element_size()), margins=x.is_cuda)
+        plan = budgeting.plan(self.budget, step)
+        if plan.offload:
+            self.offloader = self.offloader or HostOffloader()
+            self.offloader.max_copying_bytes = step.queue_limit
+        if not plan.fits and not self._warned:
+            self._warned = True
+            warnings.warn(f"fastbench: use_gradient_checkpointing={self._budget_words()}: a step of {tokens} tokens "
+                          f"needs about {_size(plan.reserved)} of GPU memory even with every layer's inputs "
+                          "offloaded to pinned CPU memory; training on so (it may run out of memory)", stacklevel=4)
+        return plan
 
-    def _measure(self, parts, x) -> torch.Tensor:
-        storages = {}
-
-        def pack(t):
-            if isinstance(t, torch.nn.Parameter):
-                return t
-            storage = t.untyped_storage()
-            storages[storage.data_ptr()] = storage.nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            y = chain((fn for fn, _ in parts), x)
-        self.bytes_per_token = sum(storages.values()) / x.shape[:-1].numel()
-        self._kept = 1
-        return y
+    def _budget_words(self) -> str:
+        if self.config.budget is None:
+            return f"'auto' (a budget of {_size(self.budget)}, this GPU's free memory less a margin)"
+        return f"{self.config.budget / GiB:g} (GiB)"
 
     def describe(self) -> str:
         """The policy in words, for ``fastbench_patches``."""
         n = self.save_last_every
-        budget = "auto" if self.config.budget is None else f"{self.config.budget / GiB:g}"
+        budget = "this GPU's free memory (less a margin)" if self.config.budget is None else \
+            f"{self.config.budget / GiB:g} GiB"
         offload = ("recompute every layer, inputs" if not n else
                    "recompute every layer's attention, inputs and every MLP's activations" if n == 1 else
                    f"recompute every layer but every {_ordinal(n)} layer's MLP, inputs and those MLPs' activations")
-        kept = (f" (the last {self.keep_last} layers' on the GPU)" if self.keep_last else "") + \
-            ("; a layer recomputed whole keeps one input" if self.whole_layers else "")
         return {"keep": "no activation checkpointing", "recompute": "recompute every layer",
-                "offload": f"{offload} offloaded to pinned CPU memory{kept}",
-                "budget": f"keep layers within a budget of {budget} GiB, recompute the rest"}[self.mode]
+                "offload": f"{offload} offloaded to pinned CPU memory",
+                "budget": f"plan each step within a budget of {budget} of reserved GPU memory (weights, optimizer "
+                          "state, activations, loss, workspace): keep the first layers' activations, recompute the "
+                          "rest, from inputs offloaded to pinned CPU memory where even that does not fit"}[self.mode]
+
+
+def _size(n: float) -> str:
+    return f"{n / GiB:.1f} GiB" if n >= GiB / 10 else f"{n / (1 << 20):.1f} MiB"
+
+
+def _saved_bytes(parts, x: torch.Tensor) -> int:
+    """The bytes a layer's graph saves for its backward (parameters aside, each storage once), measured by
+    running the layer's parts on a copy of ``x`` that requires a gradient (as a layer's input inside the
+    model does); the graph is dropped at once."""
+    storages = {}
+
+    def pack(t):
+        if not isinstance(t, torch.nn.Parameter):
+            storage = t.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        chain((fn for fn, _ in parts), x.detach().requires_grad_())
+    return sum(storages.values())
 
 
 def _ordinal(n: int) -> str:
