@@ -269,9 +269,11 @@ def train_command(ctx, model, data, data_format, text_field, chat_template, trai
                   epochs, warmup_steps, checkpointing, seed, save_every, eval_data, eval_fraction, eval_every, on_nan,
                   merge, gguf_method, nproc, trust_remote_code, allow_pickle):
     """Fine-tune MODEL (a fastbench preset or a local checkpoint directory) with LoRA on the fused path."""
+    from fastbench.memory import use_expandable_segments
     from fastbench.presets import NotAModel, UnknownPreset, resolve_model
     from fastbench.train.checkpoint import CheckpointError, load_checkpoint
 
+    use_expandable_segments()  # before anything starts CUDA, unless the user chose allocator settings
     started = time.monotonic()
     if steps and epochs:
         raise click.UsageError("give --steps or --epochs, not both")
