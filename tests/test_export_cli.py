@@ -75,3 +75,33 @@ def test_adapter_is_merged_onto_its_base_and_exported(adapter, tmp_path):
     want = dict(merged_tensors(model))["model.layers.1.mlp.down_proj.weight"]
     got = gguf_tensors(gguf.GGUFReader(str(tmp_path / "gguf" / "model.F32.gguf")))["blk.1.ffn_down.weight"][2]
     assert rel(got, want) < 2e-3  # the base loaded in fp16 (--dtype)
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("truncated", "adapter_model.safetensors is damaged (Error while deserializing header: incomplete metadata"),
+    ("header", "adapter_model.safetensors is damaged (Error while deserializing header"),
+    ("config", "adapter_config.json is damaged (Unterminated string"),
+    ("missing", "has adapter_config.json but no adapter_model.safetensors; copy the adapter's weights beside it"),
+])
+def test_a_damaged_adapter_is_named_before_the_base_loads(adapter, tmp_path, monkeypatch, damage, message):
+    path, _ = adapter
+    weights, config = path / "adapter_model.safetensors", path / "adapter_config.json"
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[:-100])
+    elif damage == "header":
+        weights.write_bytes(b"\xff" * 8 + b"{")
+    elif damage == "config":
+        config.write_text(config.read_text()[:40])
+    else:
+        weights.unlink()
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the base was loaded")
+
+    monkeypatch.setattr(FastLanguageModel, "from_pretrained", staticmethod(fail))
+    result = run(path, "--base", "llama-3-8b-tiny", "--gguf", "q8_0", "--output", tmp_path / "gguf")
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    if damage != "missing":
+        assert "export from an intact copy of the adapter (a checkpoint-N/ of its training run holds one)" in result.output
+    assert not (tmp_path / "gguf").exists()
