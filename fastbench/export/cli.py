@@ -8,6 +8,7 @@ import os
 import click
 
 from fastbench.export.schemes import SCHEMES
+from fastbench.interrupt import exit_code, sigterm_as_interrupt
 
 
 def _methods(ctx, param, values):
@@ -44,8 +45,6 @@ def export_command(source, methods, output, merged_dir, dtype, load_in_4bit, bas
     fastbench export out/adapter --gguf q4_k_m
     fastbench export out/adapter --gguf q4_k_m,q8_0 --output out/gguf --merged out/merged
     """
-    import torch
-
     from fastbench.export.files import check_target_directory
 
     if not methods and not merged_dir:
@@ -56,6 +55,18 @@ def export_command(source, methods, output, merged_dir, dtype, load_in_4bit, bas
             check_target_directory(directory, overwrite)
     except ValueError as e:
         raise click.UsageError(str(e).replace("overwrite=True (--overwrite on the command line)", "--overwrite"))
+    with sigterm_as_interrupt() as stop:
+        try:
+            _export(source, methods, output, merged_dir, dtype, load_in_4bit, base, seed, overwrite)
+        except KeyboardInterrupt:  # every file is written under a temporary name, removed on the way out
+            click.echo(f"{'terminated (SIGTERM)' if stop.terminated else 'interrupted'} while exporting; no "
+                       "half-written file is left (the files named above are complete)", err=True)
+            raise SystemExit(exit_code(stop)) from None
+
+
+def _export(source, methods, output, merged_dir, dtype, load_in_4bit, base, seed, overwrite):
+    import torch
+
     model, tokenizer = _load(source, getattr(torch, dtype), load_in_4bit, base, seed)
     if methods and tokenizer is None:
         raise click.UsageError(f"{source} and its base have no tokenizer, and a GGUF needs one: save the tokenizer "
