@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from fastbench.interrupt import sigterm_as_interrupt
+from fastbench.interrupt import exit_code, sigterm_as_interrupt
 
 NO_GPU = ("tuning needs a CUDA GPU (none is visible here, or TRITON_INTERPRET=1 is set); "
           "without one every op uses its heuristic default. `fastbench tune --list` still works.")
@@ -204,12 +204,15 @@ def tune(models, tokens, ops, dtype, force, list_, verify, export, timeout, max_
                 if outcome is not None:
                     outcomes.append(outcome)
                 bar.update(1, ("checked " if outcome is None else "") + job.label)
-            try:
-                with sigterm_as_interrupt():  # a scheduler's SIGTERM keeps the results so far, as Ctrl-C does
+            interrupted = False
+            with sigterm_as_interrupt() as stop:  # a scheduler's SIGTERM keeps the results so far, as Ctrl-C does
+                try:
                     tuner.tune(jobs, runner, cache_file, device, tools, force=force, progress=progress,
                                deadline=started + max_time if max_time is not None else math.inf, checkers=checkers)
-            except KeyboardInterrupt:
-                click.echo(f"\ninterrupted: results so far are in {cache_file}", err=True)
+                except KeyboardInterrupt:  # the cache file is replaced whole or not at all
+                    interrupted = True
+                    click.echo(f"\n{'terminated (SIGTERM)' if stop.terminated else 'interrupted'}: results so far "
+                               f"are in {cache_file}", err=True)
         _print_summary(outcomes, time.monotonic() - started, cache_file)
         if json_out:
             _write_json(json_out, {"device": device, "toolchain": tools, "cache_file": str(cache_file),
@@ -217,6 +220,9 @@ def tune(models, tokens, ops, dtype, force, list_, verify, export, timeout, max_
                                    "rows": [_outcome_row(o) for o in outcomes]})
         if len(outcomes) < len(jobs):
             click.echo(f"incomplete: {len(outcomes)} of {len(jobs)} problems done; run again to carry on", err=True)
+        if interrupted:
+            sys.exit(exit_code(stop))
+        if len(outcomes) < len(jobs):
             sys.exit(3)
     finally:
         runner.close()

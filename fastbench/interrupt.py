@@ -2,7 +2,8 @@
 
 Job schedulers (SLURM, Kubernetes) and ``timeout`` stop a job with SIGTERM; what was finished must then be
 kept as it is on Ctrl-C (``fastbench train`` saves the adapter, ``fastbench compare`` the measured processes
-and stops its running worker). Inside :func:`sigterm_as_interrupt`, SIGTERM raises KeyboardInterrupt where
+and stops its running worker, ``fastbench tune`` keeps the results cached so far, ``fastbench export`` the files
+it finished, and no half-written one). Inside :func:`sigterm_as_interrupt`, SIGTERM raises KeyboardInterrupt where
 the work stands and marks the state it yields as terminated (exit code 143 instead of Ctrl-C's 130).
 """
 from __future__ import annotations

@@ -75,3 +75,68 @@ def test_adapter_is_merged_onto_its_base_and_exported(adapter, tmp_path):
     want = dict(merged_tensors(model))["model.layers.1.mlp.down_proj.weight"]
     got = gguf_tensors(gguf.GGUFReader(str(tmp_path / "gguf" / "model.F32.gguf")))["blk.1.ffn_down.weight"][2]
     assert rel(got, want) < 2e-3  # the base loaded in fp16 (--dtype)
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("truncated", "adapter_model.safetensors is damaged (Error while deserializing header: incomplete metadata"),
+    ("header", "adapter_model.safetensors is damaged (Error while deserializing header"),
+    ("config", "adapter_config.json is damaged (Unterminated string"),
+    ("missing", "has adapter_config.json but no adapter_model.safetensors; copy the adapter's weights beside it"),
+])
+def test_a_damaged_adapter_is_named_before_the_base_loads(adapter, tmp_path, monkeypatch, damage, message):
+    path, _ = adapter
+    weights, config = path / "adapter_model.safetensors", path / "adapter_config.json"
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[:-100])
+    elif damage == "header":
+        weights.write_bytes(b"\xff" * 8 + b"{")
+    elif damage == "config":
+        config.write_text(config.read_text()[:40])
+    else:
+        weights.unlink()
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the base was loaded")
+
+    monkeypatch.setattr(FastLanguageModel, "from_pretrained", staticmethod(fail))
+    result = run(path, "--base", "llama-3-8b-tiny", "--gguf", "q8_0", "--output", tmp_path / "gguf")
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    if damage != "missing":
+        assert "export from an intact copy of the adapter (a checkpoint-N/ of its training run holds one)" in result.output
+    assert not (tmp_path / "gguf").exists()
+
+
+@pytest.mark.parametrize("stop", ["sigterm", "ctrl-c"])
+def test_sigterm_while_writing_leaves_the_finished_files_and_nothing_half_written(adapter, tmp_path, monkeypatch,
+                                                                                  stop):
+    """The second GGUF is cut off mid-write: exit 143 (130 on Ctrl-C), the merged checkpoint and the first GGUF
+    are whole, no temporary file is left, and SIGTERM's own handler is back."""
+    import os
+    import signal
+
+    path, _ = adapter
+    write_tensors, calls = gguf.GGUFWriter.write_tensors_to_file, []
+
+    def cut_off_in_the_second_file(writer, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            writer.fout[0].write(b"\0" * 1000)
+            if stop == "ctrl-c":
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGTERM)
+        return write_tensors(writer, **kw)
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", cut_off_in_the_second_file)
+    before = signal.getsignal(signal.SIGTERM)
+    result = run(path, "--base", "llama-3-8b-tiny", "--seed", 5, "--gguf", "f32,q8_0", "--output", tmp_path / "gguf",
+                 "--merged", tmp_path / "merged")
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert result.exit_code == {"sigterm": 143, "ctrl-c": 130}[stop], result.output
+    said = "terminated (SIGTERM)" if stop == "sigterm" else "interrupted"
+    assert f"{said} while exporting; no half-written file is left (the files named above are complete)" \
+        in result.output and "Traceback" not in result.output
+    assert sorted(os.listdir(tmp_path / "gguf")) == ["model.F32.gguf"]
+    assert len(gguf_tensors(gguf.GGUFReader(str(tmp_path / "gguf" / "model.F32.gguf")))) > 0
+    assert (tmp_path / "merged" / "config.json").exists()
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]

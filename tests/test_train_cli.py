@@ -2,11 +2,13 @@
 checkpoints and exact resume, config files, faults (NaN, Ctrl-C/SIGTERM while loading, damaged checkpoints)
 and bad input refused before the model loads. The loop runs on plain PEFT here (fast on a CPU); the fused
 path's packed step is checked in test_train_packing."""
+import errno
 import json
 import math
 import os
 import shutil
 import signal
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -275,3 +277,80 @@ def test_tokenizer_without_pad_token_pads_with_eos_and_says_so(tmp_path, ckpt, p
     assert result.exit_code == 0, result.output
     assert "no pad token; padding with its EOS token '</s>'" in result.output
     assert exported == [("merged", str(out / "merged")), ({"quantization_method": "q8_0"}, str(out / "gguf"))]
+
+
+def no_space(path):
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+
+
+def test_disk_full_while_saving_the_adapter_keeps_the_previous_one(tmp_path, ckpt, plain_peft, monkeypatch):
+    """The adapter's files are written half, then the disk is full: the previous adapter stays as it was, no
+    half-written file is left, one line says so (exit 1, as a failed run)."""
+    from peft import PeftModel
+
+    data, out = write_jsonl(tmp_path / "chat.jsonl", chat_records(6)), tmp_path / "run"
+    first = invoke(ckpt, "--data", data, "--output", out, "--steps", 1, *FAST)
+    assert first.exit_code == 0, first.output
+    before = (out / "adapter_model.safetensors").read_bytes()
+
+    def full_disk(self, directory, **kwargs):  # as safetensors reports it
+        (Path(directory) / "adapter_model.safetensors").write_bytes(before[: len(before) // 2])
+        raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(PeftModel, "save_pretrained", full_disk)
+    result = invoke(ckpt, "--data", data, "--output", out, "--steps", 2, "--overwrite", *FAST)
+    assert result.exit_code == 1, result.output
+    assert f"no space left on device to save the adapter of the 2 finished steps to {out}; the adapter files there " \
+           "are as they were. Free some space" in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()[-1]) > 50
+    assert (out / "adapter_model.safetensors").read_bytes() == before
+    assert not [n for n in os.listdir(out) if n.startswith(".")]
+
+
+def test_disk_full_while_writing_a_checkpoint_keeps_the_earlier_ones(tmp_path, ckpt, plain_peft, monkeypatch):
+    """checkpoint-2 fails half-written: none of it is left, checkpoint-1 is whole, the adapter of the finished
+    steps is saved, and --resume finishes the run once there is room."""
+    from fastbench.train import checkpoint as checkpoint_module
+
+    save_torch = checkpoint_module._save_torch
+
+    def full_disk_in_checkpoint_2(obj, path):
+        if ".checkpoint-2-" in path and path.endswith("optimizer.pt"):
+            Path(path).write_bytes(b"PK\x03\x04 half")
+            raise no_space(path)
+        save_torch(obj, path)
+
+    monkeypatch.setattr(checkpoint_module, "_save_torch", full_disk_in_checkpoint_2)
+    data, out = write_jsonl(tmp_path / "chat.jsonl", chat_records(8)), tmp_path / "run"
+    args = [ckpt, "--data", data, "--output", out, "--steps", 3, "--save-every", 1, *FAST]
+    result = invoke(*args)
+    assert result.exit_code == 1, result.output
+    assert f"no space left on device writing to {out} after step 2 (nothing half-written is left, the last " \
+           f"checkpoint, {out / 'checkpoint-1'}, is kept); the adapter of the 2 finished steps is saved to {out}; " \
+           "free some space, then train on with --resume" in result.output
+    assert "Traceback" not in result.output
+    assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint") or n.startswith(".")) == ["checkpoint-1"]
+    assert checkpoint_module.load_checkpoint(str(out / "checkpoint-1"))["step"] == 1
+    assert (out / "adapter_model.safetensors").exists()
+    monkeypatch.setattr(checkpoint_module, "_save_torch", save_torch)
+    resumed = invoke(*args, "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert [r["step"] for r in read_log(out)] == [1, 2, 3]
+
+
+def test_a_log_line_cut_short_is_left_out(tmp_path):
+    (tmp_path / "train_log.jsonl").write_text('{"step": 1, "loss": 2.5}\n{"step": 2, "lo')
+    assert loop_module.read_log(str(tmp_path)) == [{"step": 1, "loss": 2.5}]
+
+
+@pytest.mark.parametrize("error, full", [
+    (OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), True),
+    (OSError(errno.EDQUOT, os.strerror(errno.EDQUOT)), True),
+    (RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)"), True),
+    (OSError(errno.EACCES, os.strerror(errno.EACCES)), False),
+    (RuntimeError("boom"), False),
+])
+def test_out_of_disk_space_is_told_from_other_errors(error, full):
+    from fastbench.train.checkpoint import out_of_disk_space
+
+    assert out_of_disk_space(error) is full

@@ -8,6 +8,7 @@ import os
 import click
 
 from fastbench.export.schemes import SCHEMES
+from fastbench.interrupt import exit_code, sigterm_as_interrupt
 
 
 def _methods(ctx, param, values):
@@ -44,8 +45,6 @@ def export_command(source, methods, output, merged_dir, dtype, load_in_4bit, bas
     fastbench export out/adapter --gguf q4_k_m
     fastbench export out/adapter --gguf q4_k_m,q8_0 --output out/gguf --merged out/merged
     """
-    import torch
-
     from fastbench.export.files import check_target_directory
 
     if not methods and not merged_dir:
@@ -56,6 +55,18 @@ def export_command(source, methods, output, merged_dir, dtype, load_in_4bit, bas
             check_target_directory(directory, overwrite)
     except ValueError as e:
         raise click.UsageError(str(e).replace("overwrite=True (--overwrite on the command line)", "--overwrite"))
+    with sigterm_as_interrupt() as stop:
+        try:
+            _export(source, methods, output, merged_dir, dtype, load_in_4bit, base, seed, overwrite)
+        except KeyboardInterrupt:  # every file is written under a temporary name, removed on the way out
+            click.echo(f"{'terminated (SIGTERM)' if stop.terminated else 'interrupted'} while exporting; no "
+                       "half-written file is left (the files named above are complete)", err=True)
+            raise SystemExit(exit_code(stop)) from None
+
+
+def _export(source, methods, output, merged_dir, dtype, load_in_4bit, base, seed, overwrite):
+    import torch
+
     model, tokenizer = _load(source, getattr(torch, dtype), load_in_4bit, base, seed)
     if methods and tokenizer is None:
         raise click.UsageError(f"{source} and its base have no tokenizer, and a GGUF needs one: save the tokenizer "
@@ -75,6 +86,38 @@ def export_command(source, methods, output, merged_dir, dtype, load_in_4bit, bas
         raise click.UsageError(str(e)) from None
 
 
+def _check_adapter(source: str) -> dict:
+    """The adapter_config.json of the adapter directory ``source``, once it and the adapter's weights file read
+    whole (the safetensors header, and the file covering every tensor it lists); one line naming the damaged
+    file otherwise, before the base loads."""
+    from safetensors import safe_open
+
+    def damaged(name, error):
+        return click.BadParameter(f"{os.path.join(source, name)} is damaged ({error}); export from an intact copy of "
+                                  "the adapter (a checkpoint-N/ of its training run holds one) or train it again",
+                                  param_hint="SOURCE")
+
+    try:
+        with open(os.path.join(source, "adapter_config.json")) as f:
+            config = json.load(f)
+        if not isinstance(config, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        raise damaged("adapter_config.json", e) from None
+    weights = os.path.join(source, "adapter_model.safetensors")
+    if not os.path.exists(weights):
+        if os.path.exists(os.path.join(source, "adapter_model.bin")):
+            return config
+        raise click.BadParameter(f"{source} has adapter_config.json but no adapter_model.safetensors; copy the "
+                                 "adapter's weights beside it", param_hint="SOURCE")
+    try:
+        with safe_open(weights, framework="pt") as f:
+            f.keys()
+    except Exception as e:  # safetensors' own error for a short or garbled file
+        raise damaged("adapter_model.safetensors", e) from None
+    return config
+
+
 def _load(source: str, dtype, load_in_4bit: bool, base_name: str | None, seed: int):
     """(model, tokenizer) of an adapter directory (base + adapter, unmerged) or a checkpoint."""
     import warnings
@@ -92,9 +135,8 @@ def _load(source: str, dtype, load_in_4bit: bool, base_name: str | None, seed: i
         return FastLanguageModel.from_pretrained(source, dtype=dtype, device=device, load_in_4bit=load_in_4bit)
     from peft import PeftModel
 
-    if not base_name:
-        with open(adapter_config) as f:
-            base_name = json.load(f).get("base_model_name_or_path")
+    config = _check_adapter(source)
+    base_name = base_name or config.get("base_model_name_or_path")
     if not base_name:
         raise click.UsageError(f"{adapter_config} names no base model (base_model_name_or_path): give --base")
     with warnings.catch_warnings():

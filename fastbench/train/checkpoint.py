@@ -1,10 +1,13 @@
 """Training checkpoints: ``OUTPUT/checkpoint-N/`` holds what resuming after step N needs, the adapter
 (``save_pretrained``), the optimizer, the learning-rate schedule, the random number generators and the
 data position. A checkpoint is written under a temporary name and renamed into place, so one that exists
-is whole; a damaged one (a file truncated or edited since) is named on resume with what to do.
+is whole; a damaged one (a file truncated or edited since) is named on resume with what to do. A write that
+fails on a full disk leaves the files that were there as they were and nothing half-written.
 """
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
 import re
@@ -18,6 +21,15 @@ _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be resumed from; the message names it and says what to do."""
+
+
+def out_of_disk_space(error: BaseException) -> bool:
+    """Whether ``error`` is a write that failed on a full disk or quota: an OSError, or an error of a writer
+    (safetensors) that carries its text."""
+    codes = (errno.ENOSPC, errno.EDQUOT)
+    if isinstance(error, OSError) and error.errno in codes:
+        return True
+    return any(os.strerror(code) in str(error) for code in codes)
 
 
 def checkpoints(output: str) -> list[tuple[int, str]]:
@@ -53,20 +65,29 @@ def _rng_state() -> dict:
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
+def _save_torch(obj, path: str) -> None:
+    """torch.save through memory, so that a failed write (a full disk) raises the OSError that says so
+    (torch.save's own file writer reports only a position mismatch)."""
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    with open(path, "wb") as f:
+        f.write(buffer.getbuffer())
+
+
 def save_checkpoint(output: str, step: int, model, optimizer, scheduler, position: dict, world_size: int = 1) -> str:
     """Writes ``OUTPUT/checkpoint-{step}/`` whole or not at all (``world_size``: the processes that trained
     it, which a resumed run must have too); returns its path."""
-    import torch
-
     from fastbench.distributed.world import WORLD_SIZE_KEY
 
     target = os.path.join(output, f"checkpoint-{step}")
     tmp = tempfile.mkdtemp(prefix=f".checkpoint-{step}-", dir=output)
     try:
         model.save_pretrained(tmp)
-        torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
-        torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
-        torch.save(_rng_state(), os.path.join(tmp, "rng.pt"))
+        _save_torch(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+        _save_torch(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
+        _save_torch(_rng_state(), os.path.join(tmp, "rng.pt"))
         with open(os.path.join(tmp, STATE_FILE), "w") as f:
             json.dump({"step": step, "position": position, WORLD_SIZE_KEY: world_size}, f)
         if os.path.exists(target):  # written by an earlier run that was resumed from before this step

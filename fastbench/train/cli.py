@@ -489,7 +489,7 @@ def _train(peft_model, prepared, output, overwrite, resume_state, lr, warmup_ste
 
     from fastbench.distributed import ddp
     from fastbench.distributed.world import barrier, peer_lost
-    from fastbench.train.checkpoint import CheckpointError, save_adapter
+    from fastbench.train.checkpoint import CheckpointError, out_of_disk_space, save_adapter
     from fastbench.train.loop import LoopSettings, LoopState, NonFiniteLoss, keep_log_until, plot_loss, train_loop
 
     tokenizer, main, several = prepared.tokenizer, world.is_main, world.world_size > 1
@@ -500,19 +500,32 @@ def _train(peft_model, prepared, output, overwrite, resume_state, lr, warmup_ste
                unit="step", dynamic_ncols=True, disable=not main)
     who = f"process {world.rank}: " if several else ""
 
-    def save():
-        """Rank 0: the adapter and the plot (a signal meanwhile is held until they are written)."""
+    def save() -> bool:
+        """Rank 0: the adapter and the plot (a signal meanwhile is held until they are written). False when the
+        disk is full: the adapter files in ``output`` are then as they were (loss.png is drawn only with room)."""
         if main:
             with stop.held():
-                save_adapter(peft_model, tokenizer, output)
-                plot_loss(output)
+                try:
+                    save_adapter(peft_model, tokenizer, output)
+                except Exception as e:
+                    if not out_of_disk_space(e):
+                        raise
+                    return False
+                try:
+                    plot_loss(output)
+                except Exception as e:
+                    if not out_of_disk_space(e):
+                        raise
+        return True
 
     def keep(note):
         bar.close()
-        if state.done:
-            save()
-        kept = f"the adapter of the {state.done} finished steps is saved to {output}" if state.done \
-            else "no step finished"
+        if not state.done:
+            kept = "no step finished"
+        elif save():
+            kept = f"the adapter of the {state.done} finished steps is saved to {output}"
+        else:
+            kept = f"the disk is full, so the adapter of the {state.done} finished steps could not be saved either"
         return f"{note}; {kept}" if main else note
 
     def stopped():
@@ -531,7 +544,7 @@ def _train(peft_model, prepared, output, overwrite, resume_state, lr, warmup_ste
         model = ddp.wrap(peft_model, world)
         train_loop(model, prepared.plan, settings, state, prepared.evaluation, resume_state, bar, world)
         bar.close()
-        save()
+        saved = save()
     except KeyboardInterrupt:
         stopped()
     except CheckpointError as e:  # the same on every rank: rank 0 says it
@@ -560,8 +573,20 @@ def _train(peft_model, prepared, output, overwrite, resume_state, lr, warmup_ste
             click.echo(who + keep(f"another process failed in step {state.done + 1} (its message is above)"),
                        err=True)
             raise SystemExit(1) from None
+        if out_of_disk_space(e):  # writing a checkpoint or the log: nothing half-written is left
+            last = f", the last checkpoint, {state.last_checkpoint}, is kept" if state.last_checkpoint else ""
+            then = "train on with --resume" if state.last_checkpoint else "train again with --overwrite"
+            raise click.ClickException(who + keep(
+                f"no space left on device writing to {output} after step {state.done} (nothing half-written is left"
+                f"{last})") + f"; free some space, then {then}") from None
         click.echo(who + keep(f"failed in step {state.done + 1}"), err=True)
         raise
+    if not saved:
+        last = f"; the last checkpoint, {state.last_checkpoint}, holds the adapter of its step" \
+            if state.last_checkpoint else ""
+        raise click.ClickException(f"no space left on device to save the adapter of the {state.done} finished steps "
+                                   f"to {output}; the adapter files there are as they were{last}. Free some space and train "
+                                   "again")
     barrier(world)
     if main:
         click.echo(summary_line(state, output, started, world.world_size), err=True)

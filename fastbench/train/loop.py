@@ -222,11 +222,13 @@ def make_optimizer(model, lr: float, warmup_steps: int, total_steps: int):
 
 # -------------------------------------------------------------------------------------------------- log
 def read_log(output: str) -> list[dict]:
+    """The rows of train_log.jsonl; a last line without its newline (a write cut short by a full disk or a
+    kill) is left out."""
     path = os.path.join(output, "train_log.jsonl")
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        return [json.loads(line) for line in f.read().split("\n")[:-1] if line.strip()]
 
 
 def write_atomically(path: str, write) -> None:

@@ -154,6 +154,39 @@ def test_tune_list_and_tune_over_a_corrupt_cache(monkeypatch, tmp_path, caplog):
         lookup.reset()
 
 
+@pytest.mark.parametrize("stop", ["sigterm", "ctrl-c"])
+def test_sigterm_while_tune_writes_the_cache_keeps_what_was_done(monkeypatch, tmp_path, stop):
+    """The signal comes while the second problem's result is being written: exit 143 (130 on Ctrl-C), the cache
+    holds the first problem's result, whole, and no temporary file is left."""
+    import os
+    import signal
+
+    _fake_gpu(monkeypatch, tmp_path)
+    fsync, calls = os.fsync, []
+
+    def stop_in_the_second_write(fd):
+        calls.append(fd)
+        if len(calls) == 2:
+            if stop == "ctrl-c":
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGTERM)
+        return fsync(fd)
+
+    monkeypatch.setattr(store.os, "fsync", stop_in_the_second_write)
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        r = CliRunner().invoke(cli.tune, ["--models", "llama-3-8b-tiny", "--tokens", "1024", "--jobs", "1"])
+    finally:
+        lookup.reset()
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert r.exit_code == {"sigterm": 143, "ctrl-c": 130}[stop], r.output
+    said = "terminated (SIGTERM)" if stop == "sigterm" else "interrupted"
+    assert f"{said}: results so far are in" in r.output and "incomplete: 1 of 2 problems done" in r.output
+    user = tmp_path / "cache" / key.file_name(DEVICE, key.toolchain())
+    assert len(store.read(user)["entries"]) == 1
+    assert sorted(p.name for p in user.parent.iterdir() if not p.name.endswith(".lock")) == [user.name]
+
+
 # --- two `tune` processes and a training process sharing one cache directory ---
 
 def _child(target, args, errors):
