@@ -140,3 +140,18 @@ def test_sigterm_while_writing_leaves_the_finished_files_and_nothing_half_writte
     assert len(gguf_tensors(gguf.GGUFReader(str(tmp_path / "gguf" / "model.F32.gguf")))) > 0
     assert (tmp_path / "merged" / "config.json").exists()
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]
+
+
+def test_a_disk_that_fills_while_the_merged_checkpoint_is_written_is_one_line(adapter, tmp_path, monkeypatch):
+    import errno
+
+    from fastbench.export import merge
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(merge, "save_pretrained_merged", full)
+    path, _ = adapter
+    result = run(path, "--base", "llama-3-8b-tiny", "--seed", 5, "--merged", tmp_path / "merged")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "no space left on device while exporting" in result.output and "run it again" in result.output

@@ -2,6 +2,7 @@
 and/or a merged checkpoint."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 
@@ -84,6 +85,18 @@ def _export(source, methods, output, merged_dir, dtype, load_in_4bit, base, seed
                 click.echo(f"gguf: {path} ({os.path.getsize(path) / 2**30:.2f} GiB)")
     except ValueError as e:  # bad input found late: the tokenizer, the architecture, the disk
         raise click.UsageError(str(e)) from None
+    except Exception as e:  # the disk filled while writing despite the check before: name it, no traceback
+        if not _out_of_disk_space(e):
+            raise
+        raise click.ClickException(f"no space left on device while exporting ({e}); what was being written was "
+                                   "removed, the files named above are complete: free some space and run it "
+                                   "again") from None
+
+
+def _out_of_disk_space(error: BaseException) -> bool:
+    """A write that failed on a full disk or quota (an OSError, or a writer's error carrying its text)."""
+    codes = (errno.ENOSPC, errno.EDQUOT)
+    return (isinstance(error, OSError) and error.errno in codes) or any(os.strerror(c) in str(error) for c in codes)
 
 
 def _check_adapter(source: str) -> dict:
