@@ -4,8 +4,11 @@ checkpoints of each family (random weights) saved with it."""
 from __future__ import annotations
 
 import functools
+import json
 import os
 import random
+
+import pytest
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
 WORDS = ("the a one two three model answer question river stone light train data token small large quick "
@@ -70,3 +73,23 @@ def chat_records(n: int, seed: int = 0, turns: int = 1) -> list[dict]:
                          {"role": "assistant", "content": " ".join(rng.sample(text, rng.randint(1, 3)))}]
         records.append({"messages": messages})
     return records
+
+
+def read_log(output):
+    """The records of a training run's train_log.jsonl under ``output`` (a Path)."""
+    with open(output / "train_log.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A tiny Llama checkpoint with the byte-level BPE chat tokenizer (base seed 5)."""
+    return save_tiny_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "llama-bpe"), seed=5)
+
+
+@pytest.fixture
+def plain_peft(monkeypatch):
+    """Trains through plain PEFT instead of the fused path (seconds instead of minutes under the interpreter)."""
+    import fastbench.fused.causal_lm as causal_lm
+
+    monkeypatch.setattr(causal_lm, "unsupported_reason", lambda model: "a fast CPU test")

@@ -13,30 +13,13 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from chat_tokenizer import chat_records, save_tiny_checkpoint
+from chat_tokenizer import chat_records, ckpt, plain_peft, read_log, save_tiny_checkpoint  # noqa: F401 (fixtures)
 from fastbench.train import loop as loop_module
 from fastbench.train.cli import train_command
 
 
 def invoke(*args):
     return CliRunner().invoke(train_command, [str(a) for a in args])
-
-
-def read_log(output):
-    with open(output / "train_log.jsonl") as f:
-        return [json.loads(line) for line in f]
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return save_tiny_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "llama-bpe"), seed=5)
-
-
-@pytest.fixture
-def plain_peft(monkeypatch):
-    import fastbench.fused.causal_lm as causal_lm
-
-    monkeypatch.setattr(causal_lm, "unsupported_reason", lambda model: "a fast CPU test")
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from _worlds import run_world
 from fastbench.train.cli import train_command
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from chat_tokenizer import chat_records, save_tiny_checkpoint  # noqa: E402
+from chat_tokenizer import chat_records, ckpt, plain_peft, read_log, save_tiny_checkpoint  # noqa: E402,F401 (fixtures)
 
 FAST = ["--max-seq-length", 64, "--grad-accum", 2, "--r", 4, "--checkpointing", "false", "--warmup-steps", 1,
         "--lr", 1e-3]
@@ -49,23 +49,6 @@ def launched(*args, **popen):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     return subprocess.Popen([sys.executable, "-m", "fastbench", "train", *map(str, args)], env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)
-
-
-def read_log(output):
-    with open(output / "train_log.jsonl") as f:
-        return [json.loads(line) for line in f]
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return save_tiny_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "llama-bpe"), seed=5)
-
-
-@pytest.fixture
-def plain_peft(monkeypatch):
-    import fastbench.fused.causal_lm as causal_lm
-
-    monkeypatch.setattr(causal_lm, "unsupported_reason", lambda model: "a fast CPU test")
 
 
 @pytest.fixture
