@@ -334,6 +334,6 @@ def test_a_log_line_cut_short_is_left_out(tmp_path):
     (RuntimeError("boom"), False),
 ])
 def test_out_of_disk_space_is_told_from_other_errors(error, full):
-    from fastbench.train.checkpoint import out_of_disk_space
+    from fastbench.files import out_of_disk_space
 
     assert out_of_disk_space(error) is full

@@ -174,10 +174,10 @@ def summary(snapshot: dict, top: int = 8, settings: str = "") -> str:
 
 
 def write_atomically(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
+    from fastbench.files import atomic_path
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(data)
-    os.replace(tmp, path)
 
 
 def main(argv=None) -> int:

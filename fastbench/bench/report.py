@@ -7,7 +7,7 @@ import os
 import statistics
 
 from fastbench.bench.regress import describe as describe_regression
-from fastbench.bench.results import atomic_path
+from fastbench.files import atomic_path
 from fastbench.env import format_host, format_switches
 
 CPU_NOTE = "CPU run: these figures prove the pipeline works end to end, not how fast anything is."

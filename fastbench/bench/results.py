@@ -9,7 +9,6 @@ region of one extra step, fastbench.bench.profile) is optional: files without it
 """
 from __future__ import annotations
 
-import contextlib
 import datetime
 import json
 import os
@@ -18,6 +17,7 @@ import secrets
 import tempfile
 
 from fastbench.bench import busy
+from fastbench.files import atomic_path
 
 SCHEMA = "fastbench.compare/1"
 
@@ -54,21 +54,6 @@ def check_writable(directory: str, option: str) -> None:
     except OSError as e:
         raise BadResults(f"{option} {directory}: cannot write there ({e.strerror or e}); choose another "
                          "directory") from None
-
-
-@contextlib.contextmanager
-def atomic_path(path: str):
-    """A temporary name beside ``path`` to write to; renamed to ``path`` when the block ends, removed if it fails
-    (a reader never sees half a file, and an earlier version stays whole)."""
-    directory, name = os.path.split(path)
-    tmp = os.path.join(directory, f".{name}.{os.getpid()}.tmp")  # the writer makes it: the usual permissions
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def write(results: dict, results_dir: str) -> str:

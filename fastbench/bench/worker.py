@@ -311,10 +311,10 @@ def main(argv: list[str]) -> int:
 
 
 def _write(record: dict, path: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    from fastbench.files import atomic_path
+
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
         json.dump(record, f)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -2,13 +2,13 @@
 and/or a merged checkpoint."""
 from __future__ import annotations
 
-import errno
 import json
 import os
 
 import click
 
 from fastbench.export.schemes import SCHEMES
+from fastbench.files import out_of_disk_space
 from fastbench.interrupt import exit_code, sigterm_as_interrupt
 
 
@@ -86,17 +86,12 @@ def _export(source, methods, output, merged_dir, dtype, load_in_4bit, base, seed
     except ValueError as e:  # bad input found late: the tokenizer, the architecture, the disk
         raise click.UsageError(str(e)) from None
     except Exception as e:  # the disk filled while writing despite the check before: name it, no traceback
-        if not _out_of_disk_space(e):
+        if not out_of_disk_space(e):
             raise
         raise click.ClickException(f"no space left on device while exporting ({e}); what was being written was "
                                    "removed, the files named above are complete: free some space and run it "
                                    "again") from None
 
-
-def _out_of_disk_space(error: BaseException) -> bool:
-    """A write that failed on a full disk or quota (an OSError, or a writer's error carrying its text)."""
-    codes = (errno.ENOSPC, errno.EDQUOT)
-    return (isinstance(error, OSError) and error.errno in codes) or any(os.strerror(c) in str(error) for c in codes)
 
 
 def _check_adapter(source: str) -> dict:

@@ -4,7 +4,6 @@ its final one, then renamed: a full disk or an interrupt leaves the previous fil
 truncated file behind."""
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import tempfile
@@ -37,23 +36,6 @@ def check_free_space(directory: str, needed: int) -> None:
 
 def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**27 else f"{n / 2**20:.1f} MiB"
-
-
-@contextlib.contextmanager
-def atomic_file(path: str):
-    """Yields a temporary path beside ``path``; renamed onto ``path`` when the block finishes, removed
-    when it raises."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.partial-", dir=directory)
-    os.close(fd)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
 
 
 def write_directory(save_directory: str, write) -> None:

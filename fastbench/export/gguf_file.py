@@ -11,7 +11,8 @@ import os
 
 import torch
 
-from fastbench.export.files import NotEnoughSpace, atomic_file, check_free_space, check_target_directory
+from fastbench.export.files import NotEnoughSpace, check_free_space, check_target_directory
+from fastbench.files import atomic_path, out_of_disk_space
 from fastbench.export.merge import merged_tensors
 from fastbench.export.quants import quantize
 from fastbench.export.schemes import BLOCK_BYTES, BLOCK_SIZE, ModelFacts, Scheme, get_scheme, tensor_type
@@ -81,7 +82,7 @@ def _write_gguf(path, model, config, arch, scheme: Scheme, facts, vocab, metadat
         total += data.nbytes + writer.data_alignment
     check_free_space(os.path.dirname(os.path.abspath(path)), total)
     try:
-        with atomic_file(path) as tmp:
+        with atomic_path(path) as tmp:
             writer.write_header_to_file(path=tmp)
             writer.write_kv_data_to_file()
             writer.write_tensors_to_file()
@@ -91,7 +92,7 @@ def _write_gguf(path, model, config, arch, scheme: Scheme, facts, vocab, metadat
             writer.close()
     except OSError as e:
         writer.close()
-        if e.errno == 28:  # ENOSPC
+        if out_of_disk_space(e):
             raise NotEnoughSpace(f"the disk filled up while writing {path}; nothing was left there: free some "
                                  f"space or choose another directory") from e
         raise

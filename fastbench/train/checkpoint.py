@@ -6,7 +6,6 @@ fails on a full disk leaves the files that were there as they were and nothing h
 """
 from __future__ import annotations
 
-import errno
 import io
 import json
 import os
@@ -21,15 +20,6 @@ _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be resumed from; the message names it and says what to do."""
-
-
-def out_of_disk_space(error: BaseException) -> bool:
-    """Whether ``error`` is a write that failed on a full disk or quota: an OSError, or an error of a writer
-    (safetensors) that carries its text."""
-    codes = (errno.ENOSPC, errno.EDQUOT)
-    if isinstance(error, OSError) and error.errno in codes:
-        return True
-    return any(os.strerror(code) in str(error) for code in codes)
 
 
 def checkpoints(output: str) -> list[tuple[int, str]]:

@@ -489,7 +489,8 @@ def _train(peft_model, prepared, output, overwrite, resume_state, lr, warmup_ste
 
     from fastbench.distributed import ddp
     from fastbench.distributed.world import barrier, peer_lost
-    from fastbench.train.checkpoint import CheckpointError, out_of_disk_space, save_adapter
+    from fastbench.files import out_of_disk_space
+    from fastbench.train.checkpoint import CheckpointError, save_adapter
     from fastbench.train.loop import LoopSettings, LoopState, NonFiniteLoss, keep_log_until, plot_loss, train_loop
 
     tokenizer, main, several = prepared.tokenizer, world.is_main, world.world_size > 1

@@ -98,14 +98,10 @@ def effective_config(ctx: click.Context) -> dict:
 
 
 def save_effective_config(ctx: click.Context, output: str) -> str:
-    from fastbench.train.loop import write_atomically
+    from fastbench.files import atomic_path
 
     path = os.path.join(output, SAVED_NAME)
-
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(effective_config(ctx), f, indent=2, default=str)
-            f.write("\n")
-
-    write_atomically(path, write)
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump(effective_config(ctx), f, indent=2, default=str)
+        f.write("\n")
     return path

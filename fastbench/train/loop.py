@@ -25,6 +25,7 @@ import random
 import time
 from dataclasses import dataclass
 
+from fastbench.files import atomic_path
 from fastbench.train.data import IGNORE_INDEX
 from fastbench.train.packing import MicroBatch, pack_rows, packed_batch, padded_batch
 
@@ -231,26 +232,12 @@ def read_log(output: str) -> list[dict]:
         return [json.loads(line) for line in f.read().split("\n")[:-1] if line.strip()]
 
 
-def write_atomically(path: str, write) -> None:
-    """Calls ``write(tmp_path)``, then renames the file into place."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def keep_log_until(output: str, step: int) -> None:
     """Drops the log rows after ``step`` (a run resumed from that step writes them again)."""
     rows = [r for r in read_log(output) if r["step"] <= step]
 
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-
-    write_atomically(os.path.join(output, "train_log.jsonl"), write)
+    with atomic_path(os.path.join(output, "train_log.jsonl")) as tmp, open(tmp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
 
 
 def plot_loss(output: str) -> str | None:
@@ -275,7 +262,8 @@ def plot_loss(output: str) -> str | None:
     ax.grid(alpha=0.3)
     ax.legend()
     path = os.path.join(output, "loss.png")
-    write_atomically(path, lambda tmp: fig.savefig(tmp, format="png"))
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
     return path
 
 
