@@ -30,12 +30,11 @@ import random
 from typing import Iterator
 
 from fastbench.train.data import IGNORE_INDEX, DataError, check_can_render, detect_format, encode_records, \
-    read_records, truncate
+    load_saved_tokenizer, read_records, truncate
 from fastbench.train.packing import pack_rows, packed_batch, padded_batch
 
 SPECIALS = ("<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>")
 BUILT_TEMPLATE = "chatml"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
 
 def digest(path: str) -> str:
@@ -99,24 +98,12 @@ def trained_tokenizer(texts: list[str], vocab_size: int):
     return get_chat_template(fast, BUILT_TEMPLATE)
 
 
-def load_tokenizer(path: str, what: str):
-    """The tokenizer saved in directory ``path``; DataError naming ``what`` when there is none."""
-    from transformers import AutoTokenizer
-
-    if not any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES):
-        raise DataError(f"{what} {path} has no tokenizer ({', '.join(TOKENIZER_FILES)})")
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise DataError(f"cannot load the tokenizer of {what} {path}: {e}") from None
-
-
 def tokenizer_for(cfg, source, records) -> tuple[object, str]:
     """(tokenizer, how it was chosen) for ``cfg``'s model (``source``), see the module docstring."""
     if cfg.tokenizer:
-        tokenizer, how = load_tokenizer(cfg.tokenizer, "--tokenizer"), f"from {cfg.tokenizer}"
+        tokenizer, how = load_saved_tokenizer(cfg.tokenizer, f"--tokenizer {cfg.tokenizer}"), f"from {cfg.tokenizer}"
     elif source.path:
-        tokenizer, how = load_tokenizer(source.path, "the model"), f"the model's ({source.path})"
+        tokenizer, how = load_saved_tokenizer(source.path, f"the model {source.path}"), f"the model's ({source.path})"
     else:
         texts = [s for _, record in records for s in _strings(record)]
         tokenizer = trained_tokenizer(texts, source.vocab_size)

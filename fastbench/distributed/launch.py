@@ -66,19 +66,6 @@ def check_nproc(nproc: int, gpus: int | None = None) -> str:
     return backend_for(gpus)
 
 
-def without_option(argv: Sequence[str], name: str = "--nproc") -> list[str]:
-    """``argv`` less the option ``name`` and its value (``--nproc 2`` or ``--nproc=2``)."""
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == name:
-            skip = True
-        elif not arg.startswith(name + "="):
-            out.append(arg)
-    return out
-
-
 def launch_command(argv: Sequence[str], nproc: int, module: str = "fastbench") -> list[str]:
     """The command that runs ``python -m module *argv`` as ``nproc`` processes of one world on this machine
     (``--standalone``: a free local rendezvous port, so several jobs can run side by side)."""
@@ -101,7 +88,7 @@ def launch(argv: Sequence[str], nproc: int, module: str = "fastbench", gpus: int
     128 + the signal's number when this process got SIGINT or SIGTERM (the agent passes the signal to every
     process and waits for them to end); raises :class:`ProcessFailed` naming the first process that failed
     (the agent then stops the others with SIGTERM). The processes must not launch again: they find
-    torchrun's variables (:func:`torchrun_env`), or the caller strips its ``--nproc`` (:func:`without_option`)."""
+    torchrun's variables (:func:`torchrun_env`)."""
     import logging
 
     from torch.distributed import run as torchrun

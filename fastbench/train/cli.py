@@ -29,7 +29,6 @@ from fastbench.presets import DEFAULT_TARGETS
 from fastbench.train.config import apply_config, save_effective_config
 from fastbench.train.data import FORMATS
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 # files an earlier run leaves in --output that --overwrite replaces
 RUN_FILES = ("train_log.jsonl", "loss.png")
 
@@ -98,19 +97,17 @@ def clear_previous_run(output: str) -> None:
 
 
 def load_tokenizer(source, chat_template, trust_remote_code):
-    from transformers import AutoTokenizer
+    from fastbench.train.data import DataError, NoTokenizer, load_saved_tokenizer
 
     if source.path is None:
         raise click.BadParameter(f"{source.name} is a preset: random weights and no tokenizer; data needs "
                                  "a checkpoint directory with a tokenizer (or use --data random)", param_hint="--data")
-    if not any(os.path.exists(os.path.join(source.path, f)) for f in TOKENIZER_FILES):
-        raise click.ClickException(f"{source.name} has no tokenizer ({', '.join(TOKENIZER_FILES)}), which the "
-                                   "data needs")
-    extra = {"trust_remote_code": True} if trust_remote_code else {}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source.path, **extra)
-    except (OSError, ValueError) as e:
-        raise click.ClickException(f"cannot load the tokenizer of {source.name}: {e}") from None
+        tokenizer = load_saved_tokenizer(source.path, source.name, trust_remote_code)
+    except NoTokenizer as e:
+        raise click.ClickException(f"{e}, which the data needs") from None
+    except DataError as e:
+        raise click.ClickException(str(e)) from None
     if chat_template:
         from fastbench.chat_templates import get_chat_template
 

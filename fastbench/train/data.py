@@ -33,6 +33,27 @@ class DataError(ValueError):
     """Bad training data; the message names the file and line (or record) and what is wrong."""
 
 
+class NoTokenizer(DataError):
+    """A directory without a saved tokenizer."""
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+def load_saved_tokenizer(path: str, what: str, trust_remote_code: bool = False):
+    """The tokenizer saved in directory ``path``; DataError naming ``what`` when there is none or it does not
+    load."""
+    from transformers import AutoTokenizer
+
+    if not any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES):
+        raise NoTokenizer(f"{what} has no tokenizer ({', '.join(TOKENIZER_FILES)})")
+    extra = {"trust_remote_code": True} if trust_remote_code else {}
+    try:
+        return AutoTokenizer.from_pretrained(path, **extra)
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot load the tokenizer of {what}: {e}") from None
+
+
 # ---------------------------------------------------------------------------------------------- reading
 def _decode(raw: bytes, path: str) -> str:
     try:

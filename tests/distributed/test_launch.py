@@ -6,8 +6,7 @@ import sys
 
 import pytest
 
-from fastbench.distributed.launch import (DistributedSetupError, check_nproc, launch, launch_command, torchrun_env,
-                                          without_option)
+from fastbench.distributed.launch import DistributedSetupError, check_nproc, launch, launch_command, torchrun_env
 
 PROBE = os.path.join(os.path.dirname(__file__), "probe")
 
@@ -21,8 +20,7 @@ def test_launch_starts_a_gloo_world_of_n(tmp_path, monkeypatch):
 
 
 def test_launch_command_reruns_the_cli_under_torchrun():
-    argv = without_option(["train", "m", "--nproc", "4", "--data", "random", "--nproc=4", "--steps", "3"])
-    assert argv == ["train", "m", "--data", "random", "--steps", "3"]
+    argv = ["train", "m", "--data", "random", "--steps", "3"]
     assert launch_command(argv, 4) == [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                        "--nproc_per_node=4", "-m", "fastbench", *argv]
 
