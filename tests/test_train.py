@@ -71,7 +71,7 @@ def test_checkpoint_with_tokenizer_overfits_a_repeated_example(seed, tmp_path, c
     data, out = write_jsonl(tmp_path / "data.jsonl", [text]), tmp_path / "adapter"
     result = invoke(checkpoint, "--data", data, "--output", out, "--steps", 15, "--batch", 1, "--grad-accum", 1,
                     "--lr", 1e-2, "--lora-alpha", 32, "--r", 8, "--warmup-steps", 0, "--checkpointing", "false",
-                    "--seed", seed % 10_000)
+                    "--max-seq-length", 32, "--seed", seed % 10_000)
     assert result.exit_code == 0, result.output
     losses = [row["loss"] for row in read_log(out)]
     assert len(losses) == 15 and all(map(math.isfinite, losses))

@@ -9,7 +9,7 @@ import torch
 from chat_tokenizer import FAMILY_PRESETS, build_tokenizer, chat_records
 from fastbench.train.data import IGNORE_INDEX, tokenize_records
 from fastbench.train.loop import accumulate, step_label_count
-from fastbench.train.packing import PackingCollator, pack_examples, pack_rows, packed_batch, padded_batch
+from fastbench.train.packing import PackingCollator, pack_examples, pack_rows, packed_batch, padded_batch, row_width
 
 
 def test_pack_rows_fills_rows_without_splitting(seed):
@@ -36,12 +36,21 @@ def random_examples(seed, lengths, vocab=512):
 
 def test_packed_batch_layout(seed):
     examples = random_examples(seed % 10_000, [3, 5, 2])
-    batch = packed_batch([[examples[0], examples[1]], [examples[2]]], pad_id=7)
+    batch = packed_batch([[examples[0], examples[1]], [examples[2]]], pad_id=7, capacity=8)
     assert batch.tokens == 10
     assert batch.inputs["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3, 4], [0, 1, 0, 1, 2, 3, 4, 5]]
     assert batch.inputs["input_ids"][1, 2:].tolist() == [7] * 6
     assert (batch.inputs["labels"][1, 2:] == IGNORE_INDEX).all() and "attention_mask" not in batch.inputs
     assert step_label_count([batch]) == step_label_count([padded_batch(examples, 0)])
+    wide = packed_batch([[examples[0], examples[1]], [examples[2]]], pad_id=7)  # width a multiple of 64
+    assert wide.inputs["position_ids"][0].tolist() == [0, 1, 2, 0, 1, 2, 3, 4] + list(range(56))
+    assert wide.tokens == 10 and (wide.inputs["labels"][:, 8:] == IGNORE_INDEX).all()
+
+
+def test_row_width_is_a_multiple_of_64_within_the_capacity():
+    assert [row_width(n) for n in (1, 64, 65, 1990)] == [64, 64, 128, 2048]
+    assert [row_width(n, 2048) for n in (1, 1990, 2048)] == [64, 2048, 2048]
+    assert [row_width(n, 1000) for n in (10, 970, 1000)] == [64, 1000, 1000]
 
 
 def test_collator_and_pack_examples_for_trainer_users(seed):

@@ -204,5 +204,5 @@ def micro_batches(examples: list[dict], pack: bool, batch: int, seq_len: int, pa
     padded (``batch`` examples each, in order)."""
     if pack:
         rows = [[examples[i] for i in row] for row in pack_rows([len(e["input_ids"]) for e in examples], seq_len)]
-        return [packed_batch(rows[j: j + batch], pad) for j in range(0, len(rows), batch)]
+        return [packed_batch(rows[j: j + batch], pad, capacity=seq_len) for j in range(0, len(rows), batch)]
     return [padded_batch(examples[j: j + batch], pad) for j in range(0, len(examples), batch)]

@@ -81,7 +81,8 @@ class ExamplePlan:
 
     def _build(self, rows: list[list[int]]) -> MicroBatch:
         if self.packing:
-            return packed_batch([[self.examples[i] for i in row] for row in rows], self.pad_id)
+            return packed_batch([[self.examples[i] for i in row] for row in rows], self.pad_id,
+                                capacity=self.max_seq_length)
         return padded_batch([self.examples[row[0]] for row in rows], self.pad_id)
 
     def stream(self, position: dict):

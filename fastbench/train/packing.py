@@ -1,8 +1,11 @@
 """Batches of examples ({"input_ids", "labels"}): packed rows or padded ones.
 
 A packed row holds several whole examples one after another, each with ``position_ids`` from 0; the rest of
-the row is padding laid out as one more sequence (its own positions from 0, no labels). No attention mask is
-passed: transformers and the fused path both read sequence starts from ``position_ids`` and let each token
+the row is padding laid out as one more sequence (its own positions from 0, no labels). A packed batch is as
+wide as its longest row rounded up to a multiple of ``ROW_MULTIPLE`` tokens: Triton specializes a kernel on
+whether its sizes divide by 16, so widths that do, and few distinct ones, keep the kernels (and the pinned
+host buffers and allocator blocks) of earlier steps in use instead of making new ones for each step. No
+attention mask is passed: transformers and the fused path both read sequence starts from ``position_ids`` and let each token
 attend only within its own sequence, so a packed row computes exactly what the examples would alone. The
 first label of each example is IGNORE_INDEX (see data.encode_record), so no token learns to predict the next
 example.
@@ -13,6 +16,15 @@ import bisect
 from dataclasses import dataclass
 
 from fastbench.train.data import IGNORE_INDEX
+
+ROW_MULTIPLE = 64
+
+
+def row_width(longest: int, capacity: int | None = None) -> int:
+    """The width of a packed batch whose longest row holds ``longest`` tokens: rounded up to a multiple of
+    ROW_MULTIPLE, but never past ``capacity`` (the rows' maximum length) when that is more than ``longest``."""
+    width = -(-longest // ROW_MULTIPLE) * ROW_MULTIPLE
+    return width if capacity is None else max(longest, min(width, capacity))
 
 
 @dataclass
@@ -45,13 +57,14 @@ def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
     return rows
 
 
-def packed_batch(rows: list[list[dict]], pad_id: int, width: int | None = None) -> MicroBatch:
+def packed_batch(rows: list[list[dict]], pad_id: int, width: int | None = None,
+                 capacity: int | None = None) -> MicroBatch:
     """Rows of examples as one packed micro-batch: input_ids, labels, position_ids of [len(rows), width]
-    (width: the longest row by default)."""
+    (width: by default ``row_width`` of the longest row and the rows' ``capacity``)."""
     import torch
 
     lengths = [sum(len(e["input_ids"]) for e in row) for row in rows]
-    width = width or max(lengths)
+    width = width or row_width(max(lengths), capacity)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full_like(ids, IGNORE_INDEX)
     positions = torch.zeros_like(ids)
@@ -112,7 +125,7 @@ class PackingCollator:
         if all("position_ids" in f for f in features):  # already packed rows: pad them to one width
             import torch
 
-            width = max(len(f["input_ids"]) for f in features)
+            width = row_width(max(len(f["input_ids"]) for f in features), self.max_seq_length)
             batch = packed_batch([[]] * len(features), self.pad_id, width).inputs
             for r, f in enumerate(features):
                 n = len(f["input_ids"])
@@ -124,4 +137,5 @@ class PackingCollator:
         examples = [{"input_ids": list(f["input_ids"])[: self.max_seq_length],
                      "labels": list(f["labels"])[: self.max_seq_length]} for f in features]
         rows = pack_rows([len(e["input_ids"]) for e in examples], self.max_seq_length)
-        return packed_batch([[examples[i] for i in row] for row in rows], self.pad_id).inputs
+        return packed_batch([[examples[i] for i in row] for row in rows], self.pad_id,
+                            capacity=self.max_seq_length).inputs
