@@ -114,8 +114,9 @@ def test_packed_step_equals_padded_step_through_transformers(seed, family):
     check_parity(model, seed % 10_000, [9, 4, 13, 6, 3], capacity=16)
 
 
-def test_packed_step_equals_padded_step_on_the_fused_path(seed):
-    model = lora_model(FAMILY_PRESETS["llama"], seed % 10_000, fused=True)
+@pytest.mark.parametrize("family", FAMILY_PRESETS)
+def test_packed_step_equals_padded_step_on_the_fused_path(seed, family):
+    model = lora_model(FAMILY_PRESETS[family], seed % 10_000, fused=True)
     check_parity(model, seed % 10_000, [7, 4, 9, 3], capacity=12)
 
 
