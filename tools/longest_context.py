@@ -16,7 +16,7 @@ atomically after each process (and, if a process is stopped by ``--timeout`` or 
 measured), then prints a table. Ctrl-C or SIGTERM keeps everything measured so far.
 
     python tools/longest_context.py --arms fused-4bit:ckpt=offload,unsloth-qlora --card-gib 16,24 \\
-        --model llama-3-8b --max-seq 262144 --start 4096 --granularity 2048 --out results/longest-context.json
+        --model llama-3-8b --max-seq 131072 --start 4096 --granularity 4096 --out results/longest-context.json
 
 What a card's limit leaves out: the CUDA context (measured, subtracted) and memory a library takes outside the
 caching allocator after the start (e.g. kernels loaded later); the per-length NVML figure shows the whole
