@@ -175,3 +175,48 @@ def test_flash_varlen_kernels_match_the_reference_on_the_gpu(seed, D, heads, win
     expected = torch.autograd.grad(want, leaves, grad.float())
     for a, b in zip((out, *got), (want, *expected)):
         assert torch.isfinite(a).all() and torch.linalg.norm(a.float() - b) <= 1e-2 * torch.linalg.norm(b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma", "qwen2", "qwen3"])
+def test_bf16_fused_model_on_packed_rows_varlen_vs_dense_mask_on_the_gpu(seed, monkeypatch, family):
+    """Each family's tiny model in bf16 on packed rows: the varlen kernels against the dense-mask SDPA path
+    (loss and LoRA gradients, bf16 tolerances)."""
+    import warnings
+
+    from chat_tokenizer import FAMILY_PRESETS
+    from test_train_packing import random_examples
+
+    from fastbench import FastLanguageModel
+    from fastbench.train.packing import pack_rows, packed_batch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base, _ = FastLanguageModel.from_pretrained(FAMILY_PRESETS[family], dtype=torch.bfloat16, device="cuda",
+                                                    seed=seed % 10_000)
+        model = FastLanguageModel.get_peft_model(base, r=8, random_state=seed % 10_000, fallback=False)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    lengths = [37, 12, 90, 55, 8, 23, 61, 40]
+    examples = random_examples(seed % 10_000, lengths)
+    rows = pack_rows(lengths, 128)
+    batch = {k: v.cuda() for k, v in packed_batch([[examples[i] for i in r] for r in rows], 0, capacity=128)
+             .inputs.items()}
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        loss = model(**batch).loss
+        loss.backward()
+        return loss.detach().float(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
+
+    calls = []
+    real = va.flash_forward
+    monkeypatch.setattr(va, "flash_forward", lambda *a: calls.append(1) or real(*a))
+    varlen_loss, varlen_grads = step()
+    assert calls, "the varlen kernels did not run"
+    monkeypatch.setattr(va, "usable", lambda q: False)
+    dense_loss, dense_grads = step()
+    assert abs(varlen_loss - dense_loss) <= 1e-2 * dense_loss
+    for name, g in dense_grads.items():
+        assert torch.linalg.norm(varlen_grads[name] - g) <= 3e-2 * torch.linalg.norm(g), name
