@@ -85,7 +85,7 @@ def fused_backbone_forward(self, input_ids=None, attention_mask=None, position_i
         position_ids = torch.arange(T, device=h.device)[None]
     cos, sin = self.rotary_emb(h, position_ids)
 
-    masks = SdpaMasks(attention_mask, packing_ids, T, h.device)
+    masks = SdpaMasks(attention_mask, packing_ids, h.shape[0], T, h.device)
     for index, layer in enumerate(self.layers[: self.config.num_hidden_layers]):
         mask = functools.partial(masks.get, _window(self, layer.self_attn))
         h = state.checkpointing(index, h, layer_parts(layer, cos, sin, mask, family, state.lora_cache))

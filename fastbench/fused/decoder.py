@@ -18,7 +18,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from fastbench.fused import varlen_attention
 from fastbench.fused.checkpointing.context import PartContext
+from fastbench.fused.varlen_attention import PackedSequences
 from fastbench.kernels.geglu import geglu, geglu_backward
 from fastbench.kernels.lora import GLU, LoRA, LoraFactorCache, Projection, lora_mlp, lora_projections
 from fastbench.kernels.rms_norm import rms_norm
@@ -131,9 +133,10 @@ class SdpaMasks:
     of waiting with an empty queue.
     """
 
-    def __init__(self, attention_mask, position_ids, T: int, device):
-        self.attention_mask, self.T, self.device = attention_mask, T, device
+    def __init__(self, attention_mask, position_ids, B: int, T: int, device):
+        self.attention_mask, self.position_ids, self.B, self.T, self.device = attention_mask, position_ids, B, T, device
         self.seq = (position_ids == 0).cumsum(-1) if position_ids is not None else None
+        self._runs = None
         checks = ([] if attention_mask is None else [~attention_mask.bool().all(), ~attention_mask[:, 0].bool().all()]) \
             + ([] if self.seq is None else [(self.seq > 1).any()])
         self._flags, self._ready, self._masks = None, None, {}
@@ -152,20 +155,38 @@ class SdpaMasks:
         if self._ready is not None:
             self._ready.synchronize()
             self._ready = None
-        flags = [] if self._flags is None else self._flags.tolist()
-        padded, left = (flags.pop(0), flags.pop(0)) if self.attention_mask is not None else (False, False)
-        packed = self.seq is not None and flags.pop(0)
-        return padded, left, packed
+        if self._flags is None:
+            return False, False, False
+        if not isinstance(self._flags, tuple):
+            flags = self._flags.tolist()
+            padded, left = (flags.pop(0), flags.pop(0)) if self.attention_mask is not None else (False, False)
+            self._flags = (padded, left, self.seq is not None and flags.pop(0))
+        return self._flags
 
-    def get(self, window: int | None):
-        """(attend, keyless) or None for layers with this sliding window (None: none)."""
-        if window not in self._masks:
-            self._masks[window] = self._build(window)
-        return self._masks[window]
+    def get(self, window: int | None, varlen: bool = False):
+        """(attend, keyless) or None for layers with this sliding window (None: none). With ``varlen`` (the
+        caller can run fastbench.fused.varlen_attention), rows without key padding that need a mask (packed,
+        or longer than the window) give their PackedSequences instead."""
+        key = (window, varlen and self._varlen_applies(window))
+        if key not in self._masks:
+            self._masks[key] = self._sequences(window) if key[1] else self._build(window)
+        return self._masks[key]
+
+    def _varlen_applies(self, window: int | None) -> bool:
+        padded, _, packed = self._needs()
+        return not padded and (packed or (window is not None and self.T > window))
+
+    def _sequences(self, window: int | None) -> PackedSequences:
+        """The rows' runs (each packed sequence, else each row), shared by every window, with ``window``."""
+        if self._runs is None:
+            packed = self._needs()[2]
+            self._runs = PackedSequences.from_position_ids(self.position_ids if packed else None, self.B, self.T,
+                                                           self.device)
+        return self._runs.with_window(window)
 
     def _build(self, window):
         windowed = window is not None and self.T > window
-        padded, left, packed = self._needs() if self._flags is not None else (False, False, False)
+        padded, left, packed = self._needs()
         if not (padded or packed or windowed):
             return None
         T, device = self.T, self.device
@@ -209,8 +230,8 @@ def nf4_workspace_bytes(layer) -> int:
 def attention_residual(layer, x, context: PartContext, cos, sin, mask, family: Family, projections=None,
                        cache: LoraFactorCache | None = None):
     """x + attention(RMSNorm(x)): the first part of a decoder layer, [B, T, hidden] -> [B, T, hidden].
-    ``mask``: (attend, keyless) or None (see :class:`SdpaMasks`), or a callable returning it (asked for right
-    before the attention); ``projections``: (Q, K, V, O), by default the layer's as they stand."""
+    ``mask``: (attend, keyless), None or PackedSequences (see :class:`SdpaMasks`), or a callable returning it
+    (asked for right before the attention, told whether varlen attention takes q); ``projections``: (Q, K, V, O), by default the layer's as they stand."""
     attn = layer.self_attn
     q_p, k_p, v_p, o_p = projections or layer_projections(layer)[0]
     n = rms_norm(x, layer.input_layernorm.weight, norm_eps(layer.input_layernorm), family.norm_offset)
@@ -223,13 +244,18 @@ def attention_residual(layer, x, context: PartContext, cos, sin, mask, family: F
         k = rms_norm(k, attn.k_norm.weight, norm_eps(attn.k_norm))
     q, k = apply_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
     v = v.transpose(1, 2)
-    mask = mask() if callable(mask) else mask
-    attend, keyless = mask if mask is not None else (None, None)
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=attend, is_causal=attend is None, scale=attn.scaling,
-                                       enable_gqa=q.shape[1] != k.shape[1])
-    if keyless is not None:
-        o = o.masked_fill(keyless, 0.0)
-    (out,) = lora_projections(o.transpose(1, 2).reshape(B, T, -1), o_p, graph_only=context.recomputing, cache=cache)
+    mask = mask(varlen=varlen_attention.usable(q)) if callable(mask) else mask
+    if isinstance(mask, PackedSequences):
+        o = varlen_attention.varlen_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask,
+                                              attn.scaling).reshape(B, T, -1)
+    else:
+        attend, keyless = mask if mask is not None else (None, None)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=attend, is_causal=attend is None,
+                                           scale=attn.scaling, enable_gqa=q.shape[1] != k.shape[1])
+        if keyless is not None:
+            o = o.masked_fill(keyless, 0.0)
+        o = o.transpose(1, 2).reshape(B, T, -1)
+    (out,) = lora_projections(o, o_p, graph_only=context.recomputing, cache=cache)
     return x + out
 
 

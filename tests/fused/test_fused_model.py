@@ -474,7 +474,7 @@ def test_sdpa_mask_leaves_no_row_without_a_key():
     from fastbench.fused.decoder import SdpaMasks
 
     def sdpa_mask(attention_mask, position_ids, T, window, device):
-        return SdpaMasks(attention_mask, position_ids, T, device).get(window)
+        return SdpaMasks(attention_mask, position_ids, 2, T, device).get(window)
 
     mask = torch.ones(2, 6, dtype=torch.long)
     mask[0, :2] = 0  # left padding
