@@ -162,6 +162,20 @@ def test_a_bad_save_every_setting_says_what_to_give(seed, value):
         pair("llama-3-8b-tiny", seed, checkpointing="offload", offload={"save_every": value})
 
 
+def test_copy_queue_bounds_the_offloader_and_a_small_one_trains_the_same(seed):
+    """copy_queue_gib sets the offloader's bound on the memory held by copies to the host; a tiny one (the
+    host waits for every copy) gives the same step."""
+    fused, ref = pair("llama-3-8b-tiny", seed, checkpointing="offload", offload={"copy_queue_gib": 1e-6})
+    assert fused.get_base_model().model._fastbench.checkpointing.offloader.max_copying_bytes == 1073
+    assert_same_step(fused, ref, *batch())
+
+
+@pytest.mark.parametrize("value", [0, -1.0, "1", float("inf"), True])
+def test_a_bad_copy_queue_says_what_to_give(value):
+    with pytest.raises(ValueError, match=f"copy_queue_gib={value!r}: give a number of GiB > 0"):
+        OffloadConfig(copy_queue_gib=value)
+
+
 @pytest.mark.parametrize("preset", ["llama-3-8b-tiny", "qwen2.5-7b-tiny"])
 def test_4bit_matches_peft_bitsandbytes(seed, preset):
     fused, ref = pair(preset, seed, load_in_4bit=True)

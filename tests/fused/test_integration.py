@@ -21,7 +21,8 @@ def first_loss(arm, cfg):
 
 
 @pytest.mark.parametrize("arm, baseline", [("fused:ckpt=offload", "peft"), ("fused-4bit", "qlora"),
-                                           ("fused:ckpt=offload:save_every=1", "peft")])
+                                           ("fused:ckpt=offload:save_every=1", "peft"),
+                                           ("fused:ckpt=offload:copy_queue_gib=0.25", "peft")])
 def test_arm_starts_where_its_baseline_starts(seed, arm, baseline, tmp_path, monkeypatch):
     from fastbench.bench.arms import RunConfig, parse_label
 
@@ -39,7 +40,9 @@ def test_arm_starts_where_its_baseline_starts(seed, arm, baseline, tmp_path, mon
                                                 "write save_every=<whole number>"),
                                                ({"ckpt": "offload", "every": "3"}, "has no option 'every'; valid: ckpt="),
                                                ({"ckpt": "true", "embedding": "1"}, "embedding applies to ckpt=offload"),
-                                               ({"ckpt": "offload", "embedding": "no"}, "write embedding=0|1")])
+                                               ({"ckpt": "offload", "embedding": "no"}, "write embedding=0|1"),
+                                               ({"ckpt": "offload", "copy_queue_gib": "0"},
+                                                "write copy_queue_gib=<GiB>")])
 def test_arm_offload_options_are_checked(options, message, tmp_path, monkeypatch):
     from fastbench.bench.arms import RunConfig, get_arm
 

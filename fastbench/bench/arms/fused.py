@@ -10,7 +10,7 @@ Options, after the name:
   (``fused:autotune=off,fused`` compares the two in one run).
 - ``nproc=N``: the job runs as N ranks, one process and GPU each, under torch.distributed (DDP over the LoRA
   gradients, fastbench.distributed), each rank ``batch`` rows per micro-batch (``compare --nproc N`` adds it).
-- with ``ckpt=offload``: ``save_every=n`` and ``embedding=0|1``, the fields of the
+- with ``ckpt=offload``: ``save_every=n``, ``embedding=0|1`` and ``copy_queue_gib=GiB``, the fields of the
   :class:`~fastbench.OffloadConfig` the arm's model is made with (``fused-4bit:ckpt=offload:save_every=3``
   beside ``fused-4bit:ckpt=offload`` compares it with the default in one run).
 
@@ -25,19 +25,25 @@ from fastbench.bench.arms import NPROC_OPTION, ArmOption, ArmSpec, RunConfig, on
 from fastbench.bench.arms.hf import base_model, load_4bit
 
 
-def _ckpt_option(text: str):
-    """true, false, offload (or unsloth), auto, or a budget in GiB (a positive number)."""
-    words = {"true": True, "false": False, "offload": "offload", "unsloth": "offload", "auto": "auto"}
-    if text.lower() in words:
-        return words[text.lower()]
+def _gib(text: str) -> float:
+    """A positive, finite number of GiB."""
     gib = float(text)
     if not 0 < gib < float("inf"):
         raise ValueError(text)
     return gib
 
 
+def _ckpt_option(text: str):
+    """true, false, offload (or unsloth), auto, or a budget in GiB (a positive number)."""
+    words = {"true": True, "false": False, "offload": "offload", "unsloth": "offload", "auto": "auto"}
+    if text.lower() in words:
+        return words[text.lower()]
+    return _gib(text)
+
+
 _OFFLOAD_SETTINGS = (ArmOption("save_every", "<whole number>", whole_number),
-                     ArmOption("embedding", "0|1", lambda text: one_of("0", "1")(text) == "1"))
+                     ArmOption("embedding", "0|1", lambda text: one_of("0", "1")(text) == "1"),
+                     ArmOption("copy_queue_gib", "<GiB>", _gib))
 ARM_OPTIONS = (ArmOption("ckpt", "true|false|offload|auto|<GiB>", _ckpt_option),
                ArmOption("autotune", "on|off", one_of("on", "off")), *_OFFLOAD_SETTINGS,
                ArmOption(NPROC_OPTION, "<whole number>", whole_number))
@@ -73,7 +79,8 @@ def _fused(load):
     return build
 
 
-_OPTIONS = "option ckpt=true|false|offload|auto|GiB, autotune=on|off, nproc=N; with offload save_every, embedding"
+_OPTIONS = ("option ckpt=true|false|offload|auto|GiB, autotune=on|off, nproc=N; with offload save_every, embedding, "
+            "copy_queue_gib")
 
 FUSED = ArmSpec("fused", f"fastbench fused LoRA on the bf16 model ({_OPTIONS})",
                 ("peft",), "pip install peft", _fused(base_model), kind="bf16",

@@ -35,9 +35,12 @@ class OffloadConfig:
       pinned host memory too, instead of recomputing that MLP.
     - ``embedding``: keep an untied, frozen input embedding table in pinned host memory
       (fastbench.fused.host_embedding).
+    - ``copy_queue_gib``: the GPU memory that activations on their way to the host may hold while the bus is
+      behind the compute; past it the host waits for the oldest copy. Less holds less memory and may wait more.
     """
     save_every: int = 2
     embedding: bool = True
+    copy_queue_gib: float = 2.0
 
     def __post_init__(self):
         _whole_number("save_every", self.save_every, "every n-th layer's MLP activations offloaded instead of "
@@ -45,6 +48,10 @@ class OffloadConfig:
         embedding = _one_of("embedding", self.embedding, {
             True: "the input embedding's table in pinned host memory, the default", False: "on the GPU"})
         object.__setattr__(self, "embedding", embedding)
+        queue = self.copy_queue_gib
+        if isinstance(queue, bool) or not isinstance(queue, (int, float)) or not 0 < queue < float("inf"):
+            raise ValueError(f"offload option copy_queue_gib={queue!r}: give a number of GiB > 0 (the GPU memory "
+                             "activations on their way to the host may hold)")
 
     @classmethod
     def of(cls, value) -> OffloadConfig:
