@@ -40,7 +40,7 @@ class OffloadConfig:
     """
     save_every: int = 2
     embedding: bool = True
-    copy_queue_gib: float = 2.0
+    copy_queue_gib: float = 0.25
 
     def __post_init__(self):
         _whole_number("save_every", self.save_every, "every n-th layer's MLP activations offloaded instead of "
