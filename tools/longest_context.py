@@ -256,17 +256,11 @@ def free_after_failure(model, optimizer, cuda: bool) -> None:
 
 def child_main(spec_path: str, out_path: str) -> int:
     from fastbench.bench.worker import simulate_fault
-    from fastbench.files import atomic_path
 
     with open(spec_path) as f:
         spec = json.load(f)
     simulate_fault(spec["arm"])
-
-    def write(record):
-        with atomic_path(out_path) as tmp, open(tmp, "w") as f:
-            json.dump(record, f)
-
-    measure(spec, write)
+    measure(spec, lambda record: write_results(record, out_path))
     return 0
 
 
@@ -275,6 +269,8 @@ def child_main(spec_path: str, out_path: str) -> int:
 def run_process(spec: dict, stem: str, env: dict, timeout: float | None) -> dict:
     """The record of one process for ``spec`` (files ``stem``.*); a process that timed out, died or was interrupted
     (KeyboardInterrupt, re-raised with the record as its argument) gives the lengths it had written."""
+    from fastbench.bench.runner import log_tail
+
     with open(stem + ".spec.json", "w") as f:
         json.dump(spec, f)
     out, log = stem + ".out.json", stem + ".log"
@@ -284,11 +280,11 @@ def run_process(spec: dict, stem: str, env: dict, timeout: float | None) -> dict
             proc = subprocess.run(argv, cwd=os.path.dirname(stem), env=env, stdout=logf, stderr=subprocess.STDOUT,
                                   timeout=timeout)
     except subprocess.TimeoutExpired:
-        return stopped_record(spec, out, "timeout", f"stopped after {timeout:g} s; log:\n" + _tail(log))
+        return stopped_record(spec, out, "timeout", f"stopped after {timeout:g} s; log:\n" + log_tail(log))
     except KeyboardInterrupt:
         raise KeyboardInterrupt(stopped_record(spec, out, "interrupted", "interrupted")) from None
     if proc.returncode != 0 or not os.path.exists(out):
-        return stopped_record(spec, out, "crashed", f"exited with code {proc.returncode}; log:\n" + _tail(log))
+        return stopped_record(spec, out, "crashed", f"exited with code {proc.returncode}; log:\n" + log_tail(log))
     with open(out) as f:
         return json.load(f)
 
@@ -303,14 +299,6 @@ def stopped_record(spec: dict, out: str, status: str, message: str) -> dict:
     record["longest_ok"], record["first_failure"] = bounds(record["trials"])
     record.update(status=status, error=message[-3000:])
     return record
-
-
-def _tail(path: str, chars: int = 1500) -> str:
-    try:
-        with open(path, errors="replace") as f:
-            return f.read()[-chars:]
-    except OSError:
-        return ""
 
 
 def write_results(results: dict, path: str) -> None:

@@ -43,7 +43,8 @@ def plan(labels: list[str], models: list[str], repeats: int,
     return order
 
 
-def _tail(path: str, chars: int = 1500) -> str:
+def log_tail(path: str, chars: int = 1500) -> str:
+    """The last ``chars`` characters of a worker's log ("" when it cannot be read)."""
     try:
         with open(path, errors="replace") as f:
             return f.read()[-chars:]
@@ -73,12 +74,12 @@ def run_one(label: str, model: str, repeat: int, run_config: dict, workdir: str,
                                   stderr=subprocess.STDOUT, timeout=timeout)
     except subprocess.TimeoutExpired:
         return new_record(label, model, repeat, config, "timeout", f"no result after {timeout:.0f} s; log:\n"
-                          + _tail(log), world_size=ranks)
+                          + log_tail(log), world_size=ranks)
     # a job of several ranks ends non-zero when one fails; rank 0's record, if written, says how
     if not os.path.exists(out) or (proc.returncode != 0 and ranks == 1):
         how = (f"killed by {signal.Signals(-proc.returncode).name}" if proc.returncode < 0
                else f"exited with code {proc.returncode}")
-        return new_record(label, model, repeat, config, "crashed", f"worker {how}; log:\n" + _tail(log),
+        return new_record(label, model, repeat, config, "crashed", f"worker {how}; log:\n" + log_tail(log),
                           world_size=ranks)
     with open(out) as f:
         return json.load(f)
