@@ -136,7 +136,7 @@ class SdpaMasks:
     def __init__(self, attention_mask, position_ids, B: int, T: int, device):
         self.attention_mask, self.position_ids, self.B, self.T, self.device = attention_mask, position_ids, B, T, device
         self.seq = (position_ids == 0).cumsum(-1) if position_ids is not None else None
-        self._runs = None
+        self._runs, self._needed = None, None
         checks = ([] if attention_mask is None else [~attention_mask.bool().all(), ~attention_mask[:, 0].bool().all()]) \
             + ([] if self.seq is None else [(self.seq > 1).any()])
         self._flags, self._ready, self._masks = None, None, {}
@@ -155,13 +155,11 @@ class SdpaMasks:
         if self._ready is not None:
             self._ready.synchronize()
             self._ready = None
-        if self._flags is None:
-            return False, False, False
-        if not isinstance(self._flags, tuple):
-            flags = self._flags.tolist()
+        if self._needed is None:
+            flags = [] if self._flags is None else self._flags.tolist()
             padded, left = (flags.pop(0), flags.pop(0)) if self.attention_mask is not None else (False, False)
-            self._flags = (padded, left, self.seq is not None and flags.pop(0))
-        return self._flags
+            self._needed = (padded, left, self.seq is not None and flags.pop(0))
+        return self._needed
 
     def get(self, window: int | None, varlen: bool = False):
         """(attend, keyless) or None for layers with this sliding window (None: none). With ``varlen`` (the
@@ -231,7 +229,8 @@ def attention_residual(layer, x, context: PartContext, cos, sin, mask, family: F
                        cache: LoraFactorCache | None = None):
     """x + attention(RMSNorm(x)): the first part of a decoder layer, [B, T, hidden] -> [B, T, hidden].
     ``mask``: (attend, keyless), None or PackedSequences (see :class:`SdpaMasks`), or a callable returning it
-    (asked for right before the attention, told whether varlen attention takes q); ``projections``: (Q, K, V, O), by default the layer's as they stand."""
+    (asked for right before the attention, told whether varlen attention takes q); ``projections``: (Q, K, V, O),
+    by default the layer's as they stand."""
     attn = layer.self_attn
     q_p, k_p, v_p, o_p = projections or layer_projections(layer)[0]
     n = rms_norm(x, layer.input_layernorm.weight, norm_eps(layer.input_layernorm), family.norm_offset)

@@ -5,10 +5,10 @@ the row is padding laid out as one more sequence (its own positions from 0, no l
 wide as its longest row rounded up to a multiple of ``ROW_MULTIPLE`` tokens: Triton specializes a kernel on
 whether its sizes divide by 16, so widths that do, and few distinct ones, keep the kernels (and the pinned
 host buffers and allocator blocks) of earlier steps in use instead of making new ones for each step. No
-attention mask is passed: transformers and the fused path both read sequence starts from ``position_ids`` and let each token
-attend only within its own sequence, so a packed row computes exactly what the examples would alone. The
-first label of each example is IGNORE_INDEX (see data.encode_record), so no token learns to predict the next
-example.
+attention mask is passed: transformers and the fused path both read sequence starts from ``position_ids`` and
+let each token attend only within its own sequence, so a packed row computes exactly what the examples would
+alone. The first label of each example is IGNORE_INDEX (see data.encode_record), so no token learns to predict
+the next example.
 """
 from __future__ import annotations
 

@@ -53,6 +53,10 @@ class OffloadConfig:
             raise ValueError(f"offload option copy_queue_gib={queue!r}: give a number of GiB > 0 (the GPU memory "
                              "activations on their way to the host may hold)")
 
+    @property
+    def copy_queue_bytes(self) -> int:
+        return int(self.copy_queue_gib * GiB)
+
     @classmethod
     def of(cls, value) -> OffloadConfig:
         """``value`` as an OffloadConfig: one already, a dict of its fields, or None (the defaults)."""
