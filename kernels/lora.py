@@ -28,10 +28,15 @@ matrices exist at a time.
 - :func:`lora_projections`: several projections of one input (Q, K, V; or O alone), one Function.
 - :func:`lora_mlp`: gate/up -> GLU -> down in one Function; saves x and the two pre-activations
   (gate, up), recomputes the GLU in the backward and writes its gradients over gate and up in place.
+  The MLP is token-wise, so where nothing keeps its pre-activations (a forward without autograd, a
+  graph-only forward) it runs in chunks of at most ``chunk_rows`` tokens, and so does its backward: the
+  [tokens, intermediate] tensors then exist one chunk at a time, and the memory of a long sequence's
+  MLP does not grow with its length.
 
 With ``graph_only=True`` (a checkpointed part recomputed for its backward, whose output is never read)
 these Functions save what their backward needs but skip the products that make only their output,
-and return placeholders (a zero broadcast to the output's shape) that carry the autograd graph.
+and return placeholders (a zero broadcast to the output's shape) that carry the autograd graph; the
+MLP then saves x alone and computes gate and up in its backward, a chunk at a time.
 
 A projection is a :class:`Projection`; ``lora`` is None for a layer without an active adapter.
 These are cuBLAS matmuls around Triton elementwise ops, so this module has no launch configs.
@@ -382,55 +387,102 @@ class _LoRAProjections(torch.autograd.Function):
         return (dx, None, None, None, *_grads_by_input(ctx.projections, grads))
 
 
-def _outside_autocast(function, x, *args):
-    """Under autocast, run in the autocast dtype with autocast off (these Functions cast for themselves)."""
+def _outside_autocast(run, x, *args):
+    """``run(x, *args)``; under autocast, in the autocast dtype with autocast off (these ops cast for themselves)."""
     device = x.device.type
     if not torch.is_autocast_enabled(device):
-        return function.apply(x, *args)
+        return run(x, *args)
     with torch.autocast(device, enabled=False):
-        return function.apply(x.to(torch.get_autocast_dtype(device)), *args)
+        return run(x.to(torch.get_autocast_dtype(device)), *args)
 
 
 def lora_projections(x: torch.Tensor, *projections: Projection, graph_only: bool = False,
                      cache: LoraFactorCache | None = None) -> tuple[torch.Tensor, ...]:
     """``(x W_p^T + b_p + s_p (x A_p^T) B_p^T for p in projections)``; x [..., i] -> [..., o_p] each. ``cache``:
     the calling model's :class:`LoraFactorCache` (None: the factors are cast at each call)."""
-    return _outside_autocast(_LoRAProjections, x, projections, graph_only, cache, *_flatten(projections))
+    return _outside_autocast(_LoRAProjections.apply, x, projections, graph_only, cache, *_flatten(projections))
+
+
+# Tokens per chunk of the MLP where it runs in chunks (see the module's docstring): the products stay large
+# enough to run at full speed
+MLP_CHUNK_ROWS = 4096
+
+
+def _row_chunks(n: int, rows: int) -> list[slice]:
+    """n rows as the fewest chunks of at most ``rows``, split evenly."""
+    count = max(1, -(-n // rows))
+    size = max(1, -(-n // count))
+    return [slice(start, min(n, start + size)) for start in range(0, n, size)] or [slice(0, 0)]
+
+
+def _mlp_forward(x: torch.Tensor, glu: GLU, gate: Projection, up: Projection, down: Projection,
+                 cache: LoraFactorCache | None, chunk_rows: int) -> torch.Tensor:
+    """down(glu(gate(x), up(x))) for x [..., i], without autograd, ``chunk_rows`` tokens at a time."""
+    x2 = x.reshape(-1, x.shape[-1])
+    chunks = _row_chunks(x2.shape[0], chunk_rows)
+    if len(chunks) == 1:
+        return _forward(glu.forward(*_forward(x, (gate, up), cache)), (down,), cache)[0]
+    out = x2.new_empty(x2.shape[0], _out_features(down))
+    for rows in chunks:
+        out[rows] = _forward(glu.forward(*_forward(x2[rows], (gate, up), cache)), (down,), cache)[0]
+    return out.view(*x.shape[:-1], -1)
+
+
+def _accumulated(total: list | None, grads: list) -> list:
+    return grads if total is None else [a if b is None else a.add_(b) for a, b in zip(total, grads)]
 
 
 class _LoRAMLP(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, glu, gate, up, down, graph_only, cache, *lora_params):
+    def forward(ctx, x, glu, gate, up, down, graph_only, cache, chunk_rows, *lora_params):
+        ctx.glu, ctx.projections, ctx.cache, ctx.chunk_rows, ctx.spent = glu, (gate, up, down), cache, chunk_rows, False
+        if graph_only:  # the backward computes gate and up itself, a chunk at a time
+            ctx.save_for_backward(x)
+            return _placeholder(x, down)
         g, u = _forward(x, (gate, up), cache)
         ctx.save_for_backward(x, g, u)
-        ctx.glu, ctx.projections, ctx.cache, ctx.spent = glu, (gate, up, down), cache, False
-        if graph_only:
-            return _placeholder(x, down)
         return _forward(glu.forward(g, u), (down,), cache)[0]
 
     @staticmethod
     def backward(ctx, dy):
-        if ctx.spent:  # the first backward wrote its GLU gradients over the saved g and u
+        x, *pre = ctx.saved_tensors  # pre: the forward's (gate, up) outputs, unless it ran graph-only
+        if pre and ctx.spent:  # the first backward wrote its GLU gradients over the saved g and u
             raise RuntimeError("lora_mlp's backward reuses its saved pre-activations as gradient buffers; "
                                "a second backward (retain_graph=True) needs a second forward")
         ctx.spent = True
-        x, g, u = ctx.saved_tensors
         gate, up, down = ctx.projections
-        x2, g, u = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]), u.reshape(-1, u.shape[-1])
-        h = ctx.glu.forward(g, u)
-        dh, (down_grads,) = _backward(h, (down,), [dy.reshape(-1, dy.shape[-1])], True, ctx.cache)
-        del h
-        dg, du = ctx.glu.backward(dh, g, u, dgate=g, dup=u)  # g, u are not needed any more
-        del dh
-        dx, gate_up_grads = _backward(x2, (gate, up), [dg, du], ctx.needs_input_grad[0], ctx.cache)
+        x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+        pre = [t.reshape(-1, t.shape[-1]) for t in pre]
+        chunks = _row_chunks(x2.shape[0], ctx.chunk_rows)
+        need_dx = ctx.needs_input_grad[0]
+        dx = x2.new_empty(x2.shape) if need_dx and len(chunks) > 1 else None
+        grads = None
+        for rows in chunks:
+            g, u = [t[rows] for t in pre] if pre else _forward(x2[rows], (gate, up), ctx.cache)
+            h = ctx.glu.forward(g, u)
+            dh, (down_grads,) = _backward(h, (down,), [dy2[rows]], True, ctx.cache)
+            del h
+            dg, du = ctx.glu.backward(dh, g, u, dgate=g, dup=u)  # g, u are not needed any more
+            del dh
+            dx_rows, gate_up_grads = _backward(x2[rows], (gate, up), [dg, du], need_dx, ctx.cache)
+            grads = _accumulated(grads, _grads_by_input(ctx.projections, [*gate_up_grads, down_grads]))
+            if dx is None:
+                dx = dx_rows
+            elif need_dx:
+                dx[rows] = dx_rows
         dx = None if dx is None else dx.view(x.shape)
-        return (dx, None, None, None, None, None, None, *_grads_by_input(ctx.projections, [*gate_up_grads, down_grads]))
+        return (dx, None, None, None, None, None, None, None, *grads)
 
 
 def lora_mlp(x: torch.Tensor, gate: Projection, up: Projection, down: Projection, glu: GLU,
-             graph_only: bool = False, cache: LoraFactorCache | None = None) -> torch.Tensor:
-    """``down(glu(gate(x), up(x)))`` with LoRA on each projection; ``cache`` as in :func:`lora_projections`."""
-    return _outside_autocast(_LoRAMLP, x, glu, gate, up, down, graph_only, cache, *_flatten((gate, up, down)))
+             graph_only: bool = False, cache: LoraFactorCache | None = None,
+             chunk_rows: int = MLP_CHUNK_ROWS) -> torch.Tensor:
+    """``down(glu(gate(x), up(x)))`` with LoRA on each projection; ``cache`` as in :func:`lora_projections`;
+    ``chunk_rows``: the tokens of one chunk where the MLP runs in chunks (see the module's docstring)."""
+    if not torch.is_grad_enabled():
+        return _outside_autocast(_mlp_forward, x, glu, gate, up, down, cache, chunk_rows)
+    return _outside_autocast(_LoRAMLP.apply, x, glu, gate, up, down, graph_only, cache, chunk_rows,
+                             *_flatten((gate, up, down)))
 
 
 def reference(x: torch.Tensor, p: Projection) -> torch.Tensor:

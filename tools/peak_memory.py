@@ -1,5 +1,6 @@
 """Probe: when in a step the peak of allocated GPU memory falls, and what is allocated then.
-llama-3-8b arms given as bits:ckpt (e.g. 4bit:offload), all-ones attention_mask as the harness passes. Per arm:
+llama-3-8b arms given as bits:ckpt[@SEQxBATCH] (e.g. 4bit:offload, 4bit:offload@16384x1; seq 2048 x batch 2 when
+not given), all-ones attention_mask as the harness passes. Per arm:
 2 warm-up steps, then one step with torch.cuda.memory's allocation history recorded; replaying it (alloc adds a
 block, free_completed removes it) from memory_allocated() at the step's start gives the peak and the blocks alive
 then, each named by its innermost frame in fastbench/kernels (else the innermost frame with a file name).
@@ -9,8 +10,6 @@ import collections, sys, warnings, torch
 warnings.simplefilter("ignore")
 from fastbench import FastLanguageModel
 
-ids = torch.randint(0, 128256, (2, 2048), device="cuda")
-batch = dict(input_ids=ids, labels=ids, attention_mask=torch.ones_like(ids))
 MiB = 1 << 20
 
 
@@ -36,7 +35,11 @@ def replay(events, start):
 
 
 for arg in sys.argv[1:]:
-    bits, ckpt = arg.split(":")
+    arm, _, shape = arg.partition("@")
+    bits, ckpt = arm.split(":")
+    seq, batch_size = map(int, (shape or "2048x2").split("x"))
+    ids = torch.randint(0, 128256, (batch_size, seq), device="cuda")
+    batch = dict(input_ids=ids, labels=ids, attention_mask=torch.ones_like(ids))
     ckpt = ckpt if ckpt == "offload" else float(ckpt)
     base, _ = FastLanguageModel.from_pretrained("llama-3-8b", dtype=torch.bfloat16, device="cuda", load_in_4bit=bits == "4bit", seed=1)
     m = FastLanguageModel.get_peft_model(base, r=16, random_state=2, use_gradient_checkpointing=ckpt, fallback=False)

@@ -7,7 +7,7 @@ activation dtype's bytes ``b``, for a model of L layers, width h and MLP width i
 - a recomputed layer keeps both its parts' inputs: 2 t h b;
 - every n-th layer (``OffloadConfig.save_every``, layers 0, n, 2n, ...) keeps its attention's input
   and its MLP's saved activations instead: the MLP input (its norm recomputed from it) and the gate and up
-  projections, t (2h + 2i) b;
+  projections, t (2h + 2i) b (in forwards of at most ``OffloadConfig.save_max_tokens`` tokens);
 - an untied input embedding table (vocab x h x b) with ``OffloadConfig.embedding``.
 
 Buffers are reused from step to step and rounded up by at most 1/8 (the offloader's rounding), so the
@@ -30,7 +30,7 @@ def offload_host_bytes(config, tokens: int, dtype_bytes: int = 2, offload: Offlo
     layout = offload or OffloadConfig()
     per_token = 0
     for index in range(layers):
-        if layout.save_every and index % layout.save_every == 0:
+        if layout.save_every and index % layout.save_every == 0 and tokens <= layout.save_max_tokens:
             per_token += 3 * h + 2 * i
         else:
             per_token += 2 * h

@@ -45,6 +45,8 @@ def test_layouts():
     every2 = offload_host_bytes(config, t, b, OffloadConfig(save_every=2))
     assert every2 == int(9 / 8 * t * b * (16 * (3 * 4096 + 2 * 14336) + 16 * 2 * 4096)) + table
     assert offload_host_bytes(config, t, b, OffloadConfig(save_every=0, embedding=False)) == int(9 / 8 * t * b * 32 * 2 * 4096)
+    long = 8192  # past save_max_tokens (4096): every MLP recomputed, only the inputs go to the host
+    assert offload_host_bytes(config, long, b, OffloadConfig(save_every=2)) == int(9 / 8 * long * b * 32 * 2 * 4096) + table
 
 
 def test_the_check_refuses_with_the_numbers():

@@ -209,6 +209,32 @@ def test_graph_only_forward_gives_the_same_gradients(seed):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("nf4", [False, True])
+@pytest.mark.parametrize("graph_only", [False, True])
+def test_mlp_in_chunks_of_tokens_matches_one_chunk(seed, graph_only, nf4):
+    """The MLP run a chunk of rows at a time (a forward without autograd; a backward, which recomputes gate
+    and up when the forward ran graph-only) gives the one-chunk outputs and gradients, the LoRA gradients
+    summed over the chunks; uneven splits and chunks larger than the input too."""
+    gate, up, down = make_projection(64, 128, 3, torch.float32), make_projection(64, 128, 3, torch.float32), \
+        make_projection(128, 64, 3, torch.float32)
+    if nf4:
+        gate, up, down = (_nf4(p)[0] for p in (gate, up, down))
+    ps = (gate, up, down)
+    x = torch.randn(2, 11, 64, requires_grad=True)
+    dy = torch.randn(2, 11, 64)
+    params = [x] + [t for p in ps for t in (p.lora.A, p.lora.B)]
+    results = []
+    for rows in (22, 5, 7, 100):
+        cache = LoraFactorCache()
+        with torch.no_grad():
+            y = lora_mlp(x, *ps, _GLUS["silu"], cache=cache, chunk_rows=rows)
+        y_graph = lora_mlp(x, *ps, _GLUS["silu"], graph_only=graph_only, cache=cache, chunk_rows=rows)
+        results.append((y, *torch.autograd.grad(y_graph, params, dy)))
+    for got in results[1:]:
+        for a, b in zip(got, results[0], strict=True):
+            assert rel(a, b) < 1e-5
+
+
 def _nf4(projection):
     """The projection with its weight quantized to NF4 (bitsandbytes, on the CPU), and the same with the
     dequantized weight: one reference for the other. (in_features >= 64 here: for a 48 x 32 weight, this

@@ -278,6 +278,20 @@ def test_offload_keeping_saved_activations_of_every_nth_mlp(seed, every):
     assert not ckpt.offloader._saved and not ckpt.offloader._prefetched
 
 
+def test_forwards_longer_than_save_max_tokens_recompute_every_mlp(seed):
+    """save_every applies to forwards of at most save_max_tokens tokens; a longer one recomputes every layer's
+    last part too (same gradients), and a short one after it keeps every n-th again."""
+    layers, long, short = TwoPartLayers(), torch.randn(6, 8, requires_grad=True), torch.randn(5, 8, requires_grad=True)
+    ckpt = policy("offload", save_every=1, save_max_tokens=5)
+    for x, runs in ((long, [2] * 4), (short, [1] * 4)):
+        expected = layers.grads(policy(False), x)
+        layers.mlp_runs, SideBySide.shared = [0] * 4, []
+        for a, b in zip(layers.grads(ckpt, x), expected):
+            assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
+        assert layers.mlp_runs == runs
+    assert "in forwards of at most 5 tokens" in ckpt.describe()
+
+
 @pytest.mark.parametrize("view", [False, True])
 def test_a_derived_tensor_is_recomputed_from_its_saved_source(seed, monkeypatch, view):
     """A saved part's tensor declared derived(t, source, f) goes to the host only as its source (which the part
@@ -477,6 +491,7 @@ def test_the_other_modes_say_what_they_keep(setting, says):
 @pytest.mark.parametrize("offload, message", [
     ({"save_every": "two"}, "save_every='two': give a whole number n >= 0"),
     ({"save_every": -1}, "save_every=-1: give a whole number n >= 0"),
+    ({"save_max_tokens": 1.5}, "save_max_tokens=1.5: give a whole number n >= 0"),
     ({"embedding": "yes"}, r"embedding='yes': give 1 \(the input embedding's table"),
     ({"embedding": 2}, r"embedding=2: give 1 \(the input embedding's table"),
     ({"every": 3}, "unknown option.*every; valid: save_every, embedding"),

@@ -32,7 +32,9 @@ class OffloadConfig:
     """The offload mode's settings (``use_gradient_checkpointing="offload"``).
 
     - ``save_every``: every n-th layer (0: none) keeps its MLP's graph, the activations it saves offloaded to
-      pinned host memory too, instead of recomputing that MLP.
+      pinned host memory too, instead of recomputing that MLP, in forwards of at most ``save_max_tokens``
+      tokens (batch x sequence). Longer forwards recompute every MLP, a chunk of tokens at a time: the
+      activations an MLP saves grow with the tokens and would come back whole in the backward.
     - ``embedding``: keep an untied, frozen input embedding table in pinned host memory
       (fastbench.fused.host_embedding).
     - ``copy_queue_gib``: the GPU memory that activations on their way to the host may hold while the bus is
@@ -41,10 +43,13 @@ class OffloadConfig:
     save_every: int = 2
     embedding: bool = True
     copy_queue_gib: float = 0.25
+    save_max_tokens: int = 4096
 
     def __post_init__(self):
         _whole_number("save_every", self.save_every, "every n-th layer's MLP activations offloaded instead of "
                                                      "recomputed; 0: recompute every layer")
+        _whole_number("save_max_tokens", self.save_max_tokens, "the most tokens (batch x sequence) of a forward in "
+                                                               "which save_every applies")
         embedding = _one_of("embedding", self.embedding, {
             True: "the input embedding's table in pinned host memory, the default", False: "on the GPU"})
         object.__setattr__(self, "embedding", embedding)
