@@ -123,6 +123,7 @@ def pack(cache_dir: Path, out: Path, device: Mapping, tools: Mapping, about: Map
             for entry, e in entries.items():
                 for f in e["files"]:
                     _add(tar, f"{entry}/{f}", (cache_dir / entry / f).read_bytes())
+        os.chmod(tmp, 0o644)  # package data, readable by all (mkstemp made it private)
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -160,6 +161,11 @@ def _marker(digest: str):
     from triton.runtime.cache import get_cache_manager
 
     return get_cache_manager(hashlib.sha256(f"fastbench-compiled-cache:{digest}".encode()).hexdigest())
+
+
+def read_index(archive: Path) -> dict:
+    """The index of an archive file (only its first member is decompressed); Unusable if it has none."""
+    return _read(Path(archive).read_bytes(), index_only=True)[0]
 
 
 def _read(data: bytes, index_only: bool = False) -> tuple[dict, dict[str, bytes]]:
@@ -243,8 +249,9 @@ def _skip_reason(lk) -> str | None:
     return None
 
 
-def _applicable(lk, root: Path | None) -> tuple[Path | None, str | None]:
-    """(this device x toolchain's archive, None) or (None, why there is none)."""
+def find_archive(lk, root: Path | None = None) -> tuple[Path | None, str | None]:
+    """(the archive of ``lk``'s device x toolchain, None) or (None, why there is none); ``root``: where archives
+    are (default: the bundled ones)."""
     root = Path(root or compiled_dir())
     path = root / archive_name(lk.device, lk.tools)
     if path.is_file():
@@ -275,7 +282,7 @@ def _attempt(lk, root: Path | None) -> dict:
         lk = lk or lookup.default()
         reason = _skip_reason(lk)
         if reason is None:
-            archive, reason = _applicable(lk, root)
+            archive, reason = find_archive(lk, root)
         if archive is None:
             log.debug("compiled kernel cache: skipped (%s)", reason)
             return _record(skipped_reason=reason)
@@ -304,7 +311,7 @@ def describe(lk=None, root: Path | None = None) -> dict:
         lk = lk or lookup.default()
         reason = _skip_reason(lk)
         if reason is None:
-            archive, reason = _applicable(lk, root)
+            archive, reason = find_archive(lk, root)
         if archive is None:
             return _record(skipped_reason=reason)
         data = archive.read_bytes()
