@@ -281,16 +281,18 @@ def _attempt(lk, root: Path | None) -> dict:
     try:
         lk = lk or lookup.default()
         reason = _skip_reason(lk)
-        if reason is None:
-            archive, reason = find_archive(lk, root)
-        if archive is None:
+        if reason is not None:
             log.debug("compiled kernel cache: skipped (%s)", reason)
+            return _record(skipped_reason=reason)
+        archive, reason = find_archive(lk, root)
+        if archive is None:
+            log.info("compiled kernel cache: %s; kernels compile on first use", reason)
             return _record(skipped_reason=reason)
         record = install(archive, lk.device, lk.tools)
     except Exception as e:  # any failure here costs the compiles it would have saved, never the run
         why = f"{type(e).__name__}: {e}" if not isinstance(e, Unusable) else str(e)
-        log.warning("compiled kernel cache %s not installed (%s); kernels compile on first use as usual",
-                    archive.name if archive else "", why)
+        log.warning("compiled kernel cache%s not installed (%s); kernels compile on first use as usual",
+                    f" {archive.name}" if archive else "", why)
         return _record(archive.name if archive else None, skipped_reason=why)
     if record["installed"]:
         log.info("compiled kernel cache: %d of %d entries of %s put into Triton's cache %s in %.2f s",

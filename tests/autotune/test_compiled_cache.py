@@ -147,10 +147,12 @@ def test_entries_already_in_the_cache_are_kept(fake_cache, tmp_path, triton_cach
     (DEVICE, {**TOOLS, "cuda": "12.8"}, "none shipped for h200-sm90-132sm__triton-3.6.0__cuda-12.8.tar.xz"),
     (DEVICE, {**TOOLS, "triton": "3.5.1"}, "shipped: h200-sm90-132sm__triton-3.6.0__cuda-13.0.tar.xz"),
 ])
-def test_no_archive_for_another_gpu_or_toolchain(fake_cache, tmp_path, triton_cache, device, tools, says):
+def test_no_archive_for_another_gpu_or_toolchain(fake_cache, tmp_path, triton_cache, caplog, device, tools, says):
     _archive(fake_cache, tmp_path / "bundled")
-    record = cc.ensure_installed(_lookup(device, tools), root=tmp_path / "bundled")
+    with caplog.at_level(logging.INFO, "fastbench.autotune"):
+        record = cc.ensure_installed(_lookup(device, tools), root=tmp_path / "bundled")
     assert record["archive"] is None and says in record["skipped_reason"] and record["installed"] is None
+    assert len(caplog.records) == 1 and says in caplog.records[0].message
     assert not triton_cache.exists()
     assert "not used" in cc.summary(record)
 
