@@ -37,7 +37,8 @@ def parse_args(argv=None):
                                 epilog="Needs a CUDA GPU. Takes about 2 minutes on an H200 for llama-3-8b (the "
                                        "first call also writes the preset's checkpoint, ~16 GB, to the temp dir).")
     p.add_argument("--model", default="llama-3-8b", help="preset or checkpoint directory (default: llama-3-8b)")
-    p.add_argument("--arm", default="fused-4bit:ckpt=offload", help="fused arm label (default: fused-4bit:ckpt=offload)")
+    p.add_argument("--arm", default="fused-4bit:ckpt=offload",
+                   help="fused arm label (default: fused-4bit:ckpt=offload)")
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--steps", type=int, default=2, help="timed steps after the first (default: 2)")
