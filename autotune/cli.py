@@ -76,7 +76,7 @@ def _table(rows: list[list[str]]) -> str:
 
 
 def _list(refs, jobs) -> None:
-    from . import lookup
+    from . import compiled_cache, lookup
 
     lk = lookup.reset()
     info = lookup.describe()
@@ -88,6 +88,7 @@ def _list(refs, jobs) -> None:
         click.echo(f"cache file: {info['user_file']} ({'present' if info['user_file_exists'] else 'absent'})")
         click.echo(f"bundled files for this device: {', '.join(info['bundled_in_use']) or 'none'}")
         click.echo(f"files of this device under another toolchain: {', '.join(info['other_toolchain_in_use']) or 'none'}")
+    click.echo(compiled_cache.summary(info["compiled_cache"]))
     for title, files in (("files in the cache dir", info["files"]), ("bundled files", info["bundled"])):
         click.echo(f"{title}: {len(files)}")
         for f in files:

@@ -409,7 +409,10 @@ def _summary(path: Path, bundled: bool = False) -> dict:
 
 def describe() -> dict:
     """The cache state for ``fastbench env`` and results: directories, files, entries per op/pass,
-    the file this process reads, the bundled files that apply here, pins and the tiers served so far."""
+    the file this process reads, the bundled files that apply here, pins, the tiers served so far and the
+    shipped compiled kernels (:func:`fastbench.autotune.compiled_cache.describe`)."""
+    from . import compiled_cache
+
     lk = default()
     root = Path(lk.root or store.cache_dir())
     user = lk.user_path()
@@ -428,4 +431,5 @@ def describe() -> dict:
         "other_toolchain_served": {k: v for k, v in sorted(lk._sources.items())},
         "pins": {**(lk._env_pins if lk._env_pins is not None else _load_pins()), **lk.pins},
         "tiers_used": lk.tiers_used(),
+        "compiled_cache": compiled_cache.describe(lk),
     }

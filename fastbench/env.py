@@ -131,7 +131,8 @@ def collect_environment() -> dict:
 
 # Environment variables that change what fastbench trains or measures (not where it keeps files): a run records
 # the ones set, so that a result made with one of them reads as such.
-SWITCHES = ("FASTBENCH_AUTOTUNE", "FASTBENCH_PIN", "FASTBENCH_BENCH_FLUSH", "FASTBENCH_SIMULATE_OOM")
+SWITCHES = ("FASTBENCH_AUTOTUNE", "FASTBENCH_PIN", "FASTBENCH_COMPILED_CACHE", "FASTBENCH_BENCH_FLUSH",
+            "FASTBENCH_SIMULATE_OOM")
 
 
 def switches() -> dict[str, str]:
@@ -155,6 +156,10 @@ def format_environment(env: dict) -> str:
         entries = sum(bundled.get("entries", {}).values())
         lines.append(f"  bundled {bundled['file'].rsplit('/', 1)[-1]}: {entries} entries"
                      f"{'' if bundled.get('valid') else ' (invalid)'}")
+    if tune.get("compiled_cache"):
+        from fastbench.autotune.compiled_cache import summary
+
+        lines.append(f"  {summary(tune['compiled_cache'])}")
     lines.append("  `fastbench tune --list` shows which tier serves each op")
     lines.append(f"patches:   {env['patches']}")
     lines.append(f"switches:  {format_switches(env.get('switches'))}")

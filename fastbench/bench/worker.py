@@ -63,6 +63,16 @@ def _autotune_tiers() -> dict | None:
     return dict(tiers()) if callable(tiers) else None
 
 
+def _compiled_cache() -> dict | None:
+    """The shipped compiled kernels as this process found them (installed by the fused path's install, see
+    fastbench.autotune.compiled_cache), or None where that module is missing."""
+    try:
+        from fastbench.autotune import compiled_cache
+    except ImportError:
+        return None
+    return compiled_cache.describe()
+
+
 def _triton_compiled() -> int | None:
     """How many kernels Triton's on-disk cache holds (one entry per compiled kernel), or None where that
     cache cannot be read (an old Triton). A cache directory not yet made (a fresh machine) holds 0. The
@@ -104,7 +114,7 @@ def new_record(label: str, model: str, repeat: int, config: dict, status: str = 
             "warmup_step_s": [], "step_s": [], "tokens_per_step": [], "positions_per_step": [], "losses": [],
             "peak_allocated_gib": None, "peak_reserved_gib": None, "nvml_process_gib": None,
             "nvml_device_gib": None, **dict.fromkeys(busy.FIELDS), "gc_timed": None, "offload_wait_ms": None,
-            "autotune_tiers": None, "profile": None, "alloc_env": None, "config": config}
+            "autotune_tiers": None, "compiled_cache": None, "profile": None, "alloc_env": None, "config": config}
 
 
 def run(spec: dict, world=None) -> dict:
@@ -229,6 +239,7 @@ def run(spec: dict, world=None) -> dict:
         record["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / GIB
         record["nvml_process_gib"], record["nvml_device_gib"] = _nvml_gib(torch.cuda.current_device())
     record["autotune_tiers"] = _autotune_tiers()
+    record["compiled_cache"] = _compiled_cache()
     record["alloc_env"] = {k: os.environ[k] for k in ALLOC_ENV if k in os.environ}  # as the arm left them
     if cfg.profile and record["status"] == "ok":
         from fastbench.bench.profile import profile_step

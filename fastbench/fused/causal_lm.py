@@ -17,6 +17,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from fastbench.autotune.compiled_cache import ensure_installed
 from fastbench.fused.checkpointing import CheckpointConfig, LayerCheckpointing
 from fastbench.fused.checkpointing.budget import ModelBytes, optimizer_bytes
 from fastbench.fused.decoder import (SdpaMasks, family_of, layer_parts, nf4_workspace_bytes, norm_eps,
@@ -154,6 +155,7 @@ def install(model, config: CheckpointConfig) -> list[str]:
     reason = unsupported_reason(model)
     if reason:
         raise ValueError(f"fastbench's fused path cannot run this model: {reason}")
+    ensure_installed()  # the shipped compiled kernels into Triton's cache, before the path's first launch
     backbone = model.get_decoder()
     layers = backbone.layers[: model.config.num_hidden_layers]
     counts = None
