@@ -156,6 +156,7 @@ def split_eval(examples, fraction: float, seed: int):
 def load_model(source, max_seq_length, load_in_4bit, seed, rank, target_modules, lora_alpha, checkpointing,
                trust_remote_code, allow_pickle, say=True):
     from fastbench import FastLanguageModel
+    from fastbench.memory import is_out_of_memory
 
     extra = {}  # passed only when set, so loaders without these keywords still work
     if trust_remote_code:
@@ -165,16 +166,23 @@ def load_model(source, max_seq_length, load_in_4bit, seed, rank, target_modules,
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            base, _ = FastLanguageModel.from_pretrained(source.path or source.name, max_seq_length=max_seq_length,
-                                                        load_in_4bit=load_in_4bit, seed=seed, **extra)
-        except (ImportError, OSError) as e:  # bitsandbytes missing for --load-in-4bit, an unreadable checkpoint
-            raise click.ClickException(f"cannot load {source.name}: {e}") from None
-        try:
-            model = FastLanguageModel.get_peft_model(base, r=rank, target_modules=target_modules,
-                                                     lora_alpha=lora_alpha, random_state=seed,
-                                                     use_gradient_checkpointing=checkpointing)
-        except ValueError as e:  # PEFT: a target module that does not exist
-            raise click.BadParameter(str(e), param_hint="--targets") from None
+            try:
+                base, _ = FastLanguageModel.from_pretrained(source.path or source.name, max_seq_length=max_seq_length,
+                                                            load_in_4bit=load_in_4bit, seed=seed, **extra)
+            except (ImportError, OSError) as e:  # bitsandbytes missing for --load-in-4bit, an unreadable checkpoint
+                raise click.ClickException(f"cannot load {source.name}: {e}") from None
+            try:
+                model = FastLanguageModel.get_peft_model(base, r=rank, target_modules=target_modules,
+                                                         lora_alpha=lora_alpha, random_state=seed,
+                                                         use_gradient_checkpointing=checkpointing)
+            except ValueError as e:  # PEFT: a target module that does not exist
+                raise click.BadParameter(str(e), param_hint="--targets") from None
+        except Exception as e:  # on the GPU: the weights, or what the fused path sets up, do not fit
+            if not is_out_of_memory(e):
+                raise
+            smaller = "a smaller model" if load_in_4bit else "--load-in-4bit (NF4 base weights) or a smaller model"
+            raise click.ClickException(f"out of GPU memory loading {source.name}, before training started; use "
+                                       f"{smaller}, or free the GPU of other processes") from None
     if say:
         _echo_warnings(w for w in caught if issubclass(w.category, UserWarning))
         for line in getattr(model.get_base_model(), "fastbench_patches", ["plain PEFT (no fused path)"]):
@@ -481,12 +489,12 @@ def _train(peft_model, prepared, output, overwrite, resume_state, lr, warmup_ste
            stop, started, world):
     """Trains ``peft_model`` (under DDP in a world of several processes) and saves the adapter; on every kind
     of stop the adapter of the finished steps is kept. Rank 0 alone writes; the others wait for it."""
-    import torch
     from tqdm.auto import tqdm
 
     from fastbench.distributed import ddp
     from fastbench.distributed.world import barrier, peer_lost
     from fastbench.files import out_of_disk_space
+    from fastbench.memory import is_out_of_memory
     from fastbench.train.checkpoint import CheckpointError, save_adapter
     from fastbench.train.loop import LoopSettings, LoopState, NonFiniteLoss, keep_log_until, plot_loss, train_loop
 
@@ -558,11 +566,11 @@ def _train(peft_model, prepared, output, overwrite, resume_state, lr, warmup_ste
             f"step {e.step}: the loss is {e.loss} and the gradient norm {e.grad_norm}, not finite; stopped{last}. "
             "Likely a learning rate too high for this model (lower --lr or raise --warmup-steps), float16 overflow, "
             "or a broken example in this step; --on-nan skip skips such steps")) from None
-    except torch.OutOfMemoryError:
-        raise click.ClickException(who + keep(
-            f"out of GPU memory in step {state.done + 1}") + ". Lower --batch (raise --grad-accum to keep the step "
-            "size) or --max-seq-length, or use --checkpointing offload or --load-in-4bit") from None
     except Exception as e:  # the optimizer has not stepped on a failed step: the finished ones are kept
+        if is_out_of_memory(e):
+            raise click.ClickException(who + keep(
+                f"out of GPU memory in step {state.done + 1}") + ". Lower --batch (raise --grad-accum to keep the "
+                "step size) or --max-seq-length, or use --checkpointing offload or --load-in-4bit") from None
         if several and stop.stopped:  # a collective cut short by the signal that stops every process
             stopped()
         if several and peer_lost(e):  # another process ended: the launcher's SIGTERM follows
