@@ -6,14 +6,16 @@ import errno
 import json
 import math
 import os
+import re
 import shutil
 import signal
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
-from chat_tokenizer import chat_records, ckpt, plain_peft, read_log, save_tiny_checkpoint  # noqa: F401 (fixtures)
+from chat_tokenizer import chat_records, ckpt, plain_peft, read_log, save_tiny_checkpoint, sentences  # noqa: F401
 from fastbench.train import loop as loop_module
 from fastbench.train.cli import train_command
 
@@ -219,29 +221,69 @@ def test_interrupted_while_the_model_loads(tmp_path, ckpt, monkeypatch, stop):
     assert seen["trust_remote_code"] is True and seen["allow_pickle"] is True
 
 
+def poisoned_run(tmp_path, ckpt, seed, n=20):
+    """(checkpoint, text data) for a real NaN loss in step 3 of a run of ``--no-packing`` and ``FAST``'s batch
+    and grad-accum, one epoch long, seeded ``seed``: the checkpoint is ``ckpt`` with NaN embeddings for the
+    tokens of a few bytes that only one example of step 3 holds (as a broken example would bring them)."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoTokenizer
+
+    from fastbench.train.loop import ExamplePlan
+
+    texts = sentences(n, seed)
+    plan = ExamplePlan([{"input_ids": [0, 0]}] * n, batch=2, grad_accum=2, max_seq_length=64, packing=False,
+                       pad_id=0, seed=seed)
+    assert len(plan.epoch(0)) >= 4
+    broken = plan.epoch(0)[2][0][0][0]  # step 3, its first micro-batch's first row: the example
+    texts[broken] += " \u00a4\u00a4"  # bytes no generated sentence has
+    tokenizer = AutoTokenizer.from_pretrained(ckpt)
+    others = {i for k, text in enumerate(texts) if k != broken for i in tokenizer(text)["input_ids"]}
+    poison = sorted(set(tokenizer(texts[broken])["input_ids"]) - others)
+    assert poison
+    poisoned = tmp_path / "poisoned"
+    shutil.copytree(ckpt, poisoned)
+    weights = load_file(poisoned / "model.safetensors")
+    weights["model.embed_tokens.weight"][poison] = float("nan")
+    save_file(weights, poisoned / "model.safetensors", metadata={"format": "pt"})
+    return poisoned, write_jsonl(tmp_path / "data.jsonl", [{"text": t} for t in texts])
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("on_nan", ["stop", "skip"])
-def test_nan_loss(tmp_path, ckpt, plain_peft, monkeypatch, on_nan):
-    calls, accumulate = [], loop_module.accumulate
+def test_nan_loss(tmp_path, ckpt, request, seed, on_nan, device):
+    """A real NaN loss and gradient in step 3 (an example of it meets NaN weights): ``--on-nan stop`` names the
+    step and the likely cause, keeps checkpoint-2 and saves the adapter of steps 1-2 (exit 1, one line);
+    ``--on-nan skip`` trains on, the adapter finite. On the CPU through plain PEFT, on the GPU the fused path."""
+    from safetensors.torch import load_file
 
-    def nan_in_step_3(model, micro_batches, *world):
-        calls.append(1)
-        loss, tokens = accumulate(model, micro_batches, *world)
-        return (float("nan"), tokens) if len(calls) == 3 else (loss, tokens)
+    from fastbench.train.checkpoint import ADAPTER_FILE, load_checkpoint
 
-    monkeypatch.setattr(loop_module, "accumulate", nan_in_step_3)
-    data, out = write_jsonl(tmp_path / "chat.jsonl", chat_records(8)), tmp_path / "run"
-    result = invoke(ckpt, "--data", data, "--output", out, "--steps", 4, "--save-every", 2, "--on-nan", on_nan, *FAST)
+    if device == "cpu":
+        request.getfixturevalue("plain_peft")
+    seed %= 10_000
+    poisoned, data = poisoned_run(tmp_path, ckpt, seed)
+    out = tmp_path / "run"
+    result = invoke(poisoned, "--data", data, "--output", out, "--steps", 4, "--save-every", 2, "--on-nan", on_nan,
+                    "--no-packing", "--seed", seed, *FAST)
     log = read_log(out)
+    assert ("fused LoRA" in result.output) == (device == "cuda"), result.output
+    adapter = load_file(out / ADAPTER_FILE)
+    assert all(t.isfinite().all() for t in adapter.values())
     if on_nan == "stop":
-        assert result.exit_code == 1 and "step 3: the loss is nan" in result.output
-        assert "checkpoint-2, is kept" in result.output and "lower --lr" in result.output
-        assert "the adapter of the 2 finished steps is saved" in result.output and "Traceback" not in result.output
-        assert [r["step"] for r in log] == [1, 2] and (out / "adapter_model.safetensors").exists()
-        assert not (out / "checkpoint-4").exists()
+        assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+        assert re.search(r"step 3: the loss is (nan|-?inf) and the gradient norm \S+, not finite; stopped; the last "
+                         rf"checkpoint, {re.escape(str(out / 'checkpoint-2'))}, is kept\. Likely a learning rate too "
+                         r"high.*lower --lr.*--on-nan skip skips such steps; the adapter of the 2 finished steps "
+                         rf"is saved to {re.escape(str(out))}$", result.output.strip().splitlines()[-1]), result.output
+        assert "Traceback" not in result.output
+        assert [r["step"] for r in log] == [1, 2] and not (out / "checkpoint-4").exists()
+        kept = load_checkpoint(str(out / "checkpoint-2"))["adapter"]
+        assert all(torch.equal(adapter[k], kept[k]) for k in kept)  # the saved adapter is step 2's
     else:
         assert result.exit_code == 0, result.output
-        assert [r["step"] for r in log] == [1, 2, 3, 4] and "skipped" in log[2]
+        assert [r["step"] for r in log] == [1, 2, 3, 4] and "skipped" in log[2] and math.isfinite(log[3]["loss"])
         assert "1 non-finite steps skipped" in result.output
+        assert load_checkpoint(str(out / "checkpoint-4"))["step"] == 4
 
 
 def test_tokenizer_without_pad_token_pads_with_eos_and_says_so(tmp_path, ckpt, plain_peft, monkeypatch):
