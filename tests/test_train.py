@@ -1,17 +1,22 @@
 """``fastbench train`` on tiny models (CPU, fp32): adapters PEFT can load, an overfit check, Ctrl-C and SIGTERM,
-exact gradient accumulation, and clean errors for bad input."""
+exact gradient accumulation, and clean errors for bad input; on the GPU (marked gpu), a real out-of-memory in a
+step and while loading, and a SIGTERM from outside while it trains."""
 import contextlib
 import json
 import math
 import os
 import random
+import re
 import shutil
+import signal
+import time
 import warnings
 
 import pytest
 import torch
 from click.testing import CliRunner
 
+from chat_tokenizer import launched, read_log
 from fastbench.train import loop as loop_module
 from fastbench.train.checkpoint import ADAPTER_FILE as ADAPTER
 from fastbench.train.cli import train_command
@@ -21,11 +26,6 @@ PRESET = "llama-3-8b-tiny"
 
 def invoke(*args):
     return CliRunner().invoke(train_command, [str(a) for a in args])
-
-
-def read_log(output):
-    with open(output / "train_log.jsonl") as f:
-        return [json.loads(line) for line in f]
 
 
 def lora_tensors(model):
@@ -146,8 +146,6 @@ def gpu_memory_capped():
 
 @pytest.mark.parametrize("stop", ["ctrl-c", "sigterm"])
 def test_ctrl_c_or_sigterm_saves_the_adapter_of_the_finished_steps(seed, tmp_path, monkeypatch, stop):
-    import signal
-
     def interrupt():
         if stop == "ctrl-c":
             raise KeyboardInterrupt
@@ -161,6 +159,55 @@ def test_ctrl_c_or_sigterm_saves_the_adapter_of_the_finished_steps(seed, tmp_pat
     assert len(read_log(out)) == 2
     assert (out / "adapter_model.safetensors").exists() and (out / "adapter_config.json").exists()
     assert not list(out.glob(".saving-*"))
+
+
+@pytest.mark.gpu
+def test_sigterm_from_outside_while_the_gpu_trains(seed, tmp_path):
+    """``fastbench train`` in a process of its own, a checkpoint every step, stopped by a SIGTERM from outside
+    (as a scheduler sends it) at whatever point of a step or of a checkpoint's write it comes: exit 143, one line
+    naming the last finished step N; the log and the checkpoints whole up to N or N - 1 (what the signal cut
+    short left nothing half-written); the adapter saved; --resume from the latest checkpoint trains on (its
+    optimizer and CUDA random states restored)."""
+    from safetensors.torch import load_file
+
+    from fastbench.train.checkpoint import checkpoints, load_checkpoint
+
+    out = tmp_path / "run"
+    args = [PRESET, "--data", "random", "--output", out, "--max-seq-length", 256, "--batch", 2, "--grad-accum", 1,
+            "--r", 4, "--save-every", 1, "--seed", seed % 10_000]
+    proc = launched(*args, "--steps", 100_000)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "checkpoint-2").is_dir():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 143, output
+    said = re.findall(r"terminated \(SIGTERM\) after step (\d+): adapter saved to (\S+)", output)
+    assert len(said) == 1 and said[0][1] == str(out) and "Traceback" not in output, output
+    assert "fused LoRA" in output, output
+    done = int(said[0][0])
+    logged = [r["step"] for r in loop_module.read_log(str(out))]  # a line cut short is left out
+    assert logged == list(range(1, len(logged) + 1)) and done - 1 <= len(logged) <= done, (done, logged)
+    saved = checkpoints(str(out))
+    last = saved[-1][0]
+    assert [step for step, _ in saved] == list(range(1, last + 1)) and done - 1 <= last <= done, (done, saved)
+    states = [load_checkpoint(path) for _, path in saved]  # each whole: a damaged one raises, naming it
+    assert not [n for n in os.listdir(out) if n.startswith(".")]
+    adapter = load_file(out / ADAPTER)
+    assert all(t.isfinite().all() for t in adapter.values())
+    if last == done:
+        assert all(torch.equal(adapter[k], t) for k, t in states[-1]["adapter"].items())
+    resumed = launched(*args, "--steps", last + 2, "--resume")
+    output, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0 and "Traceback" not in output, output
+    assert [r["step"] for r in loop_module.read_log(str(out))] == list(range(1, last + 3))
+    assert (out / f"checkpoint-{last + 2}").is_dir()
 
 
 FAILURES = {"oom": lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
