@@ -224,9 +224,9 @@ def test_a_failing_step_keeps_the_finished_ones(seed, tmp_path, monkeypatch, err
 
     options = ["--save-every", 1]
     with contextlib.ExitStack() as stack:
-        if error == "cuda-oom":  # a step of some MiB, more than the cache's scraps after emptying it
+        if error == "cuda-oom":  # a step of tens of MiB, far more than any scraps the emptied cache keeps
             step = stack.enter_context(gpu_memory_capped())
-            options += ["--max-seq-length", 1024, "--batch", 4]
+            options += ["--max-seq-length", 4096, "--batch", 4]
         else:
             def step():
                 raise FAILURES[error]()
@@ -307,6 +307,10 @@ def bad_inputs(tmp_path, checkpoint):
     ([PRESET, "--data", "random", "--steps", "1", "--r", "0"], "--r"),
     ([PRESET, "--data", "random", "--steps", "1", "--max-seq-length", "1"], "--max-seq-length"),
     ([PRESET, "--data", "random", "--steps", "1", "--targets", "qkv_proj"], "qkv_proj"),
+    ([PRESET, "--data", "random", "--steps", "1", "--gguf", "q3"], "unknown quantization_method 'q3'; valid: q4_k_m"),
+    ([PRESET, "--data", "random", "--steps", "1", "--gguf", "q8_0"], "--data random loads no tokenizer"),
+    (["{ckpt}", "--data", "{body}", "--text-field", "body", "--gguf", "q8_0"],
+     "llama.cpp reads BPE tokenizers (byte-level, or with byte fallback as sentencepiece's); this one is WordLevel"),
 ])
 def test_bad_input_is_a_clean_error(bad_inputs, tmp_path, args, message):
     result = invoke(*[a.format(**bad_inputs) for a in args], "--output", tmp_path / "out")

@@ -301,7 +301,8 @@ def test_tokenizer_without_pad_token_pads_with_eos_and_says_so(tmp_path, ckpt, p
     result = invoke(nopad, "--data", data, "--output", out, "--steps", 1, "--merge", "--gguf", "q8_0", *FAST)
     assert result.exit_code == 0, result.output
     assert "no pad token; padding with its EOS token '</s>'" in result.output
-    assert exported == [("merged", str(out / "merged")), ({"quantization_method": "q8_0"}, str(out / "gguf"))]
+    assert exported == [("merged", str(out / "merged")),
+                        ({"quantization_method": "q8_0", "overwrite": True}, str(out / "gguf"))]
 
 
 def no_space(path):
@@ -361,6 +362,40 @@ def test_disk_full_while_writing_a_checkpoint_keeps_the_earlier_ones(tmp_path, c
     resumed = invoke(*args, "--resume")
     assert resumed.exit_code == 0, resumed.output
     assert [r["step"] for r in read_log(out)] == [1, 2, 3]
+
+
+def test_merge_and_gguf_replace_an_earlier_runs_and_a_full_disk_is_one_line(tmp_path, ckpt, plain_peft, monkeypatch):
+    """--merge and --gguf write OUT/merged and OUT/gguf, replacing those of the run --overwrite starts over from;
+    a disk that fills while the merged model is written: one line (exit 1), the earlier merged model as it was,
+    nothing half-written, the adapter saved."""
+    from fastbench.export import merge
+
+    data, out = write_jsonl(tmp_path / "chat.jsonl", chat_records(4)), tmp_path / "run"
+    args = [ckpt, "--data", data, "--output", out, "--steps", 1, "--merge", "--gguf", "q8_0", *FAST]
+    first = invoke(*args, "--seed", 1)
+    assert first.exit_code == 0, first.output
+    before = (out / "merged" / "model.safetensors").read_bytes()
+    again = invoke(*args, "--seed", 2, "--overwrite")
+    assert again.exit_code == 0, again.output
+    replaced = (out / "merged" / "model.safetensors").read_bytes()
+    assert replaced != before and (out / "gguf" / "model.Q8_0.gguf").exists()
+
+    write_directory = merge.write_directory
+
+    def disk_fills(save_directory, fill):
+        def half(tmp):
+            (Path(tmp) / "model.safetensors").write_bytes(replaced[: len(replaced) // 2])
+            raise no_space(tmp)
+
+        write_directory(save_directory, half)
+
+    monkeypatch.setattr(merge, "write_directory", disk_fills)
+    full = invoke(*args, "--seed", 3, "--overwrite")
+    assert full.exit_code == 1 and "Traceback" not in full.output, full.output
+    assert "no space left on device while exporting" in full.output and "nothing half-written is left, and the " \
+        f"adapter is saved in {out}: free some space, then export it with fastbench export {out}" in full.output
+    assert (out / "merged" / "model.safetensors").read_bytes() == replaced
+    assert (out / "adapter_model.safetensors").exists() and not [n for n in os.listdir(out) if n.startswith(".")]
 
 
 def test_a_log_line_cut_short_is_left_out(tmp_path):

@@ -84,6 +84,28 @@ def check_output(output: str, resume: bool, overwrite: bool):
     return None
 
 
+def check_gguf(method: str, source, data: str, tokenizer=None) -> None:
+    """--gguf refused before the model loads: an unknown method, a family llama.cpp has no architecture for, no
+    tokenizer to write into the file (--data random loads none), or (given ``tokenizer``) one llama.cpp cannot
+    read."""
+    from fastbench.export.gguf_file import GGUF_ARCHS
+    from fastbench.export.schemes import get_scheme
+    from fastbench.export.tokenizer_metadata import tokenizer_metadata
+
+    try:
+        get_scheme(method)
+        if source.model_type and source.model_type not in GGUF_ARCHS:
+            raise ValueError(f"GGUF export supports the model types {', '.join(GGUF_ARCHS)}; {source.name} is "
+                             f"{source.model_type!r}")
+        if data == "random":
+            raise ValueError("a GGUF holds the tokenizer's vocabulary, and --data random loads no tokenizer: train "
+                             "on a data file, or drop --gguf")
+        if tokenizer is not None:
+            tokenizer_metadata(tokenizer, source.vocab_size)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--gguf") from None
+
+
 def clear_previous_run(output: str) -> None:
     """--overwrite: removes the checkpoints and log an earlier run left (the adapter files are replaced
     when this run saves)."""
@@ -306,6 +328,8 @@ def train_command(ctx, model, data, data_format, text_field, chat_template, trai
                                  "under torchrun, or give the same number", param_hint="--nproc")
     world_size = torchrun.world_size if torchrun else nproc or 1
     ctx.params["nproc"] = world_size  # as the saved configuration records it
+    if gguf_method:
+        check_gguf(gguf_method, source, data)
     checkpoint_path = check_output(output, resume, overwrite)
     resume_state = None
     if checkpoint_path:
@@ -326,6 +350,8 @@ def train_command(ctx, model, data, data_format, text_field, chat_template, trai
             prepared = _prepare(source, data, data_format, text_field, chat_template, train_on_inputs, packing,
                                 max_seq_length, batch, grad_accum, steps, epochs, seed, eval_data, eval_fraction,
                                 trust_remote_code, world)
+            if gguf_method and prepared.tokenizer is not None:
+                check_gguf(gguf_method, source, data, prepared.tokenizer)
             if resume_state and resume_state["step"] >= prepared.steps:
                 raise click.UsageError(f"{resume_state['path']} is at step {resume_state['step']}, which already "
                                        f"reaches --steps/--epochs ({prepared.steps} steps); raise them to train on")
@@ -612,14 +638,25 @@ def _await_launcher(stop, timeout_s: float = 60.0) -> bool:
 
 
 def _export(peft_model, tokenizer, output, merge, gguf_method):
-    """--merge / --gguf: through the model's own export methods, after the adapter is saved."""
-    if merge:
-        path = peft_model.save_pretrained_merged(os.path.join(output, "merged"), tokenizer)
-        click.echo(f"merged model saved to {path}", err=True)
-    if gguf_method:
-        try:
+    """--merge / --gguf: through the model's own export methods, after the adapter is saved. Each replaces the
+    one an earlier run left in ``output`` once it is complete; a disk without room, or a model llama.cpp cannot
+    take, is said in one line (exit 1), nothing half-written left."""
+    from fastbench.export.files import NotEnoughSpace
+    from fastbench.files import out_of_disk_space
+
+    try:
+        if merge:
+            path = peft_model.save_pretrained_merged(os.path.join(output, "merged"), tokenizer, overwrite=True)
+            click.echo(f"merged model saved to {path}", err=True)
+        if gguf_method:
             path = peft_model.save_pretrained_gguf(os.path.join(output, "gguf"), tokenizer,
-                                                   quantization_method=gguf_method)
-        except ValueError as e:  # an unknown quantization method
-            raise click.BadParameter(f"{e} (the adapter is saved in {output})", param_hint="--gguf") from None
-        click.echo(f"GGUF saved to {path}", err=True)
+                                                   quantization_method=gguf_method, overwrite=True)
+            click.echo(f"GGUF saved to {path}", err=True)
+    except Exception as e:
+        if isinstance(e, NotEnoughSpace) or out_of_disk_space(e):
+            said = str(e) if isinstance(e, NotEnoughSpace) else f"no space left on device while exporting ({e})"
+            raise click.ClickException(f"{said}; nothing half-written is left, and the adapter is saved in {output}: "
+                                       f"free some space, then export it with fastbench export {output}") from None
+        if isinstance(e, ValueError):  # found late: what llama.cpp cannot take of this model
+            raise click.ClickException(f"{e} (the adapter is saved in {output})") from None
+        raise
