@@ -115,6 +115,30 @@ def test_damaged_checkpoint_is_named_before_the_model_loads(tmp_path, ckpt, plai
     assert "delete that directory" in result.output and "Traceback" not in result.output
 
 
+@pytest.mark.parametrize("damage, message", [
+    ("trainer_state.json", "checkpoint-1 is damaged (trainer_state.json: "),
+    ("optimizer.pt", "checkpoint-1 is damaged (optimizer.pt: "),
+    ("scheduler.pt", "checkpoint-1 is damaged (scheduler.pt: "),
+    ("rng.pt", "checkpoint-1 is damaged (rng.pt: "),
+    ("--r 8", "checkpoint-1 holds an adapter of another shape or model"),
+])
+def test_a_checkpoint_that_cannot_be_resumed_is_one_line(tmp_path, ckpt, plain_peft, damage, message):
+    """A file of a real checkpoint cut in half, or a resume with another LoRA rank: exit 2, one line naming the
+    checkpoint and what to do, nothing trained further."""
+    data, out = write_jsonl(tmp_path / "chat.jsonl", chat_records(8)), tmp_path / "run"
+    args = [ckpt, "--data", data, "--output", out, "--save-every", 1, *FAST]
+    assert invoke(*args, "--steps", 1).exit_code == 0
+    if damage.startswith("--"):
+        args += damage.split()
+    else:
+        path = out / "checkpoint-1" / damage
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    result = invoke(*args, "--steps", 2, "--resume")
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert "Traceback" not in result.output and "--overwrite" in result.output
+    assert [r["step"] for r in read_log(out)] == [1] and not (out / "checkpoint-2").exists()
+
+
 def test_config_file_with_command_line_overrides(tmp_path, ckpt, plain_peft):
     data, out = write_jsonl(tmp_path / "chat.jsonl", chat_records(6)), tmp_path / "run"
     (tmp_path / "train.yaml").write_text(f"model: {ckpt}\ndata: {data}\nmax_seq_length: 48\ngrad_accum: 3\n"
@@ -151,6 +175,7 @@ def bad(tmp_path, ckpt):
     (tmp_path / "latin1.jsonl").write_bytes(b'{"text": "caf\xe9"}\n')
     (tmp_path / "bogus.yaml").write_text("steps: 2\nbogus_key: 1\n")
     (tmp_path / "broken.yaml").write_text("steps: [2\n")
+    (tmp_path / "code.yaml").write_text(f"steps: !!python/object/apply:os.system ['touch {tmp_path / 'ran'}']\n")
     (tmp_path / "a-file").write_text("x")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "adapter_model.safetensors").write_text("x")
@@ -162,6 +187,7 @@ def bad(tmp_path, ckpt):
     (no_template / "chat_template.jinja").unlink(missing_ok=True)
     return {"ckpt": ckpt, "chat": write_jsonl(tmp_path / "chat.jsonl", good), "roles": tmp_path / "roles.jsonl",
             "latin1": tmp_path / "latin1.jsonl", "bogus": tmp_path / "bogus.yaml", "broken": tmp_path / "broken.yaml",
+            "code": tmp_path / "code.yaml",
             "file": tmp_path / "a-file", "full": tmp_path / "full", "no_template": no_template}
 
 
@@ -173,6 +199,8 @@ def bad(tmp_path, ckpt):
     (["{ckpt}", "--data", "{chat}", "--format", "alpaca"], "no field 'instruction', which a alpaca record has"),
     (["{ckpt}", "--data", "{chat}", "--config", "{bogus}"], "'bogus_key' is not an option of train"),
     (["{ckpt}", "--data", "{chat}", "--config", "{broken}"], "broken.yaml: cannot parse it"),
+    (["{ckpt}", "--data", "{chat}", "--config", "{code}"], "code.yaml: cannot parse it (could not determine a "
+                                                           "constructor for the tag"),
     (["{no_template}", "--data", "{chat}"], "has none; give --chat-template (llama-3, chatml"),
     (["{ckpt}", "--data", "{chat}", "--output", "{file}"], "is a file; give a directory"),
     (["{ckpt}", "--data", "{chat}", "--output", "{full}"], "already holds files (adapter_model.safetensors)"),
@@ -188,6 +216,7 @@ def test_bad_input_is_one_line_and_exit_2_before_the_model_loads(bad, tmp_path, 
     assert result.exit_code == 2, result.output
     assert message in result.output, result.output
     assert "Traceback" not in result.output and not (tmp_path / "out").exists()
+    assert not (tmp_path / "ran").exists()  # a config file's tags never run code
 
 
 def test_output_that_is_not_writable(tmp_path, ckpt, no_model_load, monkeypatch):
