@@ -427,6 +427,29 @@ def test_merge_and_gguf_replace_an_earlier_runs_and_a_full_disk_is_one_line(tmp_
     assert (out / "adapter_model.safetensors").exists() and not [n for n in os.listdir(out) if n.startswith(".")]
 
 
+def test_sigterm_while_the_merged_model_is_written_keeps_the_adapter(tmp_path, ckpt, plain_peft, monkeypatch):
+    """SIGTERM halfway through --merge's files: exit 143, one line, no merged directory or half of one left, the
+    adapter saved."""
+    from fastbench.export import merge
+
+    write_directory = merge.write_directory
+
+    def stopped_halfway(save_directory, fill):
+        def half(tmp):
+            (Path(tmp) / "model.safetensors").write_bytes(b"half")
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        write_directory(save_directory, half)
+
+    monkeypatch.setattr(merge, "write_directory", stopped_halfway)
+    data, out = write_jsonl(tmp_path / "chat.jsonl", chat_records(4)), tmp_path / "run"
+    result = invoke(ckpt, "--data", data, "--output", out, "--steps", 1, "--merge", *FAST)
+    assert result.exit_code == 143, result.output
+    assert f"terminated (SIGTERM) while exporting; the adapter is saved in {out}" in result.output
+    assert "Traceback" not in result.output and (out / "adapter_model.safetensors").exists()
+    assert not (out / "merged").exists() and not [n for n in os.listdir(out) if n.startswith(".")]
+
+
 def test_a_log_line_cut_short_is_left_out(tmp_path):
     (tmp_path / "train_log.jsonl").write_text('{"step": 1, "loss": 2.5}\n{"step": 2, "lo')
     assert loop_module.read_log(str(tmp_path)) == [{"step": 1, "loss": 2.5}]
