@@ -2,7 +2,8 @@
 configurations first, the output directories are checked before the first process, results are written
 atomically after every process, a killed or hung worker is recorded and --resume runs it again, and every
 worker gets the same allocator setting. CPU, no models: workers are faked except where a real process is
-the point (killed, hung); on the GPU (marked gpu), a worker killed from outside while it holds the GPU."""
+the point (killed, hung); on the GPU (marked gpu), a worker killed from outside while it holds the GPU, and
+SIGTERM to compare while one does."""
 import json
 import os
 import signal
@@ -13,7 +14,7 @@ import time
 import pytest
 from click.testing import CliRunner
 
-from child_processes import gpu_child
+from child_processes import gpu_child, running
 from fastbench.bench import runner
 from fastbench.cli import main
 
@@ -212,3 +213,33 @@ def test_a_worker_killed_on_the_gpu_is_recorded_and_resume_finishes_the_run(tmp_
     done = json.loads(path.read_text())
     assert done["status"] == "complete" and sorted((r["arm"], r["status"]) for r in done["runs"]) == [
         ("fused", "ok"), ("peft", "ok")]
+
+
+@pytest.mark.gpu
+def test_sigterm_to_compare_stops_its_gpu_worker_and_keeps_the_run(tmp_path):
+    """SIGTERM to `fastbench compare` (as a scheduler sends it) while its worker holds the GPU: exit 143, the worker
+    ended with it, the results file "interrupted" and ready for --resume."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.Popen([sys.executable, "-m", "fastbench", "compare", "--models", "llama-3-8b-tiny", "--arms",
+                             "peft", "--device", "cuda", "--seq-len", "128", "--steps", "3", "--warmup", "1",
+                             "--repeats", "1", "--results-dir", str(tmp_path / "r"), "--reports-dir",
+                             str(tmp_path / "p")], env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while (worker := gpu_child(proc.pid, "fastbench.bench.worker")) is None:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 143 and "interrupted: kept the finished processes' measurements" in output, output
+    assert "Traceback" not in output
+    deadline = time.monotonic() + 30
+    while running(worker):
+        assert time.monotonic() < deadline, f"the worker {worker} outlived compare"
+        time.sleep(0.1)
+    (path,) = (tmp_path / "r").glob("*.json")
+    assert json.loads(path.read_text())["status"] == "interrupted"
