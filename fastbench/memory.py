@@ -1,4 +1,5 @@
-"""The CUDA caching allocator's settings at fastbench's entry points: :func:`use_expandable_segments`."""
+"""GPU memory at fastbench's entry points: the CUDA caching allocator's settings (:func:`use_expandable_segments`)
+and telling a failure for want of memory from other errors (:func:`is_out_of_memory`)."""
 from __future__ import annotations
 
 import os
@@ -32,3 +33,12 @@ def use_expandable_segments(environ: MutableMapping[str, str] | None = None) -> 
     setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None) or torch.cuda.memory._set_allocator_settings
     setter(EXPANDABLE_SEGMENTS)
     return True
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is the GPU running out of memory: torch's OutOfMemoryError (the caching allocator), or
+    an error of another allocation that says so in its text (the CUDA driver's ``CUDA error: out of memory``,
+    Triton loading a kernel, a library's workspace)."""
+    import torch
+
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()

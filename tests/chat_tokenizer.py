@@ -1,12 +1,14 @@
 """A real tokenizer built offline for tests: a byte-level BPE trained on a few hundred generated sentences,
-with <pad>, <s>, </s> and ChatML's markers as special tokens and the ChatML chat template; and tiny
-checkpoints of each family (random weights) saved with it."""
+with <pad>, <s>, </s> and ChatML's markers as special tokens and the ChatML chat template; tiny
+checkpoints of each family (random weights) saved with it; and ``fastbench train`` run in a process of its own."""
 from __future__ import annotations
 
 import functools
 import json
 import os
 import random
+import subprocess
+import sys
 
 import pytest
 
@@ -73,6 +75,14 @@ def chat_records(n: int, seed: int = 0, turns: int = 1) -> list[dict]:
                          {"role": "assistant", "content": " ".join(rng.sample(text, rng.randint(1, 3)))}]
         records.append({"messages": messages})
     return records
+
+
+def launched(*args, **popen):
+    """``python -m fastbench train *args`` in a new process (without Triton's interpreter), its output and
+    errors in one text pipe."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.Popen([sys.executable, "-m", "fastbench", "train", *map(str, args)], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)
 
 
 def read_log(output):

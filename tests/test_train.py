@@ -1,17 +1,24 @@
 """``fastbench train`` on tiny models (CPU, fp32): adapters PEFT can load, an overfit check, Ctrl-C and SIGTERM,
-exact gradient accumulation, and clean errors for bad input."""
+exact gradient accumulation, and clean errors for bad input; on the GPU (marked gpu), a real out-of-memory in a
+step and while loading, and a SIGTERM from outside while it trains."""
+import contextlib
 import json
 import math
 import os
 import random
+import re
 import shutil
+import signal
+import time
 import warnings
 
 import pytest
 import torch
 from click.testing import CliRunner
 
+from chat_tokenizer import launched, read_log
 from fastbench.train import loop as loop_module
+from fastbench.train.checkpoint import ADAPTER_FILE as ADAPTER
 from fastbench.train.cli import train_command
 
 PRESET = "llama-3-8b-tiny"
@@ -19,11 +26,6 @@ PRESET = "llama-3-8b-tiny"
 
 def invoke(*args):
     return CliRunner().invoke(train_command, [str(a) for a in args])
-
-
-def read_log(output):
-    with open(output / "train_log.jsonl") as f:
-        return [json.loads(line) for line in f]
 
 
 def lora_tensors(model):
@@ -106,9 +108,10 @@ def test_txt_epochs_of_ragged_batches_with_offloaded_checkpoints(seed, tmp_path,
     assert log[0]["tokens"] + log[1]["tokens"] == log[2]["tokens"] + log[3]["tokens"] == tokens_per_epoch
 
 
-def train_with_third_step(monkeypatch, tmp_path, seed, third_step):
-    """fastbench train for 5 steps whose third step first runs ``third_step()`` (which raises or signals);
-    returns (the output directory, click's result)."""
+def train_with_third_step(monkeypatch, tmp_path, seed, third_step, *options):
+    """fastbench train for 5 steps whose third step first runs ``third_step()`` (which raises, signals or
+    limits the memory); ``options`` override the small default sizes. Returns (the output directory, click's
+    result)."""
     calls, accumulate = [], loop_module.accumulate
 
     def patched(model, micro_batches, *world):
@@ -120,13 +123,29 @@ def train_with_third_step(monkeypatch, tmp_path, seed, third_step):
     monkeypatch.setattr(loop_module, "accumulate", patched)
     out = tmp_path / "adapter"
     return out, invoke(PRESET, "--data", "random", "--output", out, "--steps", 5, "--max-seq-length", 7,
-                       "--batch", 1, "--grad-accum", 1, "--r", 4, "--seed", seed % 10_000)
+                       "--batch", 1, "--grad-accum", 1, "--r", 4, "--seed", seed % 10_000, *options)
+
+
+@contextlib.contextmanager
+def gpu_memory_capped():
+    """Inside: ``cap()`` empties this process's CUDA cache and lets the caching allocator hold no more than it
+    holds then (torch.cuda.set_per_process_memory_fraction), so the next allocation that needs new memory
+    fails as on a full card: a real CUDA out-of-memory. Lifted on leaving."""
+    def cap():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+        torch.cuda.set_per_process_memory_fraction(torch.cuda.memory_reserved() / total)
+
+    try:
+        yield cap
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        torch.cuda.empty_cache()
 
 
 @pytest.mark.parametrize("stop", ["ctrl-c", "sigterm"])
 def test_ctrl_c_or_sigterm_saves_the_adapter_of_the_finished_steps(seed, tmp_path, monkeypatch, stop):
-    import signal
-
     def interrupt():
         if stop == "ctrl-c":
             raise KeyboardInterrupt
@@ -142,22 +161,90 @@ def test_ctrl_c_or_sigterm_saves_the_adapter_of_the_finished_steps(seed, tmp_pat
     assert not list(out.glob(".saving-*"))
 
 
-@pytest.mark.parametrize("error", ["oom", "other"])
-def test_a_failing_step_keeps_the_finished_ones(seed, tmp_path, monkeypatch, error):
-    """Out of memory in step 3: a clear message with what to change, exit 1, no traceback; another error
-    propagates. Either way the adapter of steps 1-2 is saved."""
-    def fail():
-        raise torch.OutOfMemoryError("CUDA out of memory") if error == "oom" else RuntimeError("boom")
+@pytest.mark.gpu
+def test_sigterm_from_outside_while_the_gpu_trains(seed, tmp_path):
+    """``fastbench train`` in a process of its own, a checkpoint every step, stopped by a SIGTERM from outside
+    (as a scheduler sends it) at whatever point of a step or of a checkpoint's write it comes: exit 143, one line
+    naming the last finished step N; the log and the checkpoints whole up to N or N - 1 (what the signal cut
+    short left nothing half-written); the adapter saved; --resume from the latest checkpoint trains on (its
+    optimizer and CUDA random states restored)."""
+    from safetensors.torch import load_file
 
-    out, result = train_with_third_step(monkeypatch, tmp_path, seed, fail)
+    from fastbench.train.checkpoint import checkpoints, load_checkpoint
+
+    out = tmp_path / "run"
+    args = [PRESET, "--data", "random", "--output", out, "--max-seq-length", 256, "--batch", 2, "--grad-accum", 1,
+            "--r", 4, "--save-every", 1, "--seed", seed % 10_000]
+    proc = launched(*args, "--steps", 100_000)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "checkpoint-2").is_dir():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 143, output
+    said = re.findall(r"terminated \(SIGTERM\) after step (\d+): adapter saved to (\S+)", output)
+    assert len(said) == 1 and said[0][1] == str(out) and "Traceback" not in output, output
+    assert "fused LoRA" in output, output
+    done = int(said[0][0])
+    logged = [r["step"] for r in loop_module.read_log(str(out))]  # a line cut short is left out
+    assert logged == list(range(1, len(logged) + 1)) and done - 1 <= len(logged) <= done, (done, logged)
+    saved = checkpoints(str(out))
+    last = saved[-1][0]
+    assert [step for step, _ in saved] == list(range(1, last + 1)) and done - 1 <= last <= done, (done, saved)
+    states = [load_checkpoint(path) for _, path in saved]  # each whole: a damaged one raises, naming it
+    assert not [n for n in os.listdir(out) if n.startswith(".")]
+    adapter = load_file(out / ADAPTER)
+    assert all(t.isfinite().all() for t in adapter.values())
+    if last == done:
+        assert all(torch.equal(adapter[k], t) for k, t in states[-1]["adapter"].items())
+    resumed = launched(*args, "--steps", last + 2, "--resume")
+    output, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0 and "Traceback" not in output, output
+    assert [r["step"] for r in loop_module.read_log(str(out))] == list(range(1, last + 3))
+    assert (out / f"checkpoint-{last + 2}").is_dir()
+
+
+FAILURES = {"oom": lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+            "driver-oom": lambda: RuntimeError("Triton Error [CUDA]: out of memory"),  # no OutOfMemoryError
+            "other": lambda: RuntimeError("boom")}
+
+
+@pytest.mark.parametrize("error", [*FAILURES, pytest.param("cuda-oom", marks=pytest.mark.gpu)])
+def test_a_failing_step_keeps_the_finished_ones(seed, tmp_path, monkeypatch, error):
+    """Out of memory in step 3 (raised by the caching allocator, or said by another error; on the GPU a real
+    one, the memory capped before the step): a clear message with what to change, exit 1, no traceback;
+    another error propagates. Either way the adapter of steps 1-2 is saved, the one checkpoint-2 holds."""
+    from safetensors.torch import load_file
+
+    options = ["--save-every", 1]
+    with contextlib.ExitStack() as stack:
+        if error == "cuda-oom":  # a step of tens of MiB, far more than any scraps the emptied cache keeps
+            step = stack.enter_context(gpu_memory_capped())
+            options += ["--max-seq-length", 4096, "--batch", 4]
+        else:
+            def step():
+                raise FAILURES[error]()
+        out, result = train_with_third_step(monkeypatch, tmp_path, seed, step, *options)
     assert len(read_log(out)) == 2
-    assert (out / "adapter_model.safetensors").exists()
     assert "the adapter of the 2 finished steps is saved" in result.output
-    if error == "oom":
-        assert result.exit_code == 1 and "out of GPU memory in step 3" in result.output
-        assert "--checkpointing offload" in result.output and "Traceback" not in result.output
-    else:
+    saved, kept = load_file(out / "adapter_model.safetensors"), load_file(out / "checkpoint-2" / ADAPTER)
+    assert saved.keys() == kept.keys() and all(torch.equal(saved[k], kept[k]) for k in kept)
+    assert not (out / "checkpoint-3").exists() and not [p for p in os.listdir(out) if p.startswith(".")]
+    if error == "other":
         assert isinstance(result.exception, RuntimeError) and "failed in step 3" in result.output
+        return
+    assert result.exit_code == 1 and "out of GPU memory in step 3; the adapter of the 2 finished steps is saved " \
+        f"to {out}. Lower --batch (raise --grad-accum to keep the step size) or --max-seq-length, or use " \
+        "--checkpointing offload or --load-in-4bit" in result.output
+    assert "Traceback" not in result.output and isinstance(result.exception, SystemExit)
+    if error == "cuda-oom":
+        assert "fused LoRA" in result.output  # the fused path ran out, on the GPU
 
 
 def test_accumulated_step_equals_one_batch_of_ragged_padded_examples(seed):
@@ -220,6 +307,10 @@ def bad_inputs(tmp_path, checkpoint):
     ([PRESET, "--data", "random", "--steps", "1", "--r", "0"], "--r"),
     ([PRESET, "--data", "random", "--steps", "1", "--max-seq-length", "1"], "--max-seq-length"),
     ([PRESET, "--data", "random", "--steps", "1", "--targets", "qkv_proj"], "qkv_proj"),
+    ([PRESET, "--data", "random", "--steps", "1", "--gguf", "q3"], "unknown quantization_method 'q3'; valid: q4_k_m"),
+    ([PRESET, "--data", "random", "--steps", "1", "--gguf", "q8_0"], "--data random loads no tokenizer"),
+    (["{ckpt}", "--data", "{body}", "--text-field", "body", "--gguf", "q8_0"],
+     "llama.cpp reads BPE tokenizers (byte-level, or with byte fallback as sentencepiece's); this one is WordLevel"),
 ])
 def test_bad_input_is_a_clean_error(bad_inputs, tmp_path, args, message):
     result = invoke(*[a.format(**bad_inputs) for a in args], "--output", tmp_path / "out")
@@ -239,6 +330,28 @@ def test_loader_failure_is_a_clean_error(tmp_path, monkeypatch):
     result = invoke(PRESET, "--data", "random", "--steps", "1", "--load-in-4bit", "--output", tmp_path / "out")
     assert result.exit_code == 1 and "cannot load llama-3-8b-tiny" in result.output and "bitsandbytes" in result.output
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("where", ["said", pytest.param("gpu", marks=pytest.mark.gpu)])
+def test_out_of_memory_while_loading_is_one_line(tmp_path, monkeypatch, where):
+    """The base does not fit (said by a loader, or on the GPU with the memory capped before a 1B model loads):
+    one line saying what to use instead, exit 1, nothing trained or written."""
+    from fastbench import FastLanguageModel
+
+    model = "llama-3.2-1b" if where == "gpu" else PRESET  # on the GPU: weights that need new memory, not scraps
+    with contextlib.ExitStack() as stack:
+        if where == "gpu":
+            stack.enter_context(gpu_memory_capped())()
+        else:
+            def too_big(*args, **kwargs):
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.96 GiB")
+
+            monkeypatch.setattr(FastLanguageModel, "from_pretrained", staticmethod(too_big))
+        result = invoke(model, "--data", "random", "--steps", "1", "--output", tmp_path / "out")
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert f"out of GPU memory loading {model}, before training started; use --load-in-4bit (NF4 base " \
+           "weights) or a smaller model, or free the GPU of other processes" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "out").exists()
 
 
 def test_from_pretrained_takes_what_unsloths_notebooks_pass(checkpoint):

@@ -6,14 +6,16 @@ import errno
 import json
 import math
 import os
+import re
 import shutil
 import signal
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
-from chat_tokenizer import chat_records, ckpt, plain_peft, read_log, save_tiny_checkpoint  # noqa: F401 (fixtures)
+from chat_tokenizer import chat_records, ckpt, plain_peft, read_log, save_tiny_checkpoint, sentences  # noqa: F401
 from fastbench.train import loop as loop_module
 from fastbench.train.cli import train_command
 
@@ -113,6 +115,30 @@ def test_damaged_checkpoint_is_named_before_the_model_loads(tmp_path, ckpt, plai
     assert "delete that directory" in result.output and "Traceback" not in result.output
 
 
+@pytest.mark.parametrize("damage, message", [
+    ("trainer_state.json", "checkpoint-1 is damaged (trainer_state.json: "),
+    ("optimizer.pt", "checkpoint-1 is damaged (optimizer.pt: "),
+    ("scheduler.pt", "checkpoint-1 is damaged (scheduler.pt: "),
+    ("rng.pt", "checkpoint-1 is damaged (rng.pt: "),
+    ("--r 8", "checkpoint-1 holds an adapter of another shape or model"),
+])
+def test_a_checkpoint_that_cannot_be_resumed_is_one_line(tmp_path, ckpt, plain_peft, damage, message):
+    """A file of a real checkpoint cut in half, or a resume with another LoRA rank: exit 2, one line naming the
+    checkpoint and what to do, nothing trained further."""
+    data, out = write_jsonl(tmp_path / "chat.jsonl", chat_records(8)), tmp_path / "run"
+    args = [ckpt, "--data", data, "--output", out, "--save-every", 1, *FAST]
+    assert invoke(*args, "--steps", 1).exit_code == 0
+    if damage.startswith("--"):
+        args += damage.split()
+    else:
+        path = out / "checkpoint-1" / damage
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    result = invoke(*args, "--steps", 2, "--resume")
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert "Traceback" not in result.output and "--overwrite" in result.output
+    assert [r["step"] for r in read_log(out)] == [1] and not (out / "checkpoint-2").exists()
+
+
 def test_config_file_with_command_line_overrides(tmp_path, ckpt, plain_peft):
     data, out = write_jsonl(tmp_path / "chat.jsonl", chat_records(6)), tmp_path / "run"
     (tmp_path / "train.yaml").write_text(f"model: {ckpt}\ndata: {data}\nmax_seq_length: 48\ngrad_accum: 3\n"
@@ -149,6 +175,7 @@ def bad(tmp_path, ckpt):
     (tmp_path / "latin1.jsonl").write_bytes(b'{"text": "caf\xe9"}\n')
     (tmp_path / "bogus.yaml").write_text("steps: 2\nbogus_key: 1\n")
     (tmp_path / "broken.yaml").write_text("steps: [2\n")
+    (tmp_path / "code.yaml").write_text(f"steps: !!python/object/apply:os.system ['touch {tmp_path / 'ran'}']\n")
     (tmp_path / "a-file").write_text("x")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "adapter_model.safetensors").write_text("x")
@@ -160,6 +187,7 @@ def bad(tmp_path, ckpt):
     (no_template / "chat_template.jinja").unlink(missing_ok=True)
     return {"ckpt": ckpt, "chat": write_jsonl(tmp_path / "chat.jsonl", good), "roles": tmp_path / "roles.jsonl",
             "latin1": tmp_path / "latin1.jsonl", "bogus": tmp_path / "bogus.yaml", "broken": tmp_path / "broken.yaml",
+            "code": tmp_path / "code.yaml",
             "file": tmp_path / "a-file", "full": tmp_path / "full", "no_template": no_template}
 
 
@@ -171,6 +199,8 @@ def bad(tmp_path, ckpt):
     (["{ckpt}", "--data", "{chat}", "--format", "alpaca"], "no field 'instruction', which a alpaca record has"),
     (["{ckpt}", "--data", "{chat}", "--config", "{bogus}"], "'bogus_key' is not an option of train"),
     (["{ckpt}", "--data", "{chat}", "--config", "{broken}"], "broken.yaml: cannot parse it"),
+    (["{ckpt}", "--data", "{chat}", "--config", "{code}"], "code.yaml: cannot parse it (could not determine a "
+                                                           "constructor for the tag"),
     (["{no_template}", "--data", "{chat}"], "has none; give --chat-template (llama-3, chatml"),
     (["{ckpt}", "--data", "{chat}", "--output", "{file}"], "is a file; give a directory"),
     (["{ckpt}", "--data", "{chat}", "--output", "{full}"], "already holds files (adapter_model.safetensors)"),
@@ -186,6 +216,7 @@ def test_bad_input_is_one_line_and_exit_2_before_the_model_loads(bad, tmp_path, 
     assert result.exit_code == 2, result.output
     assert message in result.output, result.output
     assert "Traceback" not in result.output and not (tmp_path / "out").exists()
+    assert not (tmp_path / "ran").exists()  # a config file's tags never run code
 
 
 def test_output_that_is_not_writable(tmp_path, ckpt, no_model_load, monkeypatch):
@@ -219,29 +250,69 @@ def test_interrupted_while_the_model_loads(tmp_path, ckpt, monkeypatch, stop):
     assert seen["trust_remote_code"] is True and seen["allow_pickle"] is True
 
 
+def poisoned_run(tmp_path, ckpt, seed, n=20):
+    """(checkpoint, text data) for a real NaN loss in step 3 of a run of ``--no-packing`` and ``FAST``'s batch
+    and grad-accum, one epoch long, seeded ``seed``: the checkpoint is ``ckpt`` with NaN embeddings for the
+    tokens of a few bytes that only one example of step 3 holds (as a broken example would bring them)."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoTokenizer
+
+    from fastbench.train.loop import ExamplePlan
+
+    texts = sentences(n, seed)
+    plan = ExamplePlan([{"input_ids": [0, 0]}] * n, batch=2, grad_accum=2, max_seq_length=64, packing=False,
+                       pad_id=0, seed=seed)
+    assert len(plan.epoch(0)) >= 4
+    broken = plan.epoch(0)[2][0][0][0]  # step 3, its first micro-batch's first row: the example
+    texts[broken] += " \u00a4\u00a4"  # bytes no generated sentence has
+    tokenizer = AutoTokenizer.from_pretrained(ckpt)
+    others = {i for k, text in enumerate(texts) if k != broken for i in tokenizer(text)["input_ids"]}
+    poison = sorted(set(tokenizer(texts[broken])["input_ids"]) - others)
+    assert poison
+    poisoned = tmp_path / "poisoned"
+    shutil.copytree(ckpt, poisoned)
+    weights = load_file(poisoned / "model.safetensors")
+    weights["model.embed_tokens.weight"][poison] = float("nan")
+    save_file(weights, poisoned / "model.safetensors", metadata={"format": "pt"})
+    return poisoned, write_jsonl(tmp_path / "data.jsonl", [{"text": t} for t in texts])
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("on_nan", ["stop", "skip"])
-def test_nan_loss(tmp_path, ckpt, plain_peft, monkeypatch, on_nan):
-    calls, accumulate = [], loop_module.accumulate
+def test_nan_loss(tmp_path, ckpt, request, seed, on_nan, device):
+    """A real NaN loss and gradient in step 3 (an example of it meets NaN weights): ``--on-nan stop`` names the
+    step and the likely cause, keeps checkpoint-2 and saves the adapter of steps 1-2 (exit 1, one line);
+    ``--on-nan skip`` trains on, the adapter finite. On the CPU through plain PEFT, on the GPU the fused path."""
+    from safetensors.torch import load_file
 
-    def nan_in_step_3(model, micro_batches, *world):
-        calls.append(1)
-        loss, tokens = accumulate(model, micro_batches, *world)
-        return (float("nan"), tokens) if len(calls) == 3 else (loss, tokens)
+    from fastbench.train.checkpoint import ADAPTER_FILE, load_checkpoint
 
-    monkeypatch.setattr(loop_module, "accumulate", nan_in_step_3)
-    data, out = write_jsonl(tmp_path / "chat.jsonl", chat_records(8)), tmp_path / "run"
-    result = invoke(ckpt, "--data", data, "--output", out, "--steps", 4, "--save-every", 2, "--on-nan", on_nan, *FAST)
+    if device == "cpu":
+        request.getfixturevalue("plain_peft")
+    seed %= 10_000
+    poisoned, data = poisoned_run(tmp_path, ckpt, seed)
+    out = tmp_path / "run"
+    result = invoke(poisoned, "--data", data, "--output", out, "--steps", 4, "--save-every", 2, "--on-nan", on_nan,
+                    "--no-packing", "--seed", seed, *FAST)
     log = read_log(out)
+    assert ("fused LoRA" in result.output) == (device == "cuda"), result.output
+    adapter = load_file(out / ADAPTER_FILE)
+    assert all(t.isfinite().all() for t in adapter.values())
     if on_nan == "stop":
-        assert result.exit_code == 1 and "step 3: the loss is nan" in result.output
-        assert "checkpoint-2, is kept" in result.output and "lower --lr" in result.output
-        assert "the adapter of the 2 finished steps is saved" in result.output and "Traceback" not in result.output
-        assert [r["step"] for r in log] == [1, 2] and (out / "adapter_model.safetensors").exists()
-        assert not (out / "checkpoint-4").exists()
+        assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+        assert re.search(r"step 3: the loss is (nan|-?inf) and the gradient norm \S+, not finite; stopped; the last "
+                         rf"checkpoint, {re.escape(str(out / 'checkpoint-2'))}, is kept\. Likely a learning rate too "
+                         r"high.*lower --lr.*--on-nan skip skips such steps; the adapter of the 2 finished steps "
+                         rf"is saved to {re.escape(str(out))}$", result.output.strip().splitlines()[-1]), result.output
+        assert "Traceback" not in result.output
+        assert [r["step"] for r in log] == [1, 2] and not (out / "checkpoint-4").exists()
+        kept = load_checkpoint(str(out / "checkpoint-2"))["adapter"]
+        assert all(torch.equal(adapter[k], kept[k]) for k in kept)  # the saved adapter is step 2's
     else:
         assert result.exit_code == 0, result.output
-        assert [r["step"] for r in log] == [1, 2, 3, 4] and "skipped" in log[2]
+        assert [r["step"] for r in log] == [1, 2, 3, 4] and "skipped" in log[2] and math.isfinite(log[3]["loss"])
         assert "1 non-finite steps skipped" in result.output
+        assert load_checkpoint(str(out / "checkpoint-4"))["step"] == 4
 
 
 def test_tokenizer_without_pad_token_pads_with_eos_and_says_so(tmp_path, ckpt, plain_peft, monkeypatch):
@@ -259,7 +330,8 @@ def test_tokenizer_without_pad_token_pads_with_eos_and_says_so(tmp_path, ckpt, p
     result = invoke(nopad, "--data", data, "--output", out, "--steps", 1, "--merge", "--gguf", "q8_0", *FAST)
     assert result.exit_code == 0, result.output
     assert "no pad token; padding with its EOS token '</s>'" in result.output
-    assert exported == [("merged", str(out / "merged")), ({"quantization_method": "q8_0"}, str(out / "gguf"))]
+    assert exported == [("merged", str(out / "merged")),
+                        ({"quantization_method": "q8_0", "overwrite": True}, str(out / "gguf"))]
 
 
 def no_space(path):
@@ -319,6 +391,63 @@ def test_disk_full_while_writing_a_checkpoint_keeps_the_earlier_ones(tmp_path, c
     resumed = invoke(*args, "--resume")
     assert resumed.exit_code == 0, resumed.output
     assert [r["step"] for r in read_log(out)] == [1, 2, 3]
+
+
+def test_merge_and_gguf_replace_an_earlier_runs_and_a_full_disk_is_one_line(tmp_path, ckpt, plain_peft, monkeypatch):
+    """--merge and --gguf write OUT/merged and OUT/gguf, replacing those of the run --overwrite starts over from;
+    a disk that fills while the merged model is written: one line (exit 1), the earlier merged model as it was,
+    nothing half-written, the adapter saved."""
+    from fastbench.export import merge
+
+    data, out = write_jsonl(tmp_path / "chat.jsonl", chat_records(4)), tmp_path / "run"
+    args = [ckpt, "--data", data, "--output", out, "--steps", 1, "--merge", "--gguf", "q8_0", *FAST]
+    first = invoke(*args, "--seed", 1)
+    assert first.exit_code == 0, first.output
+    before = (out / "merged" / "model.safetensors").read_bytes()
+    again = invoke(*args, "--seed", 2, "--overwrite")
+    assert again.exit_code == 0, again.output
+    replaced = (out / "merged" / "model.safetensors").read_bytes()
+    assert replaced != before and (out / "gguf" / "model.Q8_0.gguf").exists()
+
+    write_directory = merge.write_directory
+
+    def disk_fills(save_directory, fill):
+        def half(tmp):
+            (Path(tmp) / "model.safetensors").write_bytes(replaced[: len(replaced) // 2])
+            raise no_space(tmp)
+
+        write_directory(save_directory, half)
+
+    monkeypatch.setattr(merge, "write_directory", disk_fills)
+    full = invoke(*args, "--seed", 3, "--overwrite")
+    assert full.exit_code == 1 and "Traceback" not in full.output, full.output
+    assert "no space left on device while exporting" in full.output and "nothing half-written is left, and the " \
+        f"adapter is saved in {out}: free some space, then export it with fastbench export {out}" in full.output
+    assert (out / "merged" / "model.safetensors").read_bytes() == replaced
+    assert (out / "adapter_model.safetensors").exists() and not [n for n in os.listdir(out) if n.startswith(".")]
+
+
+def test_sigterm_while_the_merged_model_is_written_keeps_the_adapter(tmp_path, ckpt, plain_peft, monkeypatch):
+    """SIGTERM halfway through --merge's files: exit 143, one line, no merged directory or half of one left, the
+    adapter saved."""
+    from fastbench.export import merge
+
+    write_directory = merge.write_directory
+
+    def stopped_halfway(save_directory, fill):
+        def half(tmp):
+            (Path(tmp) / "model.safetensors").write_bytes(b"half")
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        write_directory(save_directory, half)
+
+    monkeypatch.setattr(merge, "write_directory", stopped_halfway)
+    data, out = write_jsonl(tmp_path / "chat.jsonl", chat_records(4)), tmp_path / "run"
+    result = invoke(ckpt, "--data", data, "--output", out, "--steps", 1, "--merge", *FAST)
+    assert result.exit_code == 143, result.output
+    assert f"terminated (SIGTERM) while exporting; the adapter is saved in {out}" in result.output
+    assert "Traceback" not in result.output and (out / "adapter_model.safetensors").exists()
+    assert not (out / "merged").exists() and not [n for n in os.listdir(out) if n.startswith(".")]
 
 
 def test_a_log_line_cut_short_is_left_out(tmp_path):

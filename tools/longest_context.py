@@ -127,7 +127,8 @@ def measure(spec: dict, write: Callable[[dict], None]) -> dict:
         __import__(module)
     import torch
 
-    from fastbench.bench.worker import ALLOC_ENV, _is_oom
+    from fastbench.bench.worker import ALLOC_ENV
+    from fastbench.memory import is_out_of_memory
     from fastbench.presets import resolve_model
 
     cfg.arm_options = {**cfg.arm_options, **arms.parse_label(label)[1]}
@@ -156,7 +157,7 @@ def measure(spec: dict, write: Callable[[dict], None]) -> dict:
         found = search(try_length, spec["start"], spec["granularity"], spec["ceiling"])
         record.update(found, status="error" if found["stopped"] == "error" else "ok")
     except Exception as exc:  # the build (or the limit) failed: recorded, the parent goes on
-        record["status"] = "oom" if _is_oom(exc) else "error"
+        record["status"] = "oom" if is_out_of_memory(exc) else "error"
         record["error"] = f"{type(exc).__name__}: {exc}"[:2000]
     record["alloc_env"] = {k: os.environ[k] for k in ALLOC_ENV if k in os.environ}  # as the arm left them
     write(record)
@@ -201,7 +202,8 @@ def one_length(model, optimizer, cfg, vocab_size: int, seq: int, steps: int, sim
     failure, everything the step held is freed (gradients, the optimizer's state, cached blocks)."""
     import torch
 
-    from fastbench.bench.worker import _is_oom, _nvml_gib
+    from fastbench.bench.worker import _nvml_gib
+    from fastbench.memory import is_out_of_memory
 
     cuda = cfg.device.startswith("cuda")
     trial = {"seq": seq, "result": "ok", "error": None, "step_s": [], "peak_allocated_gib": None,
@@ -211,7 +213,7 @@ def one_length(model, optimizer, cfg, vocab_size: int, seq: int, steps: int, sim
     try:
         train_steps(model, optimizer, cfg, vocab_size, seq, steps, trial["step_s"], simulate_oom_above)
     except Exception as exc:
-        trial["result"] = "oom" if _is_oom(exc) else "error"
+        trial["result"] = "oom" if is_out_of_memory(exc) else "error"
         trial["error"] = f"{type(exc).__name__}: {exc}"[:2000]
     if cuda:
         trial["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / GIB

@@ -20,6 +20,7 @@ from fastbench.bench import busy
 from fastbench.files import atomic_path
 
 SCHEMA = "fastbench.compare/1"
+RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # a plain file name: the stem of the results and report files
 
 
 class BadResults(ValueError):
@@ -83,6 +84,9 @@ def read(path: str) -> dict:
     for key in ("id", "compare", "environment", "runs"):
         if key not in results:
             raise BadResults(f"{path} is not a complete fastbench results file (no {key!r})")
+    if not isinstance(results["id"], str) or not RUN_ID.fullmatch(results["id"]):
+        raise BadResults(f"{path} is not a usable fastbench results file: its id {results['id']!r} is no plain file "
+                         "name (letters, digits, '.', '_', '-'), and names the files written from it")
     return results
 
 

@@ -33,6 +33,7 @@ import traceback
 
 from fastbench.bench import busy
 from fastbench.bench.profile import offloading
+from fastbench.memory import is_out_of_memory
 
 GIB = 2**30
 ALLOC_ENV = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
@@ -97,12 +98,6 @@ def _gc_timer(pauses: list):
         else:
             pauses.append((info["generation"], time.perf_counter() - started[0]))
     return timer
-
-
-def _is_oom(exc: BaseException) -> bool:
-    import torch
-
-    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
 def new_record(label: str, model: str, repeat: int, config: dict, status: str = "ok",
@@ -230,7 +225,7 @@ def run(spec: dict, world=None) -> dict:
         record["positions_per_step"] = positions[cfg.warmup:]
         record["phase"] = "done"
     except Exception as exc:  # recorded, never raised: the run goes on with the next arm
-        record["status"] = "oom" if _is_oom(exc) else "error"
+        record["status"] = "oom" if is_out_of_memory(exc) else "error"
         record["error"] = f"{type(exc).__name__}: {exc}"[:2000]
         record["traceback"] = traceback.format_exc()[-4000:]
     record["losses"] = [float(x) for x in losses]

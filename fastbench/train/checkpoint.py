@@ -133,11 +133,19 @@ def restore(state: dict, model, optimizer, scheduler) -> None:
     import torch
     from peft import set_peft_model_state_dict
 
-    result = set_peft_model_state_dict(model, state["adapter"])
+    def other_adapter(what):
+        return CheckpointError(f"{state['path']} holds an adapter of another shape or model ({what}); resume with the "
+                               "options it was trained with (--r, --targets), or start over with --overwrite")
+
+    try:
+        result = set_peft_model_state_dict(model, state["adapter"])
+    except RuntimeError as e:  # load_state_dict: "size mismatch for ...", another --r
+        if "size mismatch" not in str(e):
+            raise
+        raise other_adapter(next(line.strip() for line in str(e).splitlines() if "size mismatch" in line)) from None
     unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
     if unexpected:
-        raise CheckpointError(f"{state['path']} holds an adapter of another shape or model ({unexpected[0]}, ...); "
-                              "resume with the options it was trained with, or start over with --overwrite")
+        raise other_adapter(f"{unexpected[0]}, ...")
     try:
         optimizer.load_state_dict(state["optimizer"])
     except ValueError as e:

@@ -84,6 +84,28 @@ def check_output(output: str, resume: bool, overwrite: bool):
     return None
 
 
+def check_gguf(method: str, source, data: str, tokenizer=None) -> None:
+    """--gguf refused before the model loads: an unknown method, a family llama.cpp has no architecture for, no
+    tokenizer to write into the file (--data random loads none), or (given ``tokenizer``) one llama.cpp cannot
+    read."""
+    from fastbench.export.gguf_file import GGUF_ARCHS
+    from fastbench.export.schemes import get_scheme
+    from fastbench.export.tokenizer_metadata import tokenizer_metadata
+
+    try:
+        get_scheme(method)
+        if source.model_type and source.model_type not in GGUF_ARCHS:
+            raise ValueError(f"GGUF export supports the model types {', '.join(GGUF_ARCHS)}; {source.name} is "
+                             f"{source.model_type!r}")
+        if data == "random":
+            raise ValueError("a GGUF holds the tokenizer's vocabulary, and --data random loads no tokenizer: train "
+                             "on a data file, or drop --gguf")
+        if tokenizer is not None:
+            tokenizer_metadata(tokenizer, source.vocab_size)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--gguf") from None
+
+
 def clear_previous_run(output: str) -> None:
     """--overwrite: removes the checkpoints and log an earlier run left (the adapter files are replaced
     when this run saves)."""
@@ -156,6 +178,7 @@ def split_eval(examples, fraction: float, seed: int):
 def load_model(source, max_seq_length, load_in_4bit, seed, rank, target_modules, lora_alpha, checkpointing,
                trust_remote_code, allow_pickle, say=True):
     from fastbench import FastLanguageModel
+    from fastbench.memory import is_out_of_memory
 
     extra = {}  # passed only when set, so loaders without these keywords still work
     if trust_remote_code:
@@ -165,16 +188,23 @@ def load_model(source, max_seq_length, load_in_4bit, seed, rank, target_modules,
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            base, _ = FastLanguageModel.from_pretrained(source.path or source.name, max_seq_length=max_seq_length,
-                                                        load_in_4bit=load_in_4bit, seed=seed, **extra)
-        except (ImportError, OSError) as e:  # bitsandbytes missing for --load-in-4bit, an unreadable checkpoint
-            raise click.ClickException(f"cannot load {source.name}: {e}") from None
-        try:
-            model = FastLanguageModel.get_peft_model(base, r=rank, target_modules=target_modules,
-                                                     lora_alpha=lora_alpha, random_state=seed,
-                                                     use_gradient_checkpointing=checkpointing)
-        except ValueError as e:  # PEFT: a target module that does not exist
-            raise click.BadParameter(str(e), param_hint="--targets") from None
+            try:
+                base, _ = FastLanguageModel.from_pretrained(source.path or source.name, max_seq_length=max_seq_length,
+                                                            load_in_4bit=load_in_4bit, seed=seed, **extra)
+            except (ImportError, OSError) as e:  # bitsandbytes missing for --load-in-4bit, an unreadable checkpoint
+                raise click.ClickException(f"cannot load {source.name}: {e}") from None
+            try:
+                model = FastLanguageModel.get_peft_model(base, r=rank, target_modules=target_modules,
+                                                         lora_alpha=lora_alpha, random_state=seed,
+                                                         use_gradient_checkpointing=checkpointing)
+            except ValueError as e:  # PEFT: a target module that does not exist
+                raise click.BadParameter(str(e), param_hint="--targets") from None
+        except Exception as e:  # on the GPU: the weights, or what the fused path sets up, do not fit
+            if not is_out_of_memory(e):
+                raise
+            smaller = "a smaller model" if load_in_4bit else "--load-in-4bit (NF4 base weights) or a smaller model"
+            raise click.ClickException(f"out of GPU memory loading {source.name}, before training started; use "
+                                       f"{smaller}, or free the GPU of other processes") from None
     if say:
         _echo_warnings(w for w in caught if issubclass(w.category, UserWarning))
         for line in getattr(model.get_base_model(), "fastbench_patches", ["plain PEFT (no fused path)"]):
@@ -298,6 +328,8 @@ def train_command(ctx, model, data, data_format, text_field, chat_template, trai
                                  "under torchrun, or give the same number", param_hint="--nproc")
     world_size = torchrun.world_size if torchrun else nproc or 1
     ctx.params["nproc"] = world_size  # as the saved configuration records it
+    if gguf_method:
+        check_gguf(gguf_method, source, data)
     checkpoint_path = check_output(output, resume, overwrite)
     resume_state = None
     if checkpoint_path:
@@ -318,6 +350,8 @@ def train_command(ctx, model, data, data_format, text_field, chat_template, trai
             prepared = _prepare(source, data, data_format, text_field, chat_template, train_on_inputs, packing,
                                 max_seq_length, batch, grad_accum, steps, epochs, seed, eval_data, eval_fraction,
                                 trust_remote_code, world)
+            if gguf_method and prepared.tokenizer is not None:
+                check_gguf(gguf_method, source, data, prepared.tokenizer)
             if resume_state and resume_state["step"] >= prepared.steps:
                 raise click.UsageError(f"{resume_state['path']} is at step {resume_state['step']}, which already "
                                        f"reaches --steps/--epochs ({prepared.steps} steps); raise them to train on")
@@ -481,12 +515,12 @@ def _train(peft_model, prepared, output, overwrite, resume_state, lr, warmup_ste
            stop, started, world):
     """Trains ``peft_model`` (under DDP in a world of several processes) and saves the adapter; on every kind
     of stop the adapter of the finished steps is kept. Rank 0 alone writes; the others wait for it."""
-    import torch
     from tqdm.auto import tqdm
 
     from fastbench.distributed import ddp
     from fastbench.distributed.world import barrier, peer_lost
     from fastbench.files import out_of_disk_space
+    from fastbench.memory import is_out_of_memory
     from fastbench.train.checkpoint import CheckpointError, save_adapter
     from fastbench.train.loop import LoopSettings, LoopState, NonFiniteLoss, keep_log_until, plot_loss, train_loop
 
@@ -558,11 +592,11 @@ def _train(peft_model, prepared, output, overwrite, resume_state, lr, warmup_ste
             f"step {e.step}: the loss is {e.loss} and the gradient norm {e.grad_norm}, not finite; stopped{last}. "
             "Likely a learning rate too high for this model (lower --lr or raise --warmup-steps), float16 overflow, "
             "or a broken example in this step; --on-nan skip skips such steps")) from None
-    except torch.OutOfMemoryError:
-        raise click.ClickException(who + keep(
-            f"out of GPU memory in step {state.done + 1}") + ". Lower --batch (raise --grad-accum to keep the step "
-            "size) or --max-seq-length, or use --checkpointing offload or --load-in-4bit") from None
     except Exception as e:  # the optimizer has not stepped on a failed step: the finished ones are kept
+        if is_out_of_memory(e):
+            raise click.ClickException(who + keep(
+                f"out of GPU memory in step {state.done + 1}") + ". Lower --batch (raise --grad-accum to keep the "
+                "step size) or --max-seq-length, or use --checkpointing offload or --load-in-4bit") from None
         if several and stop.stopped:  # a collective cut short by the signal that stops every process
             stopped()
         if several and peer_lost(e):  # another process ended: the launcher's SIGTERM follows
@@ -604,14 +638,25 @@ def _await_launcher(stop, timeout_s: float = 60.0) -> bool:
 
 
 def _export(peft_model, tokenizer, output, merge, gguf_method):
-    """--merge / --gguf: through the model's own export methods, after the adapter is saved."""
-    if merge:
-        path = peft_model.save_pretrained_merged(os.path.join(output, "merged"), tokenizer)
-        click.echo(f"merged model saved to {path}", err=True)
-    if gguf_method:
-        try:
+    """--merge / --gguf: through the model's own export methods, after the adapter is saved. Each replaces the
+    one an earlier run left in ``output`` once it is complete; a disk without room, or a model llama.cpp cannot
+    take, is said in one line (exit 1), nothing half-written left."""
+    from fastbench.export.files import NotEnoughSpace
+    from fastbench.files import out_of_disk_space
+
+    try:
+        if merge:
+            path = peft_model.save_pretrained_merged(os.path.join(output, "merged"), tokenizer, overwrite=True)
+            click.echo(f"merged model saved to {path}", err=True)
+        if gguf_method:
             path = peft_model.save_pretrained_gguf(os.path.join(output, "gguf"), tokenizer,
-                                                   quantization_method=gguf_method)
-        except ValueError as e:  # an unknown quantization method
-            raise click.BadParameter(f"{e} (the adapter is saved in {output})", param_hint="--gguf") from None
-        click.echo(f"GGUF saved to {path}", err=True)
+                                                   quantization_method=gguf_method, overwrite=True)
+            click.echo(f"GGUF saved to {path}", err=True)
+    except Exception as e:
+        if isinstance(e, NotEnoughSpace) or out_of_disk_space(e):
+            said = str(e) if isinstance(e, NotEnoughSpace) else f"no space left on device while exporting ({e})"
+            raise click.ClickException(f"{said}; nothing half-written is left, and the adapter is saved in {output}: "
+                                       f"free some space, then export it with fastbench export {output}") from None
+        if isinstance(e, ValueError):  # found late: what llama.cpp cannot take of this model
+            raise click.ClickException(f"{e} (the adapter is saved in {output})") from None
+        raise

@@ -70,3 +70,44 @@ def test_phase_one_compiles_so_that_phase_two_only_hits_the_cache(tmp_path, monk
         worker.close()
     assert [o.status for o in outcomes] == ["tuned", "tuned"] and all(o.ms > 0 for o in outcomes)
     assert sorted(p for p in (tmp_path / "triton").rglob("*") if p.is_file()) == compiled
+
+
+def test_sigterm_stops_tune_and_its_worker_on_the_gpu(tmp_path):
+    """`fastbench tune` in a process of its own, stopped by SIGTERM once its candidate worker holds the GPU:
+    exit 143, one line saying where the results so far are, the worker ended with it, and the cache directory
+    holds no half-written file."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from child_processes import gpu_child, running
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env[store.CACHE_ENV] = str(tmp_path / "cache")
+    proc = subprocess.Popen([sys.executable, "-m", "fastbench", "tune", "--models", "llama-3-8b-tiny", "--ops",
+                             "rms_norm", "--tokens", "1024", "--jobs", "1"], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while (worker := gpu_child(proc.pid, "spawn_main")) is None:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 143, output
+    assert "terminated (SIGTERM): results so far are in" in output and "Traceback" not in output, output
+    assert "incomplete: " in output and "run again to carry on" in output
+    deadline = time.monotonic() + 30
+    while running(worker):
+        assert time.monotonic() < deadline, f"the tune worker {worker} outlived tune"
+        time.sleep(0.1)
+    cache = tmp_path / "cache"
+    files = sorted(cache.iterdir()) if cache.exists() else []
+    assert all(p.suffix in (".json", ".lock") for p in files), files
+    assert all(store.read(p) is not None for p in files if p.suffix == ".json")

@@ -73,13 +73,17 @@ def test_missing_package_names_it(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("option", ["--from", "--against", "--resume"])
 @pytest.mark.parametrize("content, message", [
-    (None, "cannot read"), ("{oops", "not JSON"), ('{"schema": "other/1"}', "not a fastbench results file")])
+    (None, "cannot read"), ("{oops", "not JSON"), ('{"schema": "other/1"}', "not a fastbench results file"),
+    ('{"schema": "fastbench.compare/1", "id": "../../escaped", "compare": {}, "environment": {}, "runs": []}',
+     "its id '../../escaped' is no plain file name")])
 def test_unreadable_or_foreign_results_file(tmp_path, option, content, message):
+    """Refused in one line, exit 2; an id that would put the files written from it elsewhere among them."""
     path = tmp_path / "old.json"
     if content is not None:
         path.write_text(content)
     result = _compare(option, str(path), tmp_path=tmp_path)
     assert result.exit_code == 2 and message in result.output
+    assert not list(tmp_path.parent.glob("escaped*"))
 
 
 def test_from_refuses_extra_options(tmp_path):

@@ -42,6 +42,9 @@ def test_run_id_names_date_and_gpu():
     ('[1, 2]', "not a fastbench results file"),
     ('{"schema": "fastbench.compare/999", "id": "x"}', "schema"),
     ('{"schema": "fastbench.compare/1", "id": "x"}', "not a complete"),
+    ('{"schema": "fastbench.compare/1", "id": "../../x", "compare": {}, "environment": {}, "runs": []}',
+     "its id '../../x' is no plain file name"),
+    ('{"schema": "fastbench.compare/1", "id": 7, "compare": {}, "environment": {}, "runs": []}', "its id 7 is no"),
 ])
 def test_foreign_or_broken_files_are_rejected(tmp_path, content, message):
     path = tmp_path / "x.json"

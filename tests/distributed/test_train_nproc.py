@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import time
 
@@ -21,7 +20,7 @@ from _worlds import run_world
 from fastbench.train.cli import train_command
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from chat_tokenizer import chat_records, ckpt, plain_peft, read_log, save_tiny_checkpoint  # noqa: E402,F401 (fixtures)
+from chat_tokenizer import chat_records, ckpt, launched, plain_peft, read_log, save_tiny_checkpoint  # noqa: E402,F401
 
 FAST = ["--max-seq-length", 64, "--grad-accum", 2, "--r", 4, "--checkpointing", "false", "--warmup-steps", 1,
         "--lr", 1e-3]
@@ -42,13 +41,6 @@ def _train_rank(rank, args):
     if rank == 0:
         assert "4 steps of 2 processes x 1 x 2" in result.output or "--resume" in args, result.output
         assert result.output.count("real tokens/s on 2 processes") == 1, result.output
-
-
-def launched(*args, **popen):
-    """``python -m fastbench train *args`` in a new process (without Triton's interpreter)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    return subprocess.Popen([sys.executable, "-m", "fastbench", "train", *map(str, args)], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)
 
 
 @pytest.fixture
