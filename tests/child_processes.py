@@ -1,9 +1,14 @@
-"""Child processes of a process under test, read from /proc (Linux): which of them holds a GPU, and whether
-one still runs."""
+"""Child processes of a process under test, read from /proc (Linux): which of them holds a GPU, whether one still
+runs; and stopping a process under test once it has reached a given point."""
 from __future__ import annotations
 
 import os
 import re
+import subprocess
+import time
+from typing import Callable, TypeVar
+
+T = TypeVar("T")
 
 
 def _stat(pid: int | str) -> list[str]:
@@ -38,3 +43,30 @@ def running(pid: int) -> bool:
         return _stat(pid)[0] != "Z"
     except (OSError, IndexError):
         return False
+
+
+def stopped_when(proc: subprocess.Popen, ready: Callable[[], T | None], stop: Callable[[T], None],
+                 wait_s: float = 300.0) -> tuple[str, T]:
+    """Waits (at most ``wait_s``, while ``proc`` runs) until ``ready()`` gives something, calls ``stop`` with it (a
+    signal to proc or to one of its children), and returns (proc's output once it ended, that something). proc is
+    killed if anything here fails."""
+    try:
+        deadline = time.monotonic() + wait_s
+        while (found := ready()) is None:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+            time.sleep(0.02)
+        stop(found)
+        output, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    return output, found
+
+
+def assert_ends(pid: int, what: str, wait_s: float = 30.0) -> None:
+    """Process ``pid`` (``what`` names it) ends within ``wait_s``."""
+    deadline = time.monotonic() + wait_s
+    while running(pid):
+        assert time.monotonic() < deadline, f"{what} {pid} outlived its parent"
+        time.sleep(0.1)

@@ -9,7 +9,6 @@ import random
 import re
 import shutil
 import signal
-import time
 import warnings
 
 import pytest
@@ -17,6 +16,7 @@ import torch
 from click.testing import CliRunner
 
 from chat_tokenizer import launched, read_log
+from child_processes import stopped_when
 from fastbench.train import loop as loop_module
 from fastbench.train.checkpoint import ADAPTER_FILE as ADAPTER
 from fastbench.train.cli import train_command
@@ -176,17 +176,8 @@ def test_sigterm_from_outside_while_the_gpu_trains(seed, tmp_path):
     args = [PRESET, "--data", "random", "--output", out, "--max-seq-length", 256, "--batch", 2, "--grad-accum", 1,
             "--r", 4, "--save-every", 1, "--seed", seed % 10_000]
     proc = launched(*args, "--steps", 100_000)
-    try:
-        deadline = time.monotonic() + 300
-        while not (out / "checkpoint-2").is_dir():
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        output, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+    output, _ = stopped_when(proc, lambda: True if (out / "checkpoint-2").is_dir() else None,
+                             lambda _: proc.send_signal(signal.SIGTERM))
     assert proc.returncode == 143, output
     said = re.findall(r"terminated \(SIGTERM\) after step (\d+): adapter saved to (\S+)", output)
     assert len(said) == 1 and said[0][1] == str(out) and "Traceback" not in output, output

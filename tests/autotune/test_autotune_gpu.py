@@ -80,33 +80,20 @@ def test_sigterm_stops_tune_and_its_worker_on_the_gpu(tmp_path):
     import signal
     import subprocess
     import sys
-    import time
 
-    from child_processes import gpu_child, running
+    from child_processes import assert_ends, gpu_child, stopped_when
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env[store.CACHE_ENV] = str(tmp_path / "cache")
     proc = subprocess.Popen([sys.executable, "-m", "fastbench", "tune", "--models", "llama-3-8b-tiny", "--ops",
                              "rms_norm", "--tokens", "1024", "--jobs", "1"], env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 300
-        while (worker := gpu_child(proc.pid, "spawn_main")) is None:
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGTERM)
-        output, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+    output, worker = stopped_when(proc, lambda: gpu_child(proc.pid, "spawn_main"),
+                                  lambda _: proc.send_signal(signal.SIGTERM))
     assert proc.returncode == 143, output
     assert "terminated (SIGTERM): results so far are in" in output and "Traceback" not in output, output
     assert "incomplete: " in output and "run again to carry on" in output
-    deadline = time.monotonic() + 30
-    while running(worker):
-        assert time.monotonic() < deadline, f"the tune worker {worker} outlived tune"
-        time.sleep(0.1)
+    assert_ends(worker, "the tune worker")
     cache = tmp_path / "cache"
     files = sorted(cache.iterdir()) if cache.exists() else []
     assert all(p.suffix in (".json", ".lock") for p in files), files

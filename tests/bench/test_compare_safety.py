@@ -9,12 +9,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 from click.testing import CliRunner
 
-from child_processes import gpu_child, running
+from child_processes import assert_ends, gpu_child, stopped_when
 from fastbench.bench import runner
 from fastbench.cli import main
 
@@ -190,17 +189,8 @@ def test_a_worker_killed_on_the_gpu_is_recorded_and_resume_finishes_the_run(tmp_
                              "--seq-len", "128", "--batch", "2", "--steps", "3", "--warmup", "1", "--repeats", "1",
                              "--loss-tolerance", "0.5", *dirs], env=env, text=True, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 300
-        while (worker := gpu_child(proc.pid, "fastbench.bench.worker", "-peft-")) is None:
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
-            time.sleep(0.02)
-        os.kill(worker, signal.SIGKILL)
-        output, _ = proc.communicate(timeout=600)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+    output, _ = stopped_when(proc, lambda: gpu_child(proc.pid, "fastbench.bench.worker", "-peft-"),
+                             lambda worker: os.kill(worker, signal.SIGKILL))
     assert proc.returncode == 1 and "FAILED: peft on llama-3-8b-tiny (repeat 1) crashed" in output, output
     assert "Traceback" not in output
     (path,) = (tmp_path / "r").glob("*.json")
@@ -224,22 +214,10 @@ def test_sigterm_to_compare_stops_its_gpu_worker_and_keeps_the_run(tmp_path):
                              "peft", "--device", "cuda", "--seq-len", "128", "--steps", "3", "--warmup", "1",
                              "--repeats", "1", "--results-dir", str(tmp_path / "r"), "--reports-dir",
                              str(tmp_path / "p")], env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 300
-        while (worker := gpu_child(proc.pid, "fastbench.bench.worker")) is None:
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGTERM)
-        output, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+    output, worker = stopped_when(proc, lambda: gpu_child(proc.pid, "fastbench.bench.worker"),
+                                  lambda _: proc.send_signal(signal.SIGTERM))
     assert proc.returncode == 143 and "interrupted: kept the finished processes' measurements" in output, output
     assert "Traceback" not in output
-    deadline = time.monotonic() + 30
-    while running(worker):
-        assert time.monotonic() < deadline, f"the worker {worker} outlived compare"
-        time.sleep(0.1)
+    assert_ends(worker, "the worker")
     (path,) = (tmp_path / "r").glob("*.json")
     assert json.loads(path.read_text())["status"] == "interrupted"
