@@ -2,7 +2,7 @@
 
 The spec holds ``arm`` (a label), ``repeat``, ``config`` (a RunConfig dict) and, for a run on a data file,
 ``data``: the path of the steps the parent prepared (fastbench.bench.file_data.prepare, as JSON). The worker builds the
-arm (load time), runs ``warmup`` steps timed on the wall clock (the first one is the time to first
+arm (load time: its libraries' imports, torch's included, and its build, without writing the seed's checkpoint), runs ``warmup`` steps timed on the wall clock (the first one is the time to first
 step) and ``steps`` timed steps (CUDA events on a GPU, no synchronisation in between; perf_counter on
 a CPU), and writes one record: per-step times, tokens and losses, peak memory three ways (torch
 allocated, torch reserved, NVML for this process), the autotune tier per op, how busy the CPUs and
@@ -124,9 +124,14 @@ def run(spec: dict, world=None) -> dict:
     label = spec["arm"]
     name, options = arms.parse_label(label)
     arm = arms.get_arm(label)
-    for module in arm.import_first:  # Unsloth patches transformers on import: it must come first
+    # an arm's load counts its libraries' imports: Unsloth's come here (it patches transformers on import, so it
+    # must come first), the other arms' inside their build
+    started = time.perf_counter()
+    for module in arm.import_first:
         __import__(module)
     import torch
+
+    imported_s = time.perf_counter() - started
 
     from fastbench.distributed import ddp
     from fastbench.distributed.data import shard_rows
@@ -151,7 +156,7 @@ def run(spec: dict, world=None) -> dict:
         model = ddp.wrap(arm.build(cfg), world)
         sync()
         record["materialize_s"] = checkpoint_cache.materialize_seconds
-        record["load_s"] = time.perf_counter() - t0 - checkpoint_cache.materialize_seconds
+        record["load_s"] = imported_s + time.perf_counter() - t0 - checkpoint_cache.materialize_seconds
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise RuntimeError(f"arm {label!r} built a model with no trainable parameters")

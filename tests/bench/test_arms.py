@@ -1,4 +1,5 @@
 import json
+import sys
 
 import pytest
 import torch
@@ -110,3 +111,28 @@ def test_qlora_reads_a_prequantized_checkpoint_and_local_paths_match_presets(tmp
         assert torch.equal(local(input_ids=ids, labels=ids).loss, preset(input_ids=ids, labels=ids).loss)
     assert sum(p.numel() for p in preset.parameters() if p.requires_grad) > 0
     assert all("lora_" in n for n, p in preset.named_parameters() if p.requires_grad)
+
+
+def test_an_arms_load_counts_the_imports_it_needs_first(tmp_path, monkeypatch):
+    """An arm's modules imported before anything else (Unsloth's) count in its load time, as the other arms' imports
+    count inside their build: the load times of arms are compared as a user waits for them. The module imported
+    first moves the worker's clock on by 1000 s."""
+    import dataclasses
+    import time
+    import types
+
+    from fastbench.bench import worker
+
+    clock = types.SimpleNamespace(offset=0.0)
+    monkeypatch.setattr(worker, "time", types.SimpleNamespace(perf_counter=lambda: time.perf_counter() + clock.offset))
+    monkeypatch.setitem(sys.modules, "worker_clock_probe", clock)
+    (tmp_path / "slow_to_import_probe.py").write_text("import worker_clock_probe\nworker_clock_probe.offset += 1000\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("FASTBENCH_CHECKPOINT_CACHE", str(tmp_path / "ckpt"))
+    peft = arms.get_arm("peft")
+    monkeypatch.setattr(arms, "get_arm", lambda label: dataclasses.replace(peft, import_first=("slow_to_import_probe",)))
+    cfg = arms.RunConfig(model="llama-3-8b-tiny", seq_len=8, batch=1, lora_r=2, dtype="float32", device="cpu", steps=1,
+                         warmup=0).to_dict()
+    record = worker.run({"arm": "peft", "config": cfg, "repeat": 0})
+    assert record["status"] == "ok", record["error"]
+    assert 1000 <= record["load_s"] < 1100 and all(t < 100 for t in record["step_s"])
