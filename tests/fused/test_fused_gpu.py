@@ -1,5 +1,6 @@
 """On the GPU: every checkpointing mode (offload's side stream and pinned buffers included) gives the
-gradients of keeping everything, over several steps, in bf16 and on an NF4 base."""
+gradients of keeping everything, over several steps, in bf16 and on an NF4 base; also for a forward of more
+tokens than one MLP chunk (the MLP then runs a chunk of tokens at a time)."""
 import pytest
 import torch
 
@@ -11,8 +12,9 @@ def lora_grads(model):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(2, 64), (1, 5000)])
 @pytest.mark.parametrize("load_in_4bit", [False, True])
-def test_checkpointing_modes_agree_on_gpu(seed, load_in_4bit):
+def test_checkpointing_modes_agree_on_gpu(seed, load_in_4bit, shape):
     results = {}
     for mode in (False, True, "offload", 1e-3, "auto"):
         base, _ = FastLanguageModel.from_pretrained("llama-3-8b-tiny", dtype=torch.bfloat16, device="cuda",
@@ -22,7 +24,7 @@ def test_checkpointing_modes_agree_on_gpu(seed, load_in_4bit):
         g = torch.Generator(device="cuda").manual_seed(seed)
         grads = []
         for _ in range(3):  # buffers are reused from the second step on
-            ids = torch.randint(0, 512, (2, 64), device="cuda", generator=g)
+            ids = torch.randint(0, 512, shape, device="cuda", generator=g)
             model(input_ids=ids, labels=ids).loss.backward()
             torch.cuda.synchronize()
             grads.append(lora_grads(model))
