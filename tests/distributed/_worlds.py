@@ -1,14 +1,17 @@
-"""Running a function in each rank of a small gloo world on the CPU: rank 0 in this process, the others in
-spawned processes, each with torchrun's variables set, so the code under test joins the world as it does
-under torchrun. Collectives in the tests time out after TIMEOUT_S, so a failed rank fails the test instead
-of hanging it."""
+"""Running a function in each rank of a small gloo world on the CPU: every rank in a spawned process, each with
+torchrun's variables set, so the code under test joins the world as it does under torchrun. Collectives in the
+tests time out after TIMEOUT_S; this process only watches the ranks: once one fails, or DEADLINE_S passes, it
+stops the others (a rank left waiting for a dead peer may hang, in a collective or in tearing its process group
+down) and the test fails with the failed rank's traceback."""
 import os
 import socket
+import time
 import traceback
 
 import torch.multiprocessing as mp
 
 TIMEOUT_S = 120.0
+DEADLINE_S = 600.0
 
 
 def _free_port() -> int:
@@ -35,36 +38,27 @@ def _child(rank, world_size, port, fn, args, errors):
 
 
 def run_world(fn, world_size: int, *args) -> None:
-    """Runs ``fn(rank, *args)`` on ranks 0..world_size-1; raises if any failed."""
-    import torch
-
+    """Runs ``fn(rank, *args)`` on ranks 0..world_size-1, each in its own process; raises if any failed or the
+    world did not finish within DEADLINE_S."""
     port = _free_port()
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()
-    children = [ctx.Process(target=_child, args=(r, world_size, port, fn, args, errors)) for r in range(1, world_size)]
-    for c in children:
-        c.start()
-    saved = {k: os.environ.get(k) for k in _variables(0, 0, 0)}
-    threads = torch.get_num_threads()
-    os.environ.update(_variables(0, world_size, port))
-    torch.set_num_threads(1)
-    try:
-        fn(0, *args)
-    except BaseException:
-        for c in children:
-            c.join(TIMEOUT_S)
-        if not errors.empty():
-            raise AssertionError(errors.get())
-        raise
-    finally:
-        torch.set_num_threads(threads)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    for c in children:
-        c.join(TIMEOUT_S)
-    failed = [c.exitcode for c in children if c.exitcode != 0]
-    if failed:
-        raise AssertionError(errors.get() if not errors.empty() else f"a rank exited with {failed}")
+    ranks = [ctx.Process(target=_child, args=(r, world_size, port, fn, args, errors)) for r in range(world_size)]
+    for rank in ranks:
+        rank.start()
+    deadline = time.monotonic() + DEADLINE_S
+    while any(rank.is_alive() for rank in ranks):
+        failed = any(rank.exitcode not in (None, 0) for rank in ranks)
+        if failed or time.monotonic() > deadline:
+            time.sleep(0 if not failed else 5)  # a failing rank's peers may fail too, and say why
+            for rank in ranks:
+                if rank.is_alive():
+                    rank.kill()
+            break
+        time.sleep(0.05)
+    for rank in ranks:
+        rank.join()
+    codes = [rank.exitcode for rank in ranks]
+    if any(code != 0 for code in codes):
+        said = [errors.get() for _ in range(world_size) if not errors.empty()]
+        raise AssertionError("\n".join(said) or f"the ranks exited with {codes} (within {DEADLINE_S:.0f} s)")
