@@ -50,7 +50,7 @@ def run_world(fn, world_size: int, *args) -> None:
     while any(rank.is_alive() for rank in ranks):
         failed = any(rank.exitcode not in (None, 0) for rank in ranks)
         if failed or time.monotonic() > deadline:
-            time.sleep(0 if not failed else 5)  # a failing rank's peers may fail too, and say why
+            time.sleep(0 if not failed else 1)  # a failing rank's peers may fail too, and say why
             for rank in ranks:
                 if rank.is_alive():
                     rank.kill()
