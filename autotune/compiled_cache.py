@@ -33,7 +33,6 @@ import os
 import re
 import sysconfig
 import tarfile
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -115,19 +114,13 @@ def pack(cache_dir: Path, out: Path, device: Mapping, tools: Mapping, about: Map
     index = {"schema": SCHEMA, "device": dict(device), "toolchain": dict(tools), "triton_build": triton_build(),
              "python": sysconfig.get_config_var("EXT_SUFFIX"), **dict(about or {}), "entries": entries}
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with store.replaced_atomically(out) as tmp:
         with tarfile.open(tmp, "w:xz", preset=9) as tar:
             _add(tar, INDEX, json.dumps(index, indent=1, sort_keys=True).encode())
             for entry, e in entries.items():
                 for f in e["files"]:
                     _add(tar, f"{entry}/{f}", (cache_dir / entry / f).read_bytes())
-        os.chmod(tmp, 0o644)  # package data, readable by all (mkstemp made it private)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        os.chmod(tmp, 0o644)  # package data, readable by all
     return index
 
 

@@ -134,19 +134,27 @@ def locked(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def write_atomic(path: Path, doc: Mapping) -> None:
+@contextlib.contextmanager
+def replaced_atomically(path: Path) -> Iterator[str]:
+    """A temporary file beside ``path`` (its name is yielded, the file private to this user) that replaces ``path``
+    when the block ends; removed if the block fails, so that ``path`` is never seen half-written."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, indent=1, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def write_atomic(path: Path, doc: Mapping) -> None:
+    with replaced_atomically(path) as tmp, open(tmp, "w") as f:
+        json.dump(doc, f, indent=1, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def update(path: Path, device: Mapping, tools: Mapping, entries: Mapping[str, Mapping],
