@@ -51,6 +51,12 @@ def parse_shape(text: str) -> tuple[int, int, str]:
     return int(seq), int(batch), kind
 
 
+def shape_label(shape: tuple[int, int, str]) -> str:
+    """``(2048, 2, "packed")`` -> ``"2048x2:packed"``, as :func:`parse_shape` reads it."""
+    seq, batch, kind = shape
+    return f"{seq}x{batch}" + (f":{kind}" if kind else "")
+
+
 def _words(valid):
     def parse(text: str) -> list[str]:
         words = [w.strip() for w in text.split(",") if w.strip()]
@@ -173,8 +179,8 @@ def run_family(args) -> dict:
                     optimizer.zero_grad(set_to_none=True)
                 if args.device.startswith("cuda"):
                     torch.cuda.synchronize()
-                run = {"base": base, "checkpointing": ckpt, "shape": "x".join(map(str, shape[:2])) +
-                       (f":{shape[2]}" if shape[2] else ""), "seconds": round(time.perf_counter() - t, 2),
+                run = {"base": base, "checkpointing": ckpt, "shape": shape_label(shape),
+                       "seconds": round(time.perf_counter() - t, 2),
                        "compiled": len(compiled) - before, "cache_entries_added": _cache_entries() - entries}
                 runs.append(run)
                 print(f"[{family}] {base} ckpt={ckpt} {run['shape']}: {run['seconds']:.1f} s (model "
@@ -192,14 +198,14 @@ def run_family(args) -> dict:
 # --- the parent ------------------------------------------------------------------------------------------------
 
 def _write_json(path: Path, doc: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    from fastbench.files import atomic_path
+
+    with atomic_path(str(path)) as tmp, open(tmp, "w") as f:
+        f.write(json.dumps(doc, indent=1, sort_keys=True) + "\n")
 
 
 def _child_command(args, family: str, out: Path) -> list[str]:
-    shapes = ",".join(f"{s}x{b}" + (f":{k}" if k else "") for s, b, k in args.shapes)
+    shapes = ",".join(shape_label(shape) for shape in args.shapes)
     return [sys.executable, __file__, "--child", family, "--out", str(out), "--layers", str(args.layers),
             "--bases", ",".join(args.bases), "--checkpointing", ",".join(args.checkpointing), "--shapes", shapes,
             "--device", args.device]
@@ -262,7 +268,7 @@ def main(argv=None) -> int:
         about = {"collected": {
             "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "layers": args.layers,
             "bases": args.bases, "checkpointing": args.checkpointing,
-            "shapes": [f"{s}x{b}" + (f":{k}" if k else "") for s, b, k in args.shapes],
+            "shapes": [shape_label(shape) for shape in args.shapes],
             "families": {r["family"]: {"kernels": r["kernels"], "compiled": r["compiled"], "seconds": r["seconds"]}
                          for r in families},
             "seconds": round(time.perf_counter() - started, 1)}}

@@ -9,11 +9,12 @@ so every kernel the first step needs is compiled by it. The preset's random-weig
 beforehand (fastbench.bench.checkpoint_cache), so no run writes it. One warm-up step (the first step) and
 --steps timed steps per run.
 
-Printed and written as JSON (--out) per run: load_s (the arm's build: load, quantization, LoRA and the archive's
-installation), first_step_s, first_step_compiles (Triton cache entries the first step added: kernels and their
-launchers), step_s (the later steps), compiled_cache (what the worker installed: archive, entries, installed,
-skipped_reason), triton_cache_entries (in the run's Triton cache at its end), process_s (the whole worker
-process, imports included), load_plus_first_step_s.
+Printed and written as JSON (--out) per run: load_s (the worker's load time: the arm's imports and build: load,
+quantization, LoRA and the archive's installation), first_step_s, first_step_compiles (Triton cache entries the
+first step added: kernels and their launchers), step_s (the later steps), compiled_cache (what the worker
+installed: archive, entries, installed, skipped_reason), alloc_env (the allocator settings the worker ran under),
+triton_cache_entries (in the run's Triton cache at its end), process_s (the whole worker process, the
+interpreter's start included), load_plus_first_step_s.
 
 `--baseline unsloth-qlora` also runs that arm (if installed) the same way, for its load and first-step times.
 
@@ -92,7 +93,7 @@ def run_one(label: str, setting: str | None, args) -> dict:
         with open(out) as f:
             record = json.load(f)
     keys = ("status", "error", "load_s", "materialize_s", "first_step_s", "first_step_compiles", "step_s",
-            "peak_reserved_gib", "compiled_cache", "autotune_tiers")
+            "peak_reserved_gib", "compiled_cache", "autotune_tiers", "alloc_env")
     row.update({k: record.get(k) for k in keys})
     if record.get("load_s") is not None and record.get("first_step_s") is not None:
         row["load_plus_first_step_s"] = round(record["load_s"] + record["first_step_s"], 3)
@@ -135,10 +136,10 @@ def main(argv=None) -> int:
         result = {"model": args.model, "seq_len": args.seq_len, "batch": args.batch, "device": args.device,
                   "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
                   "runs": rows}
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as f:
+        from fastbench.files import atomic_path
+
+        with atomic_path(args.out) as tmp, open(tmp, "w") as f:
             json.dump(result, f, indent=2)
-        os.replace(tmp, args.out)
     return 0 if all(r["status"] == "ok" for r in rows) else 1
 
 
