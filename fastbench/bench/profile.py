@@ -90,8 +90,8 @@ def compute_stream_busy_ms(kineto_events) -> float | None:
 
 
 def offloading(model):
-    """The host offloader of ``model`` (a fused arm in offload mode: its counters ``host_wait_s`` and
-    ``timed_fetch_waits()``), else None. Imported once the model is built: the worker imports nothing of the
+    """The host offloader of ``model`` (a fused arm in offload mode: its counter ``queue_waits`` and
+    ``timed_waits()``), else None. Imported once the model is built: the worker imports nothing of the
     fused path before (Unsloth's arms must import their packages first)."""
     from fastbench.fused.state import fused_state
 
@@ -104,21 +104,19 @@ def host_issue(run_step: Callable[[], object], sync: Callable[[], None], offload
     (every kernel queued), and ``step_ms``, until the GPU has run them. Their ratio near 1 means the
     GPU finished as soon as the host had issued the last kernel: the step is bound by the CPU (Python,
     launches), and GPU work saved will not show. Well below 1: the GPU is the bottleneck. Where the step
-    offloads to the host (``offload``, the model's offloader, see :func:`offloading`), also ``host_wait_ms``,
-    the part of issue_ms the host spent waiting for copies out (its host_wait_s), and on a GPU
-    ``fetch_wait_ms``, how long the compute stream stood waiting for inputs fetched back (timed_fetch_waits)."""
-    waited = offload.host_wait_s if offload is not None else None
-    timing = offload.timed_fetch_waits() if offload is not None else contextlib.nullcontext()
+    offloads to the host (``offload``, the model's offloader, see :func:`offloading`), also, on a GPU, how
+    long the compute stream stood waiting for copies to the host (``copy_wait_ms``: the copy queue full) and
+    for inputs fetched back (``fetch_wait_ms``), from its timed_waits; None for both without CUDA."""
+    timing = offload.timed_waits() if offload is not None else contextlib.nullcontext()
     sync()
-    with timing as fetch_wait_ms:
+    with timing as waits_ms:
         t = time.perf_counter()
         run_step()
         issue = time.perf_counter() - t
         sync()
         out = {"issue_ms": issue * 1e3, "step_ms": (time.perf_counter() - t) * 1e3}
         if offload is not None:
-            out["host_wait_ms"] = 1e3 * (offload.host_wait_s - waited)
-            out["fetch_wait_ms"] = fetch_wait_ms() if _cuda_initialized() else None
+            out["copy_wait_ms"], out["fetch_wait_ms"] = waits_ms() if _cuda_initialized() else (None, None)
     return out
 
 

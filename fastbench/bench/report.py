@@ -136,14 +136,12 @@ def profile_lines(results: dict) -> list[str]:
                     mean_busy = sum(busy) / len(busy)
                     host += (f"; the GPU's compute stream ran kernels for {mean_busy:,.1f} ms of it "
                              f"(idle {max(0.0, step - mean_busy):,.1f} ms: waiting for the host or other streams)")
-                waits = [(h["host_wait_ms"], h.get("fetch_wait_ms")) for h in hosts
-                         if h.get("host_wait_ms") is not None]
+                waits = [(h["copy_wait_ms"], h["fetch_wait_ms"]) for h in hosts
+                         if h.get("copy_wait_ms") is not None]
                 if waits:
-                    host_wait = sum(w for w, _ in waits) / len(waits)
-                    fetch = [f for _, f in waits if f is not None]
-                    host += (f"; of that step the host waited {host_wait:,.1f} ms for copies to the host"
-                             + (f", the compute stream {sum(fetch) / len(fetch):,.1f} ms for inputs fetched back"
-                                if fetch else ""))
+                    copy, fetch = (sum(w[i] for w in waits) / len(waits) for i in (0, 1))
+                    host += (f"; of that step the compute stream waited {copy:,.1f} ms for copies to the host "
+                             f"(the copy queue full) and {fetch:,.1f} ms for inputs fetched back")
             lines.append(f"- {arm}: profiled step {sum(p['wall_ms'] for p in ps) / len(ps):,.1f} ms wall "
                          f"(profiler overhead included), timed steps {_fmt(timed and 1e3 * timed, ',.1f')} ms median"
                          + host + (f"; largest 'other': {others}" if others else ""))
@@ -218,18 +216,18 @@ def busy_lines(results: dict) -> list[str]:
     cpus = results["environment"].get("cpu_count")
     columns = [("gpu_busy_pct", ".0f"), ("host_own_cores", ".2f"), ("host_other_cores", ".2f"),
                ("host_steal_pct", ".1f")]
-    waits = any(r.get("offload_wait_ms") is not None for r in runs)
-    columns += [("offload_wait_ms", ".1f")] if waits else []
+    waits = any(r.get("offload_queue_waits") is not None for r in runs)
+    columns += [("offload_queue_waits", ".1f")] if waits else []
     lines = ["", "## How busy the machine was during the timed steps", "",
              "A slow process next to busy cores points at the host, not the code; a GPU busy well under 100% "
              "waited for its host. Cores: CPU seconds per second of the timed steps"
              + (f", of {cpus} on this machine" if cpus else "") + "; GPU busy: the share of time a kernel ran "
              "(NVML)."
-             + ("; host waiting for copies: ms per step the host thread waited for the offload mode's copies to "
-                "the host (their sources may hold a bounded amount of GPU memory): counted in its "
-                "cores (CUDA's wait may spin) but issuing nothing; fused arms only" if waits else ""), "",
+             + ("; copy queue full: per step, how many of the offload mode's copies to the host the compute "
+                "stream had to wait for (their sources hold a bounded amount of GPU memory, and the bus was "
+                "behind the compute); fused arms only" if waits else ""), "",
              "| model | arm | repeat | median step s | GPU busy % | this process's cores | other processes' cores "
-             "| steal % |" + (" host waiting for copies ms/step |" if waits else ""),
+             "| steal % |" + (" copy queue full, waits/step |" if waits else ""),
              "| --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if waits else "")]
     for r in runs:
         cells = [_fmt(r.get(k), spec) for k, spec in columns]

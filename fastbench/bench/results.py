@@ -91,7 +91,7 @@ def read(path: str) -> dict:
 
 
 _RUN_METRICS = ("load_s", "materialize_s", "first_step_s", "first_step_compiles", "peak_allocated_gib",
-                "peak_reserved_gib", "nvml_process_gib", "nvml_device_gib", *busy.FIELDS, "offload_wait_ms")
+                "peak_reserved_gib", "nvml_process_gib", "nvml_device_gib", *busy.FIELDS, "offload_queue_waits")
 
 
 def long_frame(results: dict):

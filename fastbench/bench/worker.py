@@ -109,7 +109,7 @@ def new_record(label: str, model: str, repeat: int, config: dict, status: str = 
             "phase": "load", "load_s": None, "materialize_s": 0.0, "first_step_s": None, "first_step_compiles": None,
             "warmup_step_s": [], "step_s": [], "tokens_per_step": [], "positions_per_step": [], "losses": [],
             "peak_allocated_gib": None, "peak_reserved_gib": None, "nvml_process_gib": None,
-            "nvml_device_gib": None, **dict.fromkeys(busy.FIELDS), "gc_timed": None, "offload_wait_ms": None,
+            "nvml_device_gib": None, **dict.fromkeys(busy.FIELDS), "gc_timed": None, "offload_queue_waits": None,
             "autotune_tiers": None, "compiled_cache": None, "profile": None, "alloc_env": None, "config": config}
 
 
@@ -205,7 +205,7 @@ def run(spec: dict, world=None) -> dict:
         gc.callbacks.append(timer := _gc_timer(gc_pauses))
         busy_start = busy.Sample()
         offload = offloading(ddp.unwrap(model))
-        waited = offload.host_wait_s if offload is not None else None
+        waited = offload.queue_waits if offload is not None else None
         if cuda:
             events = [torch.cuda.Event(enable_timing=True) for _ in range(len(timed) + 1)]
             events[0].record()
@@ -221,7 +221,7 @@ def run(spec: dict, world=None) -> dict:
                 record["step_s"].append(time.perf_counter() - t)
         record.update(busy.between(busy_start, busy.Sample(), torch.cuda.current_device() if cuda else None))
         if offload is not None:
-            record["offload_wait_ms"] = 1e3 * (offload.host_wait_s - waited) / len(timed)
+            record["offload_queue_waits"] = (offload.queue_waits - waited) / len(timed)
         gc.callbacks.remove(timer)
         record["gc_timed"] = {"collections": [sum(1 for g, _ in gc_pauses if g == gen) for gen in range(3)],
                               "ms": 1e3 * sum(t for _, t in gc_pauses),

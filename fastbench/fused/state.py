@@ -24,7 +24,7 @@ class FusedState:
 
     @property
     def offloader(self) -> HostOffloader | None:
-        """The offload mode's copier (its counters: ``host_wait_s``, ``timed_fetch_waits()``), else None."""
+        """The offload mode's copier (its counter ``queue_waits`` and ``timed_waits()``), else None."""
         return self.checkpointing.offloader
 
 

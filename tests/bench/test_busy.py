@@ -64,15 +64,16 @@ def test_report_lists_each_process(rng, make_record, make_results):
                                                                      ["n/a", "0.90", "3.25", "0.5"]]
 
 
-def test_report_shows_the_offload_wait_where_recorded(rng, make_record, make_results):
+def test_report_shows_the_copy_queue_waits_where_recorded(rng, make_record, make_results):
     records = [make_record("unsloth-qlora", rng=rng), make_record("fused-4bit", rng=rng)]
-    for r, wait in zip(records, (None, 12.34)):
-        r.update(host_own_cores=1.0, host_other_cores=0.0, host_steal_pct=0.0, gpu_busy_pct=90.0, offload_wait_ms=wait)
+    for r, waits in zip(records, (None, 2.25)):
+        r.update(host_own_cores=1.0, host_other_cores=0.0, host_steal_pct=0.0, gpu_busy_pct=90.0,
+                 offload_queue_waits=waits)
     lines = busy_lines(make_results(records, ["unsloth-qlora", "fused-4bit"]))
-    assert "host waiting for copies" in lines[3] and lines[5].endswith("host waiting for copies ms/step |")
-    assert [l.rstrip(" |").split(" | ")[-1] for l in lines[-2:]] == ["n/a", "12.3"]
-    records[1]["offload_wait_ms"] = None  # no fused arm, or results from before the counter: no column
-    assert "host waiting" not in "".join(busy_lines(make_results(records, ["unsloth-qlora", "fused-4bit"])))
+    assert "copy queue full" in lines[3] and lines[5].endswith("copy queue full, waits/step |")
+    assert [l.rstrip(" |").split(" | ")[-1] for l in lines[-2:]] == ["n/a", "2.2"]
+    records[1]["offload_queue_waits"] = None  # no fused arm, or results from before the counter: no column
+    assert "copy queue" not in "".join(busy_lines(make_results(records, ["unsloth-qlora", "fused-4bit"])))
 
 
 def test_report_without_busy_figures_has_no_section(rng, make_record, make_results):

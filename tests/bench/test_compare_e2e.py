@@ -33,7 +33,7 @@ def test_compare_then_rerun_with_oom_against_doctored_baseline(tmp_path, monkeyp
         assert r["host_own_cores"] > 0 and r["host_other_cores"] >= 0 and 0 <= r["host_steal_pct"] <= 100
         gc_timed = r["gc_timed"]  # the collections during the timed steps (a full one is done before them)
         assert len(gc_timed["collections"]) == 3 and gc_timed["ms"] >= gc_timed["max_ms"] >= 0
-        assert r["offload_wait_ms"] is None  # not a fused arm: the worker never imported the offloader
+        assert r["offload_queue_waits"] is None  # not a fused arm: the worker never imported the offloader
     (check,) = run["summary"]["loss_checks"]
     assert check["arm"] == "qlora" and not check["mismatch"]  # same weights, same data, NF4 vs bf16
     report = (reports / (run["id"] + ".md")).read_text()

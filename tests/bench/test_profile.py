@@ -146,45 +146,17 @@ def test_report_says_when_the_host_cpu_bounds_the_step(tmp_path, rng, make_recor
 
 
 def test_host_issue_reports_the_offload_waits_where_an_offloader_exists():
-    """Given the model's offloader (a fused offload arm), the unprofiled step also says how long the host waited
-    for copies out and, on a GPU, the compute stream for inputs fetched back (here: a CPU, so None)."""
+    """Given the model's offloader (a fused offload arm), the unprofiled step also says, on a GPU, how long the
+    compute stream waited for copies out and for inputs fetched back (here: a CPU, so None)."""
     from fastbench.bench.profile import host_issue
     from fastbench.fused.checkpointing import HostOffloader
 
-    assert "host_wait_ms" not in host_issue(lambda: None, lambda: None)  # no offloader: the figures do not apply
-    offloader = HostOffloader()
-
-    def step():
-        offloader.host_wait_s += 0.25
-    got = host_issue(step, lambda: None, offloader)
-    assert got["host_wait_ms"] == pytest.approx(250.0) and got["fetch_wait_ms"] is None
+    assert "copy_wait_ms" not in host_issue(lambda: None, lambda: None)  # no offloader: the figures do not apply
+    got = host_issue(lambda: None, lambda: None, HostOffloader())
+    assert got["copy_wait_ms"] is None and got["fetch_wait_ms"] is None
 
 
-def test_offloading_finds_the_offloader_of_a_fused_offload_model_only():
-    from fastbench.bench.profile import offloading
-    from fastbench.fused.checkpointing import CheckpointConfig, LayerCheckpointing
-    from fastbench.fused.state import FusedState
-
-    class Decoder(torch.nn.Module):
-        pass
-
-    class CausalLM(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.model = Decoder()
-
-        def get_decoder(self):
-            return self.model
-
-    model = CausalLM()
-    assert offloading(model) is None  # not fused
-    for setting, found in ((True, False), ("offload", True)):
-        model.model._fastbench = FusedState(None, LayerCheckpointing(CheckpointConfig.of(setting)), None)
-        offloader = model.model._fastbench.offloader
-        assert offloading(model) is offloader and (offloader is not None) == found
-
-
-def test_timed_fetch_waits_sums_each_wait_and_stops_timing_after():
+def test_timed_waits_sums_each_kind_of_wait_and_stops_timing_after():
     from fastbench.fused.checkpointing import HostOffloader
 
     class Before:
@@ -192,21 +164,22 @@ def test_timed_fetch_waits_sums_each_wait_and_stops_timing_after():
         def elapsed_time(self, after): return self.ms
 
     offloader = HostOffloader()
-    with offloader.timed_fetch_waits() as total:
-        offloader._fetch_waits += [(Before(1.5), None), (Before(0.25), None)]
-        assert total() == pytest.approx(1.75)
-    assert offloader._fetch_waits is None
+    with offloader.timed_waits() as total:
+        offloader._timed["in"] += [(Before(1.5), None), (Before(0.25), None)]
+        offloader._timed["out"].append((Before(4.0), None))
+        assert total() == (pytest.approx(4.0), pytest.approx(1.75))
+    assert offloader._timed is None
 
 
 def test_report_gives_the_offload_waits_of_the_profiled_arm(tmp_path, rng, make_record, make_results):
     recs = [make_record("fused-4bit", rng=rng)]
-    recs[0]["profile"] = {**_profile(rng), "host": {"issue_ms": 390.0, "step_ms": 400.0, "host_wait_ms": 12.5,
+    recs[0]["profile"] = {**_profile(rng), "host": {"issue_ms": 390.0, "step_ms": 400.0, "copy_wait_ms": 12.5,
                                                      "fetch_wait_ms": 30.25}}
     res = make_results(recs, ["fused-4bit"])
     res["summary"] = summarize_results(res)
     text = open(report.write_report(res, str(tmp_path))).read()
-    assert ("the host waited 12.5 ms for copies to the host, the compute stream 30.2 ms for inputs fetched back"
-            in text)
+    assert ("the compute stream waited 12.5 ms for copies to the host (the copy queue full) and 30.2 ms for "
+            "inputs fetched back" in text)
 
 
 def test_union_of_kernel_intervals():

@@ -26,7 +26,7 @@ def test_round_trip_json_and_long_csv(tmp_path, rng, make_record, make_results):
                                                        "first_step_compiles", "peak_allocated_gib", "peak_reserved_gib",
                                                        "nvml_process_gib", "nvml_device_gib",
                                                        "host_own_cores", "host_other_cores", "host_steal_pct",
-                                                       "gpu_busy_pct", "offload_wait_ms"}
+                                                       "gpu_busy_pct", "offload_queue_waits"}
 
 
 def test_run_id_names_date_and_gpu():

@@ -389,35 +389,34 @@ def test_saved_groups_with_two_forwards_and_after_a_failed_backward(seed):
 
 
 class Copy:
-    """A copy's event: finished or not (``query``); ``synchronize`` records the wait."""
+    """A copy's event: finished or not (``query``)."""
 
     def __init__(self, finished):
-        self.finished, self.waited = finished, False
+        self.finished = finished
 
     def query(self):
         return self.finished
 
-    def synchronize(self):
-        self.waited = True
-        if not self.finished:  # a wait for a copy still on the bus
-            time.sleep(0.02)
-
 
 def test_copies_to_the_host_hold_a_bounded_amount_of_device_memory():
     """Where the bus is slower than the compute, queued copies keep their sources alive: past
-    max_copying_bytes (default MAX_COPYING_BYTES) the host waits for the oldest copy; finished copies are forgotten without waiting."""
+    max_copying_bytes (default MAX_COPYING_BYTES) the compute stream is made to wait for the oldest copy, whose
+    source is then dropped (the host does not wait); finished copies are forgotten without a wait."""
     offloader = offload_module.HostOffloader(max_copying_bytes=100)
+    waited = []
+    offloader._compute_waits_for = lambda done, device, kind: waited.append((done, kind))
     copies = [Copy(False), Copy(False), Copy(True), Copy(False)]
     sources = [torch.empty(n, dtype=torch.uint8) for n in (40, 40, 40, 10)]
     for copy, x in zip(copies[:2], sources):
         offloader._hold_until_copied(x, copy)
-    assert offloader._copying_bytes == 80 and not any(c.waited for c in copies)
-    offloader._hold_until_copied(sources[2], copies[2])  # 120 > 100: waits for the oldest only
-    assert [c.waited for c in copies[:3]] == [True, False, False] and offloader._copying_bytes == 80
-    assert offloader.host_wait_s >= 0.02  # the wait is counted, on the offloader, for the harness
+    assert offloader._copying_bytes == 80 and not waited
+    offloader._hold_until_copied(sources[2], copies[2])  # 120 > 100: the compute stream waits for the oldest only
+    assert waited == [(copies[0], "out")] and offloader._copying_bytes == 80
+    assert offloader.queue_waits == 1  # counted, on the offloader, for the harness
     copies[1].finished = True
     offloader._hold_until_copied(sources[3], copies[3])  # the two oldest finished: forgotten; the newest stays
     assert [c for c, _ in offloader._copying] == [copies[3]] and offloader._copying_bytes == 10
+    assert len(waited) == 1 and offloader.queue_waits == 1
 
 
 def test_a_copy_source_is_held_until_its_copy_is_seen_finished(seed):
@@ -429,6 +428,7 @@ def test_a_copy_source_is_held_until_its_copy_is_seen_finished(seed):
     from fastbench.fused.checkpointing.offload import HostOffloader
 
     offloader = HostOffloader()
+    offloader._compute_waits_for = lambda *args: pytest.fail("no wait for a copy below the bound")
     copies, held = [Copy(False), Copy(False)], []
     for copy in copies:
         x = torch.randn(8)
@@ -444,8 +444,7 @@ def test_a_copy_source_is_held_until_its_copy_is_seen_finished(seed):
     copies[1].finished = True
     offloader.load(key)  # and so does a load
     gc.collect()
-    assert held[1]() is None and offloader._copying_bytes == 0
-    assert not any(c.waited and not c.finished for c in copies)  # no wait on an unfinished copy below the bound
+    assert held[1]() is None and offloader._copying_bytes == 0 and offloader.queue_waits == 0
 
 
 def test_an_input_fetched_ahead_and_dropped_is_waited_for_first(seed, monkeypatch):

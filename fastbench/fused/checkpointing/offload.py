@@ -7,7 +7,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import ctypes
-import time
 import weakref
 from typing import Callable
 
@@ -34,13 +33,17 @@ class HostOffloader:
     Device memory stays the compute stream's: nothing is allocated on a side stream, and nothing is marked as
     used by one (``record_stream``, which holds a block back from reuse until all that the side stream queued
     by the time the block is freed has run, and so makes the allocator reserve more). A source copied to the
-    host is kept referenced until its copy is seen finished; an input fetched back is allocated on the compute
-    stream, which waits for the copy's event before the input is used or dropped.
+    host is kept referenced until its copy is seen finished, or, once the sources of copies still on the bus
+    hold more than ``max_copying_bytes`` (default MAX_COPYING_BYTES) of device memory, until the compute
+    stream is made to wait for the oldest copy: its source's memory then goes back to the compute stream's
+    pool, where only work queued after that wait can reuse it. The host never waits for the bus, so it goes
+    on issuing work; the compute stream waits only where the bus is that far behind. An input fetched back
+    is allocated on the compute stream, which waits for the copy's event before the input is used or
+    dropped.
 
-    ``max_copying_bytes`` (default MAX_COPYING_BYTES) bounds the device memory that the sources of copies to
-    the host still on the bus hold. ``host_wait_s``: the seconds the host thread has waited, in total, for
-    copies to the host (held to that bound): time the host could not issue work in, the bus being slower
-    than the compute. :meth:`timed_fetch_waits` times the compute stream's waits for inputs fetched back."""
+    ``queue_waits``: how many copies to the host the compute stream was made to wait for, in total (the copy
+    queue full: the bus slower than the compute). :meth:`timed_waits` times the compute stream's waits, for
+    copies to the host and for inputs fetched back."""
 
     def __init__(self, max_copying_bytes: int = MAX_COPYING_BYTES):
         self.max_copying_bytes = max_copying_bytes
@@ -61,20 +64,36 @@ class HostOffloader:
         self._forward = 0
         self._streams: dict[str, torch.cuda.Stream] = {}  # "out" (to the host), "in" (back)
         self._reads: dict[int, object] = {}  # a freed buffer's data_ptr -> the event of the copy back that read it
-        self.host_wait_s = 0.0
-        self._fetch_waits: list | None = None  # while timed: (before, after) CUDA events around each fetch wait
+        self.queue_waits = 0
+        self._timed: dict | None = None  # while timed: "out"/"in" -> (before, after) CUDA events around each wait
 
     @contextlib.contextmanager
-    def timed_fetch_waits(self):
-        """Within: each wait of the compute stream for an input fetched back from the host is bracketed by two
-        timing events (any thread: the backward runs in autograd's). Yields a function that, once the GPU has
-        run the work (synchronize first), gives the milliseconds the compute stream stood waiting in total: the
-        time the bus, not the host or the kernels, set the pace."""
-        events = self._fetch_waits = []
+    def timed_waits(self):
+        """Within: each wait of the compute stream for a copy, to the host ("out", the copy queue full) or back
+        from it ("in", an input fetched back), is bracketed by two timing events (any thread: the backward runs
+        in autograd's). Yields a function that, once the GPU has run the work (synchronize first), gives the
+        milliseconds the compute stream stood waiting in total, (out, in): the time the bus, not the host or
+        the kernels, set the pace."""
+        events = self._timed = {"out": [], "in": []}
         try:
-            yield lambda: sum(before.elapsed_time(after) for before, after in events)
+            yield lambda: tuple(sum(before.elapsed_time(after) for before, after in events[kind])
+                                for kind in ("out", "in"))
         finally:
-            self._fetch_waits = None
+            self._timed = None
+
+    def _compute_waits_for(self, done, device: torch.device, kind: str) -> None:
+        """Makes the compute stream of ``device`` wait for the copy whose event is ``done`` (``kind``: "out" or
+        "in", as :meth:`timed_waits` counts it)."""
+        compute = torch.cuda.current_stream(device)
+        timed = self._timed
+        if timed is None:
+            compute.wait_event(done)
+            return
+        before, after = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        before.record(compute)
+        compute.wait_event(done)
+        after.record(compute)
+        timed[kind].append((before, after))
 
     def _side_stream_after_compute(self, direction: str, device: torch.device):
         """The stream of the copies ``direction`` ("out" to the host, "in" back), made to wait for the compute
@@ -162,7 +181,7 @@ class HostOffloader:
 
     def _hold_until_copied(self, x: torch.Tensor, done) -> None:
         """Keeps ``x``, the source of a copy to the host, referenced until that copy's event ``done`` is seen
-        finished (:meth:`_drain_copies`). Marking x as used by the side stream instead (``record_stream``)
+        finished or the compute stream is made to wait for it (:meth:`_drain_copies`). Marking x as used by the side stream instead (``record_stream``)
         keeps its memory from reuse until all that the side stream queued by the time x is freed has run,
         and the allocator reserves new memory meanwhile."""
         self._copying.append((done, x))
@@ -172,13 +191,13 @@ class HostOffloader:
     def _drain_copies(self) -> None:
         """Drops the sources of the copies to the host that finished (oldest first: one stream runs them in
         order), their memory back to the compute stream's pool at once; while the rest hold more than
-        ``max_copying_bytes`` of device memory, waits for the oldest (the GPU then still has every later layer
-        queued)."""
+        ``max_copying_bytes`` of device memory, drops the oldest too, after making the compute stream wait for
+        its copy (the host does not wait: it goes on queuing work)."""
         while self._copying and (self._copying_bytes > self.max_copying_bytes or self._copying[0][0].query()):
             done, x = self._copying.popleft()
-            start = time.perf_counter()
-            done.synchronize()  # at once where query() said it finished
-            self.host_wait_s += time.perf_counter() - start
+            if not done.query():
+                self._compute_waits_for(done, x.device, "out")
+                self.queue_waits += 1
             self._copying_bytes -= x.nbytes
 
     def _fetch(self, key: tuple[int, int]):
@@ -209,16 +228,7 @@ class HostOffloader:
         x, done = self._prefetched.pop(key, None) or self._fetch(key)
         self._prefetch_below(key)
         if done is not None:
-            compute = torch.cuda.current_stream(x.device)
-            timed = self._fetch_waits
-            if timed is None:
-                compute.wait_event(done)
-            else:
-                before, after = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                before.record(compute)
-                compute.wait_event(done)
-                after.record(compute)
-                timed.append((before, after))
+            self._compute_waits_for(done, x.device, "in")
         return x
 
     def _prefetch_below(self, key: tuple[int, int]) -> None:
