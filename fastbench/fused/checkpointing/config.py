@@ -38,7 +38,8 @@ class OffloadConfig:
     - ``embedding``: keep an untied, frozen input embedding table in pinned host memory
       (fastbench.fused.host_embedding).
     - ``copy_queue_gib``: the GPU memory that activations on their way to the host may hold while the bus is
-      behind the compute; past it the host waits for the oldest copy. Less holds less memory and may wait more.
+      behind the compute; past it the compute stream waits for the oldest copy (the host does not). Less holds
+      less memory and may wait more.
     """
     save_every: int = 2
     embedding: bool = True

@@ -16,7 +16,8 @@ from fastbench.fused.checkpointing.config import OffloadConfig
 from fastbench.fused.checkpointing.context import PartContext
 
 # device memory that queued copies to the host may hold (their sources are not reused before the copy read them)
-# before the host waits for the oldest: bounds the offload mode's memory where the bus is slower than the compute
+# before the compute stream waits for the oldest: bounds the offload mode's memory where the bus is slower than
+# the compute
 MAX_COPYING_BYTES = OffloadConfig().copy_queue_bytes
 
 
