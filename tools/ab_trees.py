@@ -1,0 +1,159 @@
+"""Probe: is one source tree's training step faster than another's? An A/B of two versions of fastbench (two
+checkouts, say main and a branch) on the same GPU, interleaved, each version loaded once.
+
+Each tree is laid out as the installed package (symbolic links) in its own directory under ``--work``, and one
+child process per tree imports fastbench from there, builds the arm (llama-3-8b with random weights, ``bits:ckpt`` as the other probes
+take it, seq x batch of random tokens with an all-ones attention mask as the harness passes) and runs warm-up
+steps. Then the children take turns, one at a time, the other idle (A B, B A, A B, ...): in each turn the
+child runs ``--steps`` pipelined steps and reports ms per step (synchronised before and after the block). Both
+models stay resident, so the GPU memory must hold two. Prints each round, each tree's median, and the ratio of
+the medians (A's ms over B's: above 1 means B is faster) with a 95% bootstrap interval over the rounds; writes
+all of it, with both trees' git revisions and the allocator setting, to ``--out`` (JSON).
+
+    python tools/ab_trees.py /work/main /work/wt-branch --arm 4bit:offload --rounds 6 --steps 8 --out ab.json
+"""
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.abspath(__file__)
+
+
+def child(args) -> None:
+    """Builds the arm, warms up, then runs a block of steps for each line read from stdin."""
+    import warnings
+
+    import torch
+
+    warnings.simplefilter("ignore")
+    from fastbench import FastLanguageModel
+
+    bits, ckpt = args.arm.split(":")
+    ckpt = {"offload": "offload", "auto": "auto", "true": True}.get(ckpt) or float(ckpt)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    ids = torch.randint(0, 128256 if device == "cuda" else 256, (args.batch, args.seq), device=device)
+    batch = dict(input_ids=ids, labels=ids, attention_mask=torch.ones_like(ids))
+    base, _ = FastLanguageModel.from_pretrained(args.model, dtype=torch.bfloat16, device=device,
+                                                load_in_4bit=bits == "4bit", seed=1)
+    model = FastLanguageModel.get_peft_model(base, r=16, random_state=2, use_gradient_checkpointing=ckpt,
+                                             fallback=False)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4,
+                            fused=device == "cuda")
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def step():
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(args.warmup):
+        step()
+    sync()
+    print(json.dumps({"ready": os.path.dirname(os.path.realpath(sys.modules["fastbench.kernels"].__file__))}),
+          flush=True)
+    for line in sys.stdin:
+        n = int(line)
+        sync()
+        t = time.perf_counter()
+        for _ in range(n):
+            step()
+        sync()
+        print(json.dumps({"ms": (time.perf_counter() - t) / n * 1e3}), flush=True)
+
+
+def _link(tree: str, target: str) -> None:
+    """``target/fastbench`` laid out as the installed package (``kernels/`` and ``autotune/`` inside it, as
+    pyproject.toml maps them), of symbolic links into ``tree``: no build, and edits in ``tree`` show."""
+    package = os.path.join(target, "fastbench")
+    os.makedirs(package, exist_ok=True)
+    tree = os.path.abspath(tree)
+    entries = {name: os.path.join(tree, "fastbench", name) for name in os.listdir(os.path.join(tree, "fastbench"))}
+    entries.update(kernels=os.path.join(tree, "kernels"), autotune=os.path.join(tree, "autotune"))
+    for name, source in entries.items():
+        link = os.path.join(package, name)
+        if os.path.lexists(link):
+            os.remove(link)
+        os.symlink(source, link)
+
+
+def _revision(tree: str) -> str:
+    out = subprocess.run(["git", "-C", tree, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(["git", "-C", tree, "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True).stdout.strip()
+    return (out.stdout.strip() or "unknown") + ("+changes" if dirty else "")
+
+
+def _ratio_interval(a: list, b: list, draws: int = 2000) -> tuple:
+    rng = random.Random(0)
+    ratios = sorted(statistics.median(rng.choices(a, k=len(a))) / statistics.median(rng.choices(b, k=len(b)))
+                    for _ in range(draws))
+    return ratios[int(0.025 * draws)], ratios[int(0.975 * draws) - 1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("trees", nargs="*", help="two source trees (checkouts of fastbench): A and B")
+    ap.add_argument("--arm", default="4bit:offload", help="bits:ckpt, e.g. 4bit:offload, bf16:40, 4bit:auto")
+    ap.add_argument("--model", default="llama-3-8b")
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=6, help="turns of each tree")
+    ap.add_argument("--steps", type=int, default=8, help="pipelined steps per turn")
+    ap.add_argument("--work", default="/tmp/ab_trees", help="where each tree is installed")
+    ap.add_argument("--out", help="JSON file for every round and the summary")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        return child(args)
+    if len(args.trees) != 2:
+        ap.error("give two source trees, A and B")
+    names, procs = ("A", "B"), {}
+    for name, tree in zip(names, args.trees):
+        target = os.path.join(args.work, name)
+        _link(tree, target)
+        env = {**os.environ, "PYTHONPATH": target + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        cmd = [sys.executable, HERE, "--child", "--arm", args.arm, "--model", args.model, "--seq", str(args.seq),
+               "--batch", str(args.batch), "--warmup", str(args.warmup)]
+        procs[name] = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                       cwd=args.work)
+    try:
+        for name, tree in zip(names, args.trees):
+            line = procs[name].stdout.readline()
+            if not line:
+                sys.exit(f"tree {name} ({tree}) failed before its first step")
+            print(f"{name}: kernels from {json.loads(line)['ready']}", flush=True)
+        ms = {name: [] for name in names}
+        for r in range(args.rounds):
+            for name in names if r % 2 == 0 else names[::-1]:
+                procs[name].stdin.write(f"{args.steps}\n")
+                procs[name].stdin.flush()
+                ms[name].append(json.loads(procs[name].stdout.readline())["ms"])
+            print(f"round {r}: A {ms['A'][-1]:.1f} ms/step, B {ms['B'][-1]:.1f} ms/step", flush=True)
+    finally:
+        for p in procs.values():
+            p.stdin.close()
+            p.wait(timeout=120)
+    med = {name: statistics.median(v) for name, v in ms.items()}
+    low, high = _ratio_interval(ms["A"], ms["B"])
+    tokens = args.seq * args.batch
+    summary = {"arm": args.arm, "model": args.model, "seq": args.seq, "batch": args.batch, "steps": args.steps,
+               "rounds": args.rounds, "trees": {n: {"path": t, "git": _revision(t)} for n, t in zip(names, args.trees)},
+               "alloc_conf": {k: v for k, v in os.environ.items() if "ALLOC_CONF" in k}, "ms_per_step": ms,
+               "median_ms": med, "ratio_a_over_b": med["A"] / med["B"], "ratio_95": [low, high]}
+    for name in names:
+        print(f"{name} ({summary['trees'][name]['git']}): median {med[name]:.1f} ms/step, "
+              f"{tokens / med[name] * 1e3:,.0f} tokens/s")
+    print(f"A/B ratio of medians {med['A'] / med['B']:.3f} (95% interval {low:.3f}-{high:.3f}; above 1: B faster)")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(summary, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
