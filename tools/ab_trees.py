@@ -2,9 +2,9 @@
 checkouts, say main and a branch) on the same GPU, interleaved, each version loaded once.
 
 Each tree is laid out as the installed package (symbolic links) in its own directory under ``--work``, and one
-child process per tree imports fastbench from there, builds the arm (llama-3-8b with random weights, ``bits:ckpt`` as the other probes
-take it, seq x batch of random tokens with an all-ones attention mask as the harness passes) and runs warm-up
-steps. Then the children take turns, one at a time, the other idle (A B, B A, A B, ...): in each turn the
+child process per tree imports fastbench from there, builds the arm (llama-3-8b with random weights,
+``bits:ckpt`` as the other probes take it, seq x batch of random tokens with an all-ones attention mask as the
+harness passes) and runs warm-up steps. Then the children take turns, one at a time, the other idle (A B, B A, A B, ...): in each turn the
 child runs ``--steps`` pipelined steps and reports ms per step (synchronised before and after the block). Both
 models stay resident, so the GPU memory must hold two. Prints each round, each tree's median, and the ratio of
 the medians (A's ms over B's: above 1 means B is faster) with a 95% bootstrap interval over the rounds; writes

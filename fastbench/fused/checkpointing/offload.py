@@ -182,9 +182,9 @@ class HostOffloader:
 
     def _hold_until_copied(self, x: torch.Tensor, done) -> None:
         """Keeps ``x``, the source of a copy to the host, referenced until that copy's event ``done`` is seen
-        finished or the compute stream is made to wait for it (:meth:`_drain_copies`). Marking x as used by the side stream instead (``record_stream``)
-        keeps its memory from reuse until all that the side stream queued by the time x is freed has run,
-        and the allocator reserves new memory meanwhile."""
+        finished or the compute stream is made to wait for it (:meth:`_drain_copies`). Marking x as used by the
+        side stream instead (``record_stream``) keeps its memory from reuse until all that the side stream
+        queued by the time x is freed has run, and the allocator reserves new memory meanwhile."""
         self._copying.append((done, x))
         self._copying_bytes += x.nbytes
         self._drain_copies()
