@@ -30,7 +30,7 @@ def offload_host_bytes(config, tokens: int, dtype_bytes: int = 2, offload: Offlo
     layout = offload or OffloadConfig()
     per_token = 0
     for index in range(layers):
-        if layout.save_every and index % layout.save_every == 0 and tokens <= layout.save_max_tokens:
+        if layout.saves_mlp(index, tokens):
             per_token += 3 * h + 2 * i
         else:
             per_token += 2 * h

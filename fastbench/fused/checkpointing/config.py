@@ -59,6 +59,12 @@ class OffloadConfig:
             raise ValueError(f"offload option copy_queue_gib={queue!r}: give a number of GiB > 0 (the GPU memory "
                              "activations on their way to the host may hold)")
 
+    def saves_mlp(self, index: int, tokens: int) -> bool:
+        """Whether layer ``index`` of a forward of ``tokens`` tokens keeps its MLP's graph (its activations
+        offloaded) instead of recomputing it: every ``save_every``-th layer, in forwards of at most
+        ``save_max_tokens`` tokens."""
+        return bool(self.save_every) and index % self.save_every == 0 and tokens <= self.save_max_tokens
+
     @property
     def copy_queue_bytes(self) -> int:
         return int(self.copy_queue_gib * GiB)

@@ -35,7 +35,6 @@ class LayerCheckpointing:
         # offload mode: every n-th layer (0: none) keeps its last part's graph, with the activations that part
         # saves offloaded, instead of recomputing it
         self.save_last_every = offload.save_every if offload is not None else 0
-        self.save_max_tokens = offload.save_max_tokens if offload is not None else 0
         self.layers = layers
         self.model = model or budgeting.ModelBytes()
         self.plan: budgeting.Plan | None = None
@@ -59,8 +58,7 @@ class LayerCheckpointing:
             if kind == "keep":
                 return chain((fn for fn, _ in parts), x)
             offloader = self.offloader if kind == "offload" else None
-        saved_last = (self.mode == "offload" and self.save_last_every and index % self.save_last_every == 0
-                      and x.shape[:-1].numel() <= self.save_max_tokens)
+        saved_last = self.mode == "offload" and self.config.offload.saves_mlp(index, x.shape[:-1].numel())
         units = [parts] if self.mode == "recompute" else [[part] for part in parts]
         for unit in units[:-1] if saved_last else units:
             params = [t for _, p in unit for t in (p() if callable(p) else p)]
@@ -119,8 +117,8 @@ class LayerCheckpointing:
                    "recompute every layer's attention, inputs and every MLP's activations" if n == 1 else
                    f"recompute every layer but every {_ordinal(n)} layer's MLP, inputs and those MLPs' activations")
         if n:
-            offload = (f"in forwards of at most {self.save_max_tokens} tokens {offload}; in longer ones recompute "
-                       "every layer, inputs")
+            offload = (f"in forwards of at most {self.config.offload.save_max_tokens} tokens {offload}; in longer "
+                       "ones recompute every layer, inputs")
         return {"keep": "no activation checkpointing", "recompute": "recompute every layer",
                 "offload": f"{offload} offloaded to pinned CPU memory",
                 "budget": f"plan each step within a budget of {budget} of reserved GPU memory (weights, optimizer "
