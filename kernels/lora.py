@@ -421,11 +421,17 @@ def _mlp_forward(x: torch.Tensor, glu: GLU, gate: Projection, up: Projection, do
     x2 = x.reshape(-1, x.shape[-1])
     chunks = _row_chunks(x2.shape[0], chunk_rows)
     if len(chunks) == 1:
-        return _forward(glu.forward(*_forward(x, (gate, up), cache)), (down,), cache)[0]
+        return _mlp_rows(x, glu, gate, up, down, cache)
     out = x2.new_empty(x2.shape[0], _out_features(down))
     for rows in chunks:
-        out[rows] = _forward(glu.forward(*_forward(x2[rows], (gate, up), cache)), (down,), cache)[0]
+        out[rows] = _mlp_rows(x2[rows], glu, gate, up, down, cache)
     return out.view(*x.shape[:-1], -1)
+
+
+def _mlp_rows(x: torch.Tensor, glu: GLU, gate: Projection, up: Projection, down: Projection,
+              cache: LoraFactorCache | None) -> torch.Tensor:
+    """down(glu(gate(x), up(x))) in one piece, without autograd."""
+    return _forward(glu.forward(*_forward(x, (gate, up), cache)), (down,), cache)[0]
 
 
 def _accumulated(total: list | None, grads: list) -> list:
