@@ -15,7 +15,6 @@ all of it, with both trees' git revisions and the allocator setting, to ``--out`
 import argparse
 import json
 import os
-import random
 import statistics
 import subprocess
 import sys
@@ -88,13 +87,6 @@ def _revision(tree: str) -> str:
     return (out.stdout.strip() or "unknown") + ("+changes" if dirty else "")
 
 
-def _ratio_interval(a: list, b: list, draws: int = 2000) -> tuple:
-    rng = random.Random(0)
-    ratios = sorted(statistics.median(rng.choices(a, k=len(a))) / statistics.median(rng.choices(b, k=len(b)))
-                    for _ in range(draws))
-    return ratios[int(0.025 * draws)], ratios[int(0.975 * draws) - 1]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("trees", nargs="*", help="two source trees (checkouts of fastbench): A and B")
@@ -139,8 +131,13 @@ def main() -> None:
         for p in procs.values():
             p.stdin.close()
             p.wait(timeout=120)
+    import numpy as np
+
+    from fastbench.bench.stats import bootstrap_ratio
+
     med = {name: statistics.median(v) for name, v in ms.items()}
-    low, high = _ratio_interval(ms["A"], ms["B"])
+    # the harness's bootstrap of a ratio of medians, each turn a group of its own: the turns are resampled
+    _, low, high = bootstrap_ratio(*([np.array([t]) for t in ms[name]] for name in names))
     tokens = args.seq * args.batch
     summary = {"arm": args.arm, "model": args.model, "seq": args.seq, "batch": args.batch, "steps": args.steps,
                "rounds": args.rounds, "trees": {n: {"path": t, "git": _revision(t)} for n, t in zip(names, args.trees)},
