@@ -284,7 +284,8 @@ def summarize_results(results: dict) -> dict:
 @click.option("--from", "from_path", type=click.Path(dir_okay=False), help="Re-run the configuration of a results file.")
 @click.option("--resume", "resume_path", type=click.Path(dir_okay=False),
               help="Finish a partial or interrupted results file: runs its missing processes and again those "
-                   "that crashed or timed out.")
+                   "that crashed or timed out, on the kind of GPU it started on (the file keeps that machine's "
+                   "description); with nothing to run, writes its report again.")
 @click.option("--against", "against_path", type=click.Path(dir_okay=False),
               help="Compare with an earlier results file; exit non-zero on a regression.")
 @click.option("--max-regression", default="5%", show_default=True,
@@ -345,9 +346,15 @@ def compare(ctx, from_path, resume_path, against_path, max_regression, allow_con
     prepared = _prepare_data(compare_cfg)
 
     environment = collect_environment()
-    if not resume_path:
+    if resume_path:  # the file keeps the machine its runs measured; the rest must run on the same kind
+        ran_on = results["environment"].get("gpu")
+        if ran_on != environment["gpu"]:
+            raise click.UsageError(
+                f"--resume {resume_path}: its runs ran on {ran_on or 'a CPU'} and this machine has "
+                f"{environment['gpu'] or 'no GPU'}: resume it on the kind of machine it started on (figures "
+                "from two kinds are not comparable), or start a new run with --from")
+    else:
         results = results_io.new_results(results_io.new_run_id(environment), compare_cfg, environment)
-    results["environment"] = environment
     config_changes = _check_against(results, old, against_path, allow_config_change) if old is not None else []
     for directory, option in ((results_dir, "--results-dir"), (reports_dir, "--reports-dir")):
         try:  # before the first process: what it measures must have somewhere to go

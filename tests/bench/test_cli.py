@@ -126,6 +126,30 @@ def test_resume_runs_only_what_is_missing(tmp_path, make_record, make_results, m
     assert "A/A noise floor" in (tmp_path / "p" / (res["id"] + ".md")).read_text()
 
 
+def test_resume_keeps_the_machine_the_runs_measured(tmp_path, make_record, make_results, monkeypatch):
+    """A complete file resumed writes its report again, with the environment its runs recorded (not this
+    machine's); a file measured on another kind of GPU is refused, naming both, and nothing runs."""
+    from fastbench.bench import runner
+
+    monkeypatch.setattr(runner, "run_one", lambda *a, **k: pytest.fail("nothing was missing"))
+    res = make_results([make_record("peft", model="llama-3-8b-tiny")], ["peft"], models=["llama-3-8b-tiny"])
+    res["compare"]["run"]["seq_len"] = 64
+    res["environment"]["versions"] = {"torch": "recorded"}
+    path = tmp_path / "done.json"
+    path.write_text(json.dumps(res))
+    dirs = ["--results-dir", str(tmp_path / "r"), "--reports-dir", str(tmp_path / "p")]
+    result = CliRunner().invoke(main, ["compare", "--resume", str(path), *dirs])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "r" / (res["id"] + ".json")).read_text())["environment"] == res["environment"]
+    assert "torch recorded" in (tmp_path / "p" / (res["id"] + ".md")).read_text()
+
+    res["environment"]["gpu"] = "NVIDIA H200"
+    path.write_text(json.dumps(res))
+    result = CliRunner().invoke(main, ["compare", "--resume", str(path), *dirs])
+    assert result.exit_code == 2
+    assert "ran on NVIDIA H200 and this machine has no GPU" in result.output
+
+
 def test_arm_models_restricts_an_arm_to_some_models(tmp_path, make_record, monkeypatch):
     """Peers on one model only: the other models run the rest; the report has no rows for the skipped
     pairs, and the loss check falls back to an arm of the same kind where the baseline did not run."""
