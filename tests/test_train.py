@@ -201,8 +201,15 @@ def test_sigterm_from_outside_while_the_gpu_trains(seed, tmp_path):
     assert (out / f"checkpoint-{last + 2}").is_dir()
 
 
+def _host_short():
+    from fastbench.fused.checkpointing.offload import PinnedMemoryShort
+
+    return PinnedMemoryShort("offloaded checkpointing needs 3.00 GiB more host memory")
+
+
 FAILURES = {"oom": lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
             "driver-oom": lambda: RuntimeError("Triton Error [CUDA]: out of memory"),  # no OutOfMemoryError
+            "host-short": _host_short,  # the offload mode's host buffers
             "other": lambda: RuntimeError("boom")}
 
 
@@ -229,6 +236,13 @@ def test_a_failing_step_keeps_the_finished_ones(seed, tmp_path, monkeypatch, err
     assert not (out / "checkpoint-3").exists() and not [p for p in os.listdir(out) if p.startswith(".")]
     if error == "other":
         assert isinstance(result.exception, RuntimeError) and "failed in step 3" in result.output
+        return
+    if error == "host-short":
+        assert result.exit_code == 1 and "out of host memory in step 3; the adapter of the 2 finished steps is " \
+            f"saved to {out}. offloaded checkpointing needs 3.00 GiB more host memory. Lower --batch (raise " \
+            "--grad-accum to keep the step size) or --max-seq-length, or use --checkpointing with a budget in GiB " \
+            "(it offloads only what does not fit the GPU) or true (nothing in host memory)" in result.output
+        assert "Traceback" not in result.output
         return
     assert result.exit_code == 1 and "out of GPU memory in step 3; the adapter of the 2 finished steps is saved " \
         f"to {out}. Lower --batch (raise --grad-accum to keep the step size) or --max-seq-length, or use " \

@@ -9,7 +9,8 @@ last length that trained and the first that ran out of memory, down to ``--granu
 ceiling (``--max-seq``, else the model's max_position_embeddings). At each length it trains ``--steps`` steps
 (forward with labels, backward, AdamW step; the first may compile) on random tokens and records the step times,
 the peaks of allocated and reserved memory (reset before each length) and NVML's memory of the process. Running
-out of memory (torch.OutOfMemoryError) frees what the step held and the search goes on; any other error ends it.
+out of memory (torch.OutOfMemoryError, or a MemoryError such as the offload mode's host buffers finding the host
+short) frees what the step held and the search goes on; any other error ends it.
 
 Every process writes its record after each length; the parent gathers the records into one results file written
 atomically after each process (and, if a process is stopped by ``--timeout`` or dies, with the lengths it
@@ -213,7 +214,7 @@ def one_length(model, optimizer, cfg, vocab_size: int, seq: int, steps: int, sim
     try:
         train_steps(model, optimizer, cfg, vocab_size, seq, steps, trial["step_s"], simulate_oom_above)
     except Exception as exc:
-        trial["result"] = "oom" if is_out_of_memory(exc) else "error"
+        trial["result"] = "oom" if is_out_of_memory(exc) or isinstance(exc, MemoryError) else "error"  # GPU or host
         trial["error"] = f"{type(exc).__name__}: {exc}"[:2000]
     if cuda:
         trial["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / GIB

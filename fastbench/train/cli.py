@@ -519,6 +519,7 @@ def _train(peft_model, prepared, output, overwrite, resume_state, lr, warmup_ste
 
     from fastbench.distributed import ddp
     from fastbench.distributed.world import barrier, peer_lost
+    from fastbench.fused.checkpointing.offload import PinnedMemoryShort
     from fastbench.files import out_of_disk_space
     from fastbench.memory import is_out_of_memory
     from fastbench.train.checkpoint import CheckpointError, save_adapter
@@ -597,6 +598,11 @@ def _train(peft_model, prepared, output, overwrite, resume_state, lr, warmup_ste
             raise click.ClickException(who + keep(
                 f"out of GPU memory in step {state.done + 1}") + ". Lower --batch (raise --grad-accum to keep the "
                 "step size) or --max-seq-length, or use --checkpointing offload or --load-in-4bit") from None
+        if isinstance(e, PinnedMemoryShort):  # the offload mode's host buffers
+            raise click.ClickException(who + keep(f"out of host memory in step {state.done + 1}") + f". {e.shortage}. "
+                                       "Lower --batch (raise --grad-accum to keep the step size) or --max-seq-length, "
+                                       "or use --checkpointing with a budget in GiB (it offloads only what does not "
+                                       "fit the GPU) or true (nothing in host memory)") from None
         if several and stop.stopped:  # a collective cut short by the signal that stops every process
             stopped()
         if several and peer_lost(e):  # another process ended: the launcher's SIGTERM follows

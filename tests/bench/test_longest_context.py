@@ -230,6 +230,28 @@ def test_a_search_in_one_process_with_out_of_memory_simulated(lc, monkeypatch):
     assert r["load_s"] > 0 and all(len(t["step_s"]) == 2 for t in r["trials"] if t["result"] == "ok")
 
 
+def test_the_host_running_short_for_offloaded_inputs_ends_a_length_not_the_search(lc, monkeypatch):
+    """The offload mode's host buffers finding the host short (PinnedMemoryShort, a MemoryError) fail that
+    length as running out of memory does: the search goes on below it."""
+    from fastbench.bench.arms import RunConfig
+    from fastbench.fused.checkpointing import OffloadConfig
+    from fastbench.fused.checkpointing import offload as offload_module
+    from fastbench.presets import resolve_model
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    run = RunConfig(model="llama-3-8b-tiny", seq_len=256, batch=1, warmup=0, steps=1, device="cpu")
+    hidden = resolve_model(run.model).preset.config["hidden_size"]
+    # room for a layer input of 96 tokens (rounded up by at most 1/8), not of 128
+    room = 112 * hidden * run.torch_dtype.itemsize
+    monkeypatch.setattr(offload_module, "available_host_bytes", lambda: OffloadConfig().host_reserve_bytes + room)
+    spec = {"arm": "fused:ckpt=offload:save_every=0", "card_gib": 16, "run": run.to_dict(), "start": 64,
+            "granularity": 32, "ceiling": 256, "steps": 1}
+    r = lc.measure(spec, lambda rec: None)
+    assert [(t["seq"], t["result"]) for t in r["trials"]] == [(64, "ok"), (128, "oom"), (96, "ok")], r
+    assert r["trials"][1]["error"].startswith("PinnedMemoryShort: offloaded checkpointing needs")
+    assert (r["status"], r["longest_ok"]) == ("ok", 96)
+
+
 def test_an_arm_that_fails_to_build_is_an_error_record(lc, monkeypatch):
     from fastbench.bench.arms import RunConfig
 

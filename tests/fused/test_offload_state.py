@@ -76,6 +76,37 @@ def test_host_memory_stays_one_forward_when_batch_lengths_vary(seed):
     assert sum(b.numel() for b in held) <= 4 * 17 * 8 * 1.125
 
 
+def test_a_failed_step_gives_up_its_host_buffers_when_the_host_runs_short(seed, monkeypatch):
+    """A forward whose step failed before its backward (out of GPU memory in the loss, say) keeps its inputs
+    for two forwards; the next forward, with no host memory to spare, takes over its buffers instead of
+    pinning more, and trains as without offloading."""
+    layers, offload = Layers(n=4), policy("offload", host_reserve_gib=0)
+    layers.loss(offload, torch.randn(5, 8, requires_grad=True))  # no backward
+    abandoned = {id(entry[0]) for entry in offload.offloader._saved.values()}
+    monkeypatch.setattr(offload_module, "available_host_bytes", lambda: 0)
+    x = torch.randn(4, 8, requires_grad=True)
+    expected = layers.grads(policy(False), x)
+    assert torch.allclose(layers.grads(offload, x), expected, rtol=1e-6, atol=1e-7)
+    assert {id(b) for b in offload.offloader._free} == abandoned
+
+
+def test_no_host_memory_for_a_buffer_raises_what_to_change(seed, monkeypatch):
+    """A new host buffer that would leave less than host_reserve_gib available raises PinnedMemoryShort (a
+    MemoryError) with the numbers and what to change, instead of the operating system killing the process;
+    with room again the same offloader trains on."""
+    layers, offload = Layers(n=3), policy("offload", host_reserve_gib=1)
+    x = torch.randn(6, 8, requires_grad=True)
+    monkeypatch.setattr(offload_module, "available_host_bytes", lambda: 2**30 + 100)
+    with pytest.raises(offload_module.PinnedMemoryShort,
+                       match=r"needs 0\.00 GiB more host memory .* has 1\.0 GiB available, of which it leaves 1 GiB "
+                             r"free \(OffloadConfig\.host_reserve_gib\)\. Train shorter sequences .*=True") as failed:
+        layers.loss(offload, x)
+    assert isinstance(failed.value, MemoryError)
+    monkeypatch.setattr(offload_module, "available_host_bytes", lambda: 2 * 2**30)
+    expected = layers.grads(policy(False), x)
+    assert torch.allclose(layers.grads(offload, x), expected, rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("mode", [True, "offload", 1e-9])
 def test_layers_of_two_parts(seed, mode):
     """Offload and budget recompute each part alone (slots 2i, 2i+1), True the whole layer from its
@@ -495,6 +526,7 @@ def test_the_other_modes_say_what_they_keep(setting, says):
     ({"embedding": 2}, r"embedding=2: give 1 \(the input embedding's table"),
     ({"every": 3}, "unknown option.*every; valid: save_every, embedding"),
     ({"streams": 2}, "unknown option.*streams; valid: save_every, embedding"),
+    ({"host_reserve_gib": -1}, r"host_reserve_gib=-1: give a number of GiB >= 0 \(the host memory"),
     ("save_every=3", "an OffloadConfig or a dict of its fields")])
 def test_a_bad_offload_setting_says_what_was_wrong_and_what_to_give(offload, message):
     with pytest.raises(ValueError, match=message):

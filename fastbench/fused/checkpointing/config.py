@@ -40,11 +40,16 @@ class OffloadConfig:
     - ``copy_queue_gib``: the GPU memory that activations on their way to the host may hold while the bus is
       behind the compute; past it the compute stream waits for the oldest copy (the host does not). Less holds
       less memory and may wait more.
+    - ``host_reserve_gib``: the host memory the offload mode leaves available: a new host buffer that would
+      leave less first takes the place of inputs earlier forwards left (a failed step's), else raises
+      ``PinnedMemoryShort`` (a ``MemoryError``) that says what to change, rather than the operating system
+      killing the process.
     """
     save_every: int = 2
     embedding: bool = True
     copy_queue_gib: float = 0.25
     save_max_tokens: int = 4096
+    host_reserve_gib: float = 2.0
 
     def __post_init__(self):
         _whole_number("save_every", self.save_every, "every n-th layer's MLP activations offloaded instead of "
@@ -58,6 +63,10 @@ class OffloadConfig:
         if isinstance(queue, bool) or not isinstance(queue, (int, float)) or not 0 < queue < float("inf"):
             raise ValueError(f"offload option copy_queue_gib={queue!r}: give a number of GiB > 0 (the GPU memory "
                              "activations on their way to the host may hold)")
+        reserve = self.host_reserve_gib
+        if isinstance(reserve, bool) or not isinstance(reserve, (int, float)) or not 0 <= reserve < float("inf"):
+            raise ValueError(f"offload option host_reserve_gib={reserve!r}: give a number of GiB >= 0 (the host "
+                             "memory the offload mode leaves available)")
 
     def saves_mlp(self, index: int, tokens: int) -> bool:
         """Whether layer ``index`` of a forward of ``tokens`` tokens keeps its MLP's graph (its activations
@@ -68,6 +77,10 @@ class OffloadConfig:
     @property
     def copy_queue_bytes(self) -> int:
         return int(self.copy_queue_gib * GiB)
+
+    @property
+    def host_reserve_bytes(self) -> int:
+        return int(self.host_reserve_gib * GiB)
 
     @classmethod
     def of(cls, value) -> OffloadConfig:

@@ -12,13 +12,26 @@ from typing import Callable
 
 import torch
 
-from fastbench.fused.checkpointing.config import OffloadConfig
+from fastbench.distributed.host_memory import available_host_bytes
+from fastbench.fused.checkpointing.config import GiB, OffloadConfig
 from fastbench.fused.checkpointing.context import PartContext
 
 # device memory that queued copies to the host may hold (their sources are not reused before the copy read them)
 # before the compute stream waits for the oldest: bounds the offload mode's memory where the bus is slower than
 # the compute
 MAX_COPYING_BYTES = OffloadConfig().copy_queue_bytes
+HOST_RESERVE_BYTES = OffloadConfig().host_reserve_bytes  # host memory that new host buffers leave available
+
+
+class PinnedMemoryShort(MemoryError):
+    """The host lacks the memory for the offload mode's next host buffer: ``shortage`` gives the numbers, the
+    message them and what to change."""
+
+    def __init__(self, shortage: str):
+        self.shortage = shortage
+        super().__init__(f"{shortage}. Train shorter sequences or smaller batches, use a budget in GiB "
+                         "(use_gradient_checkpointing=<GiB>: it offloads only what does not fit the GPU), or "
+                         "use_gradient_checkpointing=True (nothing in host memory)")
 
 
 class HostOffloader:
@@ -44,10 +57,17 @@ class HostOffloader:
 
     ``queue_waits``: how many copies to the host the compute stream was made to wait for, in total (the copy
     queue full: the bus slower than the compute). :meth:`timed_waits` times the compute stream's waits, for
-    copies to the host and for inputs fetched back."""
+    copies to the host and for inputs fetched back.
 
-    def __init__(self, max_copying_bytes: int = MAX_COPYING_BYTES):
+    Host memory: a new host buffer that would leave less than ``host_reserve_bytes`` of the host's memory
+    available first takes the place of the inputs the forwards before this one left (a step that failed, out
+    of GPU memory say, leaves its forward's until two forwards later; a second forward before one backward
+    then loses its inputs), and otherwise raises :class:`PinnedMemoryShort` instead of letting the operating
+    system kill the process."""
+
+    def __init__(self, max_copying_bytes: int = MAX_COPYING_BYTES, host_reserve_bytes: int = HOST_RESERVE_BYTES):
         self.max_copying_bytes = max_copying_bytes
+        self.host_reserve_bytes = host_reserve_bytes
         # keys are (forward number, slot), slots numbering a forward's checkpointed parts 0, 1, ...: an entry
         # left by a step whose backward never finished (an OOM retry) can never be mistaken for a later step's
         # -> (buffer, host view, device, the copy's event or None)
@@ -113,15 +133,39 @@ class HostOffloader:
         ones reuse it), and the free buffers too small for this input are released. Pinned host memory then
         stays about one forward's worth when the lengths of a run's batches vary, instead of growing with
         each new longest batch."""
-        need = like.numel()
-        for i, buf in enumerate(self._free):
-            if buf.dtype == like.dtype and buf.numel() >= need:
-                return self._free.pop(i), buf[:need].view(like.shape)
-        self._release_smaller(need, like.dtype)
-        size = _rounded_up(need)
-        buf = (_pinned_empty(size, like.dtype, self._registered) if like.is_cuda
-               else torch.empty(size, dtype=like.dtype))
+        need, size = like.numel(), _rounded_up(like.numel())
+        buf = self._reuse(need, like.dtype)
+        if buf is None and not self._host_has_room(size * like.element_size()):
+            self._release_before(self._forward)  # the inputs of earlier forwards: an abandoned step's, likely
+            buf = self._reuse(need, like.dtype)
+        if buf is None:
+            self._release_smaller(need, like.dtype)
+            self._check_host_room(size * like.element_size())
+            buf = (_pinned_empty(size, like.dtype, self._registered) if like.is_cuda
+                   else torch.empty(size, dtype=like.dtype))
         return buf, buf[:need].view(like.shape)
+
+    def _reuse(self, numel: int, dtype: torch.dtype) -> torch.Tensor | None:
+        """A free buffer of ``dtype`` with at least ``numel`` elements, taken from the free list; else None."""
+        for i, buf in enumerate(self._free):
+            if buf.dtype == dtype and buf.numel() >= numel:
+                return self._free.pop(i)
+        return None
+
+    def _host_has_room(self, nbytes: int) -> bool:
+        return available_host_bytes() - nbytes >= self.host_reserve_bytes
+
+    def _check_host_room(self, nbytes: int) -> None:
+        """Raises :class:`PinnedMemoryShort` where ``nbytes`` more host memory would leave less than the reserve."""
+        if self._host_has_room(nbytes):
+            return
+        held = sum(b.untyped_storage().nbytes() for b in self._free) + sum(
+            entry[0].untyped_storage().nbytes() for entry in self._saved.values())
+        raise PinnedMemoryShort(
+            f"offloaded checkpointing needs {nbytes / GiB:.2f} GiB more host memory for this forward's inputs, "
+            f"beside the {held / GiB:.1f} GiB it holds, and the host has {available_host_bytes() / GiB:.1f} GiB "
+            f"available, of which it leaves {self.host_reserve_bytes / GiB:g} GiB free (OffloadConfig."
+            "host_reserve_gib)")
 
     def _release_smaller(self, numel: int, dtype: torch.dtype) -> None:
         small = [b for b in self._free if b.dtype == dtype and b.numel() < numel]
@@ -207,7 +251,8 @@ class HostOffloader:
         dropped (:meth:`load`, :meth:`_release_before`), so x's memory needs no side-stream bookkeeping."""
         if key not in self._saved:
             raise RuntimeError("the offloaded input of this layer was released: offloaded checkpointing keeps "
-                               "the inputs of the last two forwards until their backward")
+                               "the inputs of the last two forwards until their backward, and gives up the "
+                               "earlier forward's where the host runs short of memory")
         buf, host, device, copied_out = self._saved.pop(key)
         self._free.append(buf)  # a later save's copy into it waits for this copy's event
         if device.type != "cuda":
