@@ -30,25 +30,15 @@ def child(args) -> None:
     import torch
 
     warnings.simplefilter("ignore")
-    from fastbench import FastLanguageModel
+    from probe_step import build, random_batch, train_step
 
-    bits, ckpt = args.arm.split(":")
-    ckpt = {"offload": "offload", "auto": "auto", "true": True}.get(ckpt) or float(ckpt)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    ids = torch.randint(0, 128256 if device == "cuda" else 256, (args.batch, args.seq), device=device)
-    batch = dict(input_ids=ids, labels=ids, attention_mask=torch.ones_like(ids))
-    base, _ = FastLanguageModel.from_pretrained(args.model, dtype=torch.bfloat16, device=device,
-                                                load_in_4bit=bits == "4bit", seed=1)
-    model = FastLanguageModel.get_peft_model(base, r=16, random_state=2, use_gradient_checkpointing=ckpt,
-                                             fallback=False)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4,
-                            fused=device == "cuda")
+    model, opt = build(args.arm, args.model, device)
+    batch = random_batch(model, args.seq, args.batch)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     def step():
-        model(**batch).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        train_step(model, opt, batch)
 
     for _ in range(args.warmup):
         step()

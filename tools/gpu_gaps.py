@@ -5,15 +5,12 @@ host's time to issue it and the GPU's time to run it (CUDA events); then one ste
 trace gives the compute stream's kernel time, its idle time, and each idle gap > 5 us charged to the phase and
 the innermost host op that launched the kernel ending the gap, when that launch came after the gap began
 (the GPU was waiting for the host)."""
-import bisect, collections, json, os, sys, tempfile, time, warnings, torch
+import bisect, collections, os, sys, tempfile, time, warnings, torch
 warnings.simplefilter("ignore")
-from fastbench import FastLanguageModel
-
-ids = torch.randint(0, 128256, (2, 2048), device="cuda")
-batch = dict(input_ids=ids, labels=ids, attention_mask=torch.ones_like(ids))
+from probe_step import build, compute_stream_kernels, kernel_time_by_stream, load_trace, random_batch
 
 
-def phases(m, opt):
+def phases(m, opt, batch):
     """One step, each phase under record_function; returns [(name, host_ms, gpu_ms)]."""
     torch.cuda.synchronize()
     ev = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
@@ -33,13 +30,10 @@ def phases(m, opt):
 
 
 def gaps(trace_path):
-    tr = json.load(open(trace_path))["traceEvents"]
-    kernels = [e for e in tr if e.get("cat") == "kernel"]
-    streams = collections.Counter()
-    for k in kernels:
-        streams[k["args"]["stream"]] += k["dur"]
+    tr = load_trace(trace_path)
+    streams = kernel_time_by_stream(tr)
     compute = streams.most_common(1)[0][0]
-    ks = sorted((k for k in kernels if k["args"]["stream"] == compute), key=lambda k: k["ts"])
+    ks = compute_stream_kernels(tr)
     # runtime launches (cuBLAS, PyTorch's kernels) and driver launches (Triton's cuLaunchKernel) both count:
     # without the driver's, the gap before every Triton kernel would go unexplained
     launches = {e["args"]["correlation"]: e for e in tr
@@ -107,22 +101,19 @@ def gaps(trace_path):
 
 
 for arg in sys.argv[1:]:
-    bits, ckpt = arg.split(":")
-    ckpt = ckpt if ckpt == "offload" else float(ckpt)
-    base, _ = FastLanguageModel.from_pretrained("llama-3-8b", dtype=torch.bfloat16, device="cuda", load_in_4bit=bits == "4bit", seed=1)
-    m = FastLanguageModel.get_peft_model(base, r=16, random_state=2, use_gradient_checkpointing=ckpt, fallback=False)
-    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=2e-4, fused=True)
+    m, opt = build(arg)
+    batch = random_batch(m)
     for _ in range(3):
-        phases(m, opt)
-    rows = [phases(m, opt) for _ in range(4)]
+        phases(m, opt, batch)
+    rows = [phases(m, opt, batch) for _ in range(4)]
     print(f"{arg}: per phase, host issue / GPU run ms (4 steps from an idle GPU, median):")
     for i, name in enumerate(("fwd", "bwd", "opt")):
         h = sorted(r[i][1] for r in rows); g = sorted(r[i][2] for r in rows)
         print(f"  {name}: host {(h[1] + h[2]) / 2:.1f}  GPU {(g[1] + g[2]) / 2:.1f}")
-    path = os.path.join(tempfile.gettempdir(), f"trace-{bits}-{ckpt}.json")
+    path = os.path.join(tempfile.gettempdir(), f"trace-{arg.replace(':', '-')}.json")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
-        phases(m, opt)
+        phases(m, opt, batch)
     prof.export_chrome_trace(path)
     gaps(path)
     sys.stdout.flush()
-    del m, base, opt; torch.cuda.empty_cache()
+    del m, opt; torch.cuda.empty_cache()

@@ -7,20 +7,14 @@ that called it (top 25, from the Python stack), and the count of kernel launches
 cuLaunchKernel, cudaMemcpyAsync) per step."""
 import collections, sys, time, warnings, torch
 warnings.simplefilter("ignore")
-from fastbench import FastLanguageModel
-
-ids = torch.randint(0, 128256, (2, 2048), device="cuda")
-batch = dict(input_ids=ids, labels=ids, attention_mask=torch.ones_like(ids))
+from probe_step import build, random_batch, train_step
 
 for arg in sys.argv[1:]:
-    bits, ckpt = arg.split(":")
-    ckpt = ckpt if ckpt == "offload" else float(ckpt)
-    base, _ = FastLanguageModel.from_pretrained("llama-3-8b", dtype=torch.bfloat16, device="cuda", load_in_4bit=bits == "4bit", seed=1)
-    m = FastLanguageModel.get_peft_model(base, r=16, random_state=2, use_gradient_checkpointing=ckpt, fallback=False)
-    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=2e-4, fused=True)
+    m, opt = build(arg)
+    batch = random_batch(m)
 
     def step():
-        m(**batch).loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
+        train_step(m, opt, batch)
 
     for _ in range(3):
         step()
@@ -54,4 +48,4 @@ for arg in sys.argv[1:]:
     for site, ms in by_site.most_common(25):
         print(f"    {ms:8.2f}  {site[:110]}")
     sys.stdout.flush()
-    del m, base, opt; torch.cuda.empty_cache()
+    del m, opt; torch.cuda.empty_cache()

@@ -8,7 +8,7 @@ Whatever is not freed between steps (weights, LoRA, optimizer state, the host-of
 baseline; the rest is the step's own."""
 import collections, sys, warnings, torch
 warnings.simplefilter("ignore")
-from fastbench import FastLanguageModel
+from probe_step import build, random_batch, train_step
 
 MiB = 1 << 20
 
@@ -36,17 +36,12 @@ def replay(events, start):
 
 for arg in sys.argv[1:]:
     arm, _, shape = arg.partition("@")
-    bits, ckpt = arm.split(":")
     seq, batch_size = map(int, (shape or "2048x2").split("x"))
-    ids = torch.randint(0, 128256, (batch_size, seq), device="cuda")
-    batch = dict(input_ids=ids, labels=ids, attention_mask=torch.ones_like(ids))
-    ckpt = ckpt if ckpt == "offload" else float(ckpt)
-    base, _ = FastLanguageModel.from_pretrained("llama-3-8b", dtype=torch.bfloat16, device="cuda", load_in_4bit=bits == "4bit", seed=1)
-    m = FastLanguageModel.get_peft_model(base, r=16, random_state=2, use_gradient_checkpointing=ckpt, fallback=False)
-    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=2e-4, fused=True)
+    m, opt = build(arm)
+    batch = random_batch(m, seq, batch_size)
 
     def step():
-        m(**batch).loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
+        train_step(m, opt, batch)
 
     for _ in range(2):
         step()
@@ -69,4 +64,4 @@ for arg in sys.argv[1:]:
     for site, (size, n) in sorted(groups.items(), key=lambda kv: -kv[1][0])[:16]:
         print(f"    {size / MiB:8.1f} MiB  {n:4d} blocks  {site}")
     sys.stdout.flush()
-    del m, base, opt; torch.cuda.empty_cache()
+    del m, opt; torch.cuda.empty_cache()

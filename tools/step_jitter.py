@@ -6,14 +6,12 @@ the host's time to issue it, and, from NVML sampled every 10 ms by a thread, the
 highest power draw and the clock-event (throttle) reasons seen during the step. Under the profiler, per step:
 the compute stream's kernel time, its idle time, and the three longest idle gaps with the kernel after each.
 A step marker kernel (torch.cuda._sleep) separates the steps in the trace."""
-import collections, json, os, sys, tempfile, threading, time, warnings, torch
+import os, sys, tempfile, threading, time, warnings, torch
 warnings.simplefilter("ignore")
 import pynvml
-from fastbench import FastLanguageModel
+from probe_step import build, compute_stream_kernels, load_trace, random_batch, train_step
 
 N = int(os.environ.get("JITTER_STEPS", "12"))
-ids = torch.randint(0, 128256, (2, 2048), device="cuda")
-batch = dict(input_ids=ids, labels=ids, attention_mask=torch.ones_like(ids))
 pynvml.nvmlInit()
 handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
 reasons_fn = getattr(pynvml, "nvmlDeviceGetCurrentClocksEventReasons", None) or pynvml.nvmlDeviceGetCurrentClocksThrottleReasons
@@ -34,7 +32,7 @@ class Sampler(threading.Thread):
             time.sleep(0.01)
 
 
-def run_steps(m, opt, profiled):
+def run_steps(m, opt, batch, profiled):
     torch.cuda.synchronize()
     ev = [torch.cuda.Event(enable_timing=True) for _ in range(N + 1)]
     host = []
@@ -43,7 +41,7 @@ def run_steps(m, opt, profiled):
         t = time.perf_counter()
         if profiled:
             torch.cuda._sleep(1000)  # marker kernel at each step's start
-        loss = m(**batch).loss; loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
+        train_step(m, opt, batch)
         host.append((time.perf_counter() - t) * 1e3)
         ev[i + 1].record()
     torch.cuda.synchronize()
@@ -66,13 +64,8 @@ def nvml_rows(samples, edges):
 
 
 def trace_steps(path):
-    tr = json.load(open(path))["traceEvents"]
-    kernels = [e for e in tr if e.get("cat") == "kernel"]
-    per_stream = collections.Counter()
-    for k in kernels:
-        per_stream[k["args"]["stream"]] += k["dur"]
-    compute = per_stream.most_common(1)[0][0]
-    ks = sorted((k for k in kernels if k["args"]["stream"] == compute), key=lambda k: k["ts"])
+    tr = load_trace(path)
+    ks = compute_stream_kernels(tr)
     marks = [i for i, k in enumerate(ks) if "sleep" in k["name"].lower() or "spin" in k["name"].lower()]
     memcpy = [e for e in tr if e.get("cat") in ("gpu_memcpy",)]
     out = []
@@ -93,22 +86,19 @@ def trace_steps(path):
 
 
 for arg in sys.argv[1:]:
-    bits, ckpt = arg.split(":")
-    ckpt = ckpt if ckpt == "offload" else float(ckpt)
-    base, _ = FastLanguageModel.from_pretrained("llama-3-8b", dtype=torch.bfloat16, device="cuda", load_in_4bit=bits == "4bit", seed=1)
-    m = FastLanguageModel.get_peft_model(base, r=16, random_state=2, use_gradient_checkpointing=ckpt, fallback=False)
-    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=2e-4, fused=True)
+    m, opt = build(arg)
+    batch = random_batch(m)
     for _ in range(3):
-        loss = m(**batch).loss; loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
+        train_step(m, opt, batch)
     sampler = Sampler(); sampler.start()
-    gpu, host, edges = run_steps(m, opt, profiled=False)
+    gpu, host, edges = run_steps(m, opt, batch, profiled=False)
     nv = nvml_rows(sampler.samples, edges)
     print(f"{arg}: {N} steps back to back, plain: median {sorted(gpu)[N // 2]:.1f} ms", flush=True)
     for i in range(N):
         print(f"  step {i}: GPU {gpu[i]:.1f} ms, host issue {host[i]:.1f} ms; {nv[i]}")
-    path = os.path.join(tempfile.gettempdir(), f"jitter-{bits}-{ckpt}.json")
+    path = os.path.join(tempfile.gettempdir(), f"jitter-{arg.replace(':', '-')}.json")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        gpu, host, edges = run_steps(m, opt, profiled=True)
+        gpu, host, edges = run_steps(m, opt, batch, profiled=True)
     prof.export_chrome_trace(path)
     nv = nvml_rows(sampler.samples, edges)
     sampler.stop = True
@@ -116,4 +106,4 @@ for arg in sys.argv[1:]:
     for i in range(N):
         print(f"  step {i}: GPU {gpu[i]:.1f} ms, host issue {host[i]:.1f} ms; {nv[i]}")
     print("\n".join(trace_steps(path)), flush=True)
-    del m, base, opt; torch.cuda.empty_cache()
+    del m, opt; torch.cuda.empty_cache()
