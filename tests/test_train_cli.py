@@ -455,6 +455,14 @@ def test_a_log_line_cut_short_is_left_out(tmp_path):
     assert loop_module.read_log(str(tmp_path)) == [{"step": 1, "loss": 2.5}]
 
 
+def test_the_loss_plot_of_a_run_stopped_before_its_first_step(tmp_path, recwarn):
+    """No step finished (stopped at once): loss.png is drawn empty, without matplotlib's no-legend warning."""
+    (tmp_path / "train_log.jsonl").write_text("")
+    assert loop_module.plot_loss(str(tmp_path)) == str(tmp_path / "loss.png")
+    assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert not [w for w in recwarn if "legend" in str(w.message)]
+
+
 @pytest.mark.parametrize("error, full", [
     (OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), True),
     (OSError(errno.EDQUOT, os.strerror(errno.EDQUOT)), True),

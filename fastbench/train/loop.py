@@ -261,7 +261,8 @@ def plot_loss(output: str) -> str | None:
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if train or evals:  # no finished step (stopped at once): empty axes, no legend to draw
+        ax.legend()
     path = os.path.join(output, "loss.png")
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
