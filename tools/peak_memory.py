@@ -1,6 +1,6 @@
 """Probe: when in a step the peak of allocated GPU memory falls, and what is allocated then.
-llama-3-8b arms given as bits:ckpt[@SEQxBATCH] (e.g. 4bit:offload, 4bit:offload@16384x1; seq 2048 x batch 2 when
-not given), all-ones attention_mask as the harness passes. Per arm:
+Arms given as [MODEL/]bits:ckpt[@SEQxBATCH] (e.g. 4bit:offload, mistral-7b/4bit:offload, 4bit:offload@16384x1;
+llama-3-8b and seq 2048 x batch 2 when not given), all-ones attention_mask as the harness passes. Per arm:
 2 warm-up steps, then one step with torch.cuda.memory's allocation history recorded; replaying it (alloc adds a
 block, free_completed removes it) from memory_allocated() at the step's start gives the peak and the blocks alive
 then, each named by its innermost frame in fastbench/kernels (else the innermost frame with a file name).
@@ -36,8 +36,9 @@ def replay(events, start):
 
 for arg in sys.argv[1:]:
     arm, _, shape = arg.partition("@")
+    model, _, arm = arm.rpartition("/")
     seq, batch_size = map(int, (shape or "2048x2").split("x"))
-    m, opt = build(arm)
+    m, opt = build(arm, model or "llama-3-8b")
     batch = random_batch(m, seq, batch_size)
 
     def step():
