@@ -22,8 +22,8 @@ def policy(setting, layers=None, **offload):
 class Layers:
     """A stack of tanh(x W) layers; ``fail_at`` makes the recomputation of that layer raise."""
 
-    def __init__(self, n=4, width=8):
-        self.weights = [(torch.randn(width, width) / width ** 0.5).requires_grad_() for _ in range(n)]
+    def __init__(self, n=4, width=8, device="cpu"):
+        self.weights = [(torch.randn(width, width, device=device) / width ** 0.5).requires_grad_() for _ in range(n)]
         self.fail_at = None
 
     def layer_fn(self, i):
@@ -76,15 +76,17 @@ def test_host_memory_stays_one_forward_when_batch_lengths_vary(seed):
     assert sum(b.numel() for b in held) <= 4 * 17 * 8 * 1.125
 
 
-def test_a_failed_step_gives_up_its_host_buffers_when_the_host_runs_short(seed, monkeypatch):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_a_failed_step_gives_up_its_host_buffers_when_the_host_runs_short(seed, monkeypatch, device):
     """A forward whose step failed before its backward (out of GPU memory in the loss, say) keeps its inputs
-    for two forwards; the next forward, with no host memory to spare, takes over its buffers instead of
-    pinning more, and trains as without offloading."""
-    layers, offload = Layers(n=4), policy("offload", host_reserve_gib=0)
-    layers.loss(offload, torch.randn(5, 8, requires_grad=True))  # no backward
+    for two forwards; the next forward, with no host memory to spare, takes over its buffers (pinned, on a GPU,
+    with copies of the failed forward perhaps still on the bus) instead of pinning more, and trains as without
+    offloading."""
+    layers, offload = Layers(n=4, device=device), policy("offload", host_reserve_gib=0)
+    layers.loss(offload, torch.randn(5, 8, device=device, requires_grad=True))  # no backward
     abandoned = {id(entry[0]) for entry in offload.offloader._saved.values()}
     monkeypatch.setattr(offload_module, "available_host_bytes", lambda: 0)
-    x = torch.randn(4, 8, requires_grad=True)
+    x = torch.randn(4, 8, device=device, requires_grad=True)
     expected = layers.grads(policy(False), x)
     assert torch.allclose(layers.grads(offload, x), expected, rtol=1e-6, atol=1e-7)
     assert {id(b) for b in offload.offloader._free} == abandoned
