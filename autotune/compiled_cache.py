@@ -37,6 +37,8 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
+from fastbench.files import atomic_path
+
 from . import key, store
 
 log = logging.getLogger("fastbench.autotune")
@@ -114,7 +116,7 @@ def pack(cache_dir: Path, out: Path, device: Mapping, tools: Mapping, about: Map
     index = {"schema": SCHEMA, "device": dict(device), "toolchain": dict(tools), "triton_build": triton_build(),
              "python": sysconfig.get_config_var("EXT_SUFFIX"), **dict(about or {}), "entries": entries}
     out.parent.mkdir(parents=True, exist_ok=True)
-    with store.replaced_atomically(out) as tmp:
+    with atomic_path(out) as tmp:
         with tarfile.open(tmp, "w:xz", preset=9) as tar:
             _add(tar, INDEX, json.dumps(index, indent=1, sort_keys=True).encode())
             for entry, e in entries.items():

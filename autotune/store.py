@@ -26,9 +26,10 @@ import contextlib
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping
+
+from fastbench.files import atomic_path
 
 from .key import SCHEMA
 
@@ -134,23 +135,8 @@ def locked(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-@contextlib.contextmanager
-def replaced_atomically(path: Path) -> Iterator[str]:
-    """A temporary file beside ``path`` (its name is yielded, the file private to this user) that replaces ``path``
-    when the block ends; removed if the block fails, so that ``path`` is never seen half-written."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def write_atomic(path: Path, doc: Mapping) -> None:
-    with replaced_atomically(path) as tmp, open(tmp, "w") as f:
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
         json.dump(doc, f, indent=1, sort_keys=True)
         f.write("\n")
         f.flush()

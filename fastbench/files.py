@@ -5,15 +5,18 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import uuid
 
 
 @contextlib.contextmanager
-def atomic_path(path: str):
+def atomic_path(path: str | os.PathLike):
     """A temporary name beside ``path`` to write to; renamed to ``path`` when the block ends, removed if it fails
-    (a reader never sees half a file, and an earlier version stays whole). The directory is made if missing."""
+    (a reader never sees half a file, and an earlier version stays whole). The directory is made if missing. The
+    name is this writer's alone (process and a random part: threads and processes writing one path do not
+    meet); the writer makes the file, with the usual permissions."""
     directory, name = os.path.split(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{name}.{os.getpid()}.tmp")  # the writer makes it: the usual permissions
+    tmp = os.path.join(directory, f".{name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
     try:
         yield tmp
         os.replace(tmp, path)
