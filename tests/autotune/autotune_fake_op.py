@@ -68,3 +68,29 @@ UNRULY = OpSpec("fake_unruly", {"fwd": _candidates([32, 512, 1024, 16])}, heuris
 MIXED = OpSpec("fake_mixed", {"fwd": _candidates([16, 8, 128, 512, 32, 64]), "bwd": _candidates([32, 8])}, heuristic,
                tune_case=tune_case, problems=problems, kernels=(fake_kernel,))
 SPECS = [UNRULY, MIXED]
+
+
+# what the lookup tests share: an H200 under Triton 3.6, a problem in the 4096-token bucket, configs written to a
+# cache file and a Lookup reading the two cache folders
+DEVICE = {"name": "h200", "cc": "9.0", "sms": 132}
+TOOLS = {"triton": "3.6.0", "cuda": "13.0"}
+PROBLEM = {"dtype": "float32", "hidden": 64, "tokens": 3000}  # bucket 4096
+
+
+def put(path, config, tokens=4096, spec=SPEC, pass_name="fwd", device=DEVICE, tools=TOOLS, hidden=64):
+    """Writes ``config`` for ``spec``'s pass at PROBLEM of ``tokens`` tokens (and ``hidden``) into the cache file
+    ``path``, as the tuner records it."""
+    from fastbench.autotune import key, store
+
+    problem = key.canonical_problem({**PROBLEM, "hidden": hidden, "tokens": tokens})
+    k = key.entry_key(spec.name, pass_name, key.kernel_hash(spec), problem)
+    store.update(path, device, tools, {k: {"op": spec.name, "pass": pass_name, "kernel": key.kernel_hash(spec),
+                                           "problem": problem, "config": dict(config)}})
+
+
+def make_lookup(dirs, device=DEVICE, tools=TOOLS):
+    """A Lookup over the (user cache, bundled) folders ``dirs``, its configs checked on the CPU."""
+    from fastbench.autotune import lookup
+
+    root, bundled = dirs
+    return lookup.Lookup(device=device, tools=tools, root=root, bundled=bundled, check_device="cpu")

@@ -7,12 +7,11 @@ import logging
 import pytest
 
 import autotune_fake_op as fake
-from fastbench.autotune import key, lookup, store
+from autotune_fake_op import DEVICE, PROBLEM, TOOLS, put
+from autotune_fake_op import make_lookup as make
+from fastbench.autotune import key, lookup
 
-DEVICE = {"name": "h200", "cc": "9.0", "sms": 132}
-TOOLS = {"triton": "3.6.0", "cuda": "13.0"}
 C16, C32, C64, C128, C256 = fake.SPEC.candidates["fwd"]
-PROBLEM = {"dtype": "float32", "hidden": 64, "tokens": 3000}  # bucket 4096
 
 
 @pytest.fixture
@@ -22,20 +21,8 @@ def dirs(tmp_path, monkeypatch):
     return tmp_path / "cache", tmp_path / "bundled"
 
 
-def put(path, config, tokens, spec=fake.SPEC, pass_name="fwd", device=DEVICE, tools=TOOLS, hidden=64):
-    problem = key.canonical_problem({**PROBLEM, "hidden": hidden, "tokens": tokens})
-    k = key.entry_key(spec.name, pass_name, key.kernel_hash(spec), problem)
-    store.update(path, device, tools, {k: {"op": spec.name, "pass": pass_name, "kernel": key.kernel_hash(spec),
-                                           "problem": problem, "config": dict(config)}})
-
-
 def user_file(root, tools=TOOLS):
     return root / key.file_name(DEVICE, tools)
-
-
-def make(dirs, device=DEVICE):
-    root, bundled = dirs
-    return lookup.Lookup(device=device, tools=TOOLS, root=root, bundled=bundled, check_device="cpu")
 
 
 def test_heuristic_when_nothing_is_cached(dirs):

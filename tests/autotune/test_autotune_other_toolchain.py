@@ -10,14 +10,13 @@ import torch
 from click.testing import CliRunner
 
 import autotune_fake_op as fake
+from autotune_fake_op import DEVICE, PROBLEM, put
+from autotune_fake_op import TOOLS as TUNED  # where the bundled/user configs were tuned
 from fastbench import presets
 from fastbench.autotune import cli, key, lookup, store, tuner
 
-DEVICE = {"name": "h200", "cc": "9.0", "sms": 132}
-TUNED = {"triton": "3.6.0", "cuda": "13.0"}  # where the bundled/user configs were tuned
 HERE = {"triton": "3.9.0", "cuda": "13.0"}  # this process
 C16, C32, C64, C128, C256 = fake.SPEC.candidates["fwd"]  # 16 ok, 32 default, 64 raises, 128 wrong, 256 NaN
-PROBLEM = {"dtype": "float32", "hidden": 64, "tokens": 3000}  # bucket 4096
 
 
 @pytest.fixture
@@ -27,20 +26,12 @@ def dirs(tmp_path, monkeypatch):
     return tmp_path / "cache", tmp_path / "bundled"
 
 
-def put(path, config, tokens=4096, tools=TUNED, spec=fake.SPEC, pass_name="fwd"):
-    problem = key.canonical_problem({**PROBLEM, "tokens": tokens})
-    k = key.entry_key(spec.name, pass_name, key.kernel_hash(spec), problem)
-    store.update(path, DEVICE, tools, {k: {"op": spec.name, "pass": pass_name, "kernel": key.kernel_hash(spec),
-                                           "problem": problem, "config": dict(config)}})
-
-
 def tuned_file(root, tools=TUNED):
     return root / key.file_name(DEVICE, tools)
 
 
 def make(dirs, tools=HERE):
-    root, bundled = dirs
-    return lookup.Lookup(device=DEVICE, tools=tools, root=root, bundled=bundled, check_device="cpu")
+    return fake.make_lookup(dirs, tools=tools)
 
 
 @pytest.fixture
