@@ -12,7 +12,6 @@ import pytest
 from click.testing import CliRunner
 
 import autotune_fake_op as fake
-from fastbench import presets
 from fastbench.autotune import cli, key, lookup, store, tuner
 
 DEVICE = {"name": "h200", "cc": "9.0", "sms": 132}
@@ -45,14 +44,6 @@ CORRUPT = {
     "toolchain not an object": lambda: json.dumps({"schema": key.SCHEMA, "device": DEVICE, "toolchain": [1],
                                                    "entries": {}}),
 }
-
-
-@pytest.fixture
-def dirs(tmp_path, monkeypatch):
-    monkeypatch.delenv(lookup.PIN_ENV, raising=False)
-    monkeypatch.delenv(lookup.OFF_ENV, raising=False)
-    store._reported.clear()
-    return tmp_path / "cache", tmp_path / "bundled"
 
 
 def make(dirs):

@@ -14,13 +14,6 @@ from fastbench.autotune import key, lookup
 C16, C32, C64, C128, C256 = fake.SPEC.candidates["fwd"]
 
 
-@pytest.fixture
-def dirs(tmp_path, monkeypatch):
-    monkeypatch.delenv(lookup.PIN_ENV, raising=False)
-    monkeypatch.delenv(lookup.OFF_ENV, raising=False)
-    return tmp_path / "cache", tmp_path / "bundled"
-
-
 def user_file(root, tools=TOOLS):
     return root / key.file_name(DEVICE, tools)
 

@@ -19,13 +19,6 @@ HERE = {"triton": "3.9.0", "cuda": "13.0"}  # this process
 C16, C32, C64, C128, C256 = fake.SPEC.candidates["fwd"]  # 16 ok, 32 default, 64 raises, 128 wrong, 256 NaN
 
 
-@pytest.fixture
-def dirs(tmp_path, monkeypatch):
-    monkeypatch.delenv(lookup.PIN_ENV, raising=False)
-    monkeypatch.delenv(lookup.OFF_ENV, raising=False)
-    return tmp_path / "cache", tmp_path / "bundled"
-
-
 def tuned_file(root, tools=TUNED):
     return root / key.file_name(DEVICE, tools)
 
