@@ -187,14 +187,11 @@ def test_python_api_for_trainer_users(tok):
 
 
 def test_benchmark_chat_dataset_generator_is_seeded_with_a_realistic_spread():
-    import importlib.util
-    import pathlib
     import statistics
 
-    path = pathlib.Path(__file__).parent.parent / "tools" / "make_chat_dataset.py"
-    spec = importlib.util.spec_from_file_location("make_chat_dataset", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    from tool_scripts import load_tool
+
+    module = load_tool("make_chat_dataset")
     data = module.make_dataset(1500, seed=4)
     assert data == module.make_dataset(1500, seed=4) and data != module.make_dataset(1500, seed=5)
     tokens = [module.TOKENS_PER_WORD * sum(len(m["content"].split()) for m in r["messages"]) for r in data]

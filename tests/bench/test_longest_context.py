@@ -1,25 +1,21 @@
 """tools/longest_context.py: the search (a pure function of a try_length callable), the card's fraction, the
 results file kept through stopped processes, argument errors, and one search on the CPU with out-of-memory
 simulated above a length."""
-import importlib.util
 import json
 import os
-import pathlib
 import random
 
 import pytest
 from click.testing import CliRunner
 
-TOOL = pathlib.Path(__file__).parent.parent.parent / "tools" / "longest_context.py"
+from tool_scripts import load_tool
+
 GIB = 2**30
 
 
 @pytest.fixture(scope="module")
 def lc():
-    spec = importlib.util.spec_from_file_location("longest_context", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("longest_context")
 
 
 def threshold(longest, tried=None, error_at=None):

@@ -1,20 +1,14 @@
 """tools/probe_step.py, what the step probes share: the bits:ckpt arm words, and one training step of an arm
 built on a tiny preset on the CPU."""
-import importlib.util
-import pathlib
-
 import pytest
 import torch
 
-TOOL = pathlib.Path(__file__).parent.parent.parent / "tools" / "probe_step.py"
+from tool_scripts import load_tool
 
 
 @pytest.fixture(scope="module")
 def probe():
-    spec = importlib.util.spec_from_file_location("probe_step", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("probe_step")
 
 
 @pytest.mark.parametrize("arm, parsed", [("4bit:offload", (True, "offload")), ("bf16:40", (False, 40.0)),

@@ -1,16 +1,11 @@
 """tools/memory_timeline.py's reading of an allocator snapshot (a made-up one: no GPU here)."""
-import importlib.util
-import pathlib
+from tool_scripts import load_tool
 
 MiB = 1 << 20
 
 
 def tool():
-    path = pathlib.Path(__file__).parent.parent.parent / "tools" / "memory_timeline.py"
-    spec = importlib.util.spec_from_file_location("memory_timeline", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("memory_timeline")
 
 
 def event(action, mib, stream=0, where="offload.py"):
