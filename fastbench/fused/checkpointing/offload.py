@@ -134,13 +134,16 @@ class HostOffloader:
         stays about one forward's worth when the lengths of a run's batches vary, instead of growing with
         each new longest batch."""
         need, size = like.numel(), _rounded_up(like.numel())
+        nbytes = size * like.element_size()
         buf = self._reuse(need, like.dtype)
-        if buf is None and not self._host_has_room(size * like.element_size()):
+        room = buf is not None or available_host_bytes() - nbytes >= self.host_reserve_bytes
+        if not room:
             self._release_before(self._forward)  # the inputs of earlier forwards: an abandoned step's, likely
             buf = self._reuse(need, like.dtype)
         if buf is None:
             self._release_smaller(need, like.dtype)
-            self._check_host_room(size * like.element_size())
+            if not room:  # what was released may have made room
+                self._check_host_room(nbytes)
             buf = (_pinned_empty(size, like.dtype, self._registered) if like.is_cuda
                    else torch.empty(size, dtype=like.dtype))
         return buf, buf[:need].view(like.shape)
@@ -152,20 +155,17 @@ class HostOffloader:
                 return self._free.pop(i)
         return None
 
-    def _host_has_room(self, nbytes: int) -> bool:
-        return available_host_bytes() - nbytes >= self.host_reserve_bytes
-
     def _check_host_room(self, nbytes: int) -> None:
         """Raises :class:`PinnedMemoryShort` where ``nbytes`` more host memory would leave less than the reserve."""
-        if self._host_has_room(nbytes):
+        available = available_host_bytes()
+        if available - nbytes >= self.host_reserve_bytes:
             return
         held = sum(b.untyped_storage().nbytes() for b in self._free) + sum(
             entry[0].untyped_storage().nbytes() for entry in self._saved.values())
         raise PinnedMemoryShort(
             f"offloaded checkpointing needs {nbytes / GiB:.2f} GiB more host memory for this forward's inputs, "
-            f"beside the {held / GiB:.1f} GiB it holds, and the host has {available_host_bytes() / GiB:.1f} GiB "
-            f"available, of which it leaves {self.host_reserve_bytes / GiB:g} GiB free (OffloadConfig."
-            "host_reserve_gib)")
+            f"beside the {held / GiB:.1f} GiB it holds, and the host has {available / GiB:.1f} GiB available, of "
+            f"which it leaves {self.host_reserve_bytes / GiB:g} GiB free (OffloadConfig.host_reserve_gib)")
 
     def _release_smaller(self, numel: int, dtype: torch.dtype) -> None:
         small = [b for b in self._free if b.dtype == dtype and b.numel() < numel]
