@@ -17,6 +17,14 @@ def _whole_number(name: str, value, meaning: str) -> int:
     return value
 
 
+def _gib(name: str, value, meaning: str, zero: bool) -> None:
+    """Refuses ``value`` unless it is a finite number of GiB, > 0 (or >= 0 where ``zero``)."""
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not value < float("inf")
+            or not (value >= 0 if zero else value > 0)):
+        raise ValueError(f"offload option {name}={value!r}: give a number of GiB {'>=' if zero else '>'} 0 "
+                         f"({meaning})")
+
+
 def _one_of(name: str, value, meanings: dict) -> object:
     """``value`` as the one of ``meanings``' keys it equals (a bool key also given as 0 or 1); else an error that
     says each (a bool as 0 or 1) and what it means."""
@@ -59,14 +67,9 @@ class OffloadConfig:
         embedding = _one_of("embedding", self.embedding, {
             True: "the input embedding's table in pinned host memory, the default", False: "on the GPU"})
         object.__setattr__(self, "embedding", embedding)
-        queue = self.copy_queue_gib
-        if isinstance(queue, bool) or not isinstance(queue, (int, float)) or not 0 < queue < float("inf"):
-            raise ValueError(f"offload option copy_queue_gib={queue!r}: give a number of GiB > 0 (the GPU memory "
-                             "activations on their way to the host may hold)")
-        reserve = self.host_reserve_gib
-        if isinstance(reserve, bool) or not isinstance(reserve, (int, float)) or not 0 <= reserve < float("inf"):
-            raise ValueError(f"offload option host_reserve_gib={reserve!r}: give a number of GiB >= 0 (the host "
-                             "memory the offload mode leaves available)")
+        _gib("copy_queue_gib", self.copy_queue_gib, "the GPU memory activations on their way to the host may hold",
+             zero=False)
+        _gib("host_reserve_gib", self.host_reserve_gib, "the host memory the offload mode leaves available", zero=True)
 
     def saves_mlp(self, index: int, tokens: int) -> bool:
         """Whether layer ``index`` of a forward of ``tokens`` tokens keeps its MLP's graph (its activations
