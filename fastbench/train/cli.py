@@ -267,7 +267,7 @@ def summary_line(state, output, started, world_size=1) -> str:
 @click.option("--warmup-steps", default=5, show_default=True, type=click.IntRange(min=0))
 @click.option("--checkpointing", default="true", show_default=True, callback=lambda c, p, v: parse_checkpointing(v),
               help="Activation checkpointing: true (recompute every layer), false, offload (recompute, with the "
-                   "inputs and every 2nd layer's MLP activations kept in pinned CPU memory), auto, or "
+                   "inputs and every 4th layer's MLP activations kept in pinned CPU memory), auto, or "
                    "a memory budget in GiB.")
 @click.option("--seed", default=3407, show_default=True, type=int, help="Seeds the LoRA init, data order, "
               "random data and preset weights.")

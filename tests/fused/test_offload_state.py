@@ -1,6 +1,6 @@
 """Offloaded checkpointing across unusual step shapes: a backward that failed half-way (an OOM retry)
 must leave nothing that a later step could mistake for its own, and two forwards before one backward
-must work. The offload mode here recomputes every layer (save_every=0; the default keeps every 2nd layer's
+must work. The offload mode here recomputes every layer (save_every=0; the default keeps every 4th layer's
 last part) unless a test says otherwise."""
 import time
 
@@ -536,7 +536,7 @@ def test_a_bad_offload_setting_says_what_was_wrong_and_what_to_give(offload, mes
 
 
 def test_offload_config_fields_and_where_they_apply():
-    assert OffloadConfig() == OffloadConfig(save_every=2, embedding=True)
+    assert OffloadConfig() == OffloadConfig(save_every=4, embedding=True)
     assert OffloadConfig(embedding=0) == OffloadConfig(embedding=False)
     assert CheckpointConfig.of("unsloth").offload == OffloadConfig()
     assert CheckpointConfig.of("offload", {"save_every": 3}).offload.save_every == 3

@@ -14,7 +14,7 @@ then skips the O and down projections' forwards and the GLU); ``True`` recompute
 - ``True``: keep only each layer's input, recompute the layer in the backward.
 - ``"offload"`` (or ``"unsloth"``, the name Unsloth's users know it by): keep each part's input in pinned CPU
   memory (copied on a side stream, overlapped with the next layers' compute; back ahead of use during the
-  backward) and recompute the part; except that every ``OffloadConfig.save_every``-th layer (default 2; 0:
+  backward) and recompute the part; except that every ``OffloadConfig.save_every``-th layer (default 4; 0:
   none) keeps its MLP's graph, the activations it saves offloaded to pinned memory as well, so its MLP is not
   recomputed. :class:`OffloadConfig` holds this mode's other settings. The fused path also keeps an untied,
   frozen input embedding table in pinned host memory in this mode (fastbench.fused.host_embedding).

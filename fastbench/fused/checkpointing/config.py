@@ -53,7 +53,7 @@ class OffloadConfig:
       ``PinnedMemoryShort`` (a ``MemoryError``) that says what to change, rather than the operating system
       killing the process.
     """
-    save_every: int = 2
+    save_every: int = 4
     embedding: bool = True
     copy_queue_gib: float = 0.25
     save_max_tokens: int = 4096
