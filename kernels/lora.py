@@ -115,12 +115,15 @@ class _Factors:
     B_scaled_t: tuple  # the same transposed (views), for the forward's addmm
     columns: tuple  # per projection: its slice of A's rows (of x A^T's columns) or None
     scales: tuple
+    block: torch.Tensor | None = None  # B_block, once asked for
 
-    @cached_property
+    @property
     def B_block(self) -> torch.Tensor:
         """Block-diagonal [sum o, sum r] of the s B's (every projection has a LoRA), so that for
         side-by-side outputs (x A^T) B_block^T = [s (x A_p^T) B_p^T]_p and dY B_block = [s dY_p B_p]_p."""
-        return torch.block_diag(*self.B_scaled)
+        if self.block is None:
+            self.block = torch.block_diag(*self.B_scaled)
+        return self.block
 
     @cached_property
     def B_block_t(self) -> torch.Tensor:
@@ -152,6 +155,37 @@ def _factors(projections, dtype: torch.dtype, cache: LoraFactorCache | None) -> 
     return _cast_factors(loras, dtype) if cache is None else cache.factors(loras, dtype)
 
 
+class _GroupCast:
+    """Where a known group's factors are cast at each step: A [sum r, i] and the s B_p in buffers kept between
+    steps (those of ``previous``, an earlier cast of the same group, where given), the copies into them, and
+    the :class:`_Factors` that view them (made once, so that their views and B_block are made once too)."""
+
+    def __init__(self, loras, dtype: torch.dtype, previous: _GroupCast | None = None):
+        present = [l for l in loras if l is not None]
+        if previous is None:
+            self.A = torch.empty((sum(l.A.shape[0] for l in present), present[0].A.shape[1]), dtype=dtype,
+                                 device=present[0].A.device)
+            self.Bs = [None if l is None else torch.empty(l.B.shape, dtype=dtype, device=l.B.device) for l in loras]
+        else:
+            self.A, self.Bs = previous.A, previous.Bs
+        self.loras = loras
+        self.params = tuple(t for l in present for t in (l.A, l.B))
+        self.A_copies = [(l.A, self.A[rows]) for l, rows in zip(loras, _columns(loras)) if l is not None]
+        self.B_copies = [(l.B, B, l.scale) for l, B in zip(loras, self.Bs) if l is not None]
+        self.factors = _make_factors(loras, self.A, self.Bs)
+        self._blocks = None
+
+    def block_views(self) -> list[torch.Tensor] | None:
+        """The diagonal blocks of the factors' B_block (one per B), once it exists; else None."""
+        block = self.factors.block
+        if self._blocks is None and block is not None:
+            self._blocks, row, col = [], 0, 0
+            for B in self.Bs:
+                self._blocks.append(block[row:row + B.shape[0], col:col + B.shape[1]])
+                row, col = row + B.shape[0], col + B.shape[1]
+        return self._blocks
+
+
 class LoraFactorCache:
     """What the fused LoRA Functions of one model reuse between calls: each group's factors cast to the compute
     dtype, and the buffer per (device, dtype) that its NF4 weights are dequantized into.
@@ -166,7 +200,7 @@ class LoraFactorCache:
     def __init__(self):
         self._factors: dict = {}  # key -> (the A/B parameters, their versions, _Factors)
         self._groups: dict = {}  # the groups cast since the last step: key -> (their LoRAs, dtype)
-        self._buffers: dict = {}  # key -> (A [sum r, i], [s B_p]): where a known group is cast at each step
+        self._casts: dict = {}  # key -> _GroupCast: where a known group is cast at each step
         self._fresh = False  # no group cast since new_step
         self._used: set = set()  # the keys asked for since new_step
         # (device, dtype) -> (flat buffer, {shape: a view of its first elements}); the views are made once
@@ -177,7 +211,7 @@ class LoraFactorCache:
         once."""
         for key in [k for k in self._groups if k not in self._used]:
             del self._groups[key]
-            self._buffers.pop(key, None)
+            self._casts.pop(key, None)
         self._used.clear()
         self._fresh = True
         self._factors.clear()
@@ -202,32 +236,32 @@ class LoraFactorCache:
         return factors
 
     def _cast_known_groups(self) -> None:
-        """Casts every known group into its buffers (allocated the first time) and caches its factors."""
+        """Casts every known group into its buffers (its block-diagonal B too, once a step asked for it) and
+        caches its factors."""
         sources, targets, scaled, scales = [], [], [], []  # scaled: indices into sources of the B's with s != 1
+        repeats = []  # (index into sources, a second target of it: a diagonal block of B_block)
         for key, (loras, dtype) in self._groups.items():
-            present = [l for l in loras if l is not None]
-            if key not in self._buffers:
-                A = torch.empty((sum(l.A.shape[0] for l in present), present[0].A.shape[1]), dtype=dtype,
-                                device=present[0].A.device)
-                self._buffers[key] = (A, [None if l is None else torch.empty(l.B.shape, dtype=dtype, device=l.B.device)
-                                          for l in loras])
-            A, Bs = self._buffers[key]
-            for lora, rows in zip(loras, _columns(loras)):
-                if lora is not None:
-                    sources.append(lora.A)
-                    targets.append(A[rows])
-            for lora, B in zip(loras, Bs):
-                if lora is not None:
-                    if lora.scale != 1:
-                        scaled.append(len(sources))
-                        scales.append(lora.scale)
-                    sources.append(lora.B)
-                    targets.append(B)
-            params = tuple(t for l in present for t in (l.A, l.B))
-            self._factors[key] = (params, tuple(t._version for t in params), _make_factors(loras, A, Bs))
+            cast = self._casts.get(key)
+            if cast is None or cast.loras is not loras:
+                cast = self._casts[key] = _GroupCast(loras, dtype, cast)
+            for source, target in cast.A_copies:
+                sources.append(source)
+                targets.append(target)
+            for (source, target, s), block in zip(cast.B_copies, cast.block_views() or [None] * len(cast.B_copies)):
+                if s != 1:
+                    scaled.append(len(sources))
+                    scales.append(s)
+                if block is not None:
+                    repeats.append((len(sources), block))
+                sources.append(source)
+                targets.append(target)
+            self._factors[key] = (cast.params, tuple(t._version for t in cast.params), cast.factors)
         if scaled:  # s B in the parameters' precision, then rounded once, as _cast_factors does
             for i, product in zip(scaled, torch._foreach_mul([sources[i] for i in scaled], scales)):
                 sources[i] = product
+        for i, block in repeats:
+            sources.append(sources[i])
+            targets.append(block)
         torch._foreach_copy_(targets, sources)
 
     def workspace(self, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -6,8 +6,8 @@ Arms as bits:ckpt (``4bit:offload``, ``bf16:offload``, ``bf16:true``), on llama-
 Every Triton launch is replaced by a no-op (the interpreter would dominate otherwise): what is timed is our
 launchers' host work (config lookup, grid, checks, allocations) and everything around them, not Triton's own
 launch path. A CPU's aten ops cost what they cost on a CPU, not CUDA's dispatch and launch, and the offloader's
-stream and event calls do not run on a CPU: proxies, the GPU decides. Prints per arm: host µs per layer (median
-of the steps, 2- and 4-layer models interleaved), aten ops and Triton launches per layer, and a cProfile
+stream and event calls do not run on a CPU: proxies, the GPU decides. Prints per arm: host CPU µs per layer (process time, which
+other processes on a shared machine disturb less than wall time; median of the steps, 2- and 4-layer models interleaved), aten ops and Triton launches per layer, and a cProfile
 top 20 by self time per layer of fastbench's own functions (µs per layer and calls per layer).
 
     python tools/host_cost.py 4bit:offload bf16:offload [--steps 300] [--sites]
@@ -112,9 +112,9 @@ def main():
         times = {2: [], 4: []}
         for _ in range(args.steps):
             for n, step in steps.items():
-                t = time.perf_counter()
+                t = time.process_time()
                 step()
-                times[n].append(time.perf_counter() - t)
+                times[n].append(time.process_time() - t)
         med = {n: statistics.median(v) for n, v in times.items()}
         ops, sites, counted, prof = {}, {}, {}, {}
         for n, step in steps.items():

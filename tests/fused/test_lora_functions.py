@@ -175,18 +175,24 @@ def test_a_step_casts_the_previous_steps_factors_at_once(seed, monkeypatch):
     assert casts == [1]
     for f, group in zip(batched, (qkv, down)):
         loras = [p.lora for p in group]
-        assert f.A is cache._buffers[(torch.bfloat16, *(id(l.A) for l in loras))][0]
+        assert f.A is cache._casts[(torch.bfloat16, *(id(l.A) for l in loras))].A
         assert torch.equal(f.A, torch.cat([l.A for l in loras]).to(torch.bfloat16))
         for B, l in zip(f.B_scaled, loras):
             want = (l.B if l.scale == 1 else l.B * l.scale).to(torch.bfloat16)
             assert torch.equal(B, want)
     assert not torch.equal(batched[0].B_scaled[0], individual[0].B_scaled[0])  # the update is seen
     assert [len(y) for y in (lora_projections(x, *qkv, cache=cache),)] == [3]  # the cached factors serve them
-    step()
+    before = batched[0].B_block.clone()
+    with torch.no_grad():
+        for p in qkv:
+            p.lora.B.add_(0.5)
+    again = step()  # the block-diagonal B, kept between steps, is cast again with the rest
     assert casts == [1, 1]
+    assert torch.equal(again[0].B_block, torch.block_diag(*again[0].B_scaled))
+    assert not torch.equal(again[0].B_block, before)
     cache.new_step()  # a step that asked for nothing: the next one casts nothing at once
     cache.new_step()
-    assert cache._groups == {} and cache._buffers == {}
+    assert cache._groups == {} and cache._casts == {}
 
 
 def test_graph_only_forward_gives_the_same_gradients(seed):
