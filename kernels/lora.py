@@ -360,18 +360,23 @@ def _backward(x2, projections, dys, need_dx: bool, cache: LoraFactorCache | None
         if any(p.lora.A.requires_grad for p in projections if p.lora is not None):
             dA_all = (dyB.t() @ x2).to(next(p.lora.A.dtype for p in projections if p.lora is not None))
         dB_all = dy.t() @ xA if dy is not None and any(p.lora.B.requires_grad for p in projections) else None
-        start = 0
-        for k, (p, d, cols, s) in enumerate(zip(projections, dys, f.columns, f.scales)):
+        start, dBs = 0, {}  # dBs: projection index -> s dB_p before its cast
+        for k, (p, d, cols) in enumerate(zip(projections, dys, f.columns)):
             rows = slice(start, start + d.shape[1])
             start = rows.stop
             if cols is None:
                 continue
             dA = dA_all[cols].to(p.lora.A.dtype) if p.lora.A.requires_grad else None  # no-op unless dtypes mix
-            dB = None
             if p.lora.B.requires_grad:
-                dB = dB_all[rows, cols] if dB_all is not None else d.t() @ xA[:, cols]
-                dB = (dB if s == 1 else dB.mul_(s)).to(p.lora.B.dtype)
-            grads[k] = (dA, dB)
+                dBs[k] = dB_all[rows, cols] if dB_all is not None else d.t() @ xA[:, cols]
+            grads[k] = (dA, None)
+        scaled = [k for k in dBs if f.scales[k] != 1]
+        if scaled and dB_all is not None and len(set(f.scales)) == 1:  # one scale: all of dY^T (x A^T) at once
+            dB_all.mul_(f.scales[0])
+        elif scaled:  # in one multi-tensor multiply
+            torch._foreach_mul_([dBs[k] for k in scaled], [f.scales[k] for k in scaled])
+        for k, dB in dBs.items():
+            grads[k] = (grads[k][0], dB.to(projections[k].lora.B.dtype))
     dx = None
     if need_dx:
         W, weights = base_weights(projections, dys[0].dtype, cache)
