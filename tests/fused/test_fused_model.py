@@ -417,9 +417,9 @@ def test_cpu_without_triton_interpreter_says_so(seed, monkeypatch):
 
 
 def test_recomputed_parts_list_every_trainable_parameter(seed):
-    """The parameters a recomputed layer's parts return gradients for: every trainable one of the layer,
-    in named_parameters' order, split at the attention (its norm, self_attn) / MLP boundary."""
-    from fastbench.fused.decoder import _trainable_by_part
+    """The parameters a recomputed layer's parts return gradients for: every trainable one of the layer
+    (each once), split at the attention (its norm, self_attn) / MLP boundary."""
+    from fastbench.fused.decoder import _trainable_by_part, family_of, layer_projections
 
     fused, _ = pair("qwen3-8b-tiny", seed)
     layer = fused.get_base_model().model.layers[0]
@@ -430,8 +430,11 @@ def test_recomputed_parts_list_every_trainable_parameter(seed):
     for name, p in layer.named_parameters():
         if p.requires_grad:
             expected[not name.startswith(("input_layernorm.", "self_attn."))].append(p)
-    got = _trainable_by_part(layer)
-    assert [list(map(id, part)) for part in got] == [list(map(id, part)) for part in expected]
+    layer.self_attn.q_norm.weight.requires_grad_(True)
+    expected[0].append(layer.self_attn.q_norm.weight)
+    got = _trainable_by_part(layer, family_of(fused.config), *layer_projections(layer))
+    assert [sorted(map(id, part)) for part in got] == [sorted(map(id, part)) for part in expected]
+    assert all(len(part) == len(set(map(id, part))) for part in got)
     assert len(got[0]) > 0 and len(got[1]) > 0
 
 
