@@ -6,9 +6,10 @@ Arms as bits:ckpt (``4bit:offload``, ``bf16:offload``, ``bf16:true``), on llama-
 Every Triton launch is replaced by a no-op (the interpreter would dominate otherwise): what is timed is our
 launchers' host work (config lookup, grid, checks, allocations) and everything around them, not Triton's own
 launch path. A CPU's aten ops cost what they cost on a CPU, not CUDA's dispatch and launch, and the offloader's
-stream and event calls do not run on a CPU: proxies, the GPU decides. Prints per arm: host CPU µs per layer (process time, which
-other processes on a shared machine disturb less than wall time; median of the steps, 2- and 4-layer models interleaved), aten ops and Triton launches per layer, and a cProfile
-top 20 by self time per layer of fastbench's own functions (µs per layer and calls per layer).
+stream and event calls do not run on a CPU: proxies, the GPU decides. Prints per arm: host CPU µs per layer
+(process time, which other processes on a shared machine disturb less than wall time; median of the steps, the
+2- and 4-layer models interleaved), aten ops and Triton launches per layer (with ``--sites``, by the line that
+called them), and a cProfile top 20 by self time per layer of fastbench's own functions (calls per layer too).
 
     python tools/host_cost.py 4bit:offload bf16:offload [--steps 300] [--sites]
 """
