@@ -19,7 +19,8 @@ to the compute dtype (and B scaled by s) once per step where the caller passes i
 :class:`LoraFactorCache` (the fused model owns one and starts a new step at each forward); without
 one, at each call.
 
-W and b are frozen (no gradient). Only x is saved; x A^T is recomputed in the backward. An NF4 weight
+W and b are frozen (no gradient). x is saved, and so is x A^T ([N, sum r], small) where the forward computed
+it: the backward then reuses it instead of one more product (a graph-only forward computes none). An NF4 weight
 is dequantized right before each use, in the forward and again in the backward, into one workspace
 per (device, dtype) that all projections of a model share (the cache's); the NF4 weights of one
 input (Q/K/V, gate/up) are dequantized together in one launch, so at most one group's dequantized
@@ -27,7 +28,8 @@ matrices exist at a time.
 
 - :func:`lora_projections`: several projections of one input (Q, K, V; or O alone), one Function.
 - :func:`lora_mlp`: gate/up -> GLU -> down in one Function; saves x and the two pre-activations
-  (gate, up), recomputes the GLU in the backward and writes its gradients over gate and up in place.
+  (gate, up), with the small x A^T products, recomputes the GLU in the backward and writes its
+  gradients over gate and up in place.
   The MLP is token-wise, so where nothing keeps its pre-activations (a forward without autograd, a
   graph-only forward) it runs in chunks of at most ``chunk_rows`` tokens, and so does its backward: the
   [tokens, intermediate] tensors then exist one chunk at a time, and the memory of a long sequence's
@@ -309,9 +311,10 @@ def _agree(projections) -> bool:
     return len({p.lora is None for p in projections}) == 1 and len({p.bias is None for p in projections}) == 1
 
 
-def _forward(x: torch.Tensor, projections, cache: LoraFactorCache | None) -> list[torch.Tensor]:
-    """x [..., i] -> [y_p [..., o_p]], each a view of a fresh tensor (callers may rotate them in place).
-    Written for few host calls per projection: the step is often bound by the CPU issuing it."""
+def _forward(x: torch.Tensor, projections, cache: LoraFactorCache | None) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """x [..., i] -> ([y_p [..., o_p]], x A^T [N, sum r] or None without LoRA); each y_p a view of a fresh tensor
+    (callers may rotate them in place); x A^T for a backward to reuse. Written for few host calls per
+    projection: the step is often bound by the CPU issuing it."""
     x2 = x.reshape(-1, x.shape[-1])
     f = _factors(projections, x.dtype, cache)
     xA = None if f.A is None else F.linear(x2, f.A)  # [N, sum r]: one matmul for every LoRA of this input
@@ -325,7 +328,7 @@ def _forward(x: torch.Tensor, projections, cache: LoraFactorCache | None) -> lis
         for w in weights:
             ys.append(y[:, start:start + w.shape[0]].view(*x.shape[:-1], w.shape[0]))
             start += w.shape[0]
-        return ys
+        return ys, xA
     ys = []
     for p, W, Bt, cols in zip(projections, weights, f.B_scaled_t, f.columns):
         bias = None if p.bias is None or p.bias.dtype == x.dtype else p.bias.to(x.dtype)
@@ -333,10 +336,10 @@ def _forward(x: torch.Tensor, projections, cache: LoraFactorCache | None) -> lis
         if Bt is not None:
             y.addmm_(xA[:, cols], Bt)
         ys.append(y.view(*x.shape[:-1], y.shape[-1]))
-    return ys
+    return ys, xA
 
 
-def _backward(x2, projections, dys, need_dx: bool, cache: LoraFactorCache | None):
+def _backward(x2, projections, dys, need_dx: bool, cache: LoraFactorCache | None, xA=None):
     """For projections sharing the input x2 [N, i], given their dY's [N, o_p]:
     returns (dX or None, [(dA_p, dB_p)]), with dX = sum_p dY_p W_p + [s dY_p B_p]_p [A_p]_p.
     Where the weights lie side by side in one buffer, dY = [dY_p]_p (a view when the dY's do too) is
@@ -355,7 +358,8 @@ def _backward(x2, projections, dys, need_dx: bool, cache: LoraFactorCache | None
         else:
             dyBs = [d @ B for d, B in zip(dys, f.B_scaled) if B is not None]  # s dY B, [N, r] each
             dyB = dyBs[0] if len(dyBs) == 1 else torch.cat(dyBs, 1)
-        xA = F.linear(x2, f.A)  # recomputed rather than saved, as the forward computes it
+        if xA is None:  # the forward's, where it ran; else computed here
+            xA = F.linear(x2, f.A)
         dA_all = None
         if any(p.lora.A.requires_grad for p in projections if p.lora is not None):
             dA_all = (dyB.t() @ x2).to(next(p.lora.A.dtype for p in projections if p.lora is not None))
@@ -406,22 +410,31 @@ def _grads_by_input(projections, grads):
     return [g for p, (dA, dB) in zip(projections, grads) if p.lora is not None for g in (dA, dB)]
 
 
+def _projected(x: torch.Tensor, projections, cache: LoraFactorCache | None):
+    """(the projections' outputs, as tensors autograd does not link to one another where they lie side by side;
+    x A^T as :func:`_forward` gives it)."""
+    ys, xA = _forward(x, projections, cache)
+    side_by_side = len(ys) > 1 and ys[0]._base is ys[1]._base
+    return (tuple(_unlinked(y) for y in ys) if side_by_side else tuple(ys)), xA
+
+
 class _LoRAProjections(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, projections, graph_only, cache, *lora_params):
-        ctx.save_for_backward(x)
         ctx.projections, ctx.cache = projections, cache
         if graph_only:
+            ctx.save_for_backward(x, None)
             return tuple(_placeholder(x, p) for p in projections)
-        ys = _forward(x, projections, cache)
-        side_by_side = len(ys) > 1 and ys[0]._base is ys[1]._base
-        return tuple(_unlinked(y) for y in ys) if side_by_side else tuple(ys)
+        ys, xA = _projected(x, projections, cache)
+        ctx.save_for_backward(x, xA)
+        return ys
 
     @staticmethod
     def backward(ctx, *dys):
-        (x,) = ctx.saved_tensors
+        x, xA = ctx.saved_tensors
         dys = [dy.reshape(-1, dy.shape[-1]) for dy in dys]
-        dx, grads = _backward(x.reshape(-1, x.shape[-1]), ctx.projections, dys, ctx.needs_input_grad[0], ctx.cache)
+        dx, grads = _backward(x.reshape(-1, x.shape[-1]), ctx.projections, dys, ctx.needs_input_grad[0], ctx.cache,
+                              xA)
         dx = None if dx is None else dx.view(x.shape)
         return (dx, None, None, None, *_grads_by_input(ctx.projections, grads))
 
@@ -438,7 +451,10 @@ def _outside_autocast(run, x, *args):
 def lora_projections(x: torch.Tensor, *projections: Projection, graph_only: bool = False,
                      cache: LoraFactorCache | None = None) -> tuple[torch.Tensor, ...]:
     """``(x W_p^T + b_p + s_p (x A_p^T) B_p^T for p in projections)``; x [..., i] -> [..., o_p] each. ``cache``:
-    the calling model's :class:`LoraFactorCache` (None: the factors are cast at each call)."""
+    the calling model's :class:`LoraFactorCache` (None: the factors are cast at each call). Without grad mode (a
+    checkpointed layer's forward) the products run without the autograd Function's host cost."""
+    if not torch.is_grad_enabled() and not graph_only:
+        return _outside_autocast(_projected, x, projections, cache)[0]
     return _outside_autocast(_LoRAProjections.apply, x, projections, graph_only, cache, *_flatten(projections))
 
 
@@ -470,7 +486,8 @@ def _mlp_forward(x: torch.Tensor, glu: GLU, gate: Projection, up: Projection, do
 def _mlp_rows(x: torch.Tensor, glu: GLU, gate: Projection, up: Projection, down: Projection,
               cache: LoraFactorCache | None) -> torch.Tensor:
     """down(glu(gate(x), up(x))) in one piece, without autograd."""
-    return _forward(glu.forward(*_forward(x, (gate, up), cache)), (down,), cache)[0]
+    (g, u), _ = _forward(x, (gate, up), cache)
+    return _forward(glu.forward(g, u), (down,), cache)[0][0]
 
 
 def _accumulated(total: list | None, grads: list) -> list:
@@ -484,32 +501,36 @@ class _LoRAMLP(torch.autograd.Function):
         if graph_only:  # the backward computes gate and up itself, a chunk at a time
             ctx.save_for_backward(x)
             return _placeholder(x, down)
-        g, u = _forward(x, (gate, up), cache)
-        ctx.save_for_backward(x, g, u)
-        return _forward(glu.forward(g, u), (down,), cache)[0]
+        (g, u), xA = _forward(x, (gate, up), cache)
+        (y,), hA = _forward(glu.forward(g, u), (down,), cache)
+        ctx.save_for_backward(x, g, u, xA, hA)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, *pre = ctx.saved_tensors  # pre: the forward's (gate, up) outputs, unless it ran graph-only
+        x, *pre = ctx.saved_tensors  # pre: the forward's gate, up, x A^T, h A_down^T, unless it ran graph-only
         if pre and ctx.spent:  # the first backward wrote its GLU gradients over the saved g and u
             raise RuntimeError("lora_mlp's backward reuses its saved pre-activations as gradient buffers; "
                                "a second backward (retain_graph=True) needs a second forward")
         ctx.spent = True
         gate, up, down = ctx.projections
         x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
-        pre = [t.reshape(-1, t.shape[-1]) for t in pre]
+        pre = [None if t is None else t.reshape(-1, t.shape[-1]) for t in pre]
         chunks = _row_chunks(x2.shape[0], ctx.chunk_rows)
         need_dx = ctx.needs_input_grad[0]
         dx = x2.new_empty(x2.shape) if need_dx and len(chunks) > 1 else None
         grads = None
         for rows in chunks:
-            g, u = [t[rows] for t in pre] if pre else _forward(x2[rows], (gate, up), ctx.cache)
+            if pre:
+                g, u, xA, hA = [None if t is None else t[rows] for t in pre]
+            else:
+                ((g, u), xA), hA = _forward(x2[rows], (gate, up), ctx.cache), None
             h = ctx.glu.forward(g, u)
-            dh, (down_grads,) = _backward(h, (down,), [dy2[rows]], True, ctx.cache)
+            dh, (down_grads,) = _backward(h, (down,), [dy2[rows]], True, ctx.cache, hA)
             del h
             dg, du = ctx.glu.backward(dh, g, u, dgate=g, dup=u)  # g, u are not needed any more
             del dh
-            dx_rows, gate_up_grads = _backward(x2[rows], (gate, up), [dg, du], need_dx, ctx.cache)
+            dx_rows, gate_up_grads = _backward(x2[rows], (gate, up), [dg, du], need_dx, ctx.cache, xA)
             grads = _accumulated(grads, _grads_by_input(ctx.projections, [*gate_up_grads, down_grads]))
             if dx is None:
                 dx = dx_rows

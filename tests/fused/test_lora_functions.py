@@ -308,3 +308,17 @@ def test_columns_of_one_buffer():
     assert _columns_of_one_buffer([base[:, :4], base[:, 5:]]) is None  # a gap
     assert _columns_of_one_buffer([base[:, 4:7], base[:, :4]]) is None  # out of order
     assert _columns_of_one_buffer([torch.randn(6, 4), torch.randn(6, 6)]) is None  # two buffers
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_without_grad_mode_the_same_projections_and_no_graph(seed, cached):
+    """Outside grad mode (a checkpointed layer's forward) the products run without the autograd Function: the
+    same outputs, bit for bit, side by side where they were, and nothing recorded."""
+    x = torch.randn(3, 5, 32, dtype=torch.bfloat16)
+    projections = [make_projection(32, o, 4, torch.bfloat16, bias=True) for o in (32, 16, 16)]
+    cache = LoraFactorCache() if cached else None
+    want = lora_projections(x, *projections, cache=cache)
+    with torch.no_grad():
+        got = lora_projections(x, *projections, cache=cache)
+    assert all(y.grad_fn is None and torch.equal(y, w) for y, w in zip(got, want))
+    assert [y.shape for y in got] == [w.shape for w in want]
