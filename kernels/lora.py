@@ -453,8 +453,8 @@ def lora_projections(x: torch.Tensor, *projections: Projection, graph_only: bool
     """``(x W_p^T + b_p + s_p (x A_p^T) B_p^T for p in projections)``; x [..., i] -> [..., o_p] each. ``cache``:
     the calling model's :class:`LoraFactorCache` (None: the factors are cast at each call). Without grad mode (a
     checkpointed layer's forward) the products run without the autograd Function's host cost."""
-    if not torch.is_grad_enabled() and not graph_only:
-        return _outside_autocast(_projected, x, projections, cache)[0]
+    if not torch.is_grad_enabled() and not graph_only:  # no graph: side-by-side outputs may stay plain views
+        return tuple(_outside_autocast(_forward, x, projections, cache)[0])
     return _outside_autocast(_LoRAProjections.apply, x, projections, graph_only, cache, *_flatten(projections))
 
 

@@ -313,7 +313,7 @@ def test_columns_of_one_buffer():
 @pytest.mark.parametrize("cached", [False, True])
 def test_without_grad_mode_the_same_projections_and_no_graph(seed, cached):
     """Outside grad mode (a checkpointed layer's forward) the products run without the autograd Function: the
-    same outputs, bit for bit, side by side where they were, and nothing recorded."""
+    same outputs, bit for bit, and nothing recorded."""
     x = torch.randn(3, 5, 32, dtype=torch.bfloat16)
     projections = [make_projection(32, o, 4, torch.bfloat16, bias=True) for o in (32, 16, 16)]
     cache = LoraFactorCache() if cached else None
