@@ -339,6 +339,16 @@ def _forward(x: torch.Tensor, projections, cache: LoraFactorCache | None) -> tup
     return ys, xA
 
 
+def _product_in(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """a @ b in ``dtype`` (the LoRA parameters', for their gradients): on a GPU, half-precision inputs give fp32
+    straight from the product's fp32 accumulator (``out_dtype``: no cast after it); elsewhere the product, cast."""
+    if a.dtype == dtype:
+        return a @ b
+    if a.is_cuda and dtype == torch.float32:
+        return torch.mm(a, b, out_dtype=dtype)
+    return (a @ b).to(dtype)
+
+
 def _backward(x2, projections, dys, need_dx: bool, cache: LoraFactorCache | None, xA=None):
     """For projections sharing the input x2 [N, i], given their dY's [N, o_p]:
     returns (dX or None, [(dA_p, dB_p)]), with dX = sum_p dY_p W_p + [s dY_p B_p]_p [A_p]_p.
@@ -360,11 +370,14 @@ def _backward(x2, projections, dys, need_dx: bool, cache: LoraFactorCache | None
             dyB = dyBs[0] if len(dyBs) == 1 else torch.cat(dyBs, 1)
         if xA is None:  # the forward's, where it ran; else computed here
             xA = F.linear(x2, f.A)
+        A_dtype, B_dtype = next((p.lora.A.dtype, p.lora.B.dtype) for p in projections if p.lora is not None)
         dA_all = None
         if any(p.lora.A.requires_grad for p in projections if p.lora is not None):
-            dA_all = (dyB.t() @ x2).to(next(p.lora.A.dtype for p in projections if p.lora is not None))
-        dB_all = dy.t() @ xA if dy is not None and any(p.lora.B.requires_grad for p in projections) else None
-        start, dBs = 0, {}  # dBs: projection index -> s dB_p before its cast
+            dA_all = _product_in(dyB.t(), x2, A_dtype)
+        dB_all = None
+        if dy is not None and any(p.lora.B.requires_grad for p in projections if p.lora is not None):
+            dB_all = _product_in(dy.t(), xA, B_dtype)
+        start, dBs = 0, {}  # dBs: projection index -> dB_p before its scale s and its cast
         for k, (p, d, cols) in enumerate(zip(projections, dys, f.columns)):
             rows = slice(start, start + d.shape[1])
             start = rows.stop
@@ -372,7 +385,7 @@ def _backward(x2, projections, dys, need_dx: bool, cache: LoraFactorCache | None
                 continue
             dA = dA_all[cols].to(p.lora.A.dtype) if p.lora.A.requires_grad else None  # no-op unless dtypes mix
             if p.lora.B.requires_grad:
-                dBs[k] = dB_all[rows, cols] if dB_all is not None else d.t() @ xA[:, cols]
+                dBs[k] = dB_all[rows, cols] if dB_all is not None else _product_in(d.t(), xA[:, cols], B_dtype)
             grads[k] = (dA, None)
         scaled = [k for k in dBs if f.scales[k] != 1]
         if scaled and dB_all is not None and len(set(f.scales)) == 1:  # one scale: all of dY^T (x A^T) at once

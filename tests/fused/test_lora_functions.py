@@ -322,3 +322,15 @@ def test_without_grad_mode_the_same_projections_and_no_graph(seed, cached):
         got = lora_projections(x, *projections, cache=cache)
     assert all(y.grad_fn is None and torch.equal(y, w) for y, w in zip(got, want))
     assert [y.shape for y in got] == [w.shape for w in want]
+
+
+@pytest.mark.gpu
+def test_lora_gradient_products_in_fp32_on_gpu(seed):
+    """On a GPU the LoRA gradients' products give fp32 from the GEMM's accumulator: the fp32 product of the same
+    bf16 inputs, to fp32 rounding."""
+    from fastbench.kernels.lora import _product_in
+
+    a, b = (torch.randn(n, m, device="cuda").to(torch.bfloat16) for n, m in ((512, 48), (512, 4096)))
+    got = _product_in(a.t(), b, torch.float32)  # dY B transposed, as the backward passes it
+    assert got.dtype == torch.float32
+    assert rel(got, a.float().t() @ b.float()) < 1e-5
