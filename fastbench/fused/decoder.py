@@ -9,7 +9,7 @@ checkpointing parts (:func:`layer_parts`), x -> h and h -> y, each given the che
 :class:`~fastbench.fused.checkpointing.PartContext`. While a part runs as the last one of a recomputed
 unit (``context.recomputing``), its output is only the root of the backward, so its last projection (O,
 or the GLU and the down projection) is not recomputed: the Functions return placeholders and save what
-their backward needs. The LoRA Functions share the model's factor cache (``cache``).
+their backward needs, and so does the residual sum (``context.residual``). The LoRA Functions share the model's factor cache (``cache``).
 """
 from __future__ import annotations
 
@@ -255,7 +255,7 @@ def attention_residual(layer, x, context: PartContext, cos, sin, mask, family: F
             o = o.masked_fill(keyless, 0.0)
         o = o.transpose(1, 2).reshape(B, T, -1)
     (out,) = lora_projections(o, o_p, graph_only=context.recomputing, cache=cache)
-    return x + out
+    return context.residual(x, out)
 
 
 def mlp_residual(layer, h, context: PartContext, family: Family, projections=None,
@@ -266,7 +266,7 @@ def mlp_residual(layer, h, context: PartContext, family: Family, projections=Non
     norm = functools.partial(rms_norm, weight=layer.post_attention_layernorm.weight,
                              eps=norm_eps(layer.post_attention_layernorm), offset=family.norm_offset)
     m = context.derived(norm(h), h, norm)  # an MLP whose activations go to the host recomputes m, not copies it
-    return h + lora_mlp(m, gate, up, down, family.glu, graph_only=context.recomputing, cache=cache)
+    return context.residual(h, lora_mlp(m, gate, up, down, family.glu, graph_only=context.recomputing, cache=cache))
 
 
 def _trainable_by_part(layer, family: Family, attn_projections, mlp_projections) -> tuple[list, list]:

@@ -529,3 +529,16 @@ def test_interpreter_truncates_bf16_casts():
     cast[(1,)](a, b, 4096)
     assert (b.float().abs() <= a.abs()).all()  # toward zero, always
     assert (b != a.to(torch.bfloat16)).float().mean() > 0.3  # and so unlike round-to-nearest about half the time
+
+
+def test_a_recomputed_residual_sum_is_a_placeholder_with_the_sums_gradients(seed):
+    """A part's residual sum: x + out in a plain run; when recomputing (its value never read) a placeholder of the
+    same shape, no add run, whose backward gives both inputs the gradient as the sum's would."""
+    from fastbench.fused.checkpointing.context import PLAIN, RECOMPUTING
+
+    x, out = torch.randn(2, 3, 8, requires_grad=True), torch.randn(2, 3, 8, requires_grad=True)
+    assert torch.equal(PLAIN.residual(x, out), x + out)
+    placeholder = RECOMPUTING.residual(x, out)
+    assert placeholder.shape == x.shape and placeholder.stride() == (0, 0, 0)
+    dy = torch.randn(2, 3, 8)
+    assert all(torch.equal(g, dy) for g in torch.autograd.grad(placeholder, [x, out], dy))
