@@ -311,7 +311,8 @@ def _agree(projections) -> bool:
     return len({p.lora is None for p in projections}) == 1 and len({p.bias is None for p in projections}) == 1
 
 
-def _forward(x: torch.Tensor, projections, cache: LoraFactorCache | None) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+def _forward(x: torch.Tensor, projections,
+             cache: LoraFactorCache | None) -> tuple[list[torch.Tensor], torch.Tensor | None]:
     """x [..., i] -> ([y_p [..., o_p]], x A^T [N, sum r] or None without LoRA); each y_p a view of a fresh tensor
     (callers may rotate them in place); x A^T for a backward to reuse. Written for few host calls per
     projection: the step is often bound by the CPU issuing it."""

@@ -9,7 +9,8 @@ checkpointing parts (:func:`layer_parts`), x -> h and h -> y, each given the che
 :class:`~fastbench.fused.checkpointing.PartContext`. While a part runs as the last one of a recomputed
 unit (``context.recomputing``), its output is only the root of the backward, so its last projection (O,
 or the GLU and the down projection) is not recomputed: the Functions return placeholders and save what
-their backward needs, and so does the residual sum (``context.residual``). The LoRA Functions share the model's factor cache (``cache``).
+their backward needs, and so does the residual sum (``context.residual``). The LoRA Functions share the
+model's factor cache (``cache``).
 """
 from __future__ import annotations
 
