@@ -340,7 +340,7 @@ class Lookup:
         return spec.heuristic(pass_name, problem), "heuristic"
 
     def config_for(self, spec: OpSpec, pass_name: str, problem: Problem) -> Config:
-        memo_key = (spec.name, pass_name, tuple(sorted(problem.items())))
+        memo_key = (spec.name, pass_name, tuple(problem.items()))  # each caller builds its problems in one order
         hit = self._memo.get(memo_key)
         if hit is None:
             hit = self._memo[memo_key] = self.resolve(spec, pass_name, problem)

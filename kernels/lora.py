@@ -19,7 +19,8 @@ to the compute dtype (and B scaled by s) once per step where the caller passes i
 :class:`LoraFactorCache` (the fused model owns one and starts a new step at each forward); without
 one, at each call.
 
-W and b are frozen (no gradient). Only x is saved; x A^T is recomputed in the backward. An NF4 weight
+W and b are frozen (no gradient). x is saved, and so is x A^T ([N, sum r], small) where the forward computed
+it: the backward then reuses it instead of one more product (a graph-only forward computes none). An NF4 weight
 is dequantized right before each use, in the forward and again in the backward, into one workspace
 per (device, dtype) that all projections of a model share (the cache's); the NF4 weights of one
 input (Q/K/V, gate/up) are dequantized together in one launch, so at most one group's dequantized
@@ -27,7 +28,8 @@ matrices exist at a time.
 
 - :func:`lora_projections`: several projections of one input (Q, K, V; or O alone), one Function.
 - :func:`lora_mlp`: gate/up -> GLU -> down in one Function; saves x and the two pre-activations
-  (gate, up), recomputes the GLU in the backward and writes its gradients over gate and up in place.
+  (gate, up), with the small x A^T products, recomputes the GLU in the backward and writes its
+  gradients over gate and up in place.
   The MLP is token-wise, so where nothing keeps its pre-activations (a forward without autograd, a
   graph-only forward) it runs in chunks of at most ``chunk_rows`` tokens, and so does its backward: the
   [tokens, intermediate] tensors then exist one chunk at a time, and the memory of a long sequence's
@@ -115,12 +117,15 @@ class _Factors:
     B_scaled_t: tuple  # the same transposed (views), for the forward's addmm
     columns: tuple  # per projection: its slice of A's rows (of x A^T's columns) or None
     scales: tuple
+    block: torch.Tensor | None = None  # B_block, once asked for
 
-    @cached_property
+    @property
     def B_block(self) -> torch.Tensor:
         """Block-diagonal [sum o, sum r] of the s B's (every projection has a LoRA), so that for
         side-by-side outputs (x A^T) B_block^T = [s (x A_p^T) B_p^T]_p and dY B_block = [s dY_p B_p]_p."""
-        return torch.block_diag(*self.B_scaled)
+        if self.block is None:
+            self.block = torch.block_diag(*self.B_scaled)
+        return self.block
 
     @cached_property
     def B_block_t(self) -> torch.Tensor:
@@ -152,6 +157,37 @@ def _factors(projections, dtype: torch.dtype, cache: LoraFactorCache | None) -> 
     return _cast_factors(loras, dtype) if cache is None else cache.factors(loras, dtype)
 
 
+class _GroupCast:
+    """Where a known group's factors are cast at each step: A [sum r, i] and the s B_p in buffers kept between
+    steps (those of ``previous``, an earlier cast of the same group, where given), the copies into them, and
+    the :class:`_Factors` that view them (made once, so that their views and B_block are made once too)."""
+
+    def __init__(self, loras, dtype: torch.dtype, previous: _GroupCast | None = None):
+        present = [l for l in loras if l is not None]
+        if previous is None:
+            self.A = torch.empty((sum(l.A.shape[0] for l in present), present[0].A.shape[1]), dtype=dtype,
+                                 device=present[0].A.device)
+            self.Bs = [None if l is None else torch.empty(l.B.shape, dtype=dtype, device=l.B.device) for l in loras]
+        else:
+            self.A, self.Bs = previous.A, previous.Bs
+        self.loras = loras
+        self.params = tuple(t for l in present for t in (l.A, l.B))
+        self.A_copies = [(l.A, self.A[rows]) for l, rows in zip(loras, _columns(loras)) if l is not None]
+        self.B_copies = [(l.B, B, l.scale) for l, B in zip(loras, self.Bs) if l is not None]
+        self.factors = _make_factors(loras, self.A, self.Bs)
+        self._blocks = None
+
+    def block_views(self) -> list[torch.Tensor] | None:
+        """The diagonal blocks of the factors' B_block (one per B), once it exists; else None."""
+        block = self.factors.block
+        if self._blocks is None and block is not None:
+            self._blocks, row, col = [], 0, 0
+            for B in self.Bs:
+                self._blocks.append(block[row:row + B.shape[0], col:col + B.shape[1]])
+                row, col = row + B.shape[0], col + B.shape[1]
+        return self._blocks
+
+
 class LoraFactorCache:
     """What the fused LoRA Functions of one model reuse between calls: each group's factors cast to the compute
     dtype, and the buffer per (device, dtype) that its NF4 weights are dequantized into.
@@ -166,7 +202,7 @@ class LoraFactorCache:
     def __init__(self):
         self._factors: dict = {}  # key -> (the A/B parameters, their versions, _Factors)
         self._groups: dict = {}  # the groups cast since the last step: key -> (their LoRAs, dtype)
-        self._buffers: dict = {}  # key -> (A [sum r, i], [s B_p]): where a known group is cast at each step
+        self._casts: dict = {}  # key -> _GroupCast: where a known group is cast at each step
         self._fresh = False  # no group cast since new_step
         self._used: set = set()  # the keys asked for since new_step
         # (device, dtype) -> (flat buffer, {shape: a view of its first elements}); the views are made once
@@ -177,7 +213,7 @@ class LoraFactorCache:
         once."""
         for key in [k for k in self._groups if k not in self._used]:
             del self._groups[key]
-            self._buffers.pop(key, None)
+            self._casts.pop(key, None)
         self._used.clear()
         self._fresh = True
         self._factors.clear()
@@ -202,32 +238,32 @@ class LoraFactorCache:
         return factors
 
     def _cast_known_groups(self) -> None:
-        """Casts every known group into its buffers (allocated the first time) and caches its factors."""
+        """Casts every known group into its buffers (its block-diagonal B too, once a step asked for it) and
+        caches its factors."""
         sources, targets, scaled, scales = [], [], [], []  # scaled: indices into sources of the B's with s != 1
+        repeats = []  # (index into sources, a second target of it: a diagonal block of B_block)
         for key, (loras, dtype) in self._groups.items():
-            present = [l for l in loras if l is not None]
-            if key not in self._buffers:
-                A = torch.empty((sum(l.A.shape[0] for l in present), present[0].A.shape[1]), dtype=dtype,
-                                device=present[0].A.device)
-                self._buffers[key] = (A, [None if l is None else torch.empty(l.B.shape, dtype=dtype, device=l.B.device)
-                                          for l in loras])
-            A, Bs = self._buffers[key]
-            for lora, rows in zip(loras, _columns(loras)):
-                if lora is not None:
-                    sources.append(lora.A)
-                    targets.append(A[rows])
-            for lora, B in zip(loras, Bs):
-                if lora is not None:
-                    if lora.scale != 1:
-                        scaled.append(len(sources))
-                        scales.append(lora.scale)
-                    sources.append(lora.B)
-                    targets.append(B)
-            params = tuple(t for l in present for t in (l.A, l.B))
-            self._factors[key] = (params, tuple(t._version for t in params), _make_factors(loras, A, Bs))
+            cast = self._casts.get(key)
+            if cast is None or cast.loras is not loras:
+                cast = self._casts[key] = _GroupCast(loras, dtype, cast)
+            for source, target in cast.A_copies:
+                sources.append(source)
+                targets.append(target)
+            for (source, target, s), block in zip(cast.B_copies, cast.block_views() or [None] * len(cast.B_copies)):
+                if s != 1:
+                    scaled.append(len(sources))
+                    scales.append(s)
+                if block is not None:
+                    repeats.append((len(sources), block))
+                sources.append(source)
+                targets.append(target)
+            self._factors[key] = (cast.params, tuple(t._version for t in cast.params), cast.factors)
         if scaled:  # s B in the parameters' precision, then rounded once, as _cast_factors does
             for i, product in zip(scaled, torch._foreach_mul([sources[i] for i in scaled], scales)):
                 sources[i] = product
+        for i, block in repeats:
+            sources.append(sources[i])
+            targets.append(block)
         torch._foreach_copy_(targets, sources)
 
     def workspace(self, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -275,9 +311,11 @@ def _agree(projections) -> bool:
     return len({p.lora is None for p in projections}) == 1 and len({p.bias is None for p in projections}) == 1
 
 
-def _forward(x: torch.Tensor, projections, cache: LoraFactorCache | None) -> list[torch.Tensor]:
-    """x [..., i] -> [y_p [..., o_p]], each a view of a fresh tensor (callers may rotate them in place).
-    Written for few host calls per projection: the step is often bound by the CPU issuing it."""
+def _forward(x: torch.Tensor, projections,
+             cache: LoraFactorCache | None) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """x [..., i] -> ([y_p [..., o_p]], x A^T [N, sum r] or None without LoRA); each y_p a view of a fresh tensor
+    (callers may rotate them in place); x A^T for a backward to reuse. Written for few host calls per
+    projection: the step is often bound by the CPU issuing it."""
     x2 = x.reshape(-1, x.shape[-1])
     f = _factors(projections, x.dtype, cache)
     xA = None if f.A is None else F.linear(x2, f.A)  # [N, sum r]: one matmul for every LoRA of this input
@@ -291,7 +329,7 @@ def _forward(x: torch.Tensor, projections, cache: LoraFactorCache | None) -> lis
         for w in weights:
             ys.append(y[:, start:start + w.shape[0]].view(*x.shape[:-1], w.shape[0]))
             start += w.shape[0]
-        return ys
+        return ys, xA
     ys = []
     for p, W, Bt, cols in zip(projections, weights, f.B_scaled_t, f.columns):
         bias = None if p.bias is None or p.bias.dtype == x.dtype else p.bias.to(x.dtype)
@@ -299,10 +337,20 @@ def _forward(x: torch.Tensor, projections, cache: LoraFactorCache | None) -> lis
         if Bt is not None:
             y.addmm_(xA[:, cols], Bt)
         ys.append(y.view(*x.shape[:-1], y.shape[-1]))
-    return ys
+    return ys, xA
 
 
-def _backward(x2, projections, dys, need_dx: bool, cache: LoraFactorCache | None):
+def _product_in(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """a @ b in ``dtype`` (the LoRA parameters', for their gradients): on a GPU, half-precision inputs give fp32
+    straight from the product's fp32 accumulator (``out_dtype``: no cast after it); elsewhere the product, cast."""
+    if a.dtype == dtype:
+        return a @ b
+    if a.is_cuda and dtype == torch.float32:
+        return torch.mm(a, b, out_dtype=dtype)
+    return (a @ b).to(dtype)
+
+
+def _backward(x2, projections, dys, need_dx: bool, cache: LoraFactorCache | None, xA=None):
     """For projections sharing the input x2 [N, i], given their dY's [N, o_p]:
     returns (dX or None, [(dA_p, dB_p)]), with dX = sum_p dY_p W_p + [s dY_p B_p]_p [A_p]_p.
     Where the weights lie side by side in one buffer, dY = [dY_p]_p (a view when the dY's do too) is
@@ -321,23 +369,32 @@ def _backward(x2, projections, dys, need_dx: bool, cache: LoraFactorCache | None
         else:
             dyBs = [d @ B for d, B in zip(dys, f.B_scaled) if B is not None]  # s dY B, [N, r] each
             dyB = dyBs[0] if len(dyBs) == 1 else torch.cat(dyBs, 1)
-        xA = F.linear(x2, f.A)  # recomputed rather than saved, as the forward computes it
+        if xA is None:  # the forward's, where it ran; else computed here
+            xA = F.linear(x2, f.A)
+        A_dtype, B_dtype = next((p.lora.A.dtype, p.lora.B.dtype) for p in projections if p.lora is not None)
         dA_all = None
         if any(p.lora.A.requires_grad for p in projections if p.lora is not None):
-            dA_all = (dyB.t() @ x2).to(next(p.lora.A.dtype for p in projections if p.lora is not None))
-        dB_all = dy.t() @ xA if dy is not None and any(p.lora.B.requires_grad for p in projections) else None
-        start = 0
-        for k, (p, d, cols, s) in enumerate(zip(projections, dys, f.columns, f.scales)):
+            dA_all = _product_in(dyB.t(), x2, A_dtype)
+        dB_all = None
+        if dy is not None and any(p.lora.B.requires_grad for p in projections if p.lora is not None):
+            dB_all = _product_in(dy.t(), xA, B_dtype)
+        start, dBs = 0, {}  # dBs: projection index -> dB_p before its scale s and its cast
+        for k, (p, d, cols) in enumerate(zip(projections, dys, f.columns)):
             rows = slice(start, start + d.shape[1])
             start = rows.stop
             if cols is None:
                 continue
             dA = dA_all[cols].to(p.lora.A.dtype) if p.lora.A.requires_grad else None  # no-op unless dtypes mix
-            dB = None
             if p.lora.B.requires_grad:
-                dB = dB_all[rows, cols] if dB_all is not None else d.t() @ xA[:, cols]
-                dB = (dB if s == 1 else dB.mul_(s)).to(p.lora.B.dtype)
-            grads[k] = (dA, dB)
+                dBs[k] = dB_all[rows, cols] if dB_all is not None else _product_in(d.t(), xA[:, cols], B_dtype)
+            grads[k] = (dA, None)
+        scaled = [k for k in dBs if f.scales[k] != 1]
+        if scaled and dB_all is not None and len(set(f.scales)) == 1:  # one scale: all of dY^T (x A^T) at once
+            dB_all.mul_(f.scales[0])
+        elif scaled:  # in one multi-tensor multiply
+            torch._foreach_mul_([dBs[k] for k in scaled], [f.scales[k] for k in scaled])
+        for k, dB in dBs.items():
+            grads[k] = (grads[k][0], dB.to(projections[k].lora.B.dtype))
     dx = None
     if need_dx:
         W, weights = base_weights(projections, dys[0].dtype, cache)
@@ -367,22 +424,31 @@ def _grads_by_input(projections, grads):
     return [g for p, (dA, dB) in zip(projections, grads) if p.lora is not None for g in (dA, dB)]
 
 
+def _projected(x: torch.Tensor, projections, cache: LoraFactorCache | None):
+    """(the projections' outputs, as tensors autograd does not link to one another where they lie side by side;
+    x A^T as :func:`_forward` gives it)."""
+    ys, xA = _forward(x, projections, cache)
+    side_by_side = len(ys) > 1 and ys[0]._base is ys[1]._base
+    return (tuple(_unlinked(y) for y in ys) if side_by_side else tuple(ys)), xA
+
+
 class _LoRAProjections(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, projections, graph_only, cache, *lora_params):
-        ctx.save_for_backward(x)
         ctx.projections, ctx.cache = projections, cache
         if graph_only:
+            ctx.save_for_backward(x, None)
             return tuple(_placeholder(x, p) for p in projections)
-        ys = _forward(x, projections, cache)
-        side_by_side = len(ys) > 1 and ys[0]._base is ys[1]._base
-        return tuple(_unlinked(y) for y in ys) if side_by_side else tuple(ys)
+        ys, xA = _projected(x, projections, cache)
+        ctx.save_for_backward(x, xA)
+        return ys
 
     @staticmethod
     def backward(ctx, *dys):
-        (x,) = ctx.saved_tensors
+        x, xA = ctx.saved_tensors
         dys = [dy.reshape(-1, dy.shape[-1]) for dy in dys]
-        dx, grads = _backward(x.reshape(-1, x.shape[-1]), ctx.projections, dys, ctx.needs_input_grad[0], ctx.cache)
+        dx, grads = _backward(x.reshape(-1, x.shape[-1]), ctx.projections, dys, ctx.needs_input_grad[0], ctx.cache,
+                              xA)
         dx = None if dx is None else dx.view(x.shape)
         return (dx, None, None, None, *_grads_by_input(ctx.projections, grads))
 
@@ -399,7 +465,10 @@ def _outside_autocast(run, x, *args):
 def lora_projections(x: torch.Tensor, *projections: Projection, graph_only: bool = False,
                      cache: LoraFactorCache | None = None) -> tuple[torch.Tensor, ...]:
     """``(x W_p^T + b_p + s_p (x A_p^T) B_p^T for p in projections)``; x [..., i] -> [..., o_p] each. ``cache``:
-    the calling model's :class:`LoraFactorCache` (None: the factors are cast at each call)."""
+    the calling model's :class:`LoraFactorCache` (None: the factors are cast at each call). Without grad mode (a
+    checkpointed layer's forward) the products run without the autograd Function's host cost."""
+    if not torch.is_grad_enabled() and not graph_only:  # no graph: side-by-side outputs may stay plain views
+        return tuple(_outside_autocast(_forward, x, projections, cache)[0])
     return _outside_autocast(_LoRAProjections.apply, x, projections, graph_only, cache, *_flatten(projections))
 
 
@@ -431,7 +500,8 @@ def _mlp_forward(x: torch.Tensor, glu: GLU, gate: Projection, up: Projection, do
 def _mlp_rows(x: torch.Tensor, glu: GLU, gate: Projection, up: Projection, down: Projection,
               cache: LoraFactorCache | None) -> torch.Tensor:
     """down(glu(gate(x), up(x))) in one piece, without autograd."""
-    return _forward(glu.forward(*_forward(x, (gate, up), cache)), (down,), cache)[0]
+    (g, u), _ = _forward(x, (gate, up), cache)
+    return _forward(glu.forward(g, u), (down,), cache)[0][0]
 
 
 def _accumulated(total: list | None, grads: list) -> list:
@@ -445,32 +515,36 @@ class _LoRAMLP(torch.autograd.Function):
         if graph_only:  # the backward computes gate and up itself, a chunk at a time
             ctx.save_for_backward(x)
             return _placeholder(x, down)
-        g, u = _forward(x, (gate, up), cache)
-        ctx.save_for_backward(x, g, u)
-        return _forward(glu.forward(g, u), (down,), cache)[0]
+        (g, u), xA = _forward(x, (gate, up), cache)
+        (y,), hA = _forward(glu.forward(g, u), (down,), cache)
+        ctx.save_for_backward(x, g, u, xA, hA)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, *pre = ctx.saved_tensors  # pre: the forward's (gate, up) outputs, unless it ran graph-only
+        x, *pre = ctx.saved_tensors  # pre: the forward's gate, up, x A^T, h A_down^T, unless it ran graph-only
         if pre and ctx.spent:  # the first backward wrote its GLU gradients over the saved g and u
             raise RuntimeError("lora_mlp's backward reuses its saved pre-activations as gradient buffers; "
                                "a second backward (retain_graph=True) needs a second forward")
         ctx.spent = True
         gate, up, down = ctx.projections
         x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
-        pre = [t.reshape(-1, t.shape[-1]) for t in pre]
+        pre = [None if t is None else t.reshape(-1, t.shape[-1]) for t in pre]
         chunks = _row_chunks(x2.shape[0], ctx.chunk_rows)
         need_dx = ctx.needs_input_grad[0]
         dx = x2.new_empty(x2.shape) if need_dx and len(chunks) > 1 else None
         grads = None
         for rows in chunks:
-            g, u = [t[rows] for t in pre] if pre else _forward(x2[rows], (gate, up), ctx.cache)
+            if pre:
+                g, u, xA, hA = [None if t is None else t[rows] for t in pre]
+            else:
+                ((g, u), xA), hA = _forward(x2[rows], (gate, up), ctx.cache), None
             h = ctx.glu.forward(g, u)
-            dh, (down_grads,) = _backward(h, (down,), [dy2[rows]], True, ctx.cache)
+            dh, (down_grads,) = _backward(h, (down,), [dy2[rows]], True, ctx.cache, hA)
             del h
             dg, du = ctx.glu.backward(dh, g, u, dgate=g, dup=u)  # g, u are not needed any more
             del dh
-            dx_rows, gate_up_grads = _backward(x2[rows], (gate, up), [dg, du], need_dx, ctx.cache)
+            dx_rows, gate_up_grads = _backward(x2[rows], (gate, up), [dg, du], need_dx, ctx.cache, xA)
             grads = _accumulated(grads, _grads_by_input(ctx.projections, [*gate_up_grads, down_grads]))
             if dx is None:
                 dx = dx_rows

@@ -101,16 +101,21 @@ def _problem(pass_name: str, dtype: torch.dtype, hidden: int, rows: int, need_dw
     return problem
 
 
+def _normalized(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float):
+    """(y in x's shape, x as rows, the weight contiguous): the forward, and what its backward needs."""
+    x2 = as_rows(x)
+    w = weight.contiguous()
+    config = config_for(SPEC, "fwd", _problem("fwd", x.dtype, x2.shape[1], x2.shape[0]))
+    return _forward(x2, w, eps, offset, config).view(x.shape), x2, w
+
+
 class _RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps, offset):
-        x2 = as_rows(x)
-        w = weight.contiguous()
-        config = config_for(SPEC, "fwd", _problem("fwd", x.dtype, x2.shape[1], x2.shape[0]))
-        y = _forward(x2, w, eps, offset, config)
+        y, x2, w = _normalized(x, weight, eps, offset)
         ctx.save_for_backward(x2, w)
         ctx.eps, ctx.offset = eps, offset
-        return y.view(x.shape)
+        return y
 
     @staticmethod
     def backward(ctx, grad):
@@ -122,7 +127,10 @@ class _RMSNormFunction(torch.autograd.Function):
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, offset: float = 0.0) -> torch.Tensor:
-    """RMSNorm over the last dim of x (any leading dims); offset=1.0 gives Gemma's (1 + w) form."""
+    """RMSNorm over the last dim of x (any leading dims); offset=1.0 gives Gemma's (1 + w) form. Without grad mode
+    (a checkpointed layer's forward) the kernel runs without the autograd Function's host cost."""
+    if not torch.is_grad_enabled():
+        return _normalized(x, weight, eps, offset)[0]
     return _RMSNormFunction.apply(x, weight, eps, offset)
 
 

@@ -115,6 +115,13 @@ def _key(dtype, n_q: int, n_k: int, head_dim: int, tokens: int) -> dict:
             "head_dim": head_dim, "tokens": tokens}
 
 
+def _rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Rotates q and k in place and bumps their version counters (see :class:`_RoPEFunction`)."""
+    _launch(q, k, cos, sin, False, config_for(SPEC, "fwd", _problem(q, k)))
+    increment_version(q)
+    increment_version(k)
+
+
 class _RoPEFunction(torch.autograd.Function):
     """Rotates its inputs' memory in place and returns them as outputs of this node.
 
@@ -125,9 +132,7 @@ class _RoPEFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, cos, sin):
-        _launch(q, k, cos, sin, False, config_for(SPEC, "fwd", _problem(q, k)))
-        increment_version(q)
-        increment_version(k)
+        _rotate(q, k, cos, sin)
         ctx.save_for_backward(cos, sin)
         return q, k
 
@@ -149,12 +154,14 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
     use a multi-output view whose sibling was modified in place. cos/sin: [B, T, D], [1, T, D] or [T, D] as Hugging Face's rotary embedding returns them;
     they are constants here (no gradient flows to them).
     """
-    if torch.is_grad_enabled():
-        if cos.requires_grad or sin.requires_grad:
-            raise ValueError("apply_rope does not differentiate with respect to cos/sin; pass them detached")
-        if any(base.is_leaf and base.requires_grad for base in (x if x._base is None else x._base for x in (q, k))):
-            raise RuntimeError("apply_rope rotates in place: q and k cannot be (views of) leaf tensors that "
-                               "require grad")
+    if not torch.is_grad_enabled():  # (a checkpointed layer's forward) without the autograd Function's host cost
+        _rotate(q, k, cos, sin)
+        return q, k
+    if cos.requires_grad or sin.requires_grad:
+        raise ValueError("apply_rope does not differentiate with respect to cos/sin; pass them detached")
+    if any(base.is_leaf and base.requires_grad for base in (x if x._base is None else x._base for x in (q, k))):
+        raise RuntimeError("apply_rope rotates in place: q and k cannot be (views of) leaf tensors that "
+                           "require grad")
     return _RoPEFunction.apply(q, k, cos, sin)
 
 

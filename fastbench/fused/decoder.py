@@ -9,7 +9,8 @@ checkpointing parts (:func:`layer_parts`), x -> h and h -> y, each given the che
 :class:`~fastbench.fused.checkpointing.PartContext`. While a part runs as the last one of a recomputed
 unit (``context.recomputing``), its output is only the root of the backward, so its last projection (O,
 or the GLU and the down projection) is not recomputed: the Functions return placeholders and save what
-their backward needs. The LoRA Functions share the model's factor cache (``cache``).
+their backward needs, and so does the residual sum (``context.residual``). The LoRA Functions share the
+model's factor cache (``cache``).
 """
 from __future__ import annotations
 
@@ -255,7 +256,7 @@ def attention_residual(layer, x, context: PartContext, cos, sin, mask, family: F
             o = o.masked_fill(keyless, 0.0)
         o = o.transpose(1, 2).reshape(B, T, -1)
     (out,) = lora_projections(o, o_p, graph_only=context.recomputing, cache=cache)
-    return x + out
+    return context.residual(x, out)
 
 
 def mlp_residual(layer, h, context: PartContext, family: Family, projections=None,
@@ -266,29 +267,27 @@ def mlp_residual(layer, h, context: PartContext, family: Family, projections=Non
     norm = functools.partial(rms_norm, weight=layer.post_attention_layernorm.weight,
                              eps=norm_eps(layer.post_attention_layernorm), offset=family.norm_offset)
     m = context.derived(norm(h), h, norm)  # an MLP whose activations go to the host recomputes m, not copies it
-    return h + lora_mlp(m, gate, up, down, family.glu, graph_only=context.recomputing, cache=cache)
+    return context.residual(h, lora_mlp(m, gate, up, down, family.glu, graph_only=context.recomputing, cache=cache))
 
 
-def _trainable_by_part(layer) -> tuple[list, list]:
-    """The layer's trainable parameters: (attention part's: its norm and self_attn; MLP part's: the rest).
-    A plain walk of the module tree (each parameter once): ``named_parameters`` builds every name, and
-    this runs for each recomputed layer at every step."""
-    parts, seen = ([], []), set()
-
-    def take(module, part, recurse=True):
-        for p in module._parameters.values():
-            if p is not None and p.requires_grad and id(p) not in seen:
-                seen.add(id(p))
-                part.append(p)
-        for child in module._modules.values() if recurse else ():
-            if child is not None:
-                take(child, part)
-
-    take(layer, parts[1], recurse=False)  # parameters held by the layer itself
-    for name, child in layer._modules.items():
-        if child is not None:
-            take(child, parts[name not in ("input_layernorm", "self_attn")])
-    return parts
+def _trainable_by_part(layer, family: Family, attn_projections, mlp_projections) -> tuple[list, list]:
+    """The trainable parameters each part reads, each once: (the input norm's, Q/K norms' and Q/K/V/O's; the
+    post-attention norm's and gate/up/down's), the tensors its recomputation's gradients are asked for. Taken
+    from what the parts read rather than by walking the layer's modules: this runs for each recomputed layer
+    at every step."""
+    attn = layer.self_attn
+    norms = ([layer.input_layernorm.weight] + ([attn.q_norm.weight, attn.k_norm.weight] if family.qk_norm else []),
+             [layer.post_attention_layernorm.weight])
+    parts = []
+    for weights, projections in zip(norms, (attn_projections, mlp_projections)):
+        tensors = weights + [t for p in projections for t in (p.weight, p.bias, *(p.lora or ())[:2])]
+        seen, part = set(), []
+        for t in tensors:
+            if t is not None and t.requires_grad and id(t) not in seen:
+                seen.add(id(t))
+                part.append(t)
+        parts.append(part)
+    return parts[0], parts[1]
 
 
 def layer_parts(layer, cos, sin, mask, family: Family, cache: LoraFactorCache | None = None):
@@ -296,8 +295,8 @@ def layer_parts(layer, cos, sin, mask, family: Family, cache: LoraFactorCache | 
     fastbench.fused.checkpointing); the parameters are listed when first asked for (only recomputed parts
     ask), in one pass for both parts. The parts hold the layer's projections as they stand now, so a
     recomputation repeats this forward; their LoRA Functions share ``cache``."""
-    trainable = functools.cache(functools.partial(_trainable_by_part, layer))
     attn_p, mlp_p = layer_projections(layer)
+    trainable = functools.cache(functools.partial(_trainable_by_part, layer, family, attn_p, mlp_p))
     return [(functools.partial(attention_residual, layer, cos=cos, sin=sin, mask=mask, family=family,
                                projections=attn_p, cache=cache), lambda: trainable()[0]),
             (functools.partial(mlp_residual, layer, family=family, projections=mlp_p, cache=cache),

@@ -417,9 +417,9 @@ def test_cpu_without_triton_interpreter_says_so(seed, monkeypatch):
 
 
 def test_recomputed_parts_list_every_trainable_parameter(seed):
-    """The parameters a recomputed layer's parts return gradients for: every trainable one of the layer,
-    in named_parameters' order, split at the attention (its norm, self_attn) / MLP boundary."""
-    from fastbench.fused.decoder import _trainable_by_part
+    """The parameters a recomputed layer's parts return gradients for: every trainable one of the layer
+    (each once), split at the attention (its norm, self_attn) / MLP boundary."""
+    from fastbench.fused.decoder import _trainable_by_part, family_of, layer_projections
 
     fused, _ = pair("qwen3-8b-tiny", seed)
     layer = fused.get_base_model().model.layers[0]
@@ -430,8 +430,11 @@ def test_recomputed_parts_list_every_trainable_parameter(seed):
     for name, p in layer.named_parameters():
         if p.requires_grad:
             expected[not name.startswith(("input_layernorm.", "self_attn."))].append(p)
-    got = _trainable_by_part(layer)
-    assert [list(map(id, part)) for part in got] == [list(map(id, part)) for part in expected]
+    layer.self_attn.q_norm.weight.requires_grad_(True)
+    expected[0].append(layer.self_attn.q_norm.weight)
+    got = _trainable_by_part(layer, family_of(fused.config), *layer_projections(layer))
+    assert [sorted(map(id, part)) for part in got] == [sorted(map(id, part)) for part in expected]
+    assert all(len(part) == len(set(map(id, part))) for part in got)
     assert len(got[0]) > 0 and len(got[1]) > 0
 
 
@@ -526,3 +529,16 @@ def test_interpreter_truncates_bf16_casts():
     cast[(1,)](a, b, 4096)
     assert (b.float().abs() <= a.abs()).all()  # toward zero, always
     assert (b != a.to(torch.bfloat16)).float().mean() > 0.3  # and so unlike round-to-nearest about half the time
+
+
+def test_a_recomputed_residual_sum_is_a_placeholder_with_the_sums_gradients(seed):
+    """A part's residual sum: x + out in a plain run; when recomputing (its value never read) a placeholder of the
+    same shape, no add run, whose backward gives both inputs the gradient as the sum's would."""
+    from fastbench.fused.checkpointing.context import PLAIN, RECOMPUTING
+
+    x, out = torch.randn(2, 3, 8, requires_grad=True), torch.randn(2, 3, 8, requires_grad=True)
+    assert torch.equal(PLAIN.residual(x, out), x + out)
+    placeholder = RECOMPUTING.residual(x, out)
+    assert placeholder.shape == x.shape and placeholder.stride() == (0, 0, 0)
+    dy = torch.randn(2, 3, 8)
+    assert all(torch.equal(g, dy) for g in torch.autograd.grad(placeholder, [x, out], dy))

@@ -175,18 +175,24 @@ def test_a_step_casts_the_previous_steps_factors_at_once(seed, monkeypatch):
     assert casts == [1]
     for f, group in zip(batched, (qkv, down)):
         loras = [p.lora for p in group]
-        assert f.A is cache._buffers[(torch.bfloat16, *(id(l.A) for l in loras))][0]
+        assert f.A is cache._casts[(torch.bfloat16, *(id(l.A) for l in loras))].A
         assert torch.equal(f.A, torch.cat([l.A for l in loras]).to(torch.bfloat16))
         for B, l in zip(f.B_scaled, loras):
             want = (l.B if l.scale == 1 else l.B * l.scale).to(torch.bfloat16)
             assert torch.equal(B, want)
     assert not torch.equal(batched[0].B_scaled[0], individual[0].B_scaled[0])  # the update is seen
     assert [len(y) for y in (lora_projections(x, *qkv, cache=cache),)] == [3]  # the cached factors serve them
-    step()
+    before = batched[0].B_block.clone()
+    with torch.no_grad():
+        for p in qkv:
+            p.lora.B.add_(0.5)
+    again = step()  # the block-diagonal B, kept between steps, is cast again with the rest
     assert casts == [1, 1]
+    assert torch.equal(again[0].B_block, torch.block_diag(*again[0].B_scaled))
+    assert not torch.equal(again[0].B_block, before)
     cache.new_step()  # a step that asked for nothing: the next one casts nothing at once
     cache.new_step()
-    assert cache._groups == {} and cache._buffers == {}
+    assert cache._groups == {} and cache._casts == {}
 
 
 def test_graph_only_forward_gives_the_same_gradients(seed):
@@ -302,3 +308,29 @@ def test_columns_of_one_buffer():
     assert _columns_of_one_buffer([base[:, :4], base[:, 5:]]) is None  # a gap
     assert _columns_of_one_buffer([base[:, 4:7], base[:, :4]]) is None  # out of order
     assert _columns_of_one_buffer([torch.randn(6, 4), torch.randn(6, 6)]) is None  # two buffers
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_without_grad_mode_the_same_projections_and_no_graph(seed, cached):
+    """Outside grad mode (a checkpointed layer's forward) the products run without the autograd Function: the
+    same outputs, bit for bit, and nothing recorded."""
+    x = torch.randn(3, 5, 32, dtype=torch.bfloat16)
+    projections = [make_projection(32, o, 4, torch.bfloat16, bias=True) for o in (32, 16, 16)]
+    cache = LoraFactorCache() if cached else None
+    want = lora_projections(x, *projections, cache=cache)
+    with torch.no_grad():
+        got = lora_projections(x, *projections, cache=cache)
+    assert all(y.grad_fn is None and torch.equal(y, w) for y, w in zip(got, want))
+    assert [y.shape for y in got] == [w.shape for w in want]
+
+
+@pytest.mark.gpu
+def test_lora_gradient_products_in_fp32_on_gpu(seed):
+    """On a GPU the LoRA gradients' products give fp32 from the GEMM's accumulator: the fp32 product of the same
+    bf16 inputs, to fp32 rounding."""
+    from fastbench.kernels.lora import _product_in
+
+    a, b = (torch.randn(n, m, device="cuda").to(torch.bfloat16) for n, m in ((512, 48), (512, 4096)))
+    got = _product_in(a.t(), b, torch.float32)  # dY B transposed, as the backward passes it
+    assert got.dtype == torch.float32
+    assert rel(got, a.float().t() @ b.float()) < 1e-5

@@ -132,6 +132,27 @@ def test_cached_launch_plan_follows_new_data(seed):
     assert torch.equal(nf4.dequantize_nf4_weight(packed_b, quant_state=state), bnbf.dequantize_4bit(packed_b, state_b))
 
 
+def test_a_kept_launch_is_reused_into_the_same_output_and_follows_new_data(seed):
+    """A group's launch into the same output object is kept on its first quant state and launched again as it is;
+    new packed data (a moved weight) or another output makes a new one, and the values follow."""
+    layers = [_quantize(shape, torch.bfloat16) for shape in ((64, 128), (16, 128), (16, 128))]
+    out = torch.empty(96, 128, dtype=torch.bfloat16)
+
+    def run(weights):
+        return nf4.dequantize_nf4_weights(weights, out, quant_states=[s for _, s in layers])
+
+    run([p for p, _ in layers])
+    kept = getattr(layers[0][1], nf4._LAUNCH_ATTR)
+    views = run([p for p, _ in layers])
+    assert getattr(layers[0][1], nf4._LAUNCH_ATTR) is kept
+    assert all(torch.equal(v, bnbf.dequantize_4bit(p, s)) for v, (p, s) in zip(views, layers))
+    moved = [layers[0][0].clone()] + [p for p, _ in layers[1:]]  # the same codes at a new address
+    moved[0].copy_(_quantize((64, 128), torch.bfloat16)[0])  # ... then other codes there
+    views = run(moved)
+    assert getattr(layers[0][1], nf4._LAUNCH_ATTR) is not kept
+    assert torch.equal(views[0], bnbf.dequantize_4bit(moved[0], layers[0][1]))
+
+
 def test_bad_out_buffer_is_rejected(seed):
     packed, state = _quantize((17, 64), torch.bfloat16)
     with pytest.raises(ValueError):

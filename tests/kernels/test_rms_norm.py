@@ -117,3 +117,14 @@ def test_real_sizes_on_gpu(seed, poison, preset):
     got = (y, *torch.autograd.grad(y, [x, w], dy))
     want = expected(x, w, dy, cfg.rms_norm_eps, offset)
     assert all(rel_err(g, e) < 1e-2 for g, e in zip(got, want))
+
+
+def test_without_grad_mode_the_same_output_and_no_graph(seed):
+    """Outside grad mode (a checkpointed layer's forward) the kernel runs without the autograd Function: the same
+    output, bit for bit, and nothing recorded."""
+    x = torch.randn(3, 5, 64, requires_grad=True)
+    w = torch.randn(64, requires_grad=True)
+    with torch.no_grad():
+        fast = op.rms_norm(x, w, 1e-5, 1.0)
+    assert fast.grad_fn is None and not fast.requires_grad
+    assert torch.equal(fast, op.rms_norm(x, w, 1e-5, 1.0))

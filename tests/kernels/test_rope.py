@@ -214,3 +214,17 @@ def test_real_sizes_on_gpu(seed, poison, preset):
     got = torch.autograd.grad((out_q, out_k), [q, k], (gq, gk))
     want = op.reference(gq.double(), gk.double(), cos.double(), -sin.double())
     assert all(rel_err(g, w) < 1e-2 for g, w in zip(got, want))
+
+
+def test_without_grad_mode_the_same_rotation_in_place(seed):
+    """Outside grad mode (a checkpointed layer's forward) the rotation runs without the autograd Function: the
+    same values, in q's and k's own memory, their version counters bumped as the Function does."""
+    cos, sin = hf_cos_sin(packed_positions(2, 9), 16, torch.float32)
+    _, q, k, _ = fused_qkv(2, 9, 4, 2, 16, torch.float32)
+    want = op.apply_rope(q.detach().clone(), k.detach().clone(), cos, sin)
+    with torch.no_grad():
+        q2, k2 = q.detach(), k.detach()
+        versions = (q2._version, k2._version)
+        got = op.apply_rope(q2, k2, cos, sin)
+    assert got[0] is q2 and got[1] is k2 and (q2._version, k2._version) > versions
+    assert all(torch.equal(a, b) for a, b in zip(got, want))

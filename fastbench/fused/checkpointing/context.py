@@ -28,6 +28,23 @@ class PartContext:
             self.derivations[id(t)] = (t, source, recompute)
         return t
 
+    def residual(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """x + out, a part's residual sum; when recomputing, a placeholder of its shape whose backward passes the
+        gradient to both (the sum is never read: no add runs and no memory is taken)."""
+        return _GraphOnlySum.apply(x, out) if self.recomputing else x + out
+
+
+class _GraphOnlySum(torch.autograd.Function):
+    """x + y for the autograd graph alone: the output is a zero broadcast to the shape, the backward dy, dy."""
+
+    @staticmethod
+    def forward(ctx, x, y):
+        return x.new_zeros(()).expand(torch.broadcast_shapes(x.shape, y.shape))
+
+    @staticmethod
+    def backward(ctx, dy):
+        return dy, dy
+
 
 PLAIN = PartContext()  # a part's forward, or a recomputed unit's parts before its last
 RECOMPUTING = PartContext(recomputing=True)
