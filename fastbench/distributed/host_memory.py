@@ -31,7 +31,7 @@ def offload_host_bytes(config, tokens: int, dtype_bytes: int = 2, offload: Offlo
     per_token = 0
     for index in range(layers):
         if layout.saves_mlp(index, tokens):
-            per_token += 3 * h + 2 * i
+            per_token += 2 * h + 2 * i
         else:
             per_token += 2 * h
     table = 0
