@@ -52,6 +52,26 @@ def table(summary: dict, baseline: str) -> list[str]:
     return lines
 
 
+def process_spread_lines(summary: dict) -> list[str]:
+    """What the table's intervals cover: with one process for an (arm, model), only the spread of its steps (a
+    second process of the same arm may run faster or slower than the whole interval); with several, the
+    largest difference between the medians of one arm's processes."""
+    rows = [r for r in summary["rows"] if r.get("ok_runs")]
+    single = [f"{r['arm']} on {r['model']}" for r in rows if r["ok_runs"] == 1]
+    lines = []
+    if single:
+        which = "every arm" if len(single) == len(rows) else ", ".join(single)
+        lines.append(f"One process for {which}: its interval covers the spread of the steps within that "
+                     "process only, not the spread between processes of the same arm, which can be wider; "
+                     "`--repeats 2` or more measures it and widens the interval by it.")
+    several = [r for r in rows if r["ok_runs"] > 1 and r.get("repeat_spread") is not None]
+    if several:
+        widest = max(several, key=lambda r: r["repeat_spread"])
+        lines.append(f"Between processes of one arm, the median tokens/s differed by up to "
+                     f"{widest['repeat_spread']:.1%} ({widest['arm']} on {widest['model']}).")
+    return lines
+
+
 def scaling_lines(summary: dict, unit: str = "GPU") -> list[str]:
     """One line per job of several ranks (one ``unit`` each): its real tokens/s, per rank, and the factor
     against one rank."""
@@ -281,6 +301,9 @@ def write_report(results: dict, reports_dir: str, regressions: list[dict] | None
     if not env["gpu"]:
         lines += [f"> {CPU_NOTE}", ""]
     lines += table(summary, compare["baseline_arm"]) + [""]
+    spread = process_spread_lines(summary)
+    if spread:
+        lines += spread + [""]
     lines += ["## Losses of the first steps", ""] + [f"- {x}" for x in loss_lines(summary) or ["nothing to compare"]]
     if summary.get("scaling"):
         lines += ["", "## Scaling over GPUs", "",

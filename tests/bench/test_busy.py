@@ -91,3 +91,25 @@ def test_report_header_names_the_switches_the_run_had(tmp_path, rng, make_record
     assert "- switches: not recorded" in open(report.write_report(res, str(tmp_path))).read()
     res["environment"]["switches"] = {"FASTBENCH_AUTOTUNE": "off"}
     assert "- switches: FASTBENCH_AUTOTUNE=off" in open(report.write_report(res, str(tmp_path))).read()
+
+
+def test_report_says_what_the_intervals_cover(tmp_path, rng, make_record, make_results):
+    """One process per arm: the interval is the steps' spread within it, and the report says so; with several
+    processes it gives the widest difference between one arm's processes instead."""
+    from fastbench.bench import report
+    from fastbench.bench.cli import summarize_results
+
+    one = make_results([make_record("peft", rng=rng), make_record("qlora", rng=rng)], ["peft", "qlora"])
+    one["summary"] = summarize_results(one)
+    text = open(report.write_report(one, str(tmp_path))).read()
+    assert "One process for every arm: its interval covers the spread of the steps within that process" in text
+    assert "Between processes" not in text
+
+    records = [make_record(arm, repeat=k, tokens_per_s=rate, rng=rng)
+               for arm, rates in (("peft", (1000.0, 1100.0)), ("qlora", (900.0, 900.0))) for k, rate in enumerate(rates)]
+    two = make_results(records, ["peft", "qlora"], repeats=2)
+    two["summary"] = summarize_results(two)
+    text = open(report.write_report(two, str(tmp_path))).read()
+    assert "One process for" not in text
+    spread = next(r["repeat_spread"] for r in two["summary"]["rows"] if r["arm"] == "peft")
+    assert f"differed by up to {spread:.1%} (peft on m)" in text and spread > 0.05
