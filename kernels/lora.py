@@ -340,12 +340,16 @@ def _forward(x: torch.Tensor, projections,
     return ys, xA
 
 
+_MM_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()  # torch.mm(..., out_dtype=) exists (torch >= 2.8)
+
+
 def _product_in(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """a @ b in ``dtype`` (the LoRA parameters', for their gradients): on a GPU, half-precision inputs give fp32
-    straight from the product's fp32 accumulator (``out_dtype``: no cast after it); elsewhere the product, cast."""
+    straight from the product's fp32 accumulator (``out_dtype``: no cast after it, where this torch has it);
+    elsewhere the product, cast."""
     if a.dtype == dtype:
         return a @ b
-    if a.is_cuda and dtype == torch.float32:
+    if a.is_cuda and dtype == torch.float32 and _MM_OUT_DTYPE:
         return torch.mm(a, b, out_dtype=dtype)
     return (a @ b).to(dtype)
 
