@@ -175,15 +175,16 @@ _LAUNCH_ATTR = "_fastbench_nf4_launch"  # on a weight's (a group's first weight'
 
 def _launch_again(state, plans: tuple, flat: torch.Tensor, arguments) -> None:
     """Launches with ``arguments()``, the (kernel, grid, args, kwargs) of ``plans`` into ``flat``, kept on
-    ``state``: the next launch of the same plans into the same output object launches them as they are (the
-    fused path dequantizes each weight into one workspace view a few times per step, and building the
-    arguments is host time). A plan is rebuilt when its weight's data moved (:func:`_weight_plan`), and so
+    ``state`` (None: not kept): the next launch of the same plans into the same output object launches them as
+    they are (the fused path dequantizes each weight into one workspace view a few times per step, and building
+    the arguments is host time). A plan is rebuilt when its weight's data moved (:func:`_weight_plan`), and so
     then are these arguments."""
-    held = getattr(state, _LAUNCH_ATTR, None)
+    held = None if state is None else getattr(state, _LAUNCH_ATTR, None)
     if held is None or held[1] is not flat or len(held[0]) != len(plans) \
             or any(a is not b for a, b in zip(held[0], plans)):
         held = (plans, flat, *arguments())
-        setattr(state, _LAUNCH_ATTR, held)
+        if state is not None:
+            setattr(state, _LAUNCH_ATTR, held)
     kernel, grid, args, kwargs = held[2:]
     kernel[grid](*args, **kwargs)
 
@@ -254,11 +255,7 @@ def _run(plan: _Plan, out, state=None) -> torch.Tensor:
         return _arguments(plan.packed, plan.stats, plan.code, flat, plan.numel, plan.blocksize, plan.nested,
                           config_for(SPEC, "fwd", plan.problem))
 
-    if state is None:
-        kernel, grid, args, kwargs = arguments()
-        kernel[grid](*args, **kwargs)
-    else:
-        _launch_again(state, (plan,), flat, arguments)
+    _launch_again(state, (plan,), flat, arguments)
     return result
 
 
