@@ -61,16 +61,18 @@ class _Ops(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def build(bits: str, ckpt: str, layers: int):
+def build(arm: str, layers: int):
+    from probe_step import parse_arm
+
     from fastbench import FastLanguageModel
     from fastbench.presets import PRESETS, Preset
 
     p = PRESETS["llama-3-8b-tiny"]
     name = f"host-cost-{layers}"
     PRESETS[name] = Preset(name, p.model_type, {**p.config, "num_hidden_layers": layers}, "probe")
-    base, _ = FastLanguageModel.from_pretrained(name, dtype=torch.bfloat16, load_in_4bit=bits == "4bit",
+    load_in_4bit, ckpt = parse_arm(arm)
+    base, _ = FastLanguageModel.from_pretrained(name, dtype=torch.bfloat16, load_in_4bit=load_in_4bit,
                                                 device="cpu", seed=0)
-    ckpt = {"true": True, "false": False}.get(ckpt, ckpt)
     m = FastLanguageModel.get_peft_model(base, r=4, random_state=0, use_gradient_checkpointing=ckpt, fallback=False)
     ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
     batch = dict(input_ids=ids, labels=ids, attention_mask=torch.ones_like(ids))
@@ -105,8 +107,7 @@ def main():
     ap.add_argument("--sites", action="store_true", help="also the aten ops per layer by the line that called them")
     args = ap.parse_args()
     for arm in args.arms:
-        bits, ckpt = arm.split(":")
-        steps = {n: build(bits, ckpt, n) for n in (2, 4)}
+        steps = {n: build(arm, n) for n in (2, 4)}
         for step in steps.values():
             for _ in range(5):
                 step()
