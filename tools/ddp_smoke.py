@@ -37,24 +37,14 @@ def parse(argv=None):
     return p.parse_args(argv)
 
 
-def random_steps(vocab, rows, seq, accum, seed):
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    while True:
-        step = []
-        for _ in range(accum):
-            ids = torch.randint(0, vocab, (rows, seq), generator=g)
-            step.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
-        yield step
-
-
 def checkpointing_setting(value):
     return {"true": True, "false": False}.get(value.lower(), value)
 
 
 def train_rank(args) -> dict | None:
-    """One rank of the world torchrun started: returns the measurement on rank 0, None elsewhere."""
+    """One rank of the world torchrun started (a world of one without torchrun): returns the measurement on
+    rank 0, None elsewhere. The steps are the trainer's (fastbench.train.loop: RandomPlan's rows, accumulate's
+    loss normalised over the world); on a CPU (gloo) memory is not measured."""
     import itertools
 
     import torch
@@ -62,12 +52,14 @@ def train_rank(args) -> dict | None:
 
     from fastbench import FastLanguageModel
     from fastbench.distributed import ddp
-    from fastbench.distributed.data import shard_steps
     from fastbench.distributed.host_memory import check_host_memory, offload_host_bytes
-    from fastbench.distributed.world import all_reduce_sum, barrier, process_group
+    from fastbench.distributed.world import barrier, process_group
     from fastbench.presets import build_config
+    from fastbench.train.loop import RandomPlan, accumulate
 
     with process_group() as world:
+        cuda = world.device.type == "cuda"
+        sync = torch.cuda.synchronize if cuda else (lambda: None)
         setting = checkpointing_setting(args.checkpointing)
         config = build_config(args.preset)
         if setting in ("offload", "unsloth"):  # every rank, before any loads: they all see the same host
@@ -80,39 +72,41 @@ def train_rank(args) -> dict | None:
         model = ddp.wrap(model, world)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-4)
-        steps = shard_steps(random_steps(config.vocab_size, args.batch * world.world_size, args.seq, args.grad_accum, 0),
-                            world.rank, world.world_size)
+        plan = RandomPlan(config.vocab_size, args.seq, args.batch, args.grad_accum, 0, world.rank, world.world_size)
         losses, times, tokens = [], [], 0
-        for i, step in enumerate(itertools.islice(steps, args.warmup + args.steps)):
-            if i == args.warmup:
+        for i, (_, micro_batches) in enumerate(itertools.islice(plan.stream({"epoch": 0, "step": 0}),
+                                                                 args.warmup + args.steps)):
+            if i == args.warmup and cuda:
                 torch.cuda.reset_peak_memory_stats()
-            torch.cuda.synchronize()
+            sync()
             barrier(world)
             start = time.perf_counter()
-            result = ddp.accumulate(model, step, world)
+            loss, step_tokens = accumulate(model, micro_batches, world)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
-            torch.cuda.synchronize()
+            sync()
             barrier(world)
             if i >= args.warmup:
                 times.append(time.perf_counter() - start)
-                tokens += result.tokens
-            losses.append(round(result.loss, 4))
-        job_tokens = int(all_reduce_sum(tokens, world))
-        peak = torch.tensor(torch.cuda.max_memory_reserved(world.device) / GiB, device=world.device)
-        if world.grouped:
-            dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+                tokens += step_tokens
+            losses.append(round(loss, 4))
+        peak = None
+        if cuda:
+            peak = torch.tensor(torch.cuda.max_memory_reserved(world.device) / GiB, device=world.device)
+            if world.grouped:
+                dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+            peak = round(float(peak), 2)
         if not world.is_main:
             return None
         seconds = sum(times)
         return {"world_size": world.world_size, "preset": args.preset, "base": "bf16" if args.bf16 else "nf4",
                 "checkpointing": args.checkpointing, "batch_per_rank": args.batch, "seq": args.seq,
                 "grad_accum": args.grad_accum, "timed_steps": args.steps, "warmup_steps": args.warmup,
-                "tokens_per_s": round(job_tokens / seconds, 1),
-                "tokens_per_s_per_gpu": round(job_tokens / seconds / world.world_size, 1),
-                "step_s": [round(t, 4) for t in times], "losses": losses, "peak_reserved_gib_max_rank": round(float(peak), 2),
-                "gpu": torch.cuda.get_device_name(world.device), "torch": torch.__version__}
+                "tokens_per_s": round(tokens / seconds, 1),
+                "tokens_per_s_per_gpu": round(tokens / seconds / world.world_size, 1),
+                "step_s": [round(t, 4) for t in times], "losses": losses, "peak_reserved_gib_max_rank": peak,
+                "gpu": torch.cuda.get_device_name(world.device) if cuda else "cpu", "torch": torch.__version__}
 
 
 def write_json(path, doc):
