@@ -8,6 +8,7 @@ import torch
 from fastbench.fused.checkpointing import CheckpointConfig, LayerCheckpointing
 from fastbench.fused.checkpointing import budget as budgeting
 from fastbench.fused.checkpointing.budget import FRAGMENTATION, SLACK, Plan, StepBytes, plan
+from two_part_layers import TwoPartLayers
 
 GiB, MiB = 1 << 30, 1 << 20
 # 8 layers: 10 GiB resident; a kept layer saves 1 GiB, a recomputed one keeps 128 MiB; the loss needs 768 MiB
@@ -66,30 +67,6 @@ def test_auto_plans_within_this_processs_share_of_the_gpu(monkeypatch):
     assert budgeting.auto_budget("cuda") == pytest.approx(16 * GiB * 0.95 - 512 * MiB)  # a 16 GiB card
 
 
-class TwoPartLayers:
-    """Layers of an attention-like part and an MLP-like part; counts how often each MLP part runs."""
-
-    def __init__(self, n=4, width=8):
-        self.W = [torch.nn.Parameter(torch.randn(width, width) / width ** 0.5) for _ in range(n)]
-        self.V = [torch.nn.Parameter(torch.randn(width, width) / width ** 0.5) for _ in range(n)]
-        self.mlp_runs = [0] * n
-
-    def parts(self, i):
-        def attention(h, context):
-            return h + torch.tanh(h @ self.W[i])
-
-        def mlp(h, context):
-            self.mlp_runs[i] += 1
-            return h + torch.sin(h @ self.V[i])
-        return [(attention, [self.W[i]]), (mlp, [self.V[i]])]
-
-    def grads(self, ckpt, x):
-        h = x
-        for i in range(len(self.W)):
-            h = ckpt(i, h, self.parts(i))
-        return torch.autograd.grad((h ** 2).sum(), [x, *self.W, *self.V])
-
-
 def test_a_plan_keeps_recomputes_and_offloads_as_it_says(seed, monkeypatch):
     """Plan: layer 0 kept, 1 and 2 from inputs on the host, 3 from its inputs on the GPU; gradients as keeping
     everything; the MLPs run once where kept, twice where recomputed; only the offloaded layers' two parts go to
@@ -126,10 +103,10 @@ def test_the_first_forward_measures_what_a_kept_layer_saves(seed, monkeypatch):
         warnings.simplefilter("always")
         layers.grads(ckpt, x)
         layers.grads(ckpt, torch.randn(3, 8, requires_grad=True))
-    # attention saves its input (for h @ W) and tanh's output; the MLP its input and h @ V (sin's input): four
-    # [tokens, 8] float tensors
-    assert steps[0] == StepBytes(layers=4, fixed=0, keep=4 * 5 * 8 * 4, inputs=2 * 5 * 8 * 4, margins=False)
-    assert steps[1].keep == 4 * 3 * 8 * 4 and steps[1].inputs == 2 * 3 * 8 * 4  # the next batch's tokens
+    # attention saves its input (for h @ W) and tanh's output; the MLP its input (for h @ V) and both halves of
+    # the product h V, views of one [tokens, 16] tensor counted once: 8 + 8 + 8 + 16 floats a token
+    assert steps[0] == StepBytes(layers=4, fixed=0, keep=40 * 5 * 4, inputs=2 * 5 * 8 * 4, margins=False)
+    assert steps[1].keep == 40 * 3 * 4 and steps[1].inputs == 2 * 3 * 8 * 4  # the next batch's tokens
     assert len([w for w in caught if "needs about" in str(w.message)]) == 1
     assert ckpt.plan.offload == 4 and not ckpt.plan.fits
 

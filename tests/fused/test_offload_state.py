@@ -9,6 +9,7 @@ import torch
 
 from fastbench.fused.checkpointing import CheckpointConfig, LayerCheckpointing, OffloadConfig
 from fastbench.fused.checkpointing import offload as offload_module
+from two_part_layers import SideBySide, TwoPartLayers
 
 
 def policy(setting, layers=None, **offload):
@@ -249,48 +250,6 @@ def test_the_registration_error_is_read_back_from_the_loaded_cuda_runtime(monkey
     assert read == ["/opt/nvidia/lib/libcudart.so.13"]
     monkeypatch.setattr(ctypes, "CDLL", lambda path: (_ for _ in ()).throw(OSError("gone")))
     ckpt._clear_cuda_error()  # a runtime that cannot be opened again is not an error of its own
-
-
-class SideBySide(torch.autograd.Function):
-    """h + g * u for g, u the two halves of one product h V (as the fused gate/up): saves the views, and its
-    backward records whether they still share one tensor's memory."""
-    shared = []
-
-    @staticmethod
-    def forward(ctx, h, gu):
-        g, u = gu[:, : h.shape[1]], gu[:, h.shape[1]:]
-        ctx.save_for_backward(g, u)
-        return h + g * u
-
-    @staticmethod
-    def backward(ctx, dy):
-        g, u = ctx.saved_tensors
-        SideBySide.shared.append(g.untyped_storage().data_ptr() == u.untyped_storage().data_ptr())
-        return dy, torch.cat((dy * u, dy * g), 1)
-
-
-class TwoPartLayers:
-    """Layers of an attention-like part and an MLP-like part; counts how often each MLP part runs."""
-
-    def __init__(self, n=4, width=8):
-        self.W = [torch.nn.Parameter(torch.randn(width, width) / width ** 0.5) for _ in range(n)]
-        self.V = [torch.nn.Parameter(torch.randn(width, 2 * width) / width ** 0.5) for _ in range(n)]
-        self.mlp_runs = [0] * n
-
-    def parts(self, i):
-        def attention(h, context):
-            return h + torch.tanh(h @ self.W[i])
-
-        def mlp(h, context):
-            self.mlp_runs[i] += 1
-            return SideBySide.apply(h, h @ self.V[i])
-        return [(attention, [self.W[i]]), (mlp, [self.V[i]])]
-
-    def grads(self, ckpt, x):
-        h = x
-        for i in range(len(self.W)):
-            h = ckpt(i, h, self.parts(i))
-        return torch.autograd.grad((h ** 2).sum(), [x, *self.W, *self.V])
 
 
 @pytest.mark.parametrize("every", [1, 2])
