@@ -1,7 +1,8 @@
 """Probe (CPU): the host's cost to issue one decoder layer of the fused path's training step (forward and
 backward, no optimizer), the Python and aten dispatch that a GPU step waits for where the host is the bound.
-Arms as bits:ckpt (``4bit:offload``, ``bf16:offload``, ``bf16:true``), on llama-3-8b-tiny with 2 and 4 layers
-(the per-layer cost is half the difference), bf16, r=4, batch 2 x 16 tokens, one intra-op thread.
+Arms as bits:ckpt (``4bit:offload``, ``bf16:offload``, ``bf16:true``), on a tiny preset (``--model``, default
+llama-3-8b-tiny) with 2 and 4 layers (the per-layer cost is half the difference), bf16, r=4, batch 2 x 16
+tokens, one intra-op thread.
 
 Every Triton launch is replaced by a no-op (the interpreter would dominate otherwise): what is timed is our
 launchers' host work (config lookup, grid, checks, allocations) and everything around them, not Triton's own
@@ -11,7 +12,7 @@ stream and event calls do not run on a CPU: proxies, the GPU decides. Prints per
 2- and 4-layer models interleaved), aten ops and Triton launches per layer (with ``--sites``, by the line that
 called them), and a cProfile top 20 by self time per layer of fastbench's own functions (calls per layer too).
 
-    python tools/host_cost.py 4bit:offload bf16:offload [--steps 300] [--sites]
+    python tools/host_cost.py 4bit:offload bf16:offload [--model qwen3-8b-tiny] [--steps 300] [--sites]
 """
 import argparse
 import collections
@@ -61,20 +62,20 @@ class _Ops(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def build(arm: str, layers: int):
+def build(arm: str, layers: int, model: str = "llama-3-8b-tiny"):
     from probe_step import parse_arm
 
     from fastbench import FastLanguageModel
     from fastbench.presets import PRESETS, Preset
 
-    p = PRESETS["llama-3-8b-tiny"]
-    name = f"host-cost-{layers}"
+    p = PRESETS[model]
+    name = f"host-cost-{model}-{layers}"
     PRESETS[name] = Preset(name, p.model_type, {**p.config, "num_hidden_layers": layers}, "probe")
     load_in_4bit, ckpt = parse_arm(arm)
     base, _ = FastLanguageModel.from_pretrained(name, dtype=torch.bfloat16, load_in_4bit=load_in_4bit,
                                                 device="cpu", seed=0)
     m = FastLanguageModel.get_peft_model(base, r=4, random_state=0, use_gradient_checkpointing=ckpt, fallback=False)
-    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, min(512, p.config["vocab_size"]), (2, 16), generator=torch.Generator().manual_seed(0))
     batch = dict(input_ids=ids, labels=ids, attention_mask=torch.ones_like(ids))
 
     def step():
@@ -102,12 +103,13 @@ def own_functions(prof: cProfile.Profile) -> dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("arms", nargs="+")
+    ap.add_argument("--model", default="llama-3-8b-tiny", help="a tiny preset (any family's *-tiny)")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--profile-steps", type=int, default=50)
     ap.add_argument("--sites", action="store_true", help="also the aten ops per layer by the line that called them")
     args = ap.parse_args()
     for arm in args.arms:
-        steps = {n: build(arm, n) for n in (2, 4)}
+        steps = {n: build(arm, n, args.model) for n in (2, 4)}
         for step in steps.values():
             for _ in range(5):
                 step()
@@ -134,7 +136,7 @@ def main():
         launch_layer = per_layer(counted)
         us = {k: v for k, v in per_layer({n: prof[n][0] for n in prof}, 1e6 / args.profile_steps).items()}
         calls = per_layer({n: prof[n][1] for n in prof}, 1 / args.profile_steps)
-        print(f"{arm}: {(med[4] - med[2]) / 2 * 1e6:.0f} us host per layer (median step: 2 layers "
+        print(f"{args.model} {arm}: {(med[4] - med[2]) / 2 * 1e6:.0f} us host per layer (median step: 2 layers "
               f"{med[2] * 1e3:.2f} ms, 4 layers {med[4] * 1e3:.2f} ms); {sum(op_layer.values()):.0f} aten ops and "
               f"{sum(launch_layer.values()):.0f} Triton launches per layer")
         print("  aten ops per layer: " + ", ".join(f"{k} {v:g}" for k, v in
