@@ -4,13 +4,16 @@ checkouts, say main and a branch) on the same GPU, interleaved, each version loa
 Each tree is laid out as the installed package (symbolic links) in its own directory under ``--work``, and one
 child process per tree imports fastbench from there, builds the arm (llama-3-8b with random weights,
 ``bits:ckpt`` as the other probes take it, seq x batch of random tokens with an all-ones attention mask as the
-harness passes) and runs warm-up steps. Then the children take turns, one at a time, the other idle (A B, B A, A B, ...): in each turn the
-child runs ``--steps`` pipelined steps and reports ms per step (synchronised before and after the block). Both
-models stay resident, so the GPU memory must hold two. Prints each round, each tree's median, and the ratio of
-the medians (A's ms over B's: above 1 means B is faster) with a 95% bootstrap interval over the rounds; writes
-all of it, with both trees' git revisions and the allocator setting, to ``--out`` (JSON).
+harness passes) and runs warm-up steps. Then the children take turns, one at a time, the other idle (A B, B A,
+A B, ...): in each turn the child runs ``--steps`` pipelined steps and reports ms per step (synchronised before
+and after the block). Both models stay resident, so the GPU memory must hold two. Prints each round, each tree's
+median, and the ratio of the medians (A's ms over B's: above 1 means B is faster) with a 95% bootstrap interval
+over the rounds; writes all of it, with both trees' git revisions and the allocator setting, to ``--out``
+(JSON), rewritten after every round, so that a run stopped early keeps the rounds it finished. ``--seconds``
+starts no round that would end past that budget (judged by the last round's length).
 
-    python tools/ab_trees.py /work/main /work/wt-branch --arm 4bit:offload --rounds 6 --steps 8 --out ab.json
+    python tools/ab_trees.py /work/main /work/wt-branch --arm 4bit:offload --rounds 6 --steps 8 --seconds 170 \
+        --out ab.json
 """
 import argparse
 import json
@@ -77,6 +80,29 @@ def _revision(tree: str) -> str:
     return (out.stdout.strip() or "unknown") + ("+changes" if dirty else "")
 
 
+def summarize(args, ms: dict) -> dict:
+    """Each tree's median ms a step over its turns so far, and the ratio A/B with the harness's bootstrap of a
+    ratio of medians (each turn a group of its own: the turns are resampled)."""
+    import numpy as np
+
+    from fastbench.bench.stats import bootstrap_ratio
+
+    med = {name: statistics.median(v) for name, v in ms.items()}
+    _, low, high = bootstrap_ratio(*([np.array([t]) for t in ms[name]] for name in ("A", "B")))
+    return {"arm": args.arm, "model": args.model, "seq": args.seq, "batch": args.batch, "steps": args.steps,
+            "rounds": len(ms["B"]), "rounds_asked": args.rounds,
+            "trees": {n: {"path": t, "git": _revision(t)} for n, t in zip(("A", "B"), args.trees)},
+            "alloc_conf": {k: v for k, v in os.environ.items() if "ALLOC_CONF" in k}, "ms_per_step": ms,
+            "median_ms": med, "ratio_a_over_b": med["A"] / med["B"], "ratio_95": [low, high]}
+
+
+def write(path: str, summary: dict) -> None:
+    from fastbench.files import atomic_path
+
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump(summary, f, indent=1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("trees", nargs="*", help="two source trees (checkouts of fastbench): A and B")
@@ -87,14 +113,17 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=6, help="turns of each tree")
     ap.add_argument("--steps", type=int, default=8, help="pipelined steps per turn")
+    ap.add_argument("--seconds", type=float, help="time budget from the start: no round starts that the last "
+                    "round's length says would end past it (the rounds done are summarised)")
     ap.add_argument("--work", default="/tmp/ab_trees", help="where each tree is installed")
-    ap.add_argument("--out", help="JSON file for every round and the summary")
+    ap.add_argument("--out", help="JSON file for every round and the summary, rewritten after each round")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         return child(args)
     if len(args.trees) != 2:
         ap.error("give two source trees, A and B")
+    begin = time.monotonic()
     names, procs = ("A", "B"), {}
     for name, tree in zip(names, args.trees):
         target = os.path.join(args.work, name)
@@ -104,42 +133,41 @@ def main() -> None:
                "--batch", str(args.batch), "--warmup", str(args.warmup)]
         procs[name] = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                        cwd=args.work)
+    ms = {name: [] for name in names}
     try:
         for name, tree in zip(names, args.trees):
             line = procs[name].stdout.readline()
             if not line:
                 sys.exit(f"tree {name} ({tree}) failed before its first step")
             print(f"{name}: kernels from {json.loads(line)['ready']}", flush=True)
-        ms = {name: [] for name in names}
+        last = 0.0
         for r in range(args.rounds):
+            started = time.monotonic()
+            if args.seconds is not None and r and started - begin + last > args.seconds:
+                print(f"stopped after {r} rounds: one more would end past --seconds {args.seconds:g}", flush=True)
+                break
             for name in names if r % 2 == 0 else names[::-1]:
                 procs[name].stdin.write(f"{args.steps}\n")
                 procs[name].stdin.flush()
                 ms[name].append(json.loads(procs[name].stdout.readline())["ms"])
+            last = time.monotonic() - started
             print(f"round {r}: A {ms['A'][-1]:.1f} ms/step, B {ms['B'][-1]:.1f} ms/step", flush=True)
+            if args.out:
+                write(args.out, summarize(args, ms))
     finally:
         for p in procs.values():
             p.stdin.close()
             p.wait(timeout=120)
-    import numpy as np
-
-    from fastbench.bench.stats import bootstrap_ratio
-
-    med = {name: statistics.median(v) for name, v in ms.items()}
-    # the harness's bootstrap of a ratio of medians, each turn a group of its own: the turns are resampled
-    _, low, high = bootstrap_ratio(*([np.array([t]) for t in ms[name]] for name in names))
+    if not ms["B"]:
+        sys.exit("no round finished")
+    summary = summarize(args, ms)
+    med, (low, high) = summary["median_ms"], summary["ratio_95"]
     tokens = args.seq * args.batch
-    summary = {"arm": args.arm, "model": args.model, "seq": args.seq, "batch": args.batch, "steps": args.steps,
-               "rounds": args.rounds, "trees": {n: {"path": t, "git": _revision(t)} for n, t in zip(names, args.trees)},
-               "alloc_conf": {k: v for k, v in os.environ.items() if "ALLOC_CONF" in k}, "ms_per_step": ms,
-               "median_ms": med, "ratio_a_over_b": med["A"] / med["B"], "ratio_95": [low, high]}
     for name in names:
         print(f"{name} ({summary['trees'][name]['git']}): median {med[name]:.1f} ms/step, "
               f"{tokens / med[name] * 1e3:,.0f} tokens/s")
-    print(f"A/B ratio of medians {med['A'] / med['B']:.3f} (95% interval {low:.3f}-{high:.3f}; above 1: B faster)")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(summary, f, indent=1)
+    print(f"A/B ratio of medians {med['A'] / med['B']:.3f} (95% interval {low:.3f}-{high:.3f}; above 1: B faster; "
+          f"{summary['rounds']} rounds)")
 
 
 if __name__ == "__main__":

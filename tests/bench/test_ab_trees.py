@@ -1,0 +1,34 @@
+"""tools/ab_trees.py on a CPU: two trees (here the same one twice) on a tiny preset, each round written out as it
+finishes, and a time budget that stops the rounds early with what they measured summarised."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def run(tmp_path, *extra):
+    out = tmp_path / "ab.json"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "ab_trees.py"), ROOT, ROOT,
+                           "--model", "llama-3-8b-tiny", "--arm", "bf16:true", "--seq", "16", "--batch", "2",
+                           "--warmup", "1", "--steps", "1", "--work", str(tmp_path / "work"), "--out", str(out),
+                           *extra], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout, json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_rounds_are_summarised_and_a_budget_stops_them(tmp_path):
+    stdout, doc = run(tmp_path, "--rounds", "2")
+    assert doc["rounds"] == doc["rounds_asked"] == 2 and len(doc["ms_per_step"]["A"]) == 2
+    assert all(t > 0 for t in doc["ms_per_step"]["A"] + doc["ms_per_step"]["B"])
+    assert math.isfinite(doc["ratio_a_over_b"]) and doc["ratio_95"][0] <= doc["ratio_95"][1]
+    assert "A/B ratio of medians" in stdout
+
+    stdout, doc = run(tmp_path, "--rounds", "50", "--seconds", "0")
+    assert doc["rounds"] == 1 and doc["rounds_asked"] == 50  # the first round always runs
+    assert "stopped after 1 rounds" in stdout
