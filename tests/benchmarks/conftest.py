@@ -1,7 +1,9 @@
 """Kernel microbenchmarks (GPU only): files named bench_*.py are collected here too, and every item in
 this folder is marked `gpu`.
 
-Run on the GPU machine: `pytest tests/benchmarks -m gpu --benchmark-only --benchmark-json=OUT.json`.
+Run on the GPU machine: `pytest tests/benchmarks -m gpu --benchmark-only --benchmark-json=OUT.json`
+(`--benchmark-only` overrides the `--benchmark-skip` that pyproject.toml adds, so that `pytest -m gpu` runs the
+checks without them).
 """
 from pathlib import Path
 
