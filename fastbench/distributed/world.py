@@ -53,8 +53,9 @@ def current_world() -> World:
 @contextlib.contextmanager
 def process_group(backend: str | None = None, timeout_s: float = 1800.0) -> Iterator[World]:
     """Joins this process to the world torchrun started (NCCL on ``cuda:LOCAL_RANK`` where there are GPUs,
-    else gloo on the CPU) for the duration of the block, and leaves it after; without torchrun's variables,
-    a world of one. A process group someone else initialised (accelerate) is used and left in place."""
+    else gloo on the CPU) for the duration of the block, and leaves it after (a block that ends normally waits
+    for every rank first); without torchrun's variables, a world of one. A process group someone else
+    initialised (accelerate) is used and left in place."""
     env = torchrun_env()
     if env is None:
         yield World(device=_default_device())
@@ -73,8 +74,17 @@ def process_group(backend: str | None = None, timeout_s: float = 1800.0) -> Iter
         torch.cuda.set_device(device)
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s),
                             device_id=device if backend == "nccl" else None)
+    world = World(env.rank, env.world_size, env.local_rank, device, backend)
     try:
-        yield World(env.rank, env.world_size, env.local_rank, device, backend)
+        yield world
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    # a barrier first: it waits for every collective this rank queued (gloo's async work, FSDP's reduce-scatters)
+    # and for every peer, so no rank tears its group down while another still talks to it (a gloo rank then
+    # aborted: "terminate called without an active exception")
+    try:
+        barrier(world)
     finally:
         dist.destroy_process_group()
 
