@@ -110,12 +110,11 @@ def train_rank(args) -> dict | None:
 
 
 def write_json(path, doc):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
+    from fastbench.files import atomic_path
+
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
         json.dump(doc, f, indent=1)
         f.write("\n")
-    os.replace(tmp, path)
 
 
 def run_world(args, nproc, out) -> dict:
