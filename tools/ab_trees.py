@@ -80,9 +80,10 @@ def _revision(tree: str) -> str:
     return (out.stdout.strip() or "unknown") + ("+changes" if dirty else "")
 
 
-def summarize(args, ms: dict) -> dict:
-    """Each tree's median ms a step over its turns so far, and the ratio A/B with the harness's bootstrap of a
-    ratio of medians (each turn a group of its own: the turns are resampled)."""
+def summarize(args, trees: dict, ms: dict) -> dict:
+    """``trees`` (each one's path and git revision, read once) with each one's median ms a step over its turns so
+    far, and the ratio A/B with the harness's bootstrap of a ratio of medians (each turn a group of its own: the
+    turns are resampled)."""
     import numpy as np
 
     from fastbench.bench.stats import bootstrap_ratio
@@ -91,7 +92,7 @@ def summarize(args, ms: dict) -> dict:
     _, low, high = bootstrap_ratio(*([np.array([t]) for t in ms[name]] for name in ("A", "B")))
     return {"arm": args.arm, "model": args.model, "seq": args.seq, "batch": args.batch, "steps": args.steps,
             "rounds": len(ms["B"]), "rounds_asked": args.rounds,
-            "trees": {n: {"path": t, "git": _revision(t)} for n, t in zip(("A", "B"), args.trees)},
+            "trees": trees,
             "alloc_conf": {k: v for k, v in os.environ.items() if "ALLOC_CONF" in k}, "ms_per_step": ms,
             "median_ms": med, "ratio_a_over_b": med["A"] / med["B"], "ratio_95": [low, high]}
 
@@ -125,6 +126,7 @@ def main() -> None:
         ap.error("give two source trees, A and B")
     begin = time.monotonic()
     names, procs = ("A", "B"), {}
+    trees = {n: {"path": t, "git": _revision(t)} for n, t in zip(names, args.trees)}
     for name, tree in zip(names, args.trees):
         target = os.path.join(args.work, name)
         _link(tree, target)
@@ -153,14 +155,14 @@ def main() -> None:
             last = time.monotonic() - started
             print(f"round {r}: A {ms['A'][-1]:.1f} ms/step, B {ms['B'][-1]:.1f} ms/step", flush=True)
             if args.out:
-                write(args.out, summarize(args, ms))
+                write(args.out, summarize(args, trees, ms))
     finally:
         for p in procs.values():
             p.stdin.close()
             p.wait(timeout=120)
     if not ms["B"]:
         sys.exit("no round finished")
-    summary = summarize(args, ms)
+    summary = summarize(args, trees, ms)
     med, (low, high) = summary["median_ms"], summary["ratio_95"]
     tokens = args.seq * args.batch
     for name in names:
