@@ -188,6 +188,20 @@ class _GroupCast:
         return self._blocks
 
 
+def cached_factor_bytes(projections, dtype: torch.dtype) -> int:
+    """The bytes a :class:`LoraFactorCache` keeps between steps for projections that share an input: their A's
+    stacked [sum r, i] and each s B_p [o_p, r_p], in ``dtype``, and, where their NF4 weights are dequantized
+    together (every projection with a LoRA, biases alike), the block-diagonal B [sum o, sum r]; 0 without LoRA."""
+    loras = [p.lora for p in projections if p.lora is not None]
+    if not loras:
+        return 0
+    rank = sum(lora.A.shape[0] for lora in loras)
+    elements = rank * loras[0].A.shape[1] + sum(lora.B.numel() for lora in loras)
+    if _nf4_group(projections, dtype) is not None and _agree(projections):
+        elements += sum(_out_features(p) for p in projections) * rank
+    return elements * dtype.itemsize
+
+
 class LoraFactorCache:
     """What the fused LoRA Functions of one model reuse between calls: each group's factors cast to the compute
     dtype, and the buffer per (device, dtype) that its NF4 weights are dequantized into.
@@ -265,6 +279,14 @@ class LoraFactorCache:
             sources.append(sources[i])
             targets.append(block)
         torch._foreach_copy_(targets, sources)
+
+    def held_bytes(self) -> int:
+        """The bytes of the factor buffers kept between steps (each group's A, s B's and block-diagonal B)."""
+        total = 0
+        for cast in self._casts.values():
+            block = cast.factors.block
+            total += sum(t.nbytes for t in (cast.A, *cast.Bs, block) if t is not None)
+        return total
 
     def workspace(self, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """A ``shape`` view into the buffer that every NF4 dequantization of this model on ``device`` shares

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from fastbench.autotune.compiled_cache import ensure_installed
 from fastbench.fused.checkpointing import CheckpointConfig, LayerCheckpointing
 from fastbench.fused.checkpointing.budget import ModelBytes, optimizer_bytes
-from fastbench.fused.decoder import (SdpaMasks, family_of, layer_parts, nf4_workspace_bytes, norm_eps,
-                                     unsupported_lora)
+from fastbench.fused.decoder import (SdpaMasks, family_of, layer_parts, lora_factor_bytes, nf4_workspace_bytes,
+                                     norm_eps, unsupported_lora)
 from fastbench.fused.host_embedding import offload_input_embedding
 from fastbench.fused.state import FusedState
 from fastbench.kernels._tensors import interpreting
@@ -160,8 +160,10 @@ def install(model, config: CheckpointConfig) -> list[str]:
     layers = backbone.layers[: model.config.num_hidden_layers]
     counts = None
     if config.mode == "budget":  # what the plan counts besides the activations
+        compute = backbone.embed_tokens.weight.dtype  # the activations'
         counts = ModelBytes(optimizer=optimizer_bytes(model.parameters()), workspace=nf4_workspace_bytes(layers[0]),
-                            vocab=model.lm_head.weight.shape[0])
+                            vocab=model.lm_head.weight.shape[0],
+                            factors=sum(lora_factor_bytes(layer, compute) for layer in layers))
     checkpointing = LayerCheckpointing(config, layers=len(layers), model=counts)
     backbone._fastbench = FusedState(family_of(model.config), checkpointing, LoraFactorCache())
     backbone.forward = types.MethodType(fused_backbone_forward, backbone)

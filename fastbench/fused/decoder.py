@@ -23,7 +23,8 @@ from fastbench.fused import varlen_attention
 from fastbench.fused.checkpointing.context import PartContext
 from fastbench.fused.varlen_attention import PackedSequences
 from fastbench.kernels.geglu import geglu, geglu_backward
-from fastbench.kernels.lora import GLU, LoRA, LoraFactorCache, Projection, lora_mlp, lora_projections
+from fastbench.kernels.lora import (GLU, LoRA, LoraFactorCache, Projection, cached_factor_bytes, lora_mlp,
+                                    lora_projections)
 from fastbench.kernels.rms_norm import rms_norm
 from fastbench.kernels.rope import apply_rope
 from fastbench.kernels.swiglu import swiglu, swiglu_backward
@@ -213,17 +214,29 @@ def layer_projections(layer) -> tuple[tuple[Projection, ...], tuple[Projection, 
             tuple(projection(m) for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)))
 
 
+def _input_groups(layer) -> tuple[tuple[Projection, ...], ...]:
+    """A decoder layer's projections grouped by the input they share, as the fused Functions run them: Q/K/V, O,
+    gate/up, down."""
+    attn, mlp = layer_projections(layer)
+    return attn[:3], attn[3:], mlp[:2], mlp[2:]
+
+
 def nf4_workspace_bytes(layer) -> int:
     """The bytes of the buffer a layer's NF4 weights are dequantized into (fastbench.kernels.lora): its largest
     group of projections dequantized together (Q/K/V, O, gate/up, down), in the compute dtype; 0 without NF4
     weights."""
-    attn, mlp = layer_projections(layer)
     sizes = [0]
-    for group in (attn[:3], attn[3:], mlp[:2], mlp[2:]):
+    for group in _input_groups(layer):
         states = [getattr(p.weight, "quant_state", None) for p in group]
         if all(st is not None for st in states):
             sizes.append(sum(st.shape[0] for st in states) * states[0].shape[1] * states[0].dtype.itemsize)
     return max(sizes)
+
+
+def lora_factor_bytes(layer, dtype: torch.dtype) -> int:
+    """The bytes of a layer's LoRA factors that the model's LoraFactorCache keeps cast to ``dtype`` (the
+    compute dtype) between steps."""
+    return sum(cached_factor_bytes(group, dtype) for group in _input_groups(layer))
 
 
 def attention_residual(layer, x, context: PartContext, cos, sin, mask, family: Family, projections=None,

@@ -122,4 +122,41 @@ def test_a_fused_model_counts_its_optimizer_state_workspace_and_vocab(seed):
     counts = model.get_base_model().get_decoder()._fastbench.checkpointing.model
     trainable = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
     # the tiny llama: gate/up dequantized together, [2 x 192, 64] fp32, the largest group
-    assert counts == budgeting.ModelBytes(optimizer=4 * trainable, workspace=2 * 192 * 64 * 4, vocab=512)
+    assert counts == budgeting.ModelBytes(optimizer=4 * trainable, workspace=2 * 192 * 64 * 4, vocab=512,
+                                          factors=counts.factors)
+    assert counts.factors == _factor_bytes(base.config, r=4, nf4=True, itemsize=4)
+
+
+def _factor_bytes(config, r: int, nf4: bool, itemsize: int) -> int:
+    """A decoder's LoRA factors as the cache keeps them, counted from the config: per group of projections sharing
+    an input (Q/K/V, O, gate/up, down), the stacked A's and the B's; for NF4 groups of more than one projection,
+    the block-diagonal B too."""
+    h, i = config.hidden_size, config.intermediate_size
+    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    groups = [((h, q), (h, kv), (h, kv)), ((q, h),), ((h, i), (h, i)), ((i, h),)]  # (in, out) of each
+    total = 0
+    for group in groups:
+        rank = r * len(group)
+        total += rank * group[0][0] + sum(out * r for _, out in group)
+        if nf4 and len(group) > 1:
+            total += sum(out for _, out in group) * rank
+    return total * itemsize * config.num_hidden_layers
+
+
+@pytest.mark.parametrize("load_in_4bit", [False, True])
+def test_the_counted_lora_factors_are_what_the_cache_keeps(seed, load_in_4bit):
+    """After two training steps the model's factor cache holds exactly the bytes the budget counts for it."""
+    from fastbench import FastLanguageModel
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base, _ = FastLanguageModel.from_pretrained("llama-3-8b-tiny", dtype=torch.float32, device="cpu",
+                                                    load_in_4bit=load_in_4bit, seed=seed)
+        model = FastLanguageModel.get_peft_model(base, r=4, use_gradient_checkpointing=2, fallback=False)
+    decoder = model.get_base_model().get_decoder()
+    counts = decoder._fastbench.checkpointing.model
+    assert counts.factors == _factor_bytes(base.config, r=4, nf4=load_in_4bit, itemsize=4)
+    ids = torch.randint(0, base.config.vocab_size, (2, 16))
+    for _ in range(2):
+        model(input_ids=ids, labels=ids).loss.backward()
+    assert decoder._fastbench.lora_cache.held_bytes() == counts.factors

@@ -5,12 +5,14 @@ host memory, so that a step's peak reserved GPU memory stays within the budget.
 A step's peak allocated memory is estimated, for k layers kept, m recomputed from inputs on the GPU and o from
 inputs on the host (k + m + o = L), as
 
-    resident + optimizer + workspace + k keep + m inputs + [o > 0] queue(o) + max(loss, working(k))
+    resident + optimizer + workspace + factors + k keep + m inputs + [o > 0] queue(o) + max(loss, working(k))
 
 - resident: what is allocated when the first forward starts (weights, buffers, LoRA parameters, the batch);
 - optimizer: per trainable parameter its gradient, AdamW's two states, and one more of its size for the
   update's temporaries;
 - workspace: the buffer NF4 weights are dequantized into (one layer's largest group of projections);
+- factors: the LoRA factors cast to the compute dtype, kept from one step to the next (the model's
+  LoraFactorCache), of which the first forward has cast none when ``resident`` is measured;
 - keep: the activations one layer's graph saves (measured at the first step); inputs: what a recomputed layer
   keeps, its two parts' inputs;
 - queue(o): device memory held by copies to the host while they are on the bus (the plan's offloader holds
@@ -46,11 +48,12 @@ AUTO_MARGIN, AUTO_SLACK = 0.05, 512 * MiB  # "auto" leaves this much of the memo
 class ModelBytes:
     """What a model adds to a step besides its layers' activations, known once it has its adapters:
     ``optimizer`` (gradients, AdamW states and update temporaries of its trainable parameters), ``workspace``
-    (its NF4 dequantize buffer) and ``vocab`` (the LM head's rows, for the loss's logits chunk; 0: no loss
-    counted)."""
+    (its NF4 dequantize buffer), ``vocab`` (the LM head's rows, for the loss's logits chunk; 0: no loss
+    counted) and ``factors`` (its LoRA factors cast to the compute dtype, kept between steps)."""
     optimizer: int = 0
     workspace: int = 0
     vocab: int = 0
+    factors: int = 0
 
 
 def optimizer_bytes(params) -> int:
@@ -72,7 +75,7 @@ def loss_bytes(tokens: int, hidden: int, vocab: int, element_size: int) -> int:
 @dataclass(frozen=True)
 class StepBytes:
     """The byte counts a plan is made from, for one step's batch (see the module's formula). ``fixed``:
-    resident + optimizer + workspace; ``keep``, ``inputs``: per layer; ``margins``: whether reserved memory
+    resident + optimizer + workspace + factors; ``keep``, ``inputs``: per layer; ``margins``: whether reserved memory
     exceeds allocated (on a GPU; False on a CPU, where the counts are the tensors' bytes)."""
     layers: int
     fixed: int

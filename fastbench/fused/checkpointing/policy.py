@@ -90,7 +90,7 @@ class LayerCheckpointing:
         tokens = x.shape[:-1].numel()
         model = self.model
         step = budgeting.StepBytes(
-            layers=self.layers, fixed=self._resident + model.optimizer + model.workspace,
+            layers=self.layers, fixed=self._resident + model.optimizer + model.workspace + model.factors,
             keep=int(self._keep_per_token * tokens), inputs=2 * x.nbytes,
             loss=budgeting.loss_bytes(tokens, x.shape[-1], model.vocab, x.element_size()), margins=x.is_cuda)
         plan = budgeting.plan(self.budget, step)
@@ -123,8 +123,9 @@ class LayerCheckpointing:
         return {"keep": "no activation checkpointing", "recompute": "recompute every layer",
                 "offload": f"{offload} offloaded to pinned CPU memory",
                 "budget": f"plan each step within a budget of {budget} of reserved GPU memory (weights, optimizer "
-                          "state, activations, loss, workspace): keep the first layers' activations, recompute the "
-                          "rest, from inputs offloaded to pinned CPU memory where even that does not fit"}[self.mode]
+                          "state, activations, loss, workspace, cast LoRA factors): keep the first layers' "
+                          "activations, recompute the rest, from inputs offloaded to pinned CPU memory where even "
+                          "that does not fit"}[self.mode]
 
 
 def _size(n: float) -> str:
