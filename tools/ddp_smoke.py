@@ -37,9 +37,6 @@ def parse(argv=None):
     return p.parse_args(argv)
 
 
-def checkpointing_setting(value):
-    return {"true": True, "false": False}.get(value.lower(), value)
-
 
 def train_rank(args) -> dict | None:
     """One rank of the world torchrun started (a world of one without torchrun): returns the measurement on
@@ -54,13 +51,14 @@ def train_rank(args) -> dict | None:
     from fastbench.distributed import ddp
     from fastbench.distributed.host_memory import check_host_memory, offload_host_bytes
     from fastbench.distributed.world import barrier, process_group
+    from fastbench.fused.checkpointing import setting_from_text
     from fastbench.presets import build_config
     from fastbench.train.loop import RandomPlan, accumulate
 
     with process_group() as world:
         cuda = world.device.type == "cuda"
         sync = torch.cuda.synchronize if cuda else (lambda: None)
-        setting = checkpointing_setting(args.checkpointing)
+        setting = setting_from_text(args.checkpointing)
         config = build_config(args.preset)
         if setting in ("offload", "unsloth"):  # every rank, before any loads: they all see the same host
             pinned = offload_host_bytes(config, args.batch * args.seq)

@@ -39,9 +39,6 @@ def parse(argv=None):
     return p.parse_args(argv)
 
 
-def checkpointing_setting(value: str):
-    return {"true": True, "false": False}.get(value.lower(), value)
-
 
 def build(args):
     """The LoRA model of ``args`` on the GPU (random weights from seed 0), and its AdamW."""
@@ -51,6 +48,7 @@ def build(args):
     import torch
 
     from fastbench import FastLanguageModel
+    from fastbench.fused.checkpointing import setting_from_text
     from fastbench.model import quantize_nf4
     from fastbench.presets import build_model, get_preset
 
@@ -63,7 +61,7 @@ def build(args):
     torch.cuda.empty_cache()  # the bf16 weights quantized away: not the step's
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = FastLanguageModel.get_peft_model(model, r=args.rank, use_gradient_checkpointing=checkpointing_setting(
+        model = FastLanguageModel.get_peft_model(model, r=args.rank, use_gradient_checkpointing=setting_from_text(
             args.checkpointing), fallback=False)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)

@@ -7,20 +7,18 @@ from __future__ import annotations
 import collections
 import json
 
-CKPT_WORDS = {"offload": "offload", "auto": "auto", "true": True, "false": False}
-
-
 def parse_arm(arm: str) -> tuple[bool, object]:
-    """``bits:ckpt`` -> (load_in_4bit, use_gradient_checkpointing); ckpt a word of CKPT_WORDS or a budget in GiB."""
+    """``bits:ckpt`` -> (load_in_4bit, use_gradient_checkpointing); ckpt as ``fastbench train --checkpointing``
+    takes it (true, false, offload, auto or a budget in GiB)."""
+    from fastbench.fused.checkpointing import setting_from_text
+
     bits, sep, ckpt = arm.partition(":")
     if not sep or bits not in ("4bit", "bf16"):
         raise ValueError(f"arm {arm!r}: write bits:ckpt, bits 4bit or bf16, e.g. 4bit:offload or bf16:40")
-    if ckpt.lower() in CKPT_WORDS:
-        return bits == "4bit", CKPT_WORDS[ckpt.lower()]
     try:
-        return bits == "4bit", float(ckpt)
-    except ValueError:
-        raise ValueError(f"arm {arm!r}: ckpt is one of {', '.join(CKPT_WORDS)} or a budget in GiB") from None
+        return bits == "4bit", setting_from_text(ckpt)
+    except ValueError as e:
+        raise ValueError(f"arm {arm!r}: ckpt {e}") from None
 
 
 def build(arm: str, model: str = "llama-3-8b", device: str = "cuda"):

@@ -34,15 +34,12 @@ RUN_FILES = ("train_log.jsonl", "loss.png")
 
 
 def parse_checkpointing(value):
-    from fastbench.fused.checkpointing import parse_setting
+    from fastbench.fused.checkpointing import setting_from_text
 
-    setting = value if isinstance(value, bool) else {"true": True, "false": False}.get(str(value).lower(), value)
     try:
-        parse_setting(setting)
-    except ValueError:
-        raise click.BadParameter(f"{value!r}: use true, false, offload, auto or a budget in GiB (e.g. 20)",
-                                 param_hint="--checkpointing") from None
-    return setting
+        return setting_from_text(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--checkpointing") from None
 
 
 def _echo_warnings(caught) -> None:

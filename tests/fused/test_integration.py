@@ -182,6 +182,18 @@ def test_bad_checkpointing_setting_leaves_the_model_untouched():
     assert not any("lora" in name for name, _ in base.named_modules())
 
 
+@pytest.mark.parametrize("text, setting", [("true", True), ("FALSE", False), (True, True), ("offload", "offload"),
+                                           ("auto", "auto"), ("20", "20"), ("0.5", "0.5")])
+def test_a_setting_written_as_text(text, setting):
+    """What the command line and the tools take for use_gradient_checkpointing: true/false in any case as the
+    booleans, the rest as written; anything parse_setting refuses names the choices."""
+    from fastbench.fused.checkpointing import setting_from_text
+
+    assert setting_from_text(text) == setting and type(setting_from_text(text)) is type(setting)
+    with pytest.raises(ValueError, match="'sometimes': use true, false, offload, auto or a budget in GiB"):
+        setting_from_text("sometimes")
+
+
 def test_unsloth_names_work(seed):
     """What Unsloth's users write (its notebooks' get_peft_model call): use_gradient_checkpointing="unsloth"
     is the offloaded checkpointing, max_seq_length and loftq_config=None are taken, and

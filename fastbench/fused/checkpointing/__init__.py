@@ -33,10 +33,10 @@ Modules: ``config`` (the settings), ``policy`` (which layers keep, recompute or 
 budget mode's plan), ``recompute`` (the autograd Function), ``offload`` (the pinned-memory copies), ``context``
 (what a part is told as it runs).
 """
-from fastbench.fused.checkpointing.config import CheckpointConfig, OffloadConfig, parse_setting
+from fastbench.fused.checkpointing.config import CheckpointConfig, OffloadConfig, parse_setting, setting_from_text
 from fastbench.fused.checkpointing.context import PartContext
 from fastbench.fused.checkpointing.offload import HostOffloader
 from fastbench.fused.checkpointing.policy import LayerCheckpointing, Part
 
-__all__ = ["CheckpointConfig", "OffloadConfig", "parse_setting", "PartContext", "HostOffloader",
+__all__ = ["CheckpointConfig", "OffloadConfig", "parse_setting", "setting_from_text", "PartContext", "HostOffloader",
            "LayerCheckpointing", "Part"]

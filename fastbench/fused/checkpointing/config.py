@@ -123,6 +123,18 @@ def parse_setting(setting) -> tuple[str, float | None]:
                      f"or a budget in GiB; got {setting!r}")
 
 
+def setting_from_text(text: str | bool):
+    """A ``use_gradient_checkpointing`` setting as a command line writes it: "true"/"false" (any case) as the
+    booleans, anything else as written ("offload", "auto", a budget in GiB such as "20"); ValueError, naming the
+    choices, for what :func:`parse_setting` refuses."""
+    setting = text if isinstance(text, bool) else {"true": True, "false": False}.get(str(text).lower(), text)
+    try:
+        parse_setting(setting)
+    except ValueError:
+        raise ValueError(f"{text!r}: use true, false, offload, auto or a budget in GiB (e.g. 20)") from None
+    return setting
+
+
 @dataclass(frozen=True)
 class CheckpointConfig:
     """Activation checkpointing of the fused decoder layers, one policy for all layers of a model.
