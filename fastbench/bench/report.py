@@ -227,6 +227,18 @@ def compile_lines(results: dict) -> list[str]:
                     f"{r['first_step_s']:.2f} s" for r in runs) + "."]
 
 
+def plan_lines(results: dict) -> list[str]:
+    """The checkpointing plan each budget-mode process trained its last step with (``ckpt=auto`` plans within
+    the card's free memory: another card, or other processes on it, may plan otherwise)."""
+    runs = [r for r in results["runs"] if r["status"] == "ok" and r.get("checkpointing_plan")]
+    if not runs:
+        return []
+    return ["", "## Checkpointing plans", "",
+            "What the budget mode chose for the last timed step (`ckpt=auto` plans within the free memory of "
+            "this card, so another card may train the same arm with another plan):", ""] + [
+        f"- {r['arm']} on {r['model']}, repeat {r['repeat'] + 1}: {r['checkpointing_plan']}" for r in runs]
+
+
 def busy_lines(results: dict) -> list[str]:
     """Per process: its median step beside how busy the CPUs and the GPU were meanwhile (fastbench.bench.busy)."""
     runs = [r for r in results["runs"] if r["status"] == "ok"
@@ -326,7 +338,7 @@ def write_report(results: dict, reports_dir: str, regressions: list[dict] | None
     profile = profile_lines(results)
     if profile:
         lines += [""] + profile
-    lines += compile_lines(results) + busy_lines(results)
+    lines += compile_lines(results) + plan_lines(results) + busy_lines(results)
     tiers = {r["arm"]: r["autotune_tiers"] for r in results["runs"] if r.get("autotune_tiers")}
     if tiers:
         lines += ["", "## Autotune tier per op", ""] + [f"- {arm}: {t}" for arm, t in tiers.items()]

@@ -33,7 +33,7 @@ import time
 import traceback
 
 from fastbench.bench import busy
-from fastbench.bench.profile import offloading
+from fastbench.bench.profile import checkpointing_plan, offloading
 from fastbench.memory import is_out_of_memory
 
 GIB = 2**30
@@ -110,6 +110,7 @@ def new_record(label: str, model: str, repeat: int, config: dict, status: str = 
             "warmup_step_s": [], "step_s": [], "tokens_per_step": [], "positions_per_step": [], "losses": [],
             "peak_allocated_gib": None, "peak_reserved_gib": None, "nvml_process_gib": None,
             "nvml_device_gib": None, **dict.fromkeys(busy.FIELDS), "gc_timed": None, "offload_queue_waits": None,
+            "checkpointing_plan": None,
             "autotune_tiers": None, "compiled_cache": None, "profile": None, "alloc_env": None, "config": config}
 
 
@@ -222,6 +223,7 @@ def run(spec: dict, world=None) -> dict:
         record.update(busy.between(busy_start, busy.Sample(), torch.cuda.current_device() if cuda else None))
         if offload is not None:
             record["offload_queue_waits"] = (offload.queue_waits - waited) / len(timed)
+        record["checkpointing_plan"] = checkpointing_plan(ddp.unwrap(model))
         gc.callbacks.remove(timer)
         record["gc_timed"] = {"collections": [sum(1 for g, _ in gc_pauses if g == gen) for gen in range(3)],
                               "ms": 1e3 * sum(t for _, t in gc_pauses),

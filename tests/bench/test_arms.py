@@ -138,3 +138,20 @@ def test_an_arms_load_counts_the_imports_it_needs_first(tmp_path, monkeypatch):
     record = worker.run({"arm": "peft", "config": cfg, "repeat": 0})
     assert record["status"] == "ok", record["error"]
     assert record["materialize_s"] < 100 and 1000 <= record["load_s"] < 1100 and all(t < 100 for t in record["step_s"])
+    assert record["checkpointing_plan"] is None  # not a fused arm in the budget mode
+
+
+@pytest.mark.parametrize("ckpt, kept", [("1", "2 layers kept"), ("0.0001", "0 layers kept")])
+def test_a_budget_arm_records_the_plan_it_trained_with(tmp_path, monkeypatch, ckpt, kept):
+    """A fused arm with a budget records, in words, the plan of its last step: what it kept, recomputed and
+    offloaded (with ``ckpt=auto`` the plan depends on the card, so results must say which it was). A budget of
+    1 GiB keeps both layers of the tiny preset; 0.0001 GiB cannot keep any."""
+    from fastbench.bench import worker
+
+    monkeypatch.setenv("FASTBENCH_CHECKPOINT_CACHE", str(tmp_path / "ckpt"))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    cfg = arms.RunConfig(model="llama-3-8b-tiny", seq_len=8, batch=1, lora_r=2, dtype="float32", device="cpu", steps=1,
+                         warmup=0).to_dict()
+    record = worker.run({"arm": f"fused:ckpt={ckpt}", "config": cfg, "repeat": 0})
+    assert record["status"] == "ok", record["error"]
+    assert record["checkpointing_plan"].startswith(kept), record["checkpointing_plan"]

@@ -113,3 +113,15 @@ def test_report_says_what_the_intervals_cover(tmp_path, rng, make_record, make_r
     assert "One process for" not in text
     spread = next(r["repeat_spread"] for r in two["summary"]["rows"] if r["arm"] == "peft")
     assert f"differed by up to {spread:.1%} (peft on m)" in text and spread > 0.05
+
+
+def test_report_lists_the_plan_of_each_budget_process(rng, make_record, make_results):
+    from fastbench.bench.report import plan_lines
+
+    planned, other = make_record("fused-4bit:ckpt=auto", rng=rng), make_record("unsloth-qlora", rng=rng)
+    planned["checkpointing_plan"] = "32 layers kept, 0 recomputed from inputs on the GPU, 0 from inputs offloaded"
+    lines = plan_lines(make_results([planned, other], ["unsloth-qlora", "fused-4bit:ckpt=auto"]))
+    assert lines[1] == "## Checkpointing plans"
+    assert lines[-1] == f"- fused-4bit:ckpt=auto on m, repeat 1: {planned['checkpointing_plan']}"
+    assert not any("unsloth" in line for line in lines)
+    assert plan_lines(make_results([other], ["unsloth-qlora"])) == []
