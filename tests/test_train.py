@@ -371,3 +371,16 @@ def test_from_pretrained_takes_what_unsloths_notebooks_pass(checkpoint):
         FastLanguageModel.from_pretrained(checkpoint, load_in_8bit=True, device="cpu")
     with pytest.raises(ValueError, match="full fine-tuning"):
         FastLanguageModel.from_pretrained(checkpoint, full_finetuning=True, device="cpu")
+
+
+def test_a_budget_logs_and_shows_its_plan_where_it_changes(seed, tmp_path):
+    """--checkpointing with a budget in GiB: the first step's log row, and the output, say what the plan kept,
+    recomputed and offloaded; the later rows, with the same plan, do not repeat it."""
+    out = tmp_path / "run"
+    result = invoke(PRESET, "--data", "random", "--output", out, "--steps", 3, "--max-seq-length", 8, "--batch", 1,
+                    "--grad-accum", 1, "--r", 4, "--checkpointing", 1, "--seed", seed % 10_000)
+    assert result.exit_code == 0, result.output
+    log = read_log(out)
+    assert log[0]["checkpointing_plan"].startswith("2 layers kept, 0 recomputed"), log[0]
+    assert all("checkpointing_plan" not in row for row in log[1:])
+    assert f"step 1: checkpointing plan: {log[0]['checkpointing_plan']}" in result.output

@@ -99,17 +99,6 @@ def offloading(model):
     return state.offloader if state is not None else None
 
 
-def checkpointing_plan(model) -> str | None:
-    """In words, the plan of the last step of a fused arm in the budget mode (``ckpt=auto`` or a budget in GiB):
-    how many layers kept their activations, were recomputed, or recomputed from inputs in host memory, which
-    depends on the card's free memory; else None. Imported once the model is built, as :func:`offloading`."""
-    from fastbench.fused.state import fused_state
-
-    state = fused_state(model)
-    plan = state.checkpointing.plan if state is not None else None
-    return plan.describe() if plan is not None else None
-
-
 def host_issue(run_step: Callable[[], object], sync: Callable[[], None], offload=None) -> dict:
     """One step from an idle GPU, unprofiled: ``issue_ms``, the host's time until ``run_step()`` returns
     (every kernel queued), and ``step_ms``, until the GPU has run them. Their ratio near 1 means the

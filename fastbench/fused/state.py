@@ -34,3 +34,12 @@ def fused_state(model) -> FusedState | None:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
     return getattr(decoder, "_fastbench", None)
+
+
+def checkpointing_plan(model) -> str | None:
+    """In words, the plan of the last step of a fused model in the budget mode (``use_gradient_checkpointing``
+    "auto" or a budget in GiB): how many layers kept their activations, were recomputed, or recomputed from
+    inputs in host memory, which depends on the batch and, with "auto", on the card's free memory; else None."""
+    state = fused_state(model)
+    plan = state.checkpointing.plan if state is not None else None
+    return plan.describe() if plan is not None else None

@@ -310,6 +310,7 @@ def train_loop(model, plan, settings: LoopSettings, state: LoopState, evaluation
     import torch
 
     from fastbench.distributed.ddp import unwrap
+    from fastbench.fused.state import checkpointing_plan
     from fastbench.train.checkpoint import restore, save_checkpoint
 
     world = _world(world)
@@ -334,7 +335,7 @@ def train_loop(model, plan, settings: LoopSettings, state: LoopState, evaluation
         log(row)
         shown.update(eval_loss=f"{state.eval_loss:.4f}", eval_ppl=f"{row['eval_ppl']:.2f}")
 
-    stream, shown = plan.stream(position), {}
+    stream, shown, planned = plan.stream(position), {}, None
     while state.done < settings.steps:
         after, micro_batches = next(stream)
         start = time.perf_counter()
@@ -357,8 +358,14 @@ def train_loop(model, plan, settings: LoopSettings, state: LoopState, evaluation
             state.done, position = step, after
             state.tokens += tokens
             state.seconds += seconds
-            log({"step": step, "loss": loss, "lr": float(f"{lr_now:.6g}"), "tokens": tokens,
-                 "tokens_per_s": round(tokens / seconds, 1)})
+            row = {"step": step, "loss": loss, "lr": float(f"{lr_now:.6g}"), "tokens": tokens,
+                   "tokens_per_s": round(tokens / seconds, 1)}
+            now = checkpointing_plan(unwrap(model))  # the budget mode's plan, logged and shown where it changed
+            if now != planned:
+                planned = row["checkpointing_plan"] = now
+                if progress is not None and world.is_main:
+                    progress.write(f"step {step}: checkpointing plan: {now}")
+            log(row)
             shown.update(loss=f"{loss:.4f}", tok_s=f"{tokens / seconds:,.0f}")
         if progress is not None:
             progress.set_postfix(shown, refresh=False)
