@@ -37,7 +37,6 @@ def parse(argv=None):
     return p.parse_args(argv)
 
 
-
 def train_rank(args) -> dict | None:
     """One rank of the world torchrun started (a world of one without torchrun): returns the measurement on
     rank 0, None elsewhere. The steps are the trainer's (fastbench.train.loop: RandomPlan's rows, accumulate's

@@ -39,7 +39,6 @@ def parse(argv=None):
     return p.parse_args(argv)
 
 
-
 def build(args):
     """The LoRA model of ``args`` on the GPU (random weights from seed 0), and its AdamW."""
     import dataclasses

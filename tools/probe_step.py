@@ -7,6 +7,7 @@ from __future__ import annotations
 import collections
 import json
 
+
 def parse_arm(arm: str) -> tuple[bool, object]:
     """``bits:ckpt`` -> (load_in_4bit, use_gradient_checkpointing); ckpt as ``fastbench train --checkpointing``
     takes it (true, false, offload, auto or a budget in GiB)."""

@@ -18,8 +18,9 @@ def test_arm_words(probe, arm, parsed):
     assert probe.parse_arm(arm) == parsed
 
 
-@pytest.mark.parametrize("arm, message", [("offload", "write bits:ckpt"), ("8bit:offload", "write bits:ckpt"),
-                                          ("4bit:sometimes", "ckpt 'sometimes': use true, false, offload, auto or a budget")])
+@pytest.mark.parametrize("arm, message", [
+    ("offload", "write bits:ckpt"), ("8bit:offload", "write bits:ckpt"),
+    ("4bit:sometimes", "ckpt 'sometimes': use true, false, offload, auto or a budget")])
 def test_bad_arm_words_say_what_to_write(probe, arm, message):
     with pytest.raises(ValueError, match=message):
         probe.parse_arm(arm)
