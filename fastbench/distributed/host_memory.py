@@ -13,7 +13,13 @@ activation dtype's bytes ``b``, for a model of L layers, width h and MLP width i
 Buffers are reused from step to step and rounded up by at most 1/8 (the offloader's rounding), so the
 bound is 9/8 of the activations plus the table.
 """
-from fastbench.fused.checkpointing.config import OffloadConfig
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fastbench.fused.checkpointing.config import OffloadConfig
 
 GiB = 1 << 30
 ROUNDING = 9 / 8
@@ -26,6 +32,8 @@ def offload_host_bytes(config, tokens: int, dtype_bytes: int = 2, offload: Offlo
     """Upper bound of the pinned host bytes one rank's offload mode holds for micro-batches of ``tokens``
     tokens (batch x sequence length) of a model with transformers ``config``, under the offload settings
     ``offload`` (the defaults when None)."""
+    from fastbench.fused.checkpointing.config import OffloadConfig  # here: that package imports this module
+
     layers, h, i = config.num_hidden_layers, config.hidden_size, config.intermediate_size
     layout = offload or OffloadConfig()
     per_token = 0
@@ -41,17 +49,80 @@ def offload_host_bytes(config, tokens: int, dtype_bytes: int = 2, offload: Offlo
 
 
 def available_host_bytes() -> int:
-    """The host memory available to new processes (``MemAvailable`` of /proc/meminfo; elsewhere the free pages)."""
+    """The host memory available to new allocations of this process: ``MemAvailable`` of /proc/meminfo (elsewhere
+    the free pages), or less where this process's control group limits its memory (a container's limit, which
+    /proc/meminfo does not show and past which the kernel kills the process)."""
     try:
         with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+            available = next((int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")), None)
     except OSError:
-        pass
-    import os
+        available = None
+    if available is None:
+        import os
 
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    room = cgroup_memory_room()
+    return available if room is None else min(available, room)
+
+
+# a cgroup v1 memory limit at or above this means none (the kernel writes the largest page-aligned long)
+_V1_UNLIMITED = 1 << 62
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return int(text) if text.isdigit() else None  # v2 writes "max" for no limit
+
+
+def _stat(path: Path, name: str) -> int:
+    """``name``'s value in a cgroup's memory.stat (0 where absent)."""
+    try:
+        for line in path.read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == name and value.strip().isdigit():
+                return int(value)
+    except (OSError, UnicodeDecodeError):
+        pass
+    return 0
+
+
+def _cgroup_dirs(root: Path, path: str) -> list[Path]:
+    """The directories of the cgroup at ``path`` under ``root`` and of each one above it, deepest first (from the
+    deepest that exists: in a container, /proc/self/cgroup may name the host's path of a cgroup mounted as root)."""
+    parts = [p for p in path.strip("/").split("/") if p]
+    while parts and not root.joinpath(*parts).is_dir():
+        parts.pop(0)
+    return [root.joinpath(*parts[:n]) for n in range(len(parts), -1, -1)]
+
+
+def cgroup_memory_room(root: Path = Path("/sys/fs/cgroup"), self_cgroup: Path = Path("/proc/self/cgroup")) -> int | None:
+    """The memory that this process's control group, and each group above it, still lets it use: the smallest
+    limit less usage, page cache that the kernel can drop (inactive files) not counted as used; None where no
+    group has a limit or the groups cannot be read. cgroup v2 (memory.max) and v1 (memory.limit_in_bytes)."""
+    try:
+        lines = self_cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    v1 = next((l.split(":", 2)[2] for l in lines if l.count(":") >= 2 and "memory" in l.split(":")[1].split(",")),
+              None)
+    v2 = next((l.split(":", 2)[2] for l in lines if l.startswith("0::")), None)
+    rooms = []
+    if v1 is not None and (root / "memory").is_dir():
+        for d in _cgroup_dirs(root / "memory", v1):
+            limit = _read_int(d / "memory.limit_in_bytes")
+            if limit is not None and limit < _V1_UNLIMITED:
+                used = (_read_int(d / "memory.usage_in_bytes") or 0) - _stat(d / "memory.stat", "total_inactive_file")
+                rooms.append(limit - max(0, used))
+    elif v2 is not None:
+        for d in _cgroup_dirs(root, v2):
+            limit = _read_int(d / "memory.max")
+            if limit is not None:
+                used = (_read_int(d / "memory.current") or 0) - _stat(d / "memory.stat", "inactive_file")
+                rooms.append(limit - max(0, used))
+    return max(0, min(rooms)) if rooms else None
 
 
 class HostMemoryShort(ValueError):

@@ -54,3 +54,56 @@ def test_the_check_refuses_with_the_numbers():
     with pytest.raises(HostMemoryShort, match=r"each of 4 processes pins about 6.0 GiB .* 40.0 GiB in all, and this "
                                               r"host has 30.0 GiB available"):
         check_host_memory(6 * GiB, 4, available=30 * GiB)
+
+
+def _cgroup_tree(tmp_path, files: dict, self_cgroup: str):
+    """A fake /sys/fs/cgroup under tmp_path/"fs" ({relative path: text}) and /proc/self/cgroup's text."""
+    for rel, text in files.items():
+        path = tmp_path / "fs" / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    (tmp_path / "self").write_text(self_cgroup)
+    return tmp_path / "fs", tmp_path / "self"
+
+
+def test_cgroup_v2_room_is_the_tightest_limit_less_usage_without_droppable_cache(tmp_path):
+    from fastbench.distributed.host_memory import cgroup_memory_room
+
+    root, me = _cgroup_tree(tmp_path, {
+        "memory.max": "max\n",  # the root: no limit
+        "job/memory.max": f"{100 * GiB}\n", "job/memory.current": f"{30 * GiB}\n",
+        "job/memory.stat": f"anon {20 * GiB}\ninactive_file {4 * GiB}\n",
+        "job/task/memory.max": "max\n", "job/task/memory.current": f"{25 * GiB}\n",
+    }, "0::/job/task\n")
+    assert cgroup_memory_room(root, me) == 100 * GiB - (30 - 4) * GiB
+    (root / "job" / "task" / "memory.max").write_text(f"{40 * GiB}\n")  # a tighter limit below
+    assert cgroup_memory_room(root, me) == 15 * GiB
+
+
+def test_cgroup_v1_room_and_no_limit(tmp_path):
+    from fastbench.distributed.host_memory import cgroup_memory_room
+
+    unlimited = "9223372036854771712\n"
+    root, me = _cgroup_tree(tmp_path, {
+        "memory/memory.limit_in_bytes": unlimited,
+        "memory/box/memory.limit_in_bytes": f"{128 * GiB}\n", "memory/box/memory.usage_in_bytes": f"{120 * GiB}\n",
+        "memory/box/memory.stat": f"cache {9 * GiB}\ntotal_inactive_file {2 * GiB}\n",
+    }, "5:cpu,cpuacct:/\n4:memory:/box\n0::/\n")
+    assert cgroup_memory_room(root, me) == 10 * GiB
+    # a container that mounts its own group as the root while /proc/self/cgroup names the host's path
+    root, me = _cgroup_tree(tmp_path / "c", {
+        "memory/memory.limit_in_bytes": f"{8 * GiB}\n", "memory/memory.usage_in_bytes": f"{1 * GiB}\n",
+    }, "4:memory:/docker/abc\n")
+    assert cgroup_memory_room(root, me) == 7 * GiB
+    root, me = _cgroup_tree(tmp_path / "n", {"memory/memory.limit_in_bytes": unlimited}, "4:memory:/\n")
+    assert cgroup_memory_room(root, me) is None
+    assert cgroup_memory_room(tmp_path / "missing", tmp_path / "missing-self") is None
+
+
+def test_available_host_bytes_is_at_most_the_cgroup_room(monkeypatch):
+    from fastbench.distributed import host_memory
+
+    monkeypatch.setattr(host_memory, "cgroup_memory_room", lambda: 3 * GiB)
+    assert host_memory.available_host_bytes() <= 3 * GiB
+    monkeypatch.setattr(host_memory, "cgroup_memory_room", lambda: None)
+    assert host_memory.available_host_bytes() > 0
