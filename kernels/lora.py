@@ -381,6 +381,14 @@ def _backward(x2, projections, dys, need_dx: bool, cache: LoraFactorCache | None
     returns (dX or None, [(dA_p, dB_p)]), with dX = sum_p dY_p W_p + [s dY_p B_p]_p [A_p]_p.
     Where the weights lie side by side in one buffer, dY = [dY_p]_p (a view when the dY's do too) is
     multiplied once: dX = dY W + (dY B_block) A, and every dB_p is a block of dY^T (x A^T)."""
+    grads, dy, lora_dx = _lora_grads(x2, projections, dys, cache, xA)
+    return (_input_grad(projections, dys, dy, lora_dx, cache) if need_dx else None), grads
+
+
+def _lora_grads(x2, projections, dys, cache: LoraFactorCache | None, xA=None):
+    """The part of :func:`_backward` that reads x2: ([(dA_p, dB_p)], dY side by side or None, the LoRA part of dX
+    as its two factors ([s dY_p B_p]_p, [A_p]_p) or None), the last two for :func:`_input_grad`, which needs x2
+    no more (a caller may free it in between)."""
     f = _factors(projections, dys[0].dtype, cache)
     dy = None  # [dY_p]_p, when the weights lie side by side
     if _nf4_group(projections, dys[0].dtype) is not None and _agree(projections):
@@ -421,17 +429,22 @@ def _backward(x2, projections, dys, need_dx: bool, cache: LoraFactorCache | None
             torch._foreach_mul_([dBs[k] for k in scaled], [f.scales[k] for k in scaled])
         for k, dB in dBs.items():
             grads[k] = (grads[k][0], dB.to(projections[k].lora.B.dtype))
+    return grads, dy, (None if dyB is None else (dyB, f.A))
+
+
+def _input_grad(projections, dys, dy, lora_dx, cache: LoraFactorCache | None) -> torch.Tensor:
+    """dX = sum_p dY_p W_p + [s dY_p B_p]_p [A_p]_p, with ``dy`` and ``lora_dx`` as :func:`_lora_grads` returns
+    them."""
+    W, weights = base_weights(projections, dys[0].dtype, cache)
     dx = None
-    if need_dx:
-        W, weights = base_weights(projections, dys[0].dtype, cache)
-        if dy is not None:
-            dx = dy @ W
-        else:
-            for Wp, d in zip(weights, dys):
-                dx = d @ Wp if dx is None else dx.addmm_(d, Wp)
-        if dyB is not None:
-            dx.addmm_(dyB, f.A)
-    return dx, grads
+    if dy is not None:
+        dx = dy @ W
+    else:
+        for Wp, d in zip(weights, dys):
+            dx = d @ Wp if dx is None else dx.addmm_(d, Wp)
+    if lora_dx is not None:
+        dx.addmm_(*lora_dx)
+    return dx
 
 
 def _unlinked(t: torch.Tensor) -> torch.Tensor:
@@ -566,8 +579,9 @@ class _LoRAMLP(torch.autograd.Function):
             else:
                 ((g, u), xA), hA = _forward(x2[rows], (gate, up), ctx.cache), None
             h = ctx.glu.forward(g, u)
-            dh, (down_grads,) = _backward(h, (down,), [dy2[rows]], True, ctx.cache, hA)
-            del h
+            (down_grads,), dy_down, lora_dx = _lora_grads(h, (down,), [dy2[rows]], ctx.cache, hA)
+            del h  # before dh, which can take its memory: the backward's peak holds one [rows, intermediate] less
+            dh = _input_grad((down,), [dy2[rows]], dy_down, lora_dx, ctx.cache)
             dg, du = ctx.glu.backward(dh, g, u, dgate=g, dup=u)  # g, u are not needed any more
             del dh
             dx_rows, gate_up_grads = _backward(x2[rows], (gate, up), [dg, du], need_dx, ctx.cache, xA)
