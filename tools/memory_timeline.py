@@ -4,7 +4,8 @@ recorded with ``torch.cuda.memory._record_memory_history``. Writes, under ``--ou
 
 - ``snapshot.pickle``: the allocator's snapshot with that step's history (open it at
   https://pytorch.org/memory_viz, or with ``python -m torch.cuda._memory_viz trace_plot snapshot.pickle``);
-- ``summary.txt``: the step's peaks (allocated, reserved), the reserved memory per stream, and the moments
+- ``summary.txt``: the step's peaks (allocated, reserved), the reserved memory per stream, what was allocated
+  at the step's most allocated moment (grouped by the Python frames that allocated it), and the moments
   where the most memory was reserved but not allocated, each with what was pending (freed by Python but held
   for another stream's work, ``record_stream``) and the allocation that came then, with its Python frames.
 
@@ -137,9 +138,40 @@ def widest_gaps(moments: list[dict], top: int) -> list[dict]:
     return sorted(best.values(), key=lambda m: m["allocated"] - m["reserved"])[:top]
 
 
+def live_at_peak(moments: list[dict]) -> tuple[dict, int, list[tuple[str, int, int]]]:
+    """At the history's moment of the most allocated memory: (that moment, the bytes still held of what was
+    allocated before the history began, [(where, bytes, blocks)] of what the history allocated and had not freed
+    then, grouped by the Python frames of the allocation, largest first)."""
+    peak = max(moments, key=lambda m: m["allocated"])
+    live: dict = {}
+    for m in moments[: peak["index"] + 1]:
+        e = m["event"]
+        if e["action"] == "alloc":
+            live[e["addr"]] = e
+        elif e["action"] == "free_requested":
+            live.pop(e["addr"], None)
+    groups: dict[str, list[int]] = {}
+    for e in live.values():
+        group = groups.setdefault(_frames(e), [0, 0])
+        group[0] += e["size"]
+        group[1] += 1
+    before = peak["allocated"] - sum(e["size"] for e in live.values())
+    return peak, before, sorted(((k, b, n) for k, (b, n) in groups.items()), key=lambda g: -g[1])
+
+
+def _ours(filename: str) -> bool:
+    """Whether a frame's file is fastbench's: its package, or the kernels and autotune folders that install as
+    its subpackages (an editable install runs them from the checkout, outside the package's folder)."""
+    import fastbench.autotune
+    import fastbench.kernels
+
+    roots = [os.path.dirname(m.__file__) for m in (fastbench.kernels, fastbench.autotune)]
+    return "fastbench" in filename or any(filename.startswith(r + os.sep) for r in roots)
+
+
 def _frames(event: dict, n: int = 4) -> str:
     frames = [f for f in event.get("frames", []) if f.get("filename", "").endswith(".py")]
-    ours = [f for f in frames if "fastbench" in f["filename"]] or frames
+    ours = [f for f in frames if _ours(f["filename"])] or frames
     return " <- ".join(f"{os.path.basename(f['filename'])}:{f['line']} {f['name']}" for f in ours[:n]) or "(no frames)"
 
 
@@ -161,6 +193,13 @@ def summary(snapshot: dict, top: int = 8, settings: str = "") -> str:
         by_stream[s["stream"]][1] += s["allocated_size"]
     lines.append("reserved per stream at the end: " + ", ".join(
         f"stream {k}: {r / GiB:.2f} GiB ({a / GiB:.2f} allocated)" for k, (r, a) in sorted(by_stream.items())))
+    if moments:
+        peak, before, groups = live_at_peak(moments)
+        lines.append(f"\nat the most allocated moment (event {peak['index']}, {peak['allocated'] / GiB:.2f} GiB): "
+                     f"{before / GiB:.2f} GiB allocated before the step and held; the step's own, by where it was "
+                     f"allocated ({top} largest):")
+        lines += [f"- {size / MiB:,.1f} MiB in {blocks} block{'s' * (blocks > 1)}: {where}"
+                  for where, size, blocks in groups[:top]]
     lines.append(f"\nthe {top} moments of the most reserved but unallocated memory:")
     for m in widest_gaps(moments, top):
         e = m["event"]
