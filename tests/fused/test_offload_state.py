@@ -509,3 +509,23 @@ def test_offload_config_fields_and_where_they_apply():
         CheckpointConfig("sometimes")
     with pytest.raises(ValueError, match="budget -1: give a number of bytes >= 0"):
         CheckpointConfig("budget", -1)
+
+
+def test_a_part_whose_activations_go_to_the_host_does_not_hold_its_input(seed):
+    """offloading_saved copies what a part saves to the host; nothing keeps the part's input on the device as well
+    until the backward (autograd keeps the saved-tensor hooks as long as the graph)."""
+    import gc
+    import weakref
+
+    w, x0 = torch.randn(8, 8, requires_grad=True), torch.randn(5, 8, requires_grad=True)
+    slots = iter(range(10))
+    x = x0 * 2  # not a leaf: only the graph's saved tensors could keep it
+    input_ref = weakref.ref(x)
+    y = offload_module.offloading_saved(lambda t, context: torch.tanh(t @ w), x, offload_module.HostOffloader(),
+                                        lambda: next(slots))
+    del x
+    gc.collect()
+    assert input_ref() is None
+    y.sum().backward()
+    dx0, dw = torch.autograd.grad(torch.tanh((x0 * 2) @ w).sum(), [x0, w])
+    assert torch.allclose(x0.grad, dx0, rtol=1e-6, atol=1e-7) and torch.allclose(w.grad, dw, rtol=1e-6, atol=1e-7)

@@ -363,6 +363,9 @@ def offloading_saved(fn, x: torch.Tensor, offloader: HostOffloader, next_slot: C
     (:meth:`PartContext.derived`) is not copied but recomputed from that one in the backward. ``next_slot()``
     gives each copy its offloader slot; the group is named by the first one."""
     bases, derivations, group = {}, {}, []
+    # pack must not reference x: autograd keeps the hooks, with what they reference, as long as the graph, and x
+    # would stay on the device until the backward beside its copy on the host
+    small = x.numel() / 8
 
     def base_of(t):  # a view goes as its base, once for all its views, unless the base is far larger
         base = t._base
@@ -373,7 +376,7 @@ def offloading_saved(fn, x: torch.Tensor, offloader: HostOffloader, next_slot: C
         return entry, t.shape, t.stride(), t.storage_offset() - base.storage_offset() if base is not t else None
 
     def pack(t):
-        if isinstance(t, torch.nn.Parameter) or t.numel() * 8 < x.numel():
+        if isinstance(t, torch.nn.Parameter) or t.numel() < small:
             return t
         how = derivations.get(id(t))
         if how is not None and how[0] is t:
