@@ -343,6 +343,30 @@ def test_a_group_comes_back_whole_and_single_inputs_one_ahead(seed):
     assert x.shape == (4,)
 
 
+def test_prefetch_groups_bounds_the_groups_on_their_way_back(seed):
+    """With ``prefetch_groups=n`` a backward keeps n groups on their way back, whatever their bytes."""
+    from fastbench.fused.checkpointing.offload import HostOffloader
+
+    off = HostOffloader(prefetch_groups=1)
+    single = [off.save(slot, torch.randn(4)) for slot in range(3)]
+    group = [off.save(slot, torch.randn(4), group="mlp") for slot in range(3, 6)]
+    last = [off.save(slot, torch.randn(4)) for slot in range(6, 8)]
+    off.load(last[1])
+    assert set(off._prefetched) == {last[0]}
+    off.load(last[0])
+    assert set(off._prefetched) == set(group)
+    off.load(group[2])  # the rest of its group is still on its way: one group
+    assert set(off._prefetched) == {group[0], group[1]}
+    off.load(group[1])
+    off.load(group[0])
+    assert set(off._prefetched) == {single[2]}
+
+    two = HostOffloader(prefetch_groups=2)
+    keys = [two.save(slot, torch.randn(4)) for slot in range(5)]
+    two.load(keys[4])
+    assert set(two._prefetched) == {keys[3], keys[2]}
+
+
 def test_saved_groups_with_two_forwards_and_after_a_failed_backward(seed):
     """Offload with every layer's last part saved: two forwards before one backward, and a backward that
     failed half-way (its groups must not be mistaken for the next step's)."""

@@ -48,6 +48,8 @@ class OffloadConfig:
     - ``copy_queue_gib``: the GPU memory that activations on their way to the host may hold while the bus is
       behind the compute; past it the compute stream waits for the oldest copy (the host does not). Less holds
       less memory and may wait more.
+    - ``prefetch_groups``: in the backward, how many offloaded groups (a part's inputs) are fetched back ahead of
+      their use; 0: as many as together hold the forward's largest group's bytes.
     - ``host_reserve_gib``: the host memory the offload mode leaves available: a new host buffer that would
       leave less first takes the place of inputs earlier forwards left (a failed step's), else raises
       ``PinnedMemoryShort`` (a ``MemoryError``) that says what to change, rather than the operating system
@@ -58,12 +60,15 @@ class OffloadConfig:
     copy_queue_gib: float = 0.25
     save_max_tokens: int = 4096
     host_reserve_gib: float = 2.0
+    prefetch_groups: int = 0
 
     def __post_init__(self):
         _whole_number("save_every", self.save_every, "every n-th layer's MLP activations offloaded instead of "
                                                      "recomputed; 0: recompute every layer")
         _whole_number("save_max_tokens", self.save_max_tokens, "the most tokens (batch x sequence) of a forward in "
                                                                "which save_every applies")
+        _whole_number("prefetch_groups", self.prefetch_groups, "groups fetched back ahead in the backward; 0: as "
+                                                               "many as the forward's largest group's bytes")
         embedding = _one_of("embedding", self.embedding, {
             True: "the input embedding's table in pinned host memory, the default", False: "on the GPU"})
         object.__setattr__(self, "embedding", embedding)

@@ -65,8 +65,10 @@ class HostOffloader:
     then loses its inputs), and otherwise raises :class:`PinnedMemoryShort` instead of letting the operating
     system kill the process."""
 
-    def __init__(self, max_copying_bytes: int = MAX_COPYING_BYTES, host_reserve_bytes: int = HOST_RESERVE_BYTES):
+    def __init__(self, max_copying_bytes: int = MAX_COPYING_BYTES, host_reserve_bytes: int = HOST_RESERVE_BYTES,
+                 prefetch_groups: int = 0):
         self.max_copying_bytes = max_copying_bytes
+        self.prefetch_groups = prefetch_groups
         self.host_reserve_bytes = host_reserve_bytes
         # keys are (forward number, slot), slots numbering a forward's checkpointed parts 0, 1, ...: an entry
         # left by a step whose backward never finished (an OOM retry) can never be mistaken for a later step's
@@ -278,15 +280,18 @@ class HostOffloader:
         return x
 
     def _prefetch_below(self, key: tuple[int, int]) -> None:
-        """Fetches the groups of the slots below ``key``, nearest first, while less than the forward's largest
-        group is on its way (at least one group): with one input per group, the next input alone."""
+        """Fetches the groups of the slots below ``key``, nearest first, while fewer than ``prefetch_groups``
+        groups (0: less than the forward's largest group's bytes, at least one group) are on their way."""
         ahead = sum(x.nbytes for k, (x, _) in self._prefetched.items() if k[0] == key[0])
+        groups = len({self._groups[k] for k in self._prefetched if k[0] == key[0]})
         for slot in range(key[1] - 1, -1, -1):
             below = (key[0], slot)
             if below in self._prefetched:
                 continue
-            if below not in self._saved or (ahead and ahead >= self._lookahead):
+            full = groups >= self.prefetch_groups if self.prefetch_groups else (ahead and ahead >= self._lookahead)
+            if below not in self._saved or full:
                 return
+            groups += 1
             for member in self._members[self._groups[below]]:
                 if member in self._saved:
                     self._prefetched[member] = fetched = self._fetch(member)

@@ -30,7 +30,8 @@ class LayerCheckpointing:
         self.mode = config.mode
         self.budget = config.budget  # bytes; "auto" (None) is decided at the first step
         offload = config.offload
-        self.offloader = (HostOffloader(offload.copy_queue_bytes, offload.host_reserve_bytes) if offload is not None
+        self.offloader = (HostOffloader(offload.copy_queue_bytes, offload.host_reserve_bytes,
+                                        offload.prefetch_groups) if offload is not None
                           else None)
         self._slot = 0  # the next offload slot of this forward
         # offload mode: every n-th layer (0: none) keeps its last part's graph, with the activations that part
