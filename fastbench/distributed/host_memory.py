@@ -98,7 +98,8 @@ def _cgroup_dirs(root: Path, path: str) -> list[Path]:
     return [root.joinpath(*parts[:n]) for n in range(len(parts), -1, -1)]
 
 
-def cgroup_memory_room(root: Path = Path("/sys/fs/cgroup"), self_cgroup: Path = Path("/proc/self/cgroup")) -> int | None:
+def cgroup_memory_room(root: Path = Path("/sys/fs/cgroup"),
+                       self_cgroup: Path = Path("/proc/self/cgroup")) -> int | None:
     """The memory that this process's control group, and each group above it, still lets it use: the smallest
     limit less usage, page cache that the kernel can drop (inactive files) not counted as used; None where no
     group has a limit or the groups cannot be read. cgroup v2 (memory.max) and v1 (memory.limit_in_bytes)."""
@@ -106,9 +107,9 @@ def cgroup_memory_room(root: Path = Path("/sys/fs/cgroup"), self_cgroup: Path = 
         lines = self_cgroup.read_text().splitlines()
     except OSError:
         return None
-    v1 = next((l.split(":", 2)[2] for l in lines if l.count(":") >= 2 and "memory" in l.split(":")[1].split(",")),
-              None)
-    v2 = next((l.split(":", 2)[2] for l in lines if l.startswith("0::")), None)
+    fields = [line.split(":", 2) for line in lines if line.count(":") >= 2]  # id:controllers:path
+    v1 = next((path for _, controllers, path in fields if "memory" in controllers.split(",")), None)
+    v2 = next((path for hid, controllers, path in fields if hid == "0" and not controllers), None)
     rooms = []
     if v1 is not None and (root / "memory").is_dir():
         for d in _cgroup_dirs(root / "memory", v1):
