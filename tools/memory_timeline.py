@@ -18,6 +18,7 @@ The allocator's settings are the process's: ``PYTORCH_ALLOC_CONF`` when set, els
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import pickle
 import sys
@@ -159,14 +160,19 @@ def live_at_peak(moments: list[dict]) -> tuple[dict, int, list[tuple[str, int, i
     return peak, before, sorted(((k, b, n) for k, (b, n) in groups.items()), key=lambda g: -g[1])
 
 
-def _ours(filename: str) -> bool:
-    """Whether a frame's file is fastbench's: its package, or the kernels and autotune folders that install as
-    its subpackages (an editable install runs them from the checkout, outside the package's folder)."""
+@functools.cache
+def _subpackage_roots() -> tuple[str, ...]:
+    """The folders of fastbench's kernels and autotune subpackages, each with a trailing separator (under an
+    editable install, folders of the checkout outside the package's own)."""
     import fastbench.autotune
     import fastbench.kernels
 
-    roots = [os.path.dirname(m.__file__) for m in (fastbench.kernels, fastbench.autotune)]
-    return "fastbench" in filename or any(filename.startswith(r + os.sep) for r in roots)
+    return tuple(os.path.dirname(m.__file__) + os.sep for m in (fastbench.kernels, fastbench.autotune))
+
+
+def _ours(filename: str) -> bool:
+    """Whether a frame's file is fastbench's: its package, or its kernels and autotune subpackages."""
+    return "fastbench" in filename or filename.startswith(_subpackage_roots())
 
 
 def _frames(event: dict, n: int = 4) -> str:
