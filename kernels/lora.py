@@ -23,8 +23,9 @@ W and b are frozen (no gradient). x is saved, and so is x A^T ([N, sum r], small
 it: the backward then reuses it instead of one more product (a graph-only forward computes none). An NF4 weight
 is dequantized right before each use, in the forward and again in the backward, into one workspace
 per (device, dtype) that all projections of a model share (the cache's); the NF4 weights of one
-input (Q/K/V, gate/up) are dequantized together in one launch, so at most one group's dequantized
-matrices exist at a time.
+input (Q/K/V, gate/up) are dequantized together in one launch where they fit that workspace together
+(a model sizes it to its largest single weight), else one at a time, right before each product, so at
+most one workspace's worth of dequantized matrices exists at a time.
 
 - :func:`lora_projections`: several projections of one input (Q, K, V; or O alone), one Function.
 - :func:`lora_mlp`: gate/up -> GLU -> down in one Function; saves x and the two pre-activations
@@ -85,23 +86,32 @@ def base_weight(weight: torch.Tensor, dtype: torch.dtype, cache: LoraFactorCache
     return dequantize_nf4_weight(weight, out=out)
 
 
-def _nf4_group(projections, dtype: torch.dtype) -> list | None:
+def _nf4_group(projections, dtype: torch.dtype, cache: LoraFactorCache | None) -> list | None:
     """The quant states of projections whose NF4 weights are dequantized together (more than one, all
-    NF4 in ``dtype``), else None."""
+    NF4 in ``dtype``, their matrices together within the cache's workspace where it has a set size), else
+    None."""
     states = [getattr(p.weight, "quant_state", None) for p in projections]
     if len(projections) > 1 and all(st is not None and st.dtype == dtype for st in states):
-        return states
+        if cache is None or cache.fits(sum(st.shape[0] for st in states) * states[0].shape[1], dtype):
+            return states
     return None
 
 
-def base_weights(projections, dtype: torch.dtype,
-                 cache: LoraFactorCache | None = None) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+def _one_at_a_time(projections, dtype: torch.dtype, cache: LoraFactorCache | None):
+    """The projections' dense weights, each made when the next is asked for: dequantized NF4 weights share the
+    cache's workspace, so each is valid until the next is made (kernels queued on one stream read it first)."""
+    for p in projections:
+        yield base_weight(p.weight, dtype, cache)
+
+
+def base_weights(projections, dtype: torch.dtype, cache: LoraFactorCache | None = None):
     """(W, [W_p]): the projections' dense weights; NF4 weights of one input (Q/K/V, gate/up) in ``dtype``
-    are dequantized together, in one launch, side by side (in the cache's workspace): W [sum o, i] is
-    then that matrix (else None), and the W_p its row blocks."""
-    states = _nf4_group(projections, dtype)
+    are dequantized together, in one launch, side by side (in the cache's workspace), where they fit it
+    together: W [sum o, i] is then that matrix, and the W_p its row blocks. Else (None, the W_p one at a time:
+    an iterator, each valid until the next is taken)."""
+    states = _nf4_group(projections, dtype, cache)
     if states is None:
-        return None, [base_weight(p.weight, dtype, cache) for p in projections]
+        return None, _one_at_a_time(projections, dtype, cache)
     shape = torch.Size((sum(st.shape[0] for st in states), states[0].shape[1]))
     device = projections[0].weight.device
     out = torch.empty(shape, dtype=dtype, device=device) if cache is None else cache.workspace(shape, dtype, device)
@@ -188,16 +198,16 @@ class _GroupCast:
         return self._blocks
 
 
-def cached_factor_bytes(projections, dtype: torch.dtype) -> int:
-    """The bytes a :class:`LoraFactorCache` keeps between steps for projections that share an input: their A's
-    stacked [sum r, i] and each s B_p [o_p, r_p], in ``dtype``, and, where their NF4 weights are dequantized
-    together (every projection with a LoRA, biases alike), the block-diagonal B [sum o, sum r]; 0 without LoRA."""
+def cached_factor_bytes(projections, dtype: torch.dtype, cache: LoraFactorCache | None = None) -> int:
+    """The bytes ``cache`` keeps between steps for projections that share an input: their A's stacked [sum r, i]
+    and each s B_p [o_p, r_p], in ``dtype``, and, where their NF4 weights are dequantized together (every
+    projection with a LoRA, biases alike), the block-diagonal B [sum o, sum r]; 0 without LoRA."""
     loras = [p.lora for p in projections if p.lora is not None]
     if not loras:
         return 0
     rank = sum(lora.A.shape[0] for lora in loras)
     elements = rank * loras[0].A.shape[1] + sum(lora.B.numel() for lora in loras)
-    if _nf4_group(projections, dtype) is not None and _agree(projections):
+    if _nf4_group(projections, dtype, cache) is not None and _agree(projections):
         elements += sum(_out_features(p) for p in projections) * rank
     return elements * dtype.itemsize
 
@@ -206,6 +216,10 @@ class LoraFactorCache:
     """What the fused LoRA Functions of one model reuse between calls: each group's factors cast to the compute
     dtype, and the buffer per (device, dtype) that its NF4 weights are dequantized into.
 
+    ``workspace_bytes``: that buffer's size, made at its first use; NF4 weights of one input whose matrices
+    together exceed it are dequantized one at a time (a model sizes it to its largest single weight, so gate
+    and up of a wide MLP do not double the buffer). None: the buffer grows to the largest group asked for.
+
     The factors are cast once per step: the model calls :meth:`new_step` at the start of every forward, so that
     forward, its recomputations and its backward share them and none outlives the step; a changed parameter
     version (an in-place update) invalidates an entry too. Entries are keyed by (dtype, id of each A). A
@@ -213,7 +227,8 @@ class LoraFactorCache:
     multiply where a scale is not 1) into buffers kept for that group, instead of a few launches per group:
     a step is often bound by the CPU that issues its launches."""
 
-    def __init__(self):
+    def __init__(self, workspace_bytes: int | None = None):
+        self.workspace_bytes = workspace_bytes
         self._factors: dict = {}  # key -> (the A/B parameters, their versions, _Factors)
         self._groups: dict = {}  # the groups cast since the last step: key -> (their LoRAs, dtype)
         self._casts: dict = {}  # key -> _GroupCast: where a known group is cast at each step
@@ -288,13 +303,18 @@ class LoraFactorCache:
             total += sum(t.nbytes for t in (cast.A, *cast.Bs, block) if t is not None)
         return total
 
+    def fits(self, numel: int, dtype: torch.dtype) -> bool:
+        """Whether a matrix of ``numel`` elements of ``dtype`` fits the workspace (always, where it has no set size)."""
+        return self.workspace_bytes is None or numel * dtype.itemsize <= self.workspace_bytes
+
     def workspace(self, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """A ``shape`` view into the buffer that every NF4 dequantization of this model on ``device`` shares
-        (grown as needed)."""
+        (made at ``workspace_bytes`` or larger, grown as needed)."""
         key = (device, dtype)
         buf, views = self._workspaces.get(key) or (None, None)
         if buf is None or buf.numel() < shape.numel():
-            buf, views = self._workspaces[key] = (torch.empty(shape.numel(), dtype=dtype, device=device), {})
+            numel = max(shape.numel(), (self.workspace_bytes or 0) // dtype.itemsize)
+            buf, views = self._workspaces[key] = (torch.empty(numel, dtype=dtype, device=device), {})
         view = views.get(shape)
         if view is None:
             view = views[shape] = buf[: shape.numel()].view(shape)
@@ -391,7 +411,7 @@ def _lora_grads(x2, projections, dys, cache: LoraFactorCache | None, xA=None):
     no more (a caller may free it in between)."""
     f = _factors(projections, dys[0].dtype, cache)
     dy = None  # [dY_p]_p, when the weights lie side by side
-    if _nf4_group(projections, dys[0].dtype) is not None and _agree(projections):
+    if _nf4_group(projections, dys[0].dtype, cache) is not None and _agree(projections):
         dy = _columns_of_one_buffer(dys)
         if dy is None:
             dy = torch.cat(dys, 1)

@@ -158,14 +158,16 @@ def install(model, config: CheckpointConfig) -> list[str]:
     ensure_installed()  # the shipped compiled kernels into Triton's cache, before the path's first launch
     backbone = model.get_decoder()
     layers = backbone.layers[: model.config.num_hidden_layers]
+    workspace = max((nf4_workspace_bytes(layer) for layer in layers), default=0)
+    cache = LoraFactorCache(workspace_bytes=workspace or None)
     counts = None
     if config.mode == "budget":  # what the plan counts besides the activations
         compute = backbone.embed_tokens.weight.dtype  # the activations'
-        counts = ModelBytes(optimizer=optimizer_bytes(model.parameters()), workspace=nf4_workspace_bytes(layers[0]),
+        counts = ModelBytes(optimizer=optimizer_bytes(model.parameters()), workspace=workspace,
                             vocab=model.lm_head.weight.shape[0],
-                            factors=sum(lora_factor_bytes(layer, compute) for layer in layers))
+                            factors=sum(lora_factor_bytes(layer, compute, cache) for layer in layers))
     checkpointing = LayerCheckpointing(config, layers=len(layers), model=counts)
-    backbone._fastbench = FusedState(family_of(model.config), checkpointing, LoraFactorCache())
+    backbone._fastbench = FusedState(family_of(model.config), checkpointing, cache)
     backbone.forward = types.MethodType(fused_backbone_forward, backbone)
     model.forward = types.MethodType(fused_forward, model)
     changed = [f"{type(backbone).__name__}.forward (this object only): fused LoRA QKV/O/MLP, RMSNorm, RoPE, SDPA; "

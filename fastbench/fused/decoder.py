@@ -223,20 +223,16 @@ def _input_groups(layer) -> tuple[tuple[Projection, ...], ...]:
 
 def nf4_workspace_bytes(layer) -> int:
     """The bytes of the buffer a layer's NF4 weights are dequantized into (fastbench.kernels.lora): its largest
-    group of projections dequantized together (Q/K/V, O, gate/up, down), in the compute dtype; 0 without NF4
-    weights."""
-    sizes = [0]
-    for group in _input_groups(layer):
-        states = [getattr(p.weight, "quant_state", None) for p in group]
-        if all(st is not None for st in states):
-            sizes.append(sum(st.shape[0] for st in states) * states[0].shape[1] * states[0].dtype.itemsize)
-    return max(sizes)
+    single NF4 weight in the compute dtype (the projections of one input dequantized together only where they
+    fit it together); 0 without NF4 weights."""
+    states = [getattr(p.weight, "quant_state", None) for group in _input_groups(layer) for p in group]
+    return max([st.shape[0] * st.shape[1] * st.dtype.itemsize for st in states if st is not None], default=0)
 
 
-def lora_factor_bytes(layer, dtype: torch.dtype) -> int:
-    """The bytes of a layer's LoRA factors that the model's LoraFactorCache keeps cast to ``dtype`` (the
-    compute dtype) between steps."""
-    return sum(cached_factor_bytes(group, dtype) for group in _input_groups(layer))
+def lora_factor_bytes(layer, dtype: torch.dtype, cache: LoraFactorCache | None = None) -> int:
+    """The bytes of a layer's LoRA factors that ``cache`` (the model's LoraFactorCache) keeps cast to ``dtype``
+    (the compute dtype) between steps."""
+    return sum(cached_factor_bytes(group, dtype, cache) for group in _input_groups(layer))
 
 
 def attention_residual(layer, x, context: PartContext, cos, sin, mask, family: Family, projections=None,

@@ -298,6 +298,38 @@ def test_nf4_mlp_gate_up_side_by_side_matches_separate_products(seed, monkeypatc
         assert rel(a, b) < 1e-5
 
 
+@pytest.mark.parametrize("chunk_rows", [4096, 5])
+def test_nf4_mlp_beyond_the_workspace_dequantizes_one_weight_at_a_time(seed, monkeypatch, chunk_rows):
+    """A cache whose workspace holds one weight: gate and up, together twice that, are dequantized one at a time
+    into it, each right before its product (the workspace never grows, no gate/up buffer side by side, no
+    block-diagonal B); outputs and gradients as with the dense weights, in the forward and in a graph-only
+    forward's backward, chunked or not."""
+    import fastbench.kernels.lora as lora
+
+    gate, up, down = make_projection(64, 128, 3, torch.float32), make_projection(64, 128, 3, torch.float32), \
+        make_projection(128, 64, 3, torch.float32)
+    (g4, gd), (u4, ud), (d4, dd) = _nf4(gate), _nf4(up), _nf4(down)
+    x = torch.randn(2, 7, 64, requires_grad=True)
+    dy = torch.randn(2, 7, 64)
+    joined = []
+    monkeypatch.setattr(lora, "_columns_of_one_buffer", lambda blocks: joined.append(blocks))
+    cache = LoraFactorCache(workspace_bytes=128 * 64 * 4)
+    wanted = [x] + [t for p in (g4, u4, d4) for t in (p.lora.A, p.lora.B)]
+    y_ref = lora_mlp(x, gd, ud, dd, _GLUS["silu"])
+    g_ref = torch.autograd.grad(y_ref, wanted, dy)
+    for graph_only in (False, True):
+        cache.new_step()
+        y = lora_mlp(x, g4, u4, d4, _GLUS["silu"], graph_only=graph_only, cache=cache, chunk_rows=chunk_rows)
+        if not graph_only:
+            assert rel(y, y_ref) < 1e-5
+        for a, b in zip(torch.autograd.grad(y, wanted, dy), g_ref, strict=True):
+            assert rel(a, b) < 1e-5
+    assert not joined
+    assert [buf.numel() for buf, _ in cache._workspaces.values()] == [128 * 64]
+    assert all(cast.factors.block is None for cast in cache._casts.values())
+    assert cache.held_bytes() == sum(lora.cached_factor_bytes(ps, torch.float32, cache) for ps in ((g4, u4), (d4,)))
+
+
 def test_columns_of_one_buffer():
     from fastbench.kernels.lora import _columns_of_one_buffer
 
