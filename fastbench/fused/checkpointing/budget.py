@@ -10,7 +10,7 @@ inputs on the host (k + m + o = L), as
 - resident: what is allocated when the first forward starts (weights, buffers, LoRA parameters, the batch);
 - optimizer: per trainable parameter its gradient, AdamW's two states, and one more of its size for the
   update's temporaries;
-- workspace: the buffer NF4 weights are dequantized into (one layer's largest group of projections);
+- workspace: the buffer NF4 weights are dequantized into (the largest single weight; see fastbench.kernels.lora);
 - factors: the LoRA factors cast to the compute dtype, kept from one step to the next (the model's
   LoraFactorCache), of which the first forward has cast none when ``resident`` is measured;
 - keep: the activations one layer's graph saves (measured at the first step); inputs: what a recomputed layer
