@@ -276,16 +276,21 @@ def test_nf4_group_side_by_side_matches_separate_products(seed, case):
     assert cache._workspaces
 
 
+def _nf4_mlp():
+    """gate, up, down of a small MLP with NF4 weights, the same with their dequantized weights, an input and an
+    output gradient."""
+    gate, up, down = make_projection(64, 128, 3, torch.float32), make_projection(64, 128, 3, torch.float32), \
+        make_projection(128, 64, 3, torch.float32)
+    (g4, gd), (u4, ud), (d4, dd) = _nf4(gate), _nf4(up), _nf4(down)
+    return (g4, u4, d4), (gd, ud, dd), torch.randn(2, 7, 64, requires_grad=True), torch.randn(2, 7, 64)
+
+
 def test_nf4_mlp_gate_up_side_by_side_matches_separate_products(seed, monkeypatch):
     """gate/up with NF4 weights: one product forward and, since the GLU's gradients are written over the
     side-by-side gate/up outputs, one product backward without a copy (no torch.cat of the gradients)."""
     import fastbench.kernels.lora as lora
 
-    gate, up, down = make_projection(64, 128, 3, torch.float32), make_projection(64, 128, 3, torch.float32), \
-        make_projection(128, 64, 3, torch.float32)
-    (g4, gd), (u4, ud), (d4, dd) = _nf4(gate), _nf4(up), _nf4(down)
-    x = torch.randn(2, 7, 64, requires_grad=True)
-    dy = torch.randn(2, 7, 64)
+    (g4, u4, d4), (gd, ud, dd), x, dy = _nf4_mlp()
     joined = []
     find = lora._columns_of_one_buffer
     monkeypatch.setattr(lora, "_columns_of_one_buffer", lambda blocks: joined.append(find(blocks)) or joined[-1])
@@ -306,11 +311,7 @@ def test_nf4_mlp_beyond_the_workspace_dequantizes_one_weight_at_a_time(seed, mon
     forward's backward, chunked or not."""
     import fastbench.kernels.lora as lora
 
-    gate, up, down = make_projection(64, 128, 3, torch.float32), make_projection(64, 128, 3, torch.float32), \
-        make_projection(128, 64, 3, torch.float32)
-    (g4, gd), (u4, ud), (d4, dd) = _nf4(gate), _nf4(up), _nf4(down)
-    x = torch.randn(2, 7, 64, requires_grad=True)
-    dy = torch.randn(2, 7, 64)
+    (g4, u4, d4), (gd, ud, dd), x, dy = _nf4_mlp()
     joined = []
     monkeypatch.setattr(lora, "_columns_of_one_buffer", lambda blocks: joined.append(blocks))
     cache = LoraFactorCache(workspace_bytes=128 * 64 * 4)
