@@ -44,6 +44,12 @@ interpreter.InterpretedFunction.run = _no_launch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _ours(path: str) -> bool:
+    """Whether ``path`` is fastbench's source: under the checkout, not a tool, nor a package installed in a
+    virtual environment kept inside the checkout."""
+    return path.startswith(ROOT) and "/tools/" not in path and "site-packages" not in path
+
+
 class _Ops(TorchDispatchMode):
     """Counts aten ops by name, and with ``sites`` by name and the fastbench source line that called them."""
 
@@ -56,7 +62,7 @@ class _Ops(TorchDispatchMode):
         self.ops[name] += 1
         if self._sites:
             frame = next((f for f in traceback.extract_stack()[::-1]
-                          if f.filename.startswith(ROOT) and "/tools/" not in f.filename), None)
+                          if _ours(f.filename)), None)
             where = f"{os.path.relpath(frame.filename, ROOT)}:{frame.lineno}" if frame else "(torch)"
             self.sites[f"{name} @ {where}"] += 1
         return func(*args, **(kwargs or {}))
@@ -95,7 +101,7 @@ def own_functions(prof: cProfile.Profile) -> dict:
     """{'file:line(function)': (self seconds, calls)} of fastbench's functions."""
     out = {}
     for (path, line, fn), (_, calls, tottime, _, _) in pstats.Stats(prof).stats.items():
-        if path.startswith(ROOT) and "/tools/" not in path:
+        if _ours(path):
             out[f"{os.path.relpath(path, ROOT)}:{line}({fn})"] = (tottime, calls)
     return out
 
