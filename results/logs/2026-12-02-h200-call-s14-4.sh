@@ -1,0 +1,3 @@
+# call 4 (<= 240 s, on the machine still warm from call 3): llama-3-8b fused-4bit offload beside Unsloth QLoRA,
+# one process each (run e27f28).
+source .carry/setup.sh; export PYTORCH_ALLOC_CONF=expandable_segments:True; timeout 240 fastbench compare --models llama-3-8b --arms fused-4bit:ckpt=offload,unsloth-qlora --baseline-arm unsloth-qlora --repeats 1 --warmup 2 --steps 8 --timeout 120 --seq-len 2048 --batch 2 --results-dir $OUT/r --reports-dir $OUT/rep > $OUT/compare-llama.log 2>&1; grep -E "^\| |rror" $OUT/compare-llama.log | cut -c1-230 | tail -4; rm -f $OUT/r/*.csv; echo "[${SECONDS} s]"
