@@ -15,6 +15,7 @@ bound is 9/8 of the activations plus the table.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -58,15 +59,17 @@ def available_host_bytes() -> int:
     except OSError:
         available = None
     if available is None:
-        import os
-
         available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     room = cgroup_memory_room()
     return available if room is None else min(available, room)
 
 
-# a cgroup v1 memory limit at or above this means none (the kernel writes the largest page-aligned long)
-_V1_UNLIMITED = 1 << 62
+# a memory limit at or above this means none (cgroup v1 writes the largest page-aligned long; v2 writes "max")
+_UNLIMITED = 1 << 62
+# per cgroup version, the memory controller's files: (limit, usage, the memory.stat key of the page cache the
+# kernel can drop, not counted as used)
+_V1_FILES = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+_V2_FILES = ("memory.max", "memory.current", "inactive_file")
 
 
 def _read_int(path: Path) -> int | None:
@@ -110,19 +113,18 @@ def cgroup_memory_room(root: Path = Path("/sys/fs/cgroup"),
     fields = [line.split(":", 2) for line in lines if line.count(":") >= 2]  # id:controllers:path
     v1 = next((path for _, controllers, path in fields if "memory" in controllers.split(",")), None)
     v2 = next((path for hid, controllers, path in fields if hid == "0" and not controllers), None)
-    rooms = []
     if v1 is not None and (root / "memory").is_dir():
-        for d in _cgroup_dirs(root / "memory", v1):
-            limit = _read_int(d / "memory.limit_in_bytes")
-            if limit is not None and limit < _V1_UNLIMITED:
-                used = (_read_int(d / "memory.usage_in_bytes") or 0) - _stat(d / "memory.stat", "total_inactive_file")
-                rooms.append(limit - max(0, used))
+        dirs, (limit_file, usage_file, cache_key) = _cgroup_dirs(root / "memory", v1), _V1_FILES
     elif v2 is not None:
-        for d in _cgroup_dirs(root, v2):
-            limit = _read_int(d / "memory.max")
-            if limit is not None:
-                used = (_read_int(d / "memory.current") or 0) - _stat(d / "memory.stat", "inactive_file")
-                rooms.append(limit - max(0, used))
+        dirs, (limit_file, usage_file, cache_key) = _cgroup_dirs(root, v2), _V2_FILES
+    else:
+        return None
+    rooms = []
+    for d in dirs:
+        limit = _read_int(d / limit_file)
+        if limit is not None and limit < _UNLIMITED:
+            used = (_read_int(d / usage_file) or 0) - _stat(d / "memory.stat", cache_key)
+            rooms.append(limit - max(0, used))
     return max(0, min(rooms)) if rooms else None
 
 
