@@ -156,6 +156,26 @@ def test_a_saved_mlp_recomputes_its_normed_input_instead_of_offloading_it(seed, 
     assert counts[1] - counts[0] == layers  # every layer's MLP saved (n = 1): one copy fewer each
 
 
+@pytest.mark.parametrize("load_in_4bit", [False, True])
+def test_offload_with_the_host_short_recomputes_whole_layers_and_matches_peft(seed, monkeypatch, load_in_4bit):
+    """Where the host has no room for two inputs a layer, the offload mode offloads each layer's input alone and
+    recomputes the whole layer from it: one copy a layer, the reference's loss and LoRA gradients."""
+    from fastbench.fused.checkpointing import offload as offload_module
+
+    fused, ref = pair("llama-3-8b-tiny", seed, load_in_4bit=load_in_4bit, checkpointing="offload",
+                      offload={"host_reserve_gib": 0})
+    offloader = fused.get_base_model().model._fastbench.checkpointing.offloader
+    saved = []
+    save = offloader.save
+    monkeypatch.setattr(offloader, "save", lambda slot, t, group=None: (saved.append(slot), save(slot, t, group))[1])
+    ids, labels = batch()
+    hidden = ids.numel() * fused.config.hidden_size * 4  # one fp32 layer input
+    monkeypatch.setattr(offload_module, "available_host_bytes", lambda: fused.config.num_hidden_layers * hidden)
+    with pytest.warns(UserWarning, match="each layer's input alone goes to the host"):
+        assert_same_step(fused, ref, ids, labels)
+    assert saved == list(range(fused.config.num_hidden_layers))
+
+
 @pytest.mark.parametrize("value", [-1, "two", 1.5, True])
 def test_a_bad_save_every_setting_says_what_to_give(seed, value):
     with pytest.raises(ValueError, match=f"save_every={value!r}: give a whole number"):

@@ -3,6 +3,7 @@ must leave nothing that a later step could mistake for its own, and two forwards
 must work. The offload mode here recomputes every layer (save_every=0; the default keeps every 4th layer's
 last part) unless a test says otherwise."""
 import time
+import warnings
 
 import pytest
 import torch
@@ -488,6 +489,43 @@ def test_an_input_fetched_ahead_and_dropped_is_waited_for_first(seed, monkeypatc
     import gc
     gc.collect()
     assert len(waits) == 2
+
+
+def test_a_host_short_for_two_inputs_a_layer_gets_one_and_recomputes_whole_layers(seed, monkeypatch):
+    """Offload mode where the host has room for each layer's input but not for its two parts' inputs: one input a
+    layer goes to the host and each layer is recomputed whole from it (its MLP part too, where save_every would
+    keep it), with the gradients of keeping everything and one warning; with room again, two a layer."""
+    layers, x = TwoPartLayers(), torch.randn(5, 8, requires_grad=True)
+    expected = layers.grads(policy(False), x)
+    ckpt = policy("offload", layers=4, save_every=1, host_reserve_gib=0)
+    saves = []
+    save = ckpt.offloader.save
+    monkeypatch.setattr(ckpt.offloader, "save", lambda slot, t, group=None: saves.append(slot) or save(slot, t, group))
+    # the host reports room for 3 inputs (a constant here); after the first step the offloader also holds the
+    # 4 buffers of one input a layer: 7 inputs' room, short of 8 (2 a layer) in both steps
+    monkeypatch.setattr(offload_module, "available_host_bytes", lambda: 3 * x.nbytes)
+    for step in range(2):
+        saves.clear()
+        layers.mlp_runs = [0] * 4
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            got = layers.grads(ckpt, x)
+        for a, b in zip(got, expected):
+            assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
+        assert saves == [0, 1, 2, 3] and layers.mlp_runs == [2] * 4
+        assert [str(w.message) for w in said] == ([
+            "fastbench: offloaded checkpointing: a forward of 5 tokens would keep 0.0 MiB of layer inputs in host "
+            "memory (2 a layer) and 0.0 MiB is free for them (less OffloadConfig.host_reserve_gib): each layer's "
+            "input alone goes to the host (0.0 MiB) and the whole layer is recomputed from it, while the host is "
+            "this short"] if step == 0 else [])
+    monkeypatch.setattr(offload_module, "available_host_bytes", lambda: 2**30)
+    saves.clear()
+    layers.mlp_runs = [0] * 4
+    for a, b in zip(layers.grads(ckpt, x), expected):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
+    # a layer: its attention part's input, and the MLP part's two saved tensors (kept, save_every=1: runs once)
+    assert len(saves) == 12 and layers.mlp_runs == [1] * 4
+    assert "where the host is short of memory for them, each layer's input alone" in ckpt.describe()
 
 
 @pytest.mark.parametrize("every, says", [(0, "recompute every layer, inputs offloaded"),

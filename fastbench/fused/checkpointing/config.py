@@ -50,8 +50,10 @@ class OffloadConfig:
       less memory and may wait more.
     - ``prefetch_groups``: in the backward, how many offloaded groups (a part's inputs) are fetched back ahead of
       their use; 0: as many as together hold the forward's largest group's bytes.
-    - ``host_reserve_gib``: the host memory the offload mode leaves available: a new host buffer that would
-      leave less first takes the place of inputs earlier forwards left (a failed step's), else raises
+    - ``host_reserve_gib``: the host memory the offload mode leaves available. A forward whose inputs, two a
+      layer (the attention's and the MLP's), would leave less offloads each layer's input alone and recomputes
+      the whole layer from it (half the host memory; warned once). A new host buffer that would still leave
+      less first takes the place of inputs earlier forwards left (a failed step's), else raises
       ``PinnedMemoryShort`` (a ``MemoryError``) that says what to change, rather than the operating system
       killing the process.
     """

@@ -150,6 +150,16 @@ class HostOffloader:
                    else torch.empty(size, dtype=like.dtype))
         return buf, buf[:need].view(like.shape)
 
+    def host_room_bytes(self) -> int:
+        """The bytes of inputs a new forward could leave in host memory: the buffers this offloader holds (free,
+        or an earlier forward's, which it gives up when short) and the host's available memory less the
+        reserve."""
+        return self._held_bytes() + available_host_bytes() - self.host_reserve_bytes
+
+    def _held_bytes(self) -> int:
+        return sum(b.untyped_storage().nbytes() for b in self._free) + sum(
+            entry[0].untyped_storage().nbytes() for entry in self._saved.values())
+
     def _reuse(self, numel: int, dtype: torch.dtype) -> torch.Tensor | None:
         """A free buffer of ``dtype`` with at least ``numel`` elements, taken from the free list; else None."""
         for i, buf in enumerate(self._free):
@@ -162,8 +172,7 @@ class HostOffloader:
         available = available_host_bytes()
         if available - nbytes >= self.host_reserve_bytes:
             return
-        held = sum(b.untyped_storage().nbytes() for b in self._free) + sum(
-            entry[0].untyped_storage().nbytes() for entry in self._saved.values())
+        held = self._held_bytes()
         raise PinnedMemoryShort(
             f"offloaded checkpointing needs {nbytes / GiB:.2f} GiB more host memory for this forward's inputs, "
             f"beside the {held / GiB:.1f} GiB it holds, and the host has {available / GiB:.1f} GiB available, of "

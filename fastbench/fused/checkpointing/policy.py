@@ -43,6 +43,8 @@ class LayerCheckpointing:
         self._resident: int | None = None  # budget mode: bytes allocated when the first forward started
         self._keep_per_token: float | None = None  # budget mode: bytes a kept layer saves per token
         self._warned = False
+        self._whole_layers = False  # offload mode: this forward recomputes each layer whole (host memory short)
+        self._warned_host = False
 
     def __call__(self, index: int, x: torch.Tensor, parts: Sequence[Part]) -> torch.Tensor:
         """Layer ``index`` of a forward, given as consecutive parts ``[(fn, params), ...]`` (x -> fn_1(x, context)
@@ -60,8 +62,12 @@ class LayerCheckpointing:
             if kind == "keep":
                 return chain((fn for fn, _ in parts), x)
             offloader = self.offloader if kind == "offload" else None
-        saved_last = self.mode == "offload" and self.config.offload.saves_mlp(index, x.shape[:-1].numel())
-        units = [parts] if self.mode == "recompute" else [[part] for part in parts]
+        if index == 0 and self.mode == "offload":
+            self._whole_layers = self._host_short(x, len(parts))
+        whole = self.mode == "recompute" or self._whole_layers
+        saved_last = (self.mode == "offload" and not whole
+                      and self.config.offload.saves_mlp(index, x.shape[:-1].numel()))
+        units = [parts] if whole else [[part] for part in parts]
         for unit in units[:-1] if saved_last else units:
             params = [t for _, p in unit for t in (p() if callable(p) else p)]
             slot = self._next_slot() if offloader is not None else None
@@ -69,6 +75,25 @@ class LayerCheckpointing:
         if saved_last:
             x = offloading_saved(units[-1][0][0], x, offloader, self._next_slot)
         return x
+
+    def _host_short(self, x: torch.Tensor, parts: int) -> bool:
+        """Offload mode, at a forward's first layer: whether the inputs of every layer's ``parts`` parts (each
+        the size of ``x``) would not fit the host memory the offloader may use. Each layer is then recomputed
+        whole from its input alone: 1/parts of the host memory, for its other parts' recomputation (warned
+        once)."""
+        if self.layers is None or parts < 2:
+            return False
+        need, room = self.layers * parts * x.nbytes, self.offloader.host_room_bytes()
+        if need <= room:
+            return False
+        if not self._warned_host:
+            self._warned_host = True
+            warnings.warn(f"fastbench: offloaded checkpointing: a forward of {x.shape[:-1].numel()} tokens would "
+                          f"keep {_size(need)} of layer inputs in host memory ({parts} a layer) and "
+                          f"{_size(max(room, 0))} is free for them (less OffloadConfig.host_reserve_gib): each "
+                          f"layer's input alone goes to the host ({_size(need // parts)}) and the whole layer is "
+                          "recomputed from it, while the host is this short", stacklevel=4)
+        return True
 
     def _next_slot(self) -> int:
         self._slot += 1
@@ -122,7 +147,8 @@ class LayerCheckpointing:
             offload = (f"in forwards of at most {self.config.offload.save_max_tokens} tokens {offload}; in longer "
                        "ones recompute every layer, inputs")
         return {"keep": "no activation checkpointing", "recompute": "recompute every layer",
-                "offload": f"{offload} offloaded to pinned CPU memory",
+                "offload": f"{offload} offloaded to pinned CPU memory (where the host is short of memory for "
+                           "them, each layer's input alone, the layer recomputed whole)",
                 "budget": f"plan each step within a budget of {budget} of reserved GPU memory (weights, optimizer "
                           "state, activations, loss, workspace, cast LoRA factors): keep the first layers' "
                           "activations, recompute the rest, from inputs offloaded to pinned CPU memory where even "
