@@ -79,8 +79,8 @@ class LayerCheckpointing:
     def _host_short(self, x: torch.Tensor, parts: int) -> bool:
         """Offload mode, at a forward's first layer: whether the inputs of every layer's ``parts`` parts (each
         the size of ``x``) would not fit the host memory the offloader may use. Each layer is then recomputed
-        whole from its input alone: 1/parts of the host memory, for its other parts' recomputation (warned
-        once)."""
+        whole from its input alone: 1/parts of the host memory, at the cost of recomputing its first parts too
+        (warned once)."""
         if self.layers is None or parts < 2:
             return False
         need, room = self.layers * parts * x.nbytes, self.offloader.host_room_bytes()
