@@ -80,7 +80,9 @@ def main(argv=None) -> int:
     t = time.perf_counter()
     import torch
     t = lap("import_torch_s", t)
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    here = os.path.dirname(os.path.abspath(__file__))
+    if here not in sys.path:  # probe_step, beside this file
+        sys.path.insert(0, here)
     from probe_step import build, random_batch, train_step
 
     import fastbench.kernels
@@ -97,7 +99,11 @@ def main(argv=None) -> int:
         model_name = f"{args.model}-{args.layers}-layers"
         presets.PRESETS[model_name] = dataclasses.replace(
             preset, name=model_name, config={**preset.config, "num_hidden_layers": args.layers})
-    model, optimizer = build(args.arm, model_name, args.device)
+    try:
+        model, optimizer = build(args.arm, model_name, args.device)
+    finally:
+        if args.layers:
+            presets.PRESETS.pop(model_name, None)
     sync()
     t = lap("build_s", t)
     batch = random_batch(model, args.seq, args.batch)
