@@ -24,9 +24,9 @@ class SideBySide(torch.autograd.Function):
 class TwoPartLayers:
     """Layers of an attention-like part and an MLP-like part; counts how often each MLP part runs."""
 
-    def __init__(self, n=4, width=8):
-        self.W = [torch.nn.Parameter(torch.randn(width, width) / width ** 0.5) for _ in range(n)]
-        self.V = [torch.nn.Parameter(torch.randn(width, 2 * width) / width ** 0.5) for _ in range(n)]
+    def __init__(self, n=4, width=8, device="cpu"):
+        self.W = [torch.nn.Parameter(torch.randn(width, width, device=device) / width ** 0.5) for _ in range(n)]
+        self.V = [torch.nn.Parameter(torch.randn(width, 2 * width, device=device) / width ** 0.5) for _ in range(n)]
         self.mlp_runs = [0] * n
 
     def parts(self, i):

@@ -491,11 +491,12 @@ def test_an_input_fetched_ahead_and_dropped_is_waited_for_first(seed, monkeypatc
     assert len(waits) == 2
 
 
-def test_a_host_short_for_two_inputs_a_layer_gets_one_and_recomputes_whole_layers(seed, monkeypatch):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_a_host_short_for_two_inputs_a_layer_gets_one_and_recomputes_whole_layers(seed, monkeypatch, device):
     """Offload mode where the host has room for each layer's input but not for its two parts' inputs: one input a
     layer goes to the host and each layer is recomputed whole from it (its MLP part too, where save_every would
     keep it), with the gradients of keeping everything and one warning; with room again, two a layer."""
-    layers, x = TwoPartLayers(), torch.randn(5, 8, requires_grad=True)
+    layers, x = TwoPartLayers(device=device), torch.randn(5, 8, device=device, requires_grad=True)
     expected = layers.grads(policy(False), x)
     ckpt = policy("offload", layers=4, save_every=1, host_reserve_gib=0)
     saves = []
