@@ -65,8 +65,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="append the figures as one JSON line here")
     args = p.parse_args(argv)
 
-    row: dict = {"arm": args.arm, "model": args.model, "layers": args.layers, "seq": args.seq, "batch": args.batch, "evict": args.evict,
-                 "prewarm": args.prewarm, "alloc_conf": os.environ.get("PYTORCH_ALLOC_CONF")}
+    row: dict = {"arm": args.arm, "model": args.model, "layers": args.layers, "seq": args.seq, "batch": args.batch,
+                 "evict": args.evict, "prewarm": args.prewarm, "alloc_conf": os.environ.get("PYTORCH_ALLOC_CONF")}
     t0 = time.perf_counter()
     if args.evict:
         files, size = evict_page_cache(read_paths())
@@ -83,27 +83,14 @@ def main(argv=None) -> int:
     here = os.path.dirname(os.path.abspath(__file__))
     if here not in sys.path:  # probe_step, beside this file
         sys.path.insert(0, here)
-    from probe_step import build, random_batch, train_step
+    from probe_step import build, preset_with_layers, random_batch
 
     import fastbench.kernels
     t = lap("import_fastbench_s", t)
     row["fastbench_kernels"] = os.path.dirname(os.path.realpath(fastbench.kernels.__file__))
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
-    model_name = args.model
-    if args.layers:
-        import dataclasses
-
-        from fastbench import presets
-
-        preset = presets.get_preset(args.model)
-        model_name = f"{args.model}-{args.layers}-layers"
-        presets.PRESETS[model_name] = dataclasses.replace(
-            preset, name=model_name, config={**preset.config, "num_hidden_layers": args.layers})
-    try:
+    with preset_with_layers(args.model, args.layers) as model_name:
         model, optimizer = build(args.arm, model_name, args.device)
-    finally:
-        if args.layers:
-            presets.PRESETS.pop(model_name, None)
     sync()
     t = lap("build_s", t)
     batch = random_batch(model, args.seq, args.batch)

@@ -69,19 +69,16 @@ class _Ops(TorchDispatchMode):
 
 
 def build(arm: str, layers: int, model: str = "llama-3-8b-tiny"):
-    from probe_step import parse_arm
+    from probe_step import parse_arm, preset_with_layers
 
     from fastbench import FastLanguageModel
-    from fastbench.presets import PRESETS, Preset
 
-    p = PRESETS[model]
-    name = f"host-cost-{model}-{layers}"
-    PRESETS[name] = Preset(name, p.model_type, {**p.config, "num_hidden_layers": layers}, "probe")
     load_in_4bit, ckpt = parse_arm(arm)
-    base, _ = FastLanguageModel.from_pretrained(name, dtype=torch.bfloat16, load_in_4bit=load_in_4bit,
-                                                device="cpu", seed=0)
+    with preset_with_layers(model, layers) as name:
+        base, _ = FastLanguageModel.from_pretrained(name, dtype=torch.bfloat16, load_in_4bit=load_in_4bit,
+                                                    device="cpu", seed=0)
     m = FastLanguageModel.get_peft_model(base, r=4, random_state=0, use_gradient_checkpointing=ckpt, fallback=False)
-    ids = torch.randint(0, min(512, p.config["vocab_size"]), (2, 16), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, min(512, base.config.vocab_size), (2, 16), generator=torch.Generator().manual_seed(0))
     batch = dict(input_ids=ids, labels=ids, attention_mask=torch.ones_like(ids))
 
     def step():

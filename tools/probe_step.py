@@ -5,6 +5,7 @@ training step, and the compute stream's kernels in a profiler trace."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 
 
@@ -20,6 +21,27 @@ def parse_arm(arm: str) -> tuple[bool, object]:
         return bits == "4bit", setting_from_text(ckpt)
     except ValueError as e:
         raise ValueError(f"arm {arm!r}: ckpt {e}") from None
+
+
+@contextlib.contextmanager
+def preset_with_layers(model: str, layers: int | None):
+    """The name of preset ``model`` cut to ``layers`` decoder layers (the same kernels, a faster build), registered
+    as a preset for the block's builds and removed after it; ``model`` itself where ``layers`` is None."""
+    import dataclasses
+
+    from fastbench import presets
+
+    if not layers:
+        yield model
+        return
+    preset = presets.get_preset(model)
+    name = f"{model}-{layers}-layers"
+    presets.PRESETS[name] = dataclasses.replace(preset, name=name,
+                                                config={**preset.config, "num_hidden_layers": layers})
+    try:
+        yield name
+    finally:
+        presets.PRESETS.pop(name, None)
 
 
 def build(arm: str, model: str = "llama-3-8b", device: str = "cuda"):
