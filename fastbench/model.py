@@ -7,6 +7,7 @@ import warnings
 
 import torch
 
+from fastbench.fused.attention_warmup import attention_warmup
 from fastbench.fused.decoder import SUPPORTED_FAMILIES
 from fastbench.memory import use_expandable_segments
 from fastbench.presets import DEFAULT_TARGETS
@@ -61,7 +62,7 @@ class FastLanguageModel:
     @staticmethod
     def from_pretrained(model_name: str, max_seq_length: int = 2048, dtype=None, load_in_4bit: bool = False,
                         device=None, seed: int = 0, trust_remote_code: bool = False, allow_pickle: bool = False,
-                        **kwargs):
+                        warmup_attention: bool = True, **kwargs):
         """A local checkpoint directory, a hub id, or a fastbench preset name (random weights from
         ``seed``). ``load_in_4bit`` quantizes to NF4 on load; a bitsandbytes pre-quantized checkpoint
         loads as it is. Other keywords go to transformers' ``from_pretrained`` (``token``,
@@ -77,7 +78,12 @@ class FastLanguageModel:
         Loading onto a GPU before this process started CUDA, with no allocator settings of the user's,
         switches the CUDA caching allocator to expandable segments (:func:`fastbench.memory.use_expandable_segments`:
         less memory reserved beyond what is allocated). To opt out, set ``PYTORCH_ALLOC_CONF`` yourself
-        (e.g. ``PYTORCH_ALLOC_CONF=expandable_segments:False``)."""
+        (e.g. ``PYTORCH_ALLOC_CONF=expandable_segments:False``).
+
+        ``warmup_attention`` (on a GPU where torch's attention runs on cuDNN): cuDNN's attention kernels for the
+        model's head layout are compiled in a background thread while the weights load
+        (:mod:`fastbench.fused.attention_warmup`), instead of in the first training step (2 s or more).
+        Loading returns once that is done too."""
         from fastbench.presets import PRESETS, build_model
 
         if kwargs.pop("load_in_8bit", False):
@@ -91,16 +97,19 @@ class FastLanguageModel:
             use_expandable_segments()  # before CUDA starts (default_dtype asks the GPU), unless the user chose
         dtype = dtype or default_dtype(device)
         tokenizer = None
-        if model_name in PRESETS:
-            model = build_model(model_name, dtype=dtype, device=device, seed=seed)
-            if load_in_4bit:
-                quantize_nf4(model, dtype, device)
-            warnings.warn(f"{model_name} is a preset with random weights and no tokenizer; tokenizer is None",
-                          stacklevel=2)
-        else:
-            kwargs.update(_safe_load_options(model_name, trust_remote_code, allow_pickle, kwargs))
-            model = _load_safely(model_name, allow_pickle, dtype, load_in_4bit, device, **kwargs)
-            tokenizer = _load_tokenizer(model_name, trust_remote_code=trust_remote_code)
+        on_gpu = torch.device(device).type == "cuda"
+        config = _config_for_warmup(model_name, kwargs) if warmup_attention and on_gpu else None
+        with attention_warmup(config, dtype, device):
+            if model_name in PRESETS:
+                model = build_model(model_name, dtype=dtype, device=device, seed=seed)
+                if load_in_4bit:
+                    quantize_nf4(model, dtype, device)
+                warnings.warn(f"{model_name} is a preset with random weights and no tokenizer; tokenizer is None",
+                              stacklevel=2)
+            else:
+                kwargs.update(_safe_load_options(model_name, trust_remote_code, allow_pickle, kwargs))
+                model = _load_safely(model_name, allow_pickle, dtype, load_in_4bit, device, **kwargs)
+                tokenizer = _load_tokenizer(model_name, trust_remote_code=trust_remote_code)
         if model.config.model_type not in SUPPORTED_FAMILIES:
             warnings.warn(f"fastbench: {model.config.model_type!r} has no fused path (supported: "
                           f"{', '.join(SUPPORTED_FAMILIES)}); get_peft_model will give plain PEFT", stacklevel=2)
@@ -163,6 +172,26 @@ class FastLanguageModel:
             return peft_model
         base.fastbench_patches = install(base, checkpointing)
         return peft_model
+
+
+# from_pretrained's keywords that say where a checkpoint's config is read from
+_CONFIG_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "subfolder")
+
+
+def _config_for_warmup(name: str, kwargs: dict):
+    """The config of a preset or checkpoint, for the attention warm-up; None where it cannot be read without
+    running the checkpoint's code (the load then says what is wrong)."""
+    from fastbench.presets import PRESETS, build_config
+
+    if name in PRESETS:
+        return build_config(name)
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(name, trust_remote_code=False,
+                                          **{k: kwargs[k] for k in _CONFIG_KWARGS if k in kwargs})
+    except Exception:
+        return None
 
 
 def _load_checkpoint(name, dtype, load_in_4bit, device, **kwargs):

@@ -4,10 +4,11 @@ One process on an arm given as ``bits:ckpt`` (tools/probe_step.py), llama-3-8b b
 With ``--evict`` it first drops from the page cache every file the step may read (the Python packages on
 sys.path with their shared libraries, the CUDA driver's libraries, the Triton and fastbench caches) with
 ``posix_fadvise(DONTNEED)``, before torch is imported: the state of a freshly started machine whose disk has not
-been read yet, repeatable within one machine. Then it times the imports, the build (load, quantization, LoRA),
-optionally a warm-up (``--prewarm tiny``: forward and backward of one row of 64 tokens, no optimizer step), and
-the first and second steps phase by phase (forward, backward, optimizer), the GPU synchronised after each
-phase. Run it under ``py-spy record --native`` to see what the first step's time is spent on.
+been read yet, repeatable within one machine. Then it times the imports, the build (load, quantization, LoRA;
+with cuDNN's attention compiled meanwhile unless ``--warmup-attention off``), optionally a warm-up
+(``--prewarm tiny``: forward and backward of one row of 64 tokens, no optimizer step), and the first and second
+steps phase by phase (forward, backward, optimizer), the GPU synchronised after each phase. Run it under
+``py-spy record --native`` to see what the first step's time is spent on.
 
     python tools/first_step_breakdown.py 4bit:offload --evict --out first.json     # GPU
 """
@@ -61,12 +62,15 @@ def main(argv=None) -> int:
     p.add_argument("--only-first", action="store_true", help="stop after the first step (for a sampling profiler)")
     p.add_argument("--evict", action="store_true", help="drop the page cache of what the step reads first")
     p.add_argument("--prewarm", choices=("none", "tiny"), default="none")
+    p.add_argument("--warmup-attention", choices=("on", "off"), default="on",
+                   help="compile cuDNN's attention while the model loads (from_pretrained's warmup_attention)")
     p.add_argument("--device", default="cuda", help="cuda (default), or cpu for a smoke test on a -tiny preset")
     p.add_argument("--out", help="append the figures as one JSON line here")
     args = p.parse_args(argv)
 
     row: dict = {"arm": args.arm, "model": args.model, "layers": args.layers, "seq": args.seq, "batch": args.batch,
-                 "evict": args.evict, "prewarm": args.prewarm, "alloc_conf": os.environ.get("PYTORCH_ALLOC_CONF")}
+                 "evict": args.evict, "prewarm": args.prewarm, "warmup_attention": args.warmup_attention,
+                 "alloc_conf": os.environ.get("PYTORCH_ALLOC_CONF")}
     t0 = time.perf_counter()
     if args.evict:
         files, size = evict_page_cache(read_paths())
@@ -90,7 +94,7 @@ def main(argv=None) -> int:
     row["fastbench_kernels"] = os.path.dirname(os.path.realpath(fastbench.kernels.__file__))
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     with preset_with_layers(args.model, args.layers) as model_name:
-        model, optimizer = build(args.arm, model_name, args.device)
+        model, optimizer = build(args.arm, model_name, args.device, warmup_attention=args.warmup_attention == "on")
     sync()
     t = lap("build_s", t)
     batch = random_batch(model, args.seq, args.batch)

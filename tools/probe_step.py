@@ -44,15 +44,16 @@ def preset_with_layers(model: str, layers: int | None):
         presets.PRESETS.pop(name, None)
 
 
-def build(arm: str, model: str = "llama-3-8b", device: str = "cuda"):
-    """The arm's PEFT model on the fused path and its AdamW (fused on a GPU): (model, optimizer)."""
+def build(arm: str, model: str = "llama-3-8b", device: str = "cuda", warmup_attention: bool = True):
+    """The arm's PEFT model on the fused path and its AdamW (fused on a GPU): (model, optimizer).
+    ``warmup_attention``: FastLanguageModel.from_pretrained's."""
     import torch
 
     from fastbench import FastLanguageModel
 
     load_in_4bit, ckpt = parse_arm(arm)
     base, _ = FastLanguageModel.from_pretrained(model, dtype=torch.bfloat16, device=device,
-                                                load_in_4bit=load_in_4bit, seed=1)
+                                                load_in_4bit=load_in_4bit, seed=1, warmup_attention=warmup_attention)
     peft_model = FastLanguageModel.get_peft_model(base, r=16, random_state=2, use_gradient_checkpointing=ckpt,
                                                   fallback=False)
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=2e-4,

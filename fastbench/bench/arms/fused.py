@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 
 from fastbench.bench.arms import NPROC_OPTION, ArmOption, ArmSpec, RunConfig, one_of, whole_number
-from fastbench.bench.arms.hf import base_model, load_4bit
+from fastbench.bench.arms.hf import base_model, load_4bit, model_config
 
 
 def _gib(text: str) -> float:
@@ -66,6 +66,7 @@ def _check_options(options: dict) -> None:
 def _fused(load):
     def build(cfg: RunConfig):
         from fastbench.autotune import lookup
+        from fastbench.fused.attention_warmup import attention_warmup
         from fastbench.model import FastLanguageModel
 
         options = FUSED.parse_options(cfg.arm_options)  # both fused arms take the same options
@@ -73,8 +74,10 @@ def _fused(load):
             os.environ[lookup.OFF_ENV] = "off"
             lookup.reset()
         offload = {s.name: options[s.name] for s in _OFFLOAD_SETTINGS if s.name in options}
+        with attention_warmup(model_config(cfg), cfg.torch_dtype, cfg.device):  # as FastLanguageModel loads
+            base = load(cfg)
         model = FastLanguageModel.get_peft_model(
-            load(cfg), r=cfg.lora_r, target_modules=list(cfg.targets), lora_alpha=cfg.lora_alpha,
+            base, r=cfg.lora_r, target_modules=list(cfg.targets), lora_alpha=cfg.lora_alpha,
             lora_dropout=cfg.lora_dropout, use_gradient_checkpointing=options.get("ckpt", cfg.gradient_checkpointing),
             offload=offload or None, random_state=cfg.seed,
             fallback=False)  # a fused arm that trained through plain PEFT would measure the wrong thing
