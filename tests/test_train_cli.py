@@ -207,6 +207,9 @@ def bad(tmp_path, ckpt):
     (["{ckpt}", "--data", "{chat}", "--output", "{full}", "--resume"], "no checkpoint-N/ to resume from"),
     (["{ckpt}", "--data", "{chat}", "--eval-every", "2"], "--eval-every needs --eval-data or --eval-fraction"),
     (["{ckpt}", "--data", "{chat}", "--resume", "--overwrite"], "not both"),
+    (["{ckpt}", "--data", "{chat}", "--offload-host-gib", "2"], "--offload-host-gib applies to --checkpointing offload"),
+    (["{ckpt}", "--data", "{chat}", "--checkpointing", "offload", "--offload-host-gib", "1e-9"],
+     "cannot hold a forward of --batch x --max-seq-length = 4096 tokens: it needs at least"),
 ])
 def test_bad_input_is_one_line_and_exit_2_before_the_model_loads(bad, tmp_path, no_model_load, args, message):
     args = [a.format(**bad) for a in args]
@@ -474,3 +477,4 @@ def test_out_of_disk_space_is_told_from_other_errors(error, full):
     from fastbench.files import out_of_disk_space
 
     assert out_of_disk_space(error) is full
+

@@ -10,6 +10,9 @@ activation dtype's bytes ``b``, for a model of L layers, width h and MLP width i
   projections, t (2h + 2i) b (in forwards of at most ``OffloadConfig.save_max_tokens`` tokens);
 - an untied input embedding table (vocab x h x b) with ``OffloadConfig.embedding``.
 
+Where the host is short of that (or of a process's ``OffloadConfig.host_limit_gib``), every layer keeps its first
+part's input alone and is recomputed whole from it: t h b a layer, the least the offload mode can hold.
+
 Buffers are reused from step to step and rounded up by at most 1/8 (the offloader's rounding), so the
 bound is 9/8 of the activations plus the table.
 """
@@ -29,24 +32,35 @@ ROUNDING = 9 / 8
 PROCESS_RESERVE = 4 * GiB
 
 
-def offload_host_bytes(config, tokens: int, dtype_bytes: int = 2, offload: OffloadConfig | None = None) -> int:
+def offload_host_bytes(config, tokens: int, dtype_bytes: int = 2, offload: OffloadConfig | None = None,
+                       whole_layers: bool = False) -> int:
     """Upper bound of the pinned host bytes one rank's offload mode holds for micro-batches of ``tokens``
     tokens (batch x sequence length) of a model with transformers ``config``, under the offload settings
-    ``offload`` (the defaults when None)."""
+    ``offload`` (the defaults when None); with ``whole_layers``, where every layer keeps one input (the host
+    short of more)."""
     from fastbench.fused.checkpointing.config import OffloadConfig  # here: that package imports this module
 
     layers, h, i = config.num_hidden_layers, config.hidden_size, config.intermediate_size
     layout = offload or OffloadConfig()
     per_token = 0
     for index in range(layers):
-        if layout.saves_mlp(index, tokens):
+        if whole_layers:
+            per_token += h
+        elif layout.saves_mlp(index, tokens):
             per_token += 2 * h + 2 * i
         else:
             per_token += 2 * h
-    table = 0
-    if layout.embedding and not getattr(config, "tie_word_embeddings", False):
-        table = config.vocab_size * h * dtype_bytes
-    return int(ROUNDING * per_token * tokens * dtype_bytes) + table
+    return int(ROUNDING * per_token * tokens * dtype_bytes) + embedding_table_bytes(config, dtype_bytes, layout)
+
+
+def embedding_table_bytes(config, dtype_bytes: int = 2, offload: OffloadConfig | None = None) -> int:
+    """The bytes of the input embedding table the offload mode keeps in pinned host memory (0 where tied or kept
+    on the GPU)."""
+    from fastbench.fused.checkpointing.config import OffloadConfig
+
+    if not (offload or OffloadConfig()).embedding or getattr(config, "tie_word_embeddings", False):
+        return 0
+    return config.vocab_size * config.hidden_size * dtype_bytes
 
 
 def available_host_bytes() -> int:
@@ -133,14 +147,28 @@ class HostMemoryShort(ValueError):
 
 
 def check_host_memory(per_rank: int, nproc: int, available: int | None = None,
-                      reserve: int = PROCESS_RESERVE) -> None:
-    """Refuses up front when ``nproc`` processes, each pinning ``per_rank`` bytes and using ``reserve`` more,
-    would need more host memory than is ``available``."""
+                      reserve: int = PROCESS_RESERVE, least: bool = False) -> None:
+    """Refuses up front when ``nproc`` processes, each pinning ``per_rank`` bytes (``least``: at least that,
+    one layer input a layer) and using ``reserve`` more, would need more host memory than is ``available``."""
     available = available_host_bytes() if available is None else available
     need = nproc * (per_rank + reserve)
     if need > available:
+        pins = "at least" if least else "about"
+        layout = " (one layer input a layer, each layer recomputed whole)" if least else ""
         raise HostMemoryShort(
-            f"--checkpointing offload: each of {nproc} process{'es' * (nproc > 1)} pins about "
-            f"{per_rank / GiB:.1f} GiB of host memory (+{reserve / GiB:.0f} GiB for the process), "
+            f"--checkpointing offload: each of {nproc} process{'es' * (nproc > 1)} pins {pins} "
+            f"{per_rank / GiB:.1f} GiB of host memory{layout} (+{reserve / GiB:.0f} GiB for the process), "
             f"{need / GiB:.1f} GiB in all, and this host has {available / GiB:.1f} GiB available: lower --batch "
             "or --max-seq-length, use fewer processes, or use --checkpointing true (nothing pinned)")
+
+
+def host_share_bytes(config, tokens: int, nproc: int, dtype_bytes: int = 2, available: int | None = None,
+                     reserve: int = PROCESS_RESERVE) -> int:
+    """Each of ``nproc`` processes' share of the host for its offloaded activations (its
+    ``OffloadConfig.host_limit_gib``): the available memory split evenly, less each process's ``reserve`` and
+    its embedding table. Refuses (HostMemoryShort, with the numbers) where a share could not hold one layer
+    input a layer for micro-batches of ``tokens`` tokens."""
+    available = available_host_bytes() if available is None else available
+    check_host_memory(offload_host_bytes(config, tokens, dtype_bytes, whole_layers=True), nproc, available,
+                      reserve, least=True)
+    return available // nproc - reserve - embedding_table_bytes(config, dtype_bytes)

@@ -173,7 +173,7 @@ def split_eval(examples, fraction: float, seed: int):
 
 
 def load_model(source, max_seq_length, load_in_4bit, seed, rank, target_modules, lora_alpha, checkpointing,
-               trust_remote_code, allow_pickle, say=True):
+               trust_remote_code, allow_pickle, say=True, offload_host_gib=None):
     from fastbench import FastLanguageModel
     from fastbench.memory import is_out_of_memory
 
@@ -193,7 +193,9 @@ def load_model(source, max_seq_length, load_in_4bit, seed, rank, target_modules,
             try:
                 model = FastLanguageModel.get_peft_model(base, r=rank, target_modules=target_modules,
                                                          lora_alpha=lora_alpha, random_state=seed,
-                                                         use_gradient_checkpointing=checkpointing)
+                                                         use_gradient_checkpointing=checkpointing,
+                                                         offload=None if offload_host_gib is None
+                                                         else {"host_limit_gib": offload_host_gib})
             except ValueError as e:  # PEFT: a target module that does not exist
                 raise click.BadParameter(str(e), param_hint="--targets") from None
         except Exception as e:  # on the GPU: the weights, or what the fused path sets up, do not fit
@@ -266,6 +268,11 @@ def summary_line(state, output, started, world_size=1) -> str:
               help="Activation checkpointing: true (recompute every layer), false, offload (recompute, with the "
                    "inputs and every 4th layer's MLP activations kept in pinned CPU memory), auto, or "
                    "a memory budget in GiB.")
+@click.option("--offload-host-gib", type=click.FloatRange(min=0, min_open=True),
+              help="With --checkpointing offload: the most pinned host memory each process's offloaded activations "
+                   "may hold. A forward that would need more (two layer inputs a layer) keeps one a layer and "
+                   "recomputes whole layers; past even that it stops with an error. Default: what the host has "
+                   "available (less 2 GiB); with --nproc N, each process's even share of it.")
 @click.option("--seed", default=3407, show_default=True, type=int, help="Seeds the LoRA init, data order, "
               "random data and preset weights.")
 @click.option("--save-every", type=click.IntRange(min=1), help="Write a resumable OUTPUT/checkpoint-N/ every N steps.")
@@ -290,8 +297,8 @@ def summary_line(state, output, started, world_size=1) -> str:
 @click.pass_context
 def train_command(ctx, model, data, data_format, text_field, chat_template, train_on_inputs, packing, output, resume,
                   overwrite, max_seq_length, load_in_4bit, rank, lora_alpha, targets, batch, grad_accum, lr, steps,
-                  epochs, warmup_steps, checkpointing, seed, save_every, eval_data, eval_fraction, eval_every, on_nan,
-                  merge, gguf_method, nproc, trust_remote_code, allow_pickle):
+                  epochs, warmup_steps, checkpointing, offload_host_gib, seed, save_every, eval_data, eval_fraction,
+                  eval_every, on_nan, merge, gguf_method, nproc, trust_remote_code, allow_pickle):
     """Fine-tune MODEL (a fastbench preset or a local checkpoint directory) with LoRA on the fused path."""
     from fastbench.memory import use_expandable_segments
     from fastbench.presets import NotAModel, UnknownPreset, resolve_model
@@ -307,6 +314,9 @@ def train_command(ctx, model, data, data_format, text_field, chat_template, trai
         raise click.UsageError("give --eval-data or --eval-fraction, not both")
     if eval_every and not (eval_data or eval_fraction):
         raise click.UsageError("--eval-every needs --eval-data or --eval-fraction")
+    offloads = is_offload(checkpointing)
+    if offload_host_gib is not None and not offloads:
+        raise click.UsageError("--offload-host-gib applies to --checkpointing offload")
     target_modules = [t.strip() for t in targets.split(",") if t.strip()]
     if not target_modules:
         raise click.BadParameter("no module names", param_hint="--targets")
@@ -337,8 +347,14 @@ def train_command(ctx, model, data, data_format, text_field, chat_template, trai
             check_resume(resume_state, World(world_size=world_size), checkpoint_path)
         except (CheckpointError, WorldSizeMismatch) as e:
             raise click.BadParameter(str(e), param_hint="--resume") from None
-    if not torchrun and world_size > 1:
-        _launch(ctx, world_size, source, checkpointing, batch, max_seq_length)
+    launching = not torchrun and world_size > 1
+    if launching:
+        gpus = check_launch(world_size)
+    if offloads and (offload_host_gib is not None or launching):  # each process's limit goes on its command line
+        offload_host_gib = ctx.params["offload_host_gib"] = offload_host_limit(
+            source, world_size, batch, max_seq_length, offload_host_gib, check_host=launching)
+    if launching:
+        _launch(ctx, world_size, gpus)
 
     with sigterm_as_interrupt(once=torchrun is not None) as stop, contextlib.ExitStack() as joined:
         world = None
@@ -353,7 +369,8 @@ def train_command(ctx, model, data, data_format, text_field, chat_template, trai
                 raise click.UsageError(f"{resume_state['path']} is at step {resume_state['step']}, which already "
                                        f"reaches --steps/--epochs ({prepared.steps} steps); raise them to train on")
             peft_model = load_model(source, max_seq_length, load_in_4bit, seed, rank, target_modules, lora_alpha,
-                                    checkpointing, trust_remote_code, allow_pickle, say=world.is_main)
+                                    checkpointing, trust_remote_code, allow_pickle, say=world.is_main,
+                                    offload_host_gib=offload_host_gib)
             if world.is_main:
                 os.makedirs(output, exist_ok=True)
                 save_effective_config(ctx, output)
@@ -418,10 +435,23 @@ def command_line(ctx: click.Context) -> list[str]:
     return args
 
 
-def check_offload_host_memory(source, nproc, batch, max_seq_length, gpus):
-    """--checkpointing offload on several processes: each pins its own host buffers; refuses up front when the
-    host lacks the memory of all of them (the numbers in the message)."""
-    from fastbench.distributed.host_memory import HostMemoryShort, check_host_memory, offload_host_bytes
+def is_offload(checkpointing) -> bool:
+    from fastbench.fused.checkpointing import parse_setting
+
+    return parse_setting(checkpointing)[0] == "offload"
+
+
+def offload_host_limit(source, nproc, batch, max_seq_length, limit_gib=None, check_host=True) -> float:
+    """--checkpointing offload: the most host memory (GiB) each of ``nproc`` processes' offloaded activations may
+    hold: ``limit_gib`` (--offload-host-gib) where given, else each process's even share of the host's available
+    memory. Refuses up front, with the numbers, where that cannot hold one layer input a layer (the least the
+    offload mode keeps), or, with ``check_host`` (the process that launches the others; not the processes
+    themselves, whose own memory already counts against the host), where the processes' limits exceed the
+    host."""
+    import torch
+
+    from fastbench.distributed.host_memory import (GiB, HostMemoryShort, check_host_memory, embedding_table_bytes,
+                                                   host_share_bytes, offload_host_bytes)
 
     if source.preset is not None:
         from fastbench.presets import build_config
@@ -431,27 +461,43 @@ def check_offload_host_memory(source, nproc, batch, max_seq_length, gpus):
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(source.path).get_text_config()
-    per_rank = offload_host_bytes(config, batch * max_seq_length, dtype_bytes=2 if gpus else 4)
+    tokens, dtype_bytes = batch * max_seq_length, 2 if torch.cuda.is_available() else 4
+    hint = "--nproc" if limit_gib is None else "--offload-host-gib"
     try:
-        check_host_memory(per_rank, nproc)
+        if limit_gib is None:
+            return math.floor(host_share_bytes(config, tokens, nproc, dtype_bytes) / GiB * 100) / 100  # rounded down
+        least = offload_host_bytes(config, tokens, dtype_bytes, whole_layers=True)
+        table = embedding_table_bytes(config, dtype_bytes)
+        if limit_gib * GiB < least - table:
+            raise HostMemoryShort(f"{limit_gib:g} GiB cannot hold a forward of --batch x --max-seq-length = {tokens} "
+                                  f"tokens: it needs at least {(least - table) / GiB:.2f} GiB (one layer input a "
+                                  "layer); raise it, or lower --batch or --max-seq-length")
+        if check_host:
+            check_host_memory(int(limit_gib * GiB) + table, nproc)
+        return limit_gib
     except HostMemoryShort as e:
-        raise click.BadParameter(str(e), param_hint="--nproc") from None
+        raise click.BadParameter(str(e), param_hint=hint) from None
 
 
-def _launch(ctx, nproc, source, checkpointing, batch, max_seq_length):
-    """Runs this command as ``nproc`` processes of one world (torch.distributed.run) and exits with the job's
-    exit code: 0, 130/143 when stopped by a signal, or the exit code of the process that failed first."""
+def check_launch(nproc) -> int:
+    """Refuses --nproc where this machine cannot run that many processes; returns its GPU count."""
     import torch
 
-    from fastbench.distributed.launch import DistributedSetupError, ProcessFailed, check_nproc, launch
+    from fastbench.distributed.launch import DistributedSetupError, check_nproc
 
     gpus = torch.cuda.device_count()
     try:
         check_nproc(nproc, gpus)
     except DistributedSetupError as e:
         raise click.BadParameter(str(e).removeprefix(f"--nproc {nproc}: "), param_hint="--nproc") from None
-    if checkpointing == "offload":
-        check_offload_host_memory(source, nproc, batch, max_seq_length, gpus)
+    return gpus
+
+
+def _launch(ctx, nproc, gpus):
+    """Runs this command as ``nproc`` processes of one world (torch.distributed.run) and exits with the job's
+    exit code: 0, 130/143 when stopped by a signal, or the exit code of the process that failed first."""
+    from fastbench.distributed.launch import ProcessFailed, launch
+
     click.echo(f"launching {nproc} processes ({'one GPU each, NCCL' if gpus else 'gloo, CPU'})", err=True)
     try:
         code = launch([ctx.info_name, *command_line(ctx)], nproc, gpus=gpus)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fastbench.fused.checkpointing.config import OffloadConfig
-from fastbench.distributed.host_memory import (GiB, HostMemoryShort, check_host_memory,
+from fastbench.distributed.host_memory import (GiB, HostMemoryShort, check_host_memory, host_share_bytes,
                                                offload_host_bytes)
 
 
@@ -47,6 +47,18 @@ def test_layouts():
     assert offload_host_bytes(config, t, b, OffloadConfig(save_every=0, embedding=False)) == int(9 / 8 * t * b * 32 * 2 * 4096)
     long = 8192  # past save_max_tokens (4096): every MLP recomputed, only the inputs go to the host
     assert offload_host_bytes(config, long, b, OffloadConfig(save_every=2)) == int(9 / 8 * long * b * 32 * 2 * 4096) + table
+
+
+def test_the_least_layout_and_each_processs_share():
+    from fastbench.presets import build_config
+
+    config = build_config("llama-3-8b")
+    t, b, table = 2 * 2048, 2, 128256 * 4096 * 2
+    assert offload_host_bytes(config, t, b, whole_layers=True) == int(9 / 8 * t * b * 32 * 4096) + table
+    assert host_share_bytes(config, t, 2, b, available=100 * GiB) == 50 * GiB - 4 * GiB - table
+    with pytest.raises(HostMemoryShort, match=r"each of 8 processes pins at least 2.1 GiB of host memory \(one layer "
+                                              r"input a layer, each layer recomputed whole\)"):
+        host_share_bytes(config, t, 8, b, available=40 * GiB)
 
 
 def test_the_check_refuses_with_the_numbers():

@@ -5,6 +5,7 @@ process start); ``--nproc 2`` itself launches the run that a signal stops (its p
 Triton's interpreter, so the fused path steps aside). What is refused is refused before anything is
 launched."""
 import json
+import math
 import os
 import shutil
 import signal
@@ -132,14 +133,44 @@ def test_more_processes_than_gpus_are_refused(tmp_path, ckpt, no_launch, monkeyp
     assert not (tmp_path / "out").exists()
 
 
-def test_offload_host_memory_is_checked_for_every_process(tmp_path, no_launch, monkeypatch):
-    import fastbench.distributed.host_memory as host_memory
+def _launched(monkeypatch, *args):
+    """(result, the command line each launched process would run) of `fastbench train ARGS`, the launch itself
+    replaced; the command line None where nothing was launched."""
+    import fastbench.distributed.launch as launch
 
-    monkeypatch.setattr(host_memory, "available_host_bytes", lambda: 5 * host_memory.GiB)
-    result = invoke("llama-3-8b-tiny", "--data", "random", "--steps", 2, "--output", tmp_path / "out", "--nproc", 2,
-                    "--checkpointing", "offload")
-    assert result.exit_code == 2 and "--checkpointing offload: each of 2 processes pins about" in result.output \
-        and "this host has 5.0 GiB available" in result.output, result.output
+    argv = []
+    monkeypatch.setattr(launch, "launch", lambda command, nproc, gpus: argv.append(command) or 0)
+    result = invoke(*args)
+    return result, (argv[0] if argv else None)
+
+
+def test_offload_on_several_processes_gives_each_its_share_of_the_host(tmp_path, monkeypatch):
+    """--nproc N with --checkpointing offload: each process's command line limits its offloaded activations to
+    its even share of the host (available / N, less the process's reserve and its embedding table), so that the
+    processes decide alike what fits instead of racing for the same memory; a host short of one layer input a
+    layer for each process is refused up front, with the numbers."""
+    import fastbench.distributed.host_memory as host_memory
+    from fastbench.presets import build_config
+
+    GiB = host_memory.GiB
+    table = host_memory.embedding_table_bytes(build_config("llama-3-8b-tiny"), dtype_bytes=4)
+    args = ["llama-3-8b-tiny", "--data", "random", "--steps", 2, "--output", tmp_path / "out", "--nproc", 2,
+            "--checkpointing", "offload"]
+    monkeypatch.setattr(host_memory, "available_host_bytes", lambda: 64 * GiB)
+    result, argv = _launched(monkeypatch, *args)
+    assert result.exit_code == 0, result.output
+    share = float(argv[argv.index("--offload-host-gib") + 1])
+    assert share == math.floor((32 * GiB - host_memory.PROCESS_RESERVE - table) / GiB * 100) / 100
+
+    result, argv = _launched(monkeypatch, *args, "--offload-host-gib", 3)  # the user's limit is kept
+    assert result.exit_code == 0 and float(argv[argv.index("--offload-host-gib") + 1]) == 3
+
+    monkeypatch.setattr(host_memory, "available_host_bytes", lambda: 5 * GiB)
+    result, argv = _launched(monkeypatch, *args)
+    assert result.exit_code == 2 and argv is None
+    assert "--checkpointing offload: each of 2 processes pins at least" in result.output \
+        and "one layer input a layer" in result.output and "this host has 5.0 GiB available" in result.output, \
+        result.output
 
 
 def test_nproc_must_match_torchrun(tmp_path, monkeypatch):
@@ -152,3 +183,19 @@ def test_nproc_must_match_torchrun(tmp_path, monkeypatch):
 def test_help_explains_nproc():
     text = " ".join(invoke("--help").output.split())
     assert "--nproc" in text and "torch.distributed.run" in text and "torchrun --nproc_per_node" in text
+
+
+def test_the_offload_host_limit_reaches_the_offload_settings(tmp_path, monkeypatch):
+    """--offload-host-gib becomes the model's OffloadConfig.host_limit_gib (each launched process's too)."""
+    from fastbench import FastLanguageModel
+
+    seen = []
+
+    def get_peft_model(model, **kwargs):
+        seen.append(kwargs.get("offload"))
+        raise KeyboardInterrupt  # stop before training
+
+    monkeypatch.setattr(FastLanguageModel, "get_peft_model", staticmethod(get_peft_model))
+    invoke("llama-3-8b-tiny", "--data", "random", "--steps", 2, "--output", tmp_path / "out", "--checkpointing",
+           "offload", "--offload-host-gib", 3)
+    assert seen == [{"host_limit_gib": 3.0}]

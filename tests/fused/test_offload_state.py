@@ -529,6 +529,41 @@ def test_a_host_short_for_two_inputs_a_layer_gets_one_and_recomputes_whole_layer
     assert "where the host is short of memory for them, each layer's input alone" in ckpt.describe()
 
 
+def test_a_host_limit_short_of_two_inputs_a_layer_gets_one_and_past_one_stops(seed, monkeypatch):
+    """OffloadConfig.host_limit_gib bounds what the offloader holds whatever the host has: a limit with room for
+    one input a layer but not two recomputes whole layers (the gradients of keeping everything), and one short of
+    even that raises PinnedMemoryShort naming the limit."""
+    layers, x = TwoPartLayers(), torch.randn(5, 8, requires_grad=True)
+    expected = layers.grads(policy(False), x)
+    monkeypatch.setattr(offload_module, "available_host_bytes", lambda: 2**40)  # a host with room for anything
+    ckpt = policy("offload", layers=4, save_every=1, host_reserve_gib=0, host_limit_gib=7 * x.nbytes / 2**30)
+    saves = []
+    save = ckpt.offloader.save
+    monkeypatch.setattr(ckpt.offloader, "save", lambda slot, t, group=None: saves.append(slot) or save(slot, t, group))
+    layers.mlp_runs = [0] * 4
+    with pytest.warns(UserWarning, match="this process's limit, OffloadConfig.host_limit_gib"):
+        got = layers.grads(ckpt, x)
+    for a, b in zip(got, expected):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert saves == [0, 1, 2, 3] and layers.mlp_runs == [2] * 4
+    assert ckpt.offloader.host_room_bytes() == ckpt.offloader.host_limit_bytes
+
+    short = policy("offload", layers=4, save_every=1, host_reserve_gib=0, host_limit_gib=2 * x.nbytes / 2**30)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(offload_module.PinnedMemoryShort, match=r"past this process's limit of 0.0 GiB "
+                                                                   r"\(OffloadConfig.host_limit_gib"):
+            layers.grads(short, x)
+
+
+@pytest.mark.parametrize("limit", [0, -1, float("inf"), True])
+def test_a_host_limit_is_a_positive_number_of_gib(limit):
+    with pytest.raises(ValueError, match=f"host_limit_gib={limit!r}: give a number of GiB > 0"):
+        OffloadConfig(host_limit_gib=limit)
+    assert OffloadConfig(host_limit_gib=1.5).host_limit_bytes == int(1.5 * 2**30)
+    assert OffloadConfig().host_limit_bytes is None
+
+
 @pytest.mark.parametrize("every, says", [(0, "recompute every layer, inputs offloaded"),
                                          (1, "every layer's attention"), (2, "but every 2nd layer's MLP"),
                                          (3, "every 3rd layer's MLP")])

@@ -56,6 +56,10 @@ class OffloadConfig:
       less first takes the place of inputs earlier forwards left (a failed step's), else raises
       ``PinnedMemoryShort`` (a ``MemoryError``) that says what to change, rather than the operating system
       killing the process.
+    - ``host_limit_gib``: the most host memory this process's offloaded activations may hold (None: no limit but
+      the host's, above). A forward whose two inputs a layer would exceed it keeps one a layer, as above, and a
+      buffer past it raises ``PinnedMemoryShort``. Processes that share a host each take a share of it
+      (``fastbench train --nproc N`` gives each its share), so that each decides alone, and alike, what fits.
     """
     save_every: int = 4
     embedding: bool = True
@@ -63,6 +67,7 @@ class OffloadConfig:
     save_max_tokens: int = 4096
     host_reserve_gib: float = 2.0
     prefetch_groups: int = 0
+    host_limit_gib: float | None = None
 
     def __post_init__(self):
         _whole_number("save_every", self.save_every, "every n-th layer's MLP activations offloaded instead of "
@@ -77,6 +82,9 @@ class OffloadConfig:
         _gib("copy_queue_gib", self.copy_queue_gib, "the GPU memory activations on their way to the host may hold",
              zero=False)
         _gib("host_reserve_gib", self.host_reserve_gib, "the host memory the offload mode leaves available", zero=True)
+        if self.host_limit_gib is not None:
+            _gib("host_limit_gib", self.host_limit_gib, "the most host memory this process's offloaded activations "
+                                                        "may hold; None: no limit but the host's", zero=False)
 
     def saves_mlp(self, index: int, tokens: int) -> bool:
         """Whether layer ``index`` of a forward of ``tokens`` tokens keeps its MLP's graph (its activations
@@ -91,6 +99,10 @@ class OffloadConfig:
     @property
     def host_reserve_bytes(self) -> int:
         return int(self.host_reserve_gib * GiB)
+
+    @property
+    def host_limit_bytes(self) -> int | None:
+        return None if self.host_limit_gib is None else int(self.host_limit_gib * GiB)
 
     @classmethod
     def of(cls, value) -> OffloadConfig:

@@ -63,13 +63,15 @@ class HostOffloader:
     available first takes the place of the inputs the forwards before this one left (a step that failed, out
     of GPU memory say, leaves its forward's until two forwards later; a second forward before one backward
     then loses its inputs), and otherwise raises :class:`PinnedMemoryShort` instead of letting the operating
-    system kill the process."""
+    system kill the process. So does one that would make the buffers hold more than ``host_limit_bytes`` (None:
+    no limit but the host's)."""
 
     def __init__(self, max_copying_bytes: int = MAX_COPYING_BYTES, host_reserve_bytes: int = HOST_RESERVE_BYTES,
-                 prefetch_groups: int = 0):
+                 prefetch_groups: int = 0, host_limit_bytes: int | None = None):
         self.max_copying_bytes = max_copying_bytes
         self.prefetch_groups = prefetch_groups
         self.host_reserve_bytes = host_reserve_bytes
+        self.host_limit_bytes = host_limit_bytes
         # keys are (forward number, slot), slots numbering a forward's checkpointed parts 0, 1, ...: an entry
         # left by a step whose backward never finished (an OOM retry) can never be mistaken for a later step's
         # -> (buffer, host view, device, the copy's event or None)
@@ -138,7 +140,7 @@ class HostOffloader:
         need, size = like.numel(), _rounded_up(like.numel())
         nbytes = size * like.element_size()
         buf = self._reuse(need, like.dtype)
-        room = buf is not None or available_host_bytes() - nbytes >= self.host_reserve_bytes
+        room = buf is not None or self._has_room(nbytes)
         if not room:
             self._release_before(self._forward)  # the inputs of earlier forwards: an abandoned step's, likely
             buf = self._reuse(need, like.dtype)
@@ -153,8 +155,15 @@ class HostOffloader:
     def host_room_bytes(self) -> int:
         """The bytes of inputs a new forward could leave in host memory: the buffers this offloader holds (free,
         or an earlier forward's, which it gives up when short) and the host's available memory less the
-        reserve."""
-        return self._held_bytes() + available_host_bytes() - self.host_reserve_bytes
+        reserve, at most the limit."""
+        room = self._held_bytes() + available_host_bytes() - self.host_reserve_bytes
+        return room if self.host_limit_bytes is None else min(room, self.host_limit_bytes)
+
+    def _has_room(self, nbytes: int) -> bool:
+        """Whether a new buffer of ``nbytes`` leaves the reserve available and the buffers within the limit."""
+        if self.host_limit_bytes is not None and self._held_bytes() + nbytes > self.host_limit_bytes:
+            return False
+        return available_host_bytes() - nbytes >= self.host_reserve_bytes
 
     def _held_bytes(self) -> int:
         return sum(b.untyped_storage().nbytes() for b in self._free) + sum(
@@ -168,11 +177,16 @@ class HostOffloader:
         return None
 
     def _check_host_room(self, nbytes: int) -> None:
-        """Raises :class:`PinnedMemoryShort` where ``nbytes`` more host memory would leave less than the reserve."""
-        available = available_host_bytes()
-        if available - nbytes >= self.host_reserve_bytes:
+        """Raises :class:`PinnedMemoryShort` where ``nbytes`` more host memory would leave less than the reserve,
+        or make the buffers hold more than the limit."""
+        if self._has_room(nbytes):
             return
-        held = self._held_bytes()
+        available, held, limit = available_host_bytes(), self._held_bytes(), self.host_limit_bytes
+        if limit is not None and held + nbytes > limit:
+            raise PinnedMemoryShort(
+                f"offloaded checkpointing needs {nbytes / GiB:.2f} GiB more host memory for this forward's inputs, "
+                f"beside the {held / GiB:.1f} GiB it holds, past this process's limit of {limit / GiB:.1f} GiB "
+                "(OffloadConfig.host_limit_gib, fastbench train --offload-host-gib)")
         raise PinnedMemoryShort(
             f"offloaded checkpointing needs {nbytes / GiB:.2f} GiB more host memory for this forward's inputs, "
             f"beside the {held / GiB:.1f} GiB it holds, and the host has {available / GiB:.1f} GiB available, of "

@@ -31,7 +31,7 @@ class LayerCheckpointing:
         self.budget = config.budget  # bytes; "auto" (None) is decided at the first step
         offload = config.offload
         self.offloader = (HostOffloader(offload.copy_queue_bytes, offload.host_reserve_bytes,
-                                        offload.prefetch_groups) if offload is not None
+                                        offload.prefetch_groups, offload.host_limit_bytes) if offload is not None
                           else None)
         self._slot = 0  # the next offload slot of this forward
         # offload mode: every n-th layer (0: none) keeps its last part's graph, with the activations that part
@@ -88,9 +88,12 @@ class LayerCheckpointing:
             return False
         if not self._warned_host:
             self._warned_host = True
+            limit = self.offloader.host_limit_bytes
+            bound = ("this process's limit, OffloadConfig.host_limit_gib" if limit is not None and room == limit
+                     else "less OffloadConfig.host_reserve_gib")
             warnings.warn(f"fastbench: offloaded checkpointing: a forward of {x.shape[:-1].numel()} tokens would "
                           f"keep {_size(need)} of layer inputs in host memory ({parts} a layer) and "
-                          f"{_size(max(room, 0))} is free for them (less OffloadConfig.host_reserve_gib): each "
+                          f"{_size(max(room, 0))} is free for them ({bound}): each "
                           f"layer's input alone goes to the host ({_size(need // parts)}) and the whole layer is "
                           "recomputed from it, while the host is this short", stacklevel=4)
         return True
