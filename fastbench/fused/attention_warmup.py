@@ -9,7 +9,8 @@ plan (tens of milliseconds). So one causal attention forward and backward with t
 small shape, run in a thread while the weights load, takes that time out of the first training step.
 
 The thread does only what torch would do for the model's own attention (nothing where torch would not pick
-cuDNN: the CPU, fp32, other GPUs), leaves the process's SDPA settings alone, and never raises: a warm-up that
+cuDNN: the CPU, fp32, other GPUs), leaves the process's SDPA settings and random stream alone (a preset's random
+weights, drawn meanwhile, are the same with it and without), and never raises: a warm-up that
 fails leaves the first step to compile as it would have.
 """
 from __future__ import annotations
@@ -58,13 +59,15 @@ def causal_attention_step(layout: AttentionLayout, dtype: torch.dtype, device: t
     Returns whether it ran."""
     gqa = layout.heads != layout.kv_heads
     with torch.cuda.device(device):
-        q, k, v = (torch.randn(1, tokens, h, layout.head_dim, dtype=dtype, device=device).transpose(1, 2)
-                   for h in (layout.heads, layout.kv_heads, layout.kv_heads))
+        # its own generator: the process's random stream (a preset's weights drawn meanwhile) stays untouched
+        generator = torch.Generator(device=device).manual_seed(0)
+        q, k, v = (torch.randn(1, tokens, h, layout.head_dim, dtype=dtype, device=device, generator=generator)
+                   .transpose(1, 2) for h in (layout.heads, layout.kv_heads, layout.kv_heads))
         if not _uses_cudnn(q, k, v, gqa):
             return False
         q, k, v = (t.requires_grad_() for t in (q, k, v))
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        o.backward(torch.randn_like(o))
+        o.backward(torch.randn(o.shape, dtype=o.dtype, device=device, generator=generator))
         torch.cuda.current_stream(device).synchronize()
     return True
 

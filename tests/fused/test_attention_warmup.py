@@ -115,3 +115,25 @@ def test_warmup_on_the_gpu(preset):
         assert warmup.ran, "torch runs attention on cuDNN on Hopper: the warm-up should have compiled it"
     assert flags == (torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.cudnn_sdp_enabled(),
                      torch.backends.cuda.mem_efficient_sdp_enabled(), torch.backends.cuda.math_sdp_enabled())
+
+
+@pytest.mark.gpu
+def test_a_presets_weights_are_the_same_with_the_warmup_and_without(seed):
+    """The warm-up draws its inputs from its own generator: the weights a preset draws while it runs (and the
+    process's random stream after it) are those of a load without it."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loads = [FastLanguageModel.from_pretrained("llama-3-8b-tiny", dtype=torch.bfloat16, device="cuda", seed=1,
+                                                   warmup_attention=on)[0] for on in (False, True, True)]
+    after = []
+    for on in (False, True):
+        torch.cuda.manual_seed(seed)
+        with attention_warmup(build_config("llama-3-8b"), torch.bfloat16, "cuda", enabled=on):
+            pass
+        after.append(torch.randn(4, device="cuda"))
+    for model in loads[1:]:
+        for a, b in zip(loads[0].parameters(), model.parameters()):
+            assert torch.equal(a, b)
+    assert torch.equal(*after)
