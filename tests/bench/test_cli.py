@@ -44,6 +44,7 @@ def _compare(*args, tmp_path):
     (["--arms", "fused:autotune=maybe"], "write autotune=on|off"),
     (["--arms", "fused:ckpt=0"], "ckpt='0' is not valid"),
     (["--arms", "fused:ckpt=40:save_every=3"], "option save_every applies to ckpt=offload only"),
+    (["--arms", "fused:ckpt=offload:host_limit_gib=0"], "host_limit_gib='0' is not valid; write host_limit_gib=<GiB>"),
     (["--arms", "peft:ckpt=true"], "arm 'peft' has no option 'ckpt'; it takes none"),
     (["--arms", "peft,qlora:ckpt=true"], "arm 'qlora' has no option 'ckpt'"),
     (["--device", "cuda:7"] , None),

@@ -10,8 +10,8 @@ Options, after the name:
   (``fused:autotune=off,fused`` compares the two in one run).
 - ``nproc=N``: the job runs as N ranks, one process and GPU each, under torch.distributed (DDP over the LoRA
   gradients, fastbench.distributed), each rank ``batch`` rows per micro-batch (``compare --nproc N`` adds it).
-- with ``ckpt=offload``: ``save_every=n``, ``embedding=0|1``, ``copy_queue_gib=GiB``, ``save_max_tokens=n`` and
-  ``prefetch_groups=n``,
+- with ``ckpt=offload``: ``save_every=n``, ``embedding=0|1``, ``copy_queue_gib=GiB``, ``save_max_tokens=n``,
+  ``prefetch_groups=n`` and ``host_limit_gib=GiB`` (each rank's, with ``nproc``),
   the fields of the :class:`~fastbench.OffloadConfig` the arm's model is made with
   (``fused-4bit:ckpt=offload:save_every=3`` beside ``fused-4bit:ckpt=offload`` compares it with the default in
   one run).
@@ -47,7 +47,8 @@ _OFFLOAD_SETTINGS = (ArmOption("save_every", "<whole number>", whole_number),
                      ArmOption("embedding", "0|1", lambda text: one_of("0", "1")(text) == "1"),
                      ArmOption("copy_queue_gib", "<GiB>", _gib),
                      ArmOption("save_max_tokens", "<whole number>", whole_number),
-                     ArmOption("prefetch_groups", "<whole number>", whole_number))
+                     ArmOption("prefetch_groups", "<whole number>", whole_number),
+                     ArmOption("host_limit_gib", "<GiB>", _gib))
 ARM_OPTIONS = (ArmOption("ckpt", "true|false|offload|auto|<GiB>", _ckpt_option),
                ArmOption("autotune", "on|off", one_of("on", "off")), *_OFFLOAD_SETTINGS,
                ArmOption(NPROC_OPTION, "<whole number>", whole_number))
@@ -87,7 +88,7 @@ def _fused(load):
 
 
 _OPTIONS = ("option ckpt=true|false|offload|auto|GiB, autotune=on|off, nproc=N; with offload save_every, "
-            "embedding, copy_queue_gib, save_max_tokens, prefetch_groups")
+            "embedding, copy_queue_gib, save_max_tokens, prefetch_groups, host_limit_gib")
 
 FUSED = ArmSpec("fused", f"fastbench fused LoRA on the bf16 model ({_OPTIONS})",
                 ("peft",), "pip install peft", _fused(base_model), kind="bf16",
