@@ -118,6 +118,14 @@ class ModelSource:
     model_type: str = ""
     prequantized_4bit: bool = False  # a bitsandbytes 4-bit checkpoint, loaded as it is
 
+    def config(self):
+        """The transformers config of its text model: the preset's, or the checkpoint directory's."""
+        if self.preset is not None:
+            return build_config(self.preset)
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(self.path).get_text_config()
+
 
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                  "pytorch_model.bin.index.json")

@@ -453,14 +453,7 @@ def offload_host_limit(source, nproc, batch, max_seq_length, limit_gib=None, che
     from fastbench.distributed.host_memory import (GiB, HostMemoryShort, check_host_memory, embedding_table_bytes,
                                                    host_share_bytes, offload_host_bytes)
 
-    if source.preset is not None:
-        from fastbench.presets import build_config
-
-        config = build_config(source.preset)
-    else:
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(source.path).get_text_config()
+    config = source.config()
     tokens, dtype_bytes = batch * max_seq_length, 2 if torch.cuda.is_available() else 4
     hint = "--nproc" if limit_gib is None else "--offload-host-gib"
     try:

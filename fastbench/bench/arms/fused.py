@@ -24,7 +24,8 @@ from __future__ import annotations
 import os
 
 from fastbench.bench.arms import NPROC_OPTION, ArmOption, ArmSpec, RunConfig, one_of, whole_number
-from fastbench.bench.arms.hf import base_model, load_4bit, model_config
+from fastbench.bench.arms.hf import base_model, load_4bit
+from fastbench.presets import resolve_model
 
 
 def _gib(text: str) -> float:
@@ -75,7 +76,7 @@ def _fused(load):
             os.environ[lookup.OFF_ENV] = "off"
             lookup.reset()
         offload = {s.name: options[s.name] for s in _OFFLOAD_SETTINGS if s.name in options}
-        with attention_warmup(model_config(cfg), cfg.torch_dtype, cfg.device):  # as FastLanguageModel loads
+        with attention_warmup(resolve_model(cfg.model).config(), cfg.torch_dtype, cfg.device):  # as from_pretrained
             base = load(cfg)
         model = FastLanguageModel.get_peft_model(
             base, r=cfg.lora_r, target_modules=list(cfg.targets), lora_alpha=cfg.lora_alpha,

@@ -23,16 +23,6 @@ def _concrete_device(cfg: RunConfig):
     return device
 
 
-def model_config(cfg: RunConfig):
-    """The transformers config of cfg.model (a preset's, or its checkpoint directory's)."""
-    from transformers import AutoConfig
-
-    from fastbench.presets import build_config
-
-    source = resolve_model(cfg.model)
-    return build_config(source.preset) if source.preset else AutoConfig.from_pretrained(source.path)
-
-
 def base_model(cfg: RunConfig):
     """The bf16 (cfg.dtype) base model with SDPA attention on cfg.device, in train mode."""
     from transformers import AutoModelForCausalLM
