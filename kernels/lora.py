@@ -353,6 +353,17 @@ def _agree(projections) -> bool:
     return len({p.lora is None for p in projections}) == 1 and len({p.bias is None for p in projections}) == 1
 
 
+def _low_rank_first(x2: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None, u: torch.Tensor | None,
+                    Bt: torch.Tensor | None) -> torch.Tensor:
+    """x2 W^T + b + u Bt: the rank-r term (and the bias) first, into the output, then the base product added to it
+    in the product's epilogue (beta = 1), so that the wide output is written once by each, never read and
+    written again by a rank-r update after it."""
+    if u is None:
+        return F.linear(x2, W, bias)
+    y = torch.mm(u, Bt) if bias is None else torch.addmm(bias, u, Bt)
+    return y.addmm_(x2, W.t())
+
+
 def _forward(x: torch.Tensor, projections,
              cache: LoraFactorCache | None) -> tuple[list[torch.Tensor], torch.Tensor | None]:
     """x [..., i] -> ([y_p [..., o_p]], x A^T [N, sum r] or None without LoRA); each y_p a view of a fresh tensor
@@ -364,9 +375,7 @@ def _forward(x: torch.Tensor, projections,
     W, weights = base_weights(projections, x.dtype, cache)
     if W is not None and _agree(projections):  # y = x W^T + b + (x A^T) B_block^T, then each projection's columns
         bias = None if projections[0].bias is None else torch.cat([p.bias for p in projections]).to(x.dtype)
-        y = F.linear(x2, W, bias)
-        if xA is not None:
-            y.addmm_(xA, f.B_block_t)
+        y = _low_rank_first(x2, W, bias, xA, None if xA is None else f.B_block_t)
         ys, start = [], 0
         for w in weights:
             ys.append(y[:, start:start + w.shape[0]].view(*x.shape[:-1], w.shape[0]))
@@ -374,10 +383,8 @@ def _forward(x: torch.Tensor, projections,
         return ys, xA
     ys = []
     for p, W, Bt, cols in zip(projections, weights, f.B_scaled_t, f.columns):
-        bias = None if p.bias is None or p.bias.dtype == x.dtype else p.bias.to(x.dtype)
-        y = F.linear(x2, W, p.bias if bias is None else bias)
-        if Bt is not None:
-            y.addmm_(xA[:, cols], Bt)
+        bias = p.bias if p.bias is None or p.bias.dtype == x.dtype else p.bias.to(x.dtype)
+        y = _low_rank_first(x2, W, bias, None if Bt is None else xA[:, cols], Bt)
         ys.append(y.view(*x.shape[:-1], y.shape[-1]))
     return ys, xA
 
@@ -456,14 +463,11 @@ def _input_grad(projections, dys, dy, lora_dx, cache: LoraFactorCache | None) ->
     """dX = sum_p dY_p W_p + [s dY_p B_p]_p [A_p]_p, with ``dy`` and ``lora_dx`` as :func:`_lora_grads` returns
     them."""
     W, weights = base_weights(projections, dys[0].dtype, cache)
-    dx = None
+    dx = None if lora_dx is None else torch.mm(*lora_dx)  # the rank-r part first, as in _low_rank_first
     if dy is not None:
-        dx = dy @ W
-    else:
-        for Wp, d in zip(weights, dys):
-            dx = d @ Wp if dx is None else dx.addmm_(d, Wp)
-    if lora_dx is not None:
-        dx.addmm_(*lora_dx)
+        return dy @ W if dx is None else dx.addmm_(dy, W)
+    for Wp, d in zip(weights, dys):
+        dx = d @ Wp if dx is None else dx.addmm_(d, Wp)
     return dx
 
 
