@@ -383,7 +383,7 @@ def _forward(x: torch.Tensor, projections,
         return ys, xA
     ys = []
     for p, W, Bt, cols in zip(projections, weights, f.B_scaled_t, f.columns):
-        bias = p.bias if p.bias is None or p.bias.dtype == x.dtype else p.bias.to(x.dtype)
+        bias = None if p.bias is None else p.bias.to(x.dtype)  # the bias itself where its dtype is x's
         y = _low_rank_first(x2, W, bias, None if Bt is None else xA[:, cols], Bt)
         ys.append(y.view(*x.shape[:-1], y.shape[-1]))
     return ys, xA
