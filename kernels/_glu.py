@@ -3,8 +3,10 @@
     dgate = dh * up * act'(gate)        dup = dh * act(gate)
 
 recomputed from gate and up (no activation is saved). Elementwise on [BLOCK_M, BLOCK_N] tiles of a
-[rows, width] view with unit last stride; math in fp32 (fp64 for fp64 inputs). The backward may
-write dgate/dup over any of its inputs: each tile is read completely before it is written.
+[rows, width] view with unit last stride; math in fp32 (fp64 for fp64 inputs). The backward may also
+write h itself (a caller that needs h after the GLU's gradients, as the fused MLP does for the down
+projection's LoRA gradient, then gets it without a second forward), and may write dgate/dup/h over any
+of its inputs: each tile is read completely before it is written.
 
 Activations (the ACT constexpr):
 - "silu":      a = g * sigmoid(g),              a' = s * (1 + g * (1 - s)),  s = sigmoid(g)
@@ -61,9 +63,10 @@ def _glu_fwd_kernel(g_ptr, u_ptr, h_ptr, n_rows, n_cols, stride_g, stride_u, str
 
 
 @triton.jit
-def _glu_bwd_kernel(dh_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, n_rows, n_cols,
-                    stride_dh, stride_g, stride_u, stride_dg, stride_du,
-                    ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, COMPUTE: tl.constexpr):
+def _glu_bwd_kernel(dh_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, h_ptr, n_rows, n_cols,
+                    stride_dh, stride_g, stride_u, stride_dg, stride_du, stride_h,
+                    ACT: tl.constexpr, WRITE_H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    COMPUTE: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
@@ -75,6 +78,8 @@ def _glu_bwd_kernel(dh_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, n_rows, n_cols,
     a, da = _act_and_grad(g, ACT)
     tl.store(dg_ptr + rows * stride_dg + cols, (dh * u * da).to(dg_ptr.dtype.element_ty), mask=mask)
     tl.store(du_ptr + rows * stride_du + cols, (dh * a).to(du_ptr.dtype.element_ty), mask=mask)
+    if WRITE_H:
+        tl.store(h_ptr + rows * stride_h + cols, (a * u).to(h_ptr.dtype.element_ty), mask=mask)
 
 
 KERNELS = (_act_and_grad, _glu_fwd_kernel, _glu_bwd_kernel)
@@ -103,18 +108,23 @@ def forward(gate: torch.Tensor, up: torch.Tensor, activation: str, config) -> to
     return h.view(gate.shape)
 
 
-def backward(grad, gate, up, activation: str, config, dgate=None, dup=None):
-    """(dgate, dup) written into the given buffers (fresh ones where None). A given buffer must have
-    gate's shape and dtype and may be gate, up or grad themselves (in place: saves memory)."""
+def backward(grad, gate, up, activation: str, config, dgate=None, dup=None, h=None):
+    """(dgate, dup) written into the given buffers (fresh ones where None); where ``h`` is given, act(gate) * up
+    is written into it as well. A given buffer must have gate's shape and dtype and may be gate, up or grad
+    themselves (in place: saves memory; h over grad is what the fused MLP does)."""
     dgate = torch.empty_like(gate) if dgate is None else dgate
     dup = torch.empty_like(up) if dup is None else dup
-    _check(gate, up, grad, dgate, dup)
-    views = [t.view(-1, t.shape[-1]) for t in (grad, gate, up, dgate, dup)]  # raises if not viewable
+    outputs = (dgate, dup) if h is None else (dgate, dup, h)
+    _check(gate, up, grad, *outputs)
+    views = [t.view(-1, t.shape[-1]) for t in (grad, gate, up, *outputs)]  # raises if not viewable
     if any(v.stride(-1) != 1 for v in views):
         raise ValueError("glu backward needs tensors whose last dim has unit stride")
+    if h is None:  # h_ptr is never written: any pointer serves
+        views.append(views[-1])
     meta = dict(config)
     _glu_bwd_kernel[_grid(views[0].shape, meta)](*views, *views[0].shape, *(v.stride(0) for v in views),
-                                                 ACT=activation, COMPUTE=compute_dtype(gate), **meta)
+                                                 ACT=activation, WRITE_H=h is not None, COMPUTE=compute_dtype(gate),
+                                                 **meta)
     return dgate, dup
 
 
@@ -189,7 +199,8 @@ def problems(model_config, tokens: int, dtype, activation: str) -> list[tuple[st
 
 
 def tune_case(pass_name: str, problem, device) -> TuneCase:
-    """Random gate/up of the problem's shape; fwd returns h, bwd returns (dgate, dup)."""
+    """Random gate/up of the problem's shape; fwd returns h, bwd returns (dgate, dup, h), as the fused MLP runs
+    it (with h, into a buffer of its own here so that every run reads the same gradient)."""
     dtype = getattr(torch, problem["dtype"])
     activation = problem["activation"]
     gate = torch.randn(problem["tokens"], problem["width"], device=device, dtype=dtype)
@@ -200,5 +211,11 @@ def tune_case(pass_name: str, problem, device) -> TuneCase:
                         reference(gate, up, activation), tolerance)
     grad = torch.randn_like(gate)
     g, u = gate.float().requires_grad_(), up.float().requires_grad_()
-    expected = torch.autograd.grad(reference(g, u, activation), [g, u], grad.float())
-    return TuneCase(lambda config: backward(grad, gate, up, activation, config), tuple(expected), tolerance)
+    expected = (*torch.autograd.grad(reference(g, u, activation), [g, u], grad.float()), reference(gate, up, activation))
+
+    h = torch.empty_like(gate)
+
+    def run(config):
+        return (*backward(grad, gate, up, activation, config, h=h), h)
+
+    return TuneCase(run, expected, tolerance)

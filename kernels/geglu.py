@@ -28,12 +28,13 @@ def geglu(gate: torch.Tensor, up: torch.Tensor, approximate: str = "tanh") -> to
     return _glu.GLUFunction.apply(gate, up, _activation(approximate), SPEC)
 
 
-def geglu_backward(grad, gate, up, approximate: str = "tanh", dgate=None, dup=None):
+def geglu_backward(grad, gate, up, approximate: str = "tanh", dgate=None, dup=None, h=None):
     """(dgate, dup) for a caller that saved gate and up itself (the fused MLP). dgate/dup: output
-    buffers of gate's shape, fresh where None; they may be gate and up themselves (in place)."""
+    buffers of gate's shape, fresh where None; they may be gate and up themselves (in place). ``h``: where
+    given, the forward's output is written into it too (it may be grad itself)."""
     activation = _activation(approximate)
     config = config_for(SPEC, "bwd", _glu.problem(gate, activation))
-    return _glu.backward(grad, gate, up, activation, config, dgate, dup)
+    return _glu.backward(grad, gate, up, activation, config, dgate, dup, h)
 
 
 def reference(gate: torch.Tensor, up: torch.Tensor, approximate: str = "tanh") -> torch.Tensor:

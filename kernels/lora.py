@@ -29,8 +29,9 @@ most one workspace's worth of dequantized matrices exists at a time.
 
 - :func:`lora_projections`: several projections of one input (Q, K, V; or O alone), one Function.
 - :func:`lora_mlp`: gate/up -> GLU -> down in one Function; saves x and the two pre-activations
-  (gate, up), with the small x A^T products, recomputes the GLU in the backward and writes its
-  gradients over gate and up in place.
+  (gate, up), with the small x A^T products. Its backward writes the GLU's gradients over gate and up in
+  place and, in the same kernel, the GLU's output h over dh, which down's LoRA gradient reads last (h is
+  never recomputed by a second GLU forward).
   The MLP is token-wise, so where nothing keeps its pre-activations (a forward without autograd, a
   graph-only forward) it runs in chunks of at most ``chunk_rows`` tokens, and so does its backward: the
   [tokens, intermediate] tensors then exist one chunk at a time, and the memory of a long sequence's
@@ -63,7 +64,8 @@ class LoRA(NamedTuple):
 
 
 class GLU(NamedTuple):
-    """h = forward(gate, up); backward(dh, gate, up, dgate=, dup=) -> (dgate, dup), as fastbench.kernels.swiglu."""
+    """h = forward(gate, up); backward(dh, gate, up, dgate=, dup=, h=) -> (dgate, dup), writing h too where given,
+    as fastbench.kernels.swiglu."""
     forward: Callable
     backward: Callable
 
@@ -412,10 +414,21 @@ def _backward(x2, projections, dys, need_dx: bool, cache: LoraFactorCache | None
     return (_input_grad(projections, dys, dy, lora_dx, cache) if need_dx else None), grads
 
 
-def _lora_grads(x2, projections, dys, cache: LoraFactorCache | None, xA=None):
+def _scaled_dy_b(f: _Factors, dys, dy) -> torch.Tensor | None:
+    """[s dY_p B_p]_p, [N, sum r] (``dy``: the dY's side by side, or None), or None without LoRA."""
+    if f.A is None:
+        return None
+    if dy is not None:
+        return dy @ f.B_block
+    dyBs = [d @ B for d, B in zip(dys, f.B_scaled) if B is not None]  # s dY B, [N, r] each
+    return dyBs[0] if len(dyBs) == 1 else torch.cat(dyBs, 1)
+
+
+def _lora_grads(x2, projections, dys, cache: LoraFactorCache | None, xA=None, dyB=None):
     """The part of :func:`_backward` that reads x2: ([(dA_p, dB_p)], dY side by side or None, the LoRA part of dX
     as its two factors ([s dY_p B_p]_p, [A_p]_p) or None), the last two for :func:`_input_grad`, which needs x2
-    no more (a caller may free it in between)."""
+    no more (a caller may free it in between). ``dyB``: :func:`_scaled_dy_b`'s product where the caller made it
+    already (for dX, before x2 existed)."""
     f = _factors(projections, dys[0].dtype, cache)
     dy = None  # [dY_p]_p, when the weights lie side by side
     if _nf4_group(projections, dys[0].dtype, cache) is not None and _agree(projections):
@@ -423,13 +436,9 @@ def _lora_grads(x2, projections, dys, cache: LoraFactorCache | None, xA=None):
         if dy is None:
             dy = torch.cat(dys, 1)
     grads = [(None, None)] * len(projections)
-    dyB = None
     if f.A is not None:
-        if dy is not None:
-            dyB = dy @ f.B_block  # [s dY_p B_p]_p, [N, sum r]
-        else:
-            dyBs = [d @ B for d, B in zip(dys, f.B_scaled) if B is not None]  # s dY B, [N, r] each
-            dyB = dyBs[0] if len(dyBs) == 1 else torch.cat(dyBs, 1)
+        if dyB is None:
+            dyB = _scaled_dy_b(f, dys, dy)
         if xA is None:  # the forward's, where it ran; else computed here
             xA = F.linear(x2, f.A)
         A_dtype, B_dtype = next((p.lora.A.dtype, p.lora.B.dtype) for p in projections if p.lora is not None)
@@ -602,12 +611,16 @@ class _LoRAMLP(torch.autograd.Function):
                 g, u, xA, hA = [None if t is None else t[rows] for t in pre]
             else:
                 ((g, u), xA), hA = _forward(x2[rows], (gate, up), ctx.cache), None
-            h = ctx.glu.forward(g, u)
-            (down_grads,), dy_down, lora_dx = _lora_grads(h, (down,), [dy2[rows]], ctx.cache, hA)
-            del h  # before dh, which can take its memory: the backward's peak holds one [rows, intermediate] less
-            dh = _input_grad((down,), [dy2[rows]], dy_down, lora_dx, ctx.cache)
-            dg, du = ctx.glu.backward(dh, g, u, dgate=g, dup=u)  # g, u are not needed any more
+            dy_rows = dy2[rows]
+            f = _factors((down,), dy_rows.dtype, ctx.cache)
+            dyB = _scaled_dy_b(f, [dy_rows], None)  # down is alone: its dY is never side by side
+            dh = _input_grad((down,), [dy_rows], None, None if dyB is None else (dyB, f.A), ctx.cache)
+            # the GLU's gradients over g and u (not needed any more), its output h over dh (read here first)
+            ctx.glu.backward(dh, g, u, dgate=g, dup=u, h=dh)
+            dg, du, h = g, u, dh
             del dh
+            (down_grads,), _, _ = _lora_grads(h, (down,), [dy_rows], ctx.cache, hA, dyB)
+            del h
             dx_rows, gate_up_grads = _backward(x2[rows], (gate, up), [dg, du], need_dx, ctx.cache, xA)
             grads = _accumulated(grads, _grads_by_input(ctx.projections, [*gate_up_grads, down_grads]))
             if dx is None:

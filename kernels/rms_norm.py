@@ -7,6 +7,10 @@ inputs), output in x.dtype. With r = rsqrt(mean(x^2) + eps), xhat = x * r and g 
 
 The backward recomputes r from x (nothing but x and w is saved). dw is reduced in two steps: each
 program sums its rows into one row of an fp32 partial buffer, torch sums the partials.
+
+:func:`rms_norm_residual` is the form a pre-norm decoder layer uses, where x also feeds the residual sum
+after the norm: it returns (y, x), and its backward adds the gradient that reaches x by the residual path
+to dx in the same kernel (dx = r * (...) + dx_residual), instead of autograd summing the two afterwards.
 """
 from __future__ import annotations
 
@@ -37,10 +41,10 @@ def _rms_norm_fwd_kernel(x_ptr, w_ptr, y_ptr, n_rows, n_cols, stride_x, stride_y
 
 
 @triton.jit
-def _rms_norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, dx_ptr, dw_ptr, n_rows, n_cols,
-                         stride_dy, stride_x, stride_dx, eps, offset,
+def _rms_norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, dres_ptr, dx_ptr, dw_ptr, n_rows, n_cols,
+                         stride_dy, stride_x, stride_dres, stride_dx, eps, offset,
                          BLOCK_ROWS: tl.constexpr, ROW_STEPS: tl.constexpr, BLOCK_N: tl.constexpr,
-                         HAS_DW: tl.constexpr, COMPUTE: tl.constexpr):
+                         HAS_DW: tl.constexpr, HAS_RESIDUAL: tl.constexpr, COMPUTE: tl.constexpr):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     col_ok = cols < n_cols
@@ -56,6 +60,8 @@ def _rms_norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, dx_ptr, dw_ptr, n_rows, n_cols,
         xhat = x * rstd
         g = dy * wt[None, :]
         dx = (g - xhat * (tl.sum(g * xhat, axis=1) / n_cols)[:, None]) * rstd
+        if HAS_RESIDUAL:
+            dx += tl.load(dres_ptr + rows * stride_dres + cols[None, :], mask=mask, other=0.0).to(COMPUTE)
         tl.store(dx_ptr + rows * stride_dx + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
         if HAS_DW:
             dw += tl.sum(dy * xhat, axis=0)
@@ -80,17 +86,19 @@ def _forward(x: torch.Tensor, w: torch.Tensor, eps: float, offset: float, config
     return y
 
 
-def _backward(dy, x, w, eps: float, offset: float, need_dw: bool, config):
-    """dy, x: [rows, n] with unit last stride; returns (dx, dw or None)."""
+def _backward(dy, x, w, eps: float, offset: float, need_dw: bool, config, dres=None):
+    """dy, x (and dres, the gradient added to dx, where given): [rows, n] with unit last stride; returns
+    (dx, dw or None)."""
     rows, n = x.shape
     meta = dict(config)
     grid = (cdiv(rows, meta["BLOCK_ROWS"] * meta["ROW_STEPS"]),)
     dx = torch.empty((rows, n), dtype=x.dtype, device=x.device)
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     partial = torch.empty((grid[0] if need_dw else 1, n), dtype=compute, device=x.device)
-    _rms_norm_bwd_kernel[grid](dy, x, w, dx, partial, rows, n, dy.stride(0), x.stride(0), dx.stride(0),
-                               eps, offset, BLOCK_N=_block_n(n), HAS_DW=need_dw,
-                               COMPUTE=compute_dtype(x), **meta)
+    residual = dy if dres is None else dres  # never read without HAS_RESIDUAL
+    _rms_norm_bwd_kernel[grid](dy, x, w, residual, dx, partial, rows, n, dy.stride(0), x.stride(0),
+                               residual.stride(0), dx.stride(0), eps, offset, BLOCK_N=_block_n(n), HAS_DW=need_dw,
+                               HAS_RESIDUAL=dres is not None, COMPUTE=compute_dtype(x), **meta)
     return dx, (partial.sum(0).to(w.dtype) if need_dw else None)
 
 
@@ -124,6 +132,37 @@ class _RMSNormFunction(torch.autograd.Function):
         config = config_for(SPEC, "bwd", _problem("bwd", x2.dtype, x2.shape[1], x2.shape[0], need_dw))
         dx, dw = _backward(as_rows(grad), x2, w, ctx.eps, ctx.offset, need_dw, config)
         return dx.view(grad.shape), dw, None, None
+
+
+class _RMSNormResidualFunction(torch.autograd.Function):
+    """(y, x): the norm and its input passed on for the residual sum; the backward gets both outputs' gradients
+    and adds the second to dx in the norm's kernel."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps, offset):
+        y, x2, w = _normalized(x, weight, eps, offset)
+        ctx.save_for_backward(x2, w)
+        ctx.eps, ctx.offset = eps, offset
+        return y, x
+
+    @staticmethod
+    def backward(ctx, grad, grad_residual):
+        x2, w = ctx.saved_tensors
+        need_dw = ctx.needs_input_grad[1]
+        config = config_for(SPEC, "bwd", _problem("bwd", x2.dtype, x2.shape[1], x2.shape[0], need_dw))
+        dres = None if grad_residual is None else as_rows(grad_residual)
+        dx, dw = _backward(as_rows(grad), x2, w, ctx.eps, ctx.offset, need_dw, config, dres)
+        return dx.view(grad.shape), dw, None, None
+
+
+def rms_norm_residual(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
+                      offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x, ...), x) for a pre-norm block ``x + f(rms_norm(x))``: use the second output in the residual
+    sum, and the gradient it gets is added to the norm's dx inside the norm's backward kernel (one pass less
+    over [tokens, hidden] than autograd's sum of the two). Without grad mode, (rms_norm(x), x) as they are."""
+    if not torch.is_grad_enabled():
+        return _normalized(x, weight, eps, offset)[0], x
+    return _RMSNormResidualFunction.apply(x, weight, eps, offset)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, offset: float = 0.0) -> torch.Tensor:
@@ -174,7 +213,8 @@ def problems(model_config, tokens: int, dtype) -> list[tuple[str, dict]]:
 
 
 def tune_case(pass_name: str, problem, device) -> TuneCase:
-    """Random inputs of the problem's shape; fwd returns y, bwd returns (dx,) or (dx, dw)."""
+    """Random inputs of the problem's shape; fwd returns y, bwd returns (dx,) or (dx, dw), dx with a residual
+    path's gradient added (as the decoder layers' norms run it)."""
     dtype = getattr(torch, problem["dtype"])
     rows, n = problem["tokens"], problem["hidden"]
     x = torch.randn(rows, n, device=device, dtype=dtype)
@@ -187,10 +227,13 @@ def tune_case(pass_name: str, problem, device) -> TuneCase:
     xr, wr = x.float().requires_grad_(), w.float().requires_grad_(need_dw)
     expected = torch.autograd.grad(reference(xr, wr), [xr, wr] if need_dw else [xr], dy.float())
 
+    dres = torch.randn_like(x)  # a decoder layer's norms add the residual path's gradient
+
     def run(config):
-        dx, dw = _backward(dy, x, w, 1e-6, 0.0, need_dw, config)
+        dx, dw = _backward(dy, x, w, 1e-6, 0.0, need_dw, config, dres)
         return (dx, dw) if need_dw else (dx,)
 
+    expected = (expected[0] + dres.float(), *expected[1:])
     return TuneCase(run, tuple(expected), tolerance)
 
 

@@ -20,11 +20,12 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return _glu.GLUFunction.apply(gate, up, "silu", SPEC)
 
 
-def swiglu_backward(grad, gate, up, dgate=None, dup=None):
+def swiglu_backward(grad, gate, up, dgate=None, dup=None, h=None):
     """(dgate, dup) for a caller that saved gate and up itself (the fused MLP). dgate/dup: output
-    buffers of gate's shape, fresh where None; they may be gate and up themselves (in place)."""
+    buffers of gate's shape, fresh where None; they may be gate and up themselves (in place). ``h``: where
+    given, the forward's output is written into it too (it may be grad itself)."""
     config = config_for(SPEC, "bwd", _glu.problem(gate, "silu"))
-    return _glu.backward(grad, gate, up, "silu", config, dgate, dup)
+    return _glu.backward(grad, gate, up, "silu", config, dgate, dup, h)
 
 
 def reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ from fastbench.fused.varlen_attention import PackedSequences
 from fastbench.kernels.geglu import geglu, geglu_backward
 from fastbench.kernels.lora import (GLU, LoRA, LoraFactorCache, Projection, cached_factor_bytes, lora_mlp,
                                     lora_projections)
-from fastbench.kernels.rms_norm import rms_norm
+from fastbench.kernels.rms_norm import rms_norm, rms_norm_residual
 from fastbench.kernels.rope import apply_rope
 from fastbench.kernels.swiglu import swiglu, swiglu_backward
 
@@ -243,7 +243,7 @@ def attention_residual(layer, x, context: PartContext, cos, sin, mask, family: F
     by default the layer's as they stand."""
     attn = layer.self_attn
     q_p, k_p, v_p, o_p = projections or layer_projections(layer)[0]
-    n = rms_norm(x, layer.input_layernorm.weight, norm_eps(layer.input_layernorm), family.norm_offset)
+    n, x = rms_norm_residual(x, layer.input_layernorm.weight, norm_eps(layer.input_layernorm), family.norm_offset)
     B, T, _ = n.shape
     D = attn.head_dim
     q, k, v = lora_projections(n, q_p, k_p, v_p, cache=cache)
@@ -273,9 +273,11 @@ def mlp_residual(layer, h, context: PartContext, family: Family, projections=Non
     """h + MLP(RMSNorm(h)): the second part of a decoder layer. ``projections``: (gate, up, down), by
     default the layer's as they stand."""
     gate, up, down = projections or layer_projections(layer)[1]
-    norm = functools.partial(rms_norm, weight=layer.post_attention_layernorm.weight,
-                             eps=norm_eps(layer.post_attention_layernorm), offset=family.norm_offset)
-    m = context.derived(norm(h), h, norm)  # an MLP whose activations go to the host recomputes m, not copies it
+    norm = dict(weight=layer.post_attention_layernorm.weight, eps=norm_eps(layer.post_attention_layernorm),
+                offset=family.norm_offset)
+    m, h = rms_norm_residual(h, **norm)
+    m = context.derived(m, h, functools.partial(rms_norm, **norm))  # an MLP whose activations go to the host
+    # recomputes m from h, not copies it
     return context.residual(h, lora_mlp(m, gate, up, down, family.glu, graph_only=context.recomputing, cache=cache))
 
 

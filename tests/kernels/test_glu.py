@@ -61,6 +61,21 @@ def test_explicit_backward_in_place(seed, name):
     assert rel_err(dgate, want_dgate) < 1e-5 and rel_err(dup, want_dup) < 1e-5
 
 
+@pytest.mark.parametrize("name", OPS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_explicit_backward_writes_h_over_the_gradient(seed, name, dtype):
+    """The fused MLP's path: dgate/dup over gate/up and h over the gradient it read, h bit for bit the forward's."""
+    gate, up, grad = ((2 * torch.randn(3, 5, 70)).to(dtype) for _ in range(3))
+    want_h, want_dgate, want_dup = expected(name, gate, up, grad)
+    forward_h = OPS[name][0](gate, up)
+    buffer = grad.clone()
+    dgate, dup = OPS[name][2](buffer, gate, up, dgate=gate, dup=up, h=buffer)
+    assert dgate.data_ptr() == gate.data_ptr() and dup.data_ptr() == up.data_ptr()
+    assert torch.equal(buffer, forward_h)
+    assert rel_err(buffer, want_h) < TOL[dtype]
+    assert rel_err(dgate, want_dgate) < TOL[dtype] and rel_err(dup, want_dup) < TOL[dtype]
+
+
 def test_explicit_backward_into_poisoned_halves(seed):
     """dgate/dup as the halves of one NaN-filled [rows, 2 * width] buffer: every element written."""
     gate, up, grad = (torch.randn(4, 45) for _ in range(3))

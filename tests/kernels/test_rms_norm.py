@@ -1,4 +1,4 @@
-"""rms_norm (Llama and Gemma forms) against its fp64 reference: forward, dx and dw."""
+"""rms_norm (Llama and Gemma forms) and its residual form against the fp64 reference: forward, dx and dw."""
 import json
 
 import pytest
@@ -128,3 +128,47 @@ def test_without_grad_mode_the_same_output_and_no_graph(seed):
         fast = op.rms_norm(x, w, 1e-5, 1.0)
     assert fast.grad_fn is None and not fast.requires_grad
     assert torch.equal(fast, op.rms_norm(x, w, 1e-5, 1.0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+@pytest.mark.parametrize("frozen", [False, True])
+def test_residual_form_adds_the_residual_gradient_in_the_kernel(seed, poison, dtype, offset, frozen):
+    """x + f(rms_norm(x)) through rms_norm_residual: y, x passed on unchanged, and dx summing both paths (as
+    autograd sums them around the plain norm), dw as the plain norm's."""
+    x = torch.randn(2, 7, 130).to(dtype).requires_grad_()
+    w = (0.5 * torch.randn(130)).to(dtype).requires_grad_(not frozen)
+    y, passed = op.rms_norm_residual(x, w, 1e-5, offset)
+    assert torch.equal(passed, x) and passed.data_ptr() == x.data_ptr()
+    dy, dres = torch.randn_like(y), torch.randn_like(x)
+    got = torch.autograd.grad((y * dy).sum() + (passed * dres).sum(), [x, w] if not frozen else [x])
+    want_y, want_dx, *want_dw = expected(x, w, dy, 1e-5, offset, need_dw=not frozen)
+    assert torch.equal(y, op.rms_norm(x, w, 1e-5, offset))
+    assert rel_err(y, want_y) < TOL[dtype]
+    assert rel_err(got[0], want_dx + dres.double()) < TOL[dtype]
+    if not frozen:
+        assert rel_err(got[1], want_dw[0]) < TOL[dtype]
+
+
+def test_residual_form_with_only_one_path_used(seed):
+    """A residual output left out of the loss (a zero gradient) gives the plain norm's dx."""
+    x = torch.randn(5, 64, requires_grad=True)
+    w = torch.randn(64)
+    y, _ = op.rms_norm_residual(x, w, 1e-6, 0.0)
+    dy = torch.randn_like(y)
+    (dx,) = torch.autograd.grad(y, [x], dy)
+    _, want_dx = expected(x, w, dy, 1e-6, 0.0, need_dw=False)
+    assert rel_err(dx, want_dx) < 1e-5
+
+
+def test_residual_form_gradcheck_fp64():
+    x = torch.randn(2, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: op.rms_norm_residual(a, b, 1e-6, 1.0), (x, w))
+
+
+def test_residual_form_without_grad_mode(seed):
+    x, w = torch.randn(3, 64), torch.randn(64)
+    with torch.no_grad():
+        y, passed = op.rms_norm_residual(x, w, 1e-5, 0.0)
+    assert passed is x and torch.equal(y, op.rms_norm(x, w, 1e-5, 0.0))
