@@ -211,8 +211,8 @@ def tune_case(pass_name: str, problem, device) -> TuneCase:
                         reference(gate, up, activation), tolerance)
     grad = torch.randn_like(gate)
     g, u = gate.float().requires_grad_(), up.float().requires_grad_()
-    expected = (*torch.autograd.grad(reference(g, u, activation), [g, u], grad.float()), reference(gate, up, activation))
-
+    expected = (*torch.autograd.grad(reference(g, u, activation), [g, u], grad.float()),
+                reference(gate, up, activation))
     h = torch.empty_like(gate)
 
     def run(config):

@@ -117,21 +117,32 @@ def _normalized(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float
     return _forward(x2, w, eps, offset, config).view(x.shape), x2, w
 
 
+def _forward_saving(ctx, x, weight, eps: float, offset: float) -> torch.Tensor:
+    """The Functions' forward: y, with what the backward needs kept on ``ctx``."""
+    y, x2, w = _normalized(x, weight, eps, offset)
+    ctx.save_for_backward(x2, w)
+    ctx.eps, ctx.offset = eps, offset
+    return y
+
+
+def _grads(ctx, grad, grad_residual=None):
+    """The Functions' backward: (dx, dw, None, None), dx with ``grad_residual`` added where given."""
+    x2, w = ctx.saved_tensors
+    need_dw = ctx.needs_input_grad[1]
+    config = config_for(SPEC, "bwd", _problem("bwd", x2.dtype, x2.shape[1], x2.shape[0], need_dw))
+    dres = None if grad_residual is None else as_rows(grad_residual)
+    dx, dw = _backward(as_rows(grad), x2, w, ctx.eps, ctx.offset, need_dw, config, dres)
+    return dx.view(grad.shape), dw, None, None
+
+
 class _RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps, offset):
-        y, x2, w = _normalized(x, weight, eps, offset)
-        ctx.save_for_backward(x2, w)
-        ctx.eps, ctx.offset = eps, offset
-        return y
+        return _forward_saving(ctx, x, weight, eps, offset)
 
     @staticmethod
     def backward(ctx, grad):
-        x2, w = ctx.saved_tensors
-        need_dw = ctx.needs_input_grad[1]
-        config = config_for(SPEC, "bwd", _problem("bwd", x2.dtype, x2.shape[1], x2.shape[0], need_dw))
-        dx, dw = _backward(as_rows(grad), x2, w, ctx.eps, ctx.offset, need_dw, config)
-        return dx.view(grad.shape), dw, None, None
+        return _grads(ctx, grad)
 
 
 class _RMSNormResidualFunction(torch.autograd.Function):
@@ -140,19 +151,11 @@ class _RMSNormResidualFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, eps, offset):
-        y, x2, w = _normalized(x, weight, eps, offset)
-        ctx.save_for_backward(x2, w)
-        ctx.eps, ctx.offset = eps, offset
-        return y, x
+        return _forward_saving(ctx, x, weight, eps, offset), x
 
     @staticmethod
     def backward(ctx, grad, grad_residual):
-        x2, w = ctx.saved_tensors
-        need_dw = ctx.needs_input_grad[1]
-        config = config_for(SPEC, "bwd", _problem("bwd", x2.dtype, x2.shape[1], x2.shape[0], need_dw))
-        dres = None if grad_residual is None else as_rows(grad_residual)
-        dx, dw = _backward(as_rows(grad), x2, w, ctx.eps, ctx.offset, need_dw, config, dres)
-        return dx.view(grad.shape), dw, None, None
+        return _grads(ctx, grad, grad_residual)
 
 
 def rms_norm_residual(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
