@@ -616,11 +616,9 @@ class _LoRAMLP(torch.autograd.Function):
             dyB = _scaled_dy_b(f, [dy_rows], None)  # down is alone: its dY is never side by side
             dh = _input_grad((down,), [dy_rows], None, None if dyB is None else (dyB, f.A), ctx.cache)
             # the GLU's gradients over g and u (not needed any more), its output h over dh (read here first)
-            ctx.glu.backward(dh, g, u, dgate=g, dup=u, h=dh)
-            dg, du, h = g, u, dh
+            dg, du = ctx.glu.backward(dh, g, u, dgate=g, dup=u, h=dh)
+            (down_grads,), _, _ = _lora_grads(dh, (down,), [dy_rows], ctx.cache, hA, dyB)  # dh holds h now
             del dh
-            (down_grads,), _, _ = _lora_grads(h, (down,), [dy_rows], ctx.cache, hA, dyB)
-            del h
             dx_rows, gate_up_grads = _backward(x2[rows], (gate, up), [dg, du], need_dx, ctx.cache, xA)
             grads = _accumulated(grads, _grads_by_input(ctx.projections, [*gate_up_grads, down_grads]))
             if dx is None:

@@ -276,8 +276,8 @@ def mlp_residual(layer, h, context: PartContext, family: Family, projections=Non
     norm = dict(weight=layer.post_attention_layernorm.weight, eps=norm_eps(layer.post_attention_layernorm),
                 offset=family.norm_offset)
     m, h = rms_norm_residual(h, **norm)
-    m = context.derived(m, h, functools.partial(rms_norm, **norm))  # an MLP whose activations go to the host
-    # recomputes m from h, not copies it
+    # an MLP whose activations go to the host recomputes m from h, not copies it
+    m = context.derived(m, h, functools.partial(rms_norm, **norm))
     return context.residual(h, lora_mlp(m, gate, up, down, family.glu, graph_only=context.recomputing, cache=cache))
 
 
