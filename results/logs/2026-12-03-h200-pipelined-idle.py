@@ -1,6 +1,7 @@
 # The compute stream's idle time in pipelined steps (as the harness times them: no sync between steps), from a
 # CUDA-only profiler trace of 4 steps after warm-up, with the gaps summed by the kernels around them; and the
-# steps' time without the profiler (CUDA events). argv: arm model
+# steps' time without the profiler (CUDA events). argv: arm model [gc-off: Python's garbage collector disabled after
+# the build]
 import collections, os, re, sys, tempfile, warnings, torch
 sys.path.insert(0, "tools")
 warnings.simplefilter("ignore")
@@ -8,6 +9,9 @@ from probe_step import build, compute_stream_kernels, load_trace, random_batch, 
 arm, model = sys.argv[1], sys.argv[2]
 m, opt = build(arm, model)
 batch = random_batch(m)
+if sys.argv[3:] == ["gc-off"]:
+    import gc; gc.collect(); gc.disable()
+print("allocator:", os.environ.get("PYTORCH_ALLOC_CONF", "(default)"), "| gc:", "off" if sys.argv[3:] else "on")
 for _ in range(4): train_step(m, opt, batch)
 torch.cuda.synchronize()
 ev = [torch.cuda.Event(enable_timing=True) for _ in range(9)]
