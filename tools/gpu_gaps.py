@@ -17,14 +17,12 @@ def phases(m, opt, batch, sync=True):
     """One step, each phase under record_function; returns [(name, host_ms, gpu_ms)], or nothing without
     ``sync`` (the step only issued, the GPU not waited for)."""
     if not sync:
-        for name, run in (("fwd", lambda: m(**batch).loss), ("bwd", None), ("opt", None)):
-            with torch.profiler.record_function(f"PHASE_{name}"):
-                if name == "fwd":
-                    loss = run()
-                elif name == "bwd":
-                    loss.backward()
-                else:
-                    opt.step(); opt.zero_grad(set_to_none=True)
+        with torch.profiler.record_function("PHASE_fwd"):
+            loss = m(**batch).loss
+        with torch.profiler.record_function("PHASE_bwd"):
+            loss.backward()
+        with torch.profiler.record_function("PHASE_opt"):
+            opt.step(); opt.zero_grad(set_to_none=True)
         return None
     torch.cuda.synchronize()
     ev = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
