@@ -16,15 +16,8 @@ from probe_step import build, compute_stream_kernels, kernel_time_by_stream, loa
 def phases(m, opt, batch, sync=True):
     """One step, each phase under record_function; returns [(name, host_ms, gpu_ms)], or nothing without
     ``sync`` (the step only issued, the GPU not waited for)."""
-    if not sync:
-        with torch.profiler.record_function("PHASE_fwd"):
-            loss = m(**batch).loss
-        with torch.profiler.record_function("PHASE_bwd"):
-            loss.backward()
-        with torch.profiler.record_function("PHASE_opt"):
-            opt.step(); opt.zero_grad(set_to_none=True)
-        return None
-    torch.cuda.synchronize()
+    if sync:
+        torch.cuda.synchronize()
     ev = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
     host = []
     ev[0].record(); t = time.perf_counter()
@@ -37,6 +30,8 @@ def phases(m, opt, batch, sync=True):
     with torch.profiler.record_function("PHASE_opt"):
         opt.step(); opt.zero_grad(set_to_none=True)
     ev[3].record(); host.append(time.perf_counter() - t)
+    if not sync:
+        return None
     torch.cuda.synchronize()
     return [(n, h * 1e3, ev[i].elapsed_time(ev[i + 1])) for i, (n, h) in enumerate(zip(("fwd", "bwd", "opt"), host))]
 
