@@ -74,6 +74,11 @@ def _link(tree: str, target: str) -> None:
 
 
 def _revision(tree: str) -> str:
+    """The tree's git revision (+changes where tracked files differ from it); "unknown" for a tree that is not the
+    top of a git checkout (a ``git archive`` copy inside another checkout would otherwise take that one's)."""
+    top = subprocess.run(["git", "-C", tree, "rev-parse", "--show-toplevel"], capture_output=True, text=True)
+    if os.path.realpath(top.stdout.strip() or "/nonexistent") != os.path.realpath(tree):
+        return "unknown"
     out = subprocess.run(["git", "-C", tree, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     dirty = subprocess.run(["git", "-C", tree, "status", "--porcelain", "--untracked-files=no"],
                            capture_output=True, text=True).stdout.strip()

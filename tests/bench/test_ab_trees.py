@@ -32,3 +32,16 @@ def test_rounds_are_summarised_and_a_budget_stops_them(tmp_path):
     stdout, doc = run(tmp_path, "--rounds", "50", "--seconds", "0")
     assert doc["rounds"] == 1 and doc["rounds_asked"] == 50  # the first round always runs
     assert "stopped after 1 rounds" in stdout
+
+
+def test_a_tree_inside_another_checkout_has_no_revision_of_its_own(tmp_path):
+    """A ``git archive`` copy placed inside a checkout is not that checkout's revision."""
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    try:
+        from ab_trees import _revision
+    finally:
+        sys.path.pop(0)
+    inner = os.path.join(ROOT, "tests", "bench")
+    assert _revision(inner) == "unknown" and _revision(str(tmp_path)) == "unknown"
+    if os.path.isdir(os.path.join(ROOT, ".git")):
+        assert _revision(ROOT) != "unknown"
