@@ -230,7 +230,7 @@ class LoraFactorCache:
     a step is often bound by the CPU that issues its launches. (CUDA runs a multi-tensor copy as a few launches
     only where every target has its source's strides; the diagonal blocks of an NF4 group's B_block do not, so
     with NF4 groups the copy runs tensor by tensor. Copying the blocks apart cuts a 4-bit step's launches by
-    about a tenth but measured no faster a step.)"""
+    about a tenth and is no faster a step.)"""
 
     def __init__(self, workspace_bytes: int | None = None):
         self.workspace_bytes = workspace_bytes
