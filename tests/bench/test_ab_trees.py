@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from tool_scripts import load_tool
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -36,11 +38,7 @@ def test_rounds_are_summarised_and_a_budget_stops_them(tmp_path):
 
 def test_a_tree_inside_another_checkout_has_no_revision_of_its_own(tmp_path):
     """A ``git archive`` copy placed inside a checkout is not that checkout's revision."""
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    try:
-        from ab_trees import _revision
-    finally:
-        sys.path.pop(0)
+    _revision = load_tool("ab_trees")._revision
     inner = os.path.join(ROOT, "tests", "bench")
     assert _revision(inner) == "unknown" and _revision(str(tmp_path)) == "unknown"
     if os.path.isdir(os.path.join(ROOT, ".git")):
