@@ -1,5 +1,5 @@
 # host cost of one Triton launch: kernel[grid](...) (JITFunction.run) against the compiled kernel's launcher called
-# directly with the same arguments; beside it torch.mm / F.linear / an elementwise op on tiny tensors (host-bound)
+# directly with the same arguments, and against fastbench.kernels._launch.launch where this tree has it; beside it torch.mm / F.linear / an elementwise op on tiny tensors (host-bound)
 import time, torch, triton, triton.language as tl
 import torch.nn.functional as F
 
@@ -48,7 +48,15 @@ assert torch.allclose(out, ref), "direct launch wrote something else"
 out.zero_(); direct(); torch.cuda.synchronize(); assert torch.allclose(out, ref)
 a, b = torch.randn(8, 8, device="cuda"), torch.randn(8, 8, device="cuda")
 print(f"triton {triton.__version__} torch {torch.__version__}")
-for name, fn in [("kernel[grid](...)", lambda: _axpy[grid](*args, **kw)), ("launcher direct", direct),
+cases = []
+try:
+    from fastbench.kernels._launch import launch
+    out.zero_(); launch(_axpy, grid, *args, **kw); launch(_axpy, grid, *args, **kw); torch.cuda.synchronize()
+    assert torch.allclose(out, ref), "launch() wrote something else"
+    cases.append(("fastbench launch()", lambda: launch(_axpy, grid, *args, **kw)))
+except ImportError:
+    pass
+for name, fn in cases + [("kernel[grid](...)", lambda: _axpy[grid](*args, **kw)), ("launcher direct", direct),
                  ("launcher direct + current stream", direct_stream), ("torch.mm 8x8", lambda: torch.mm(a, b)),
                  ("F.linear 8x8", lambda: F.linear(a, b)), ("a.add_(b)", lambda: a.add_(b)),
                  ("x.view(64, 64)", lambda: x.view(64, 64)), ("x[:2048]", lambda: x[:2048]),
