@@ -5,4 +5,4 @@ source .carry/setup.sh
 export PYTORCH_ALLOC_CONF=expandable_segments:True
 el() { echo "[${SECONDS} s] $*"; }
 python3 results/logs/2026-12-03-h200-mm-host-cost.py 2>&1 | tee $OUT/mm-host-cost.log; el mm
-timeout 200 python3 tools/ab_trees.py .carry/main-tree .carry/lt-tree --arm 4bit:offload --rounds 8 --steps 8 --seconds 185 --out $OUT/ab-cublaslt-4bit-offload.json > $OUT/ab-cublaslt-4bit-offload.log 2>&1; tail -4 $OUT/ab-cublaslt-4bit-offload.log | cut -c1-300; el ab
+timeout 170 python3 tools/ab_trees.py .carry/main-tree .carry/lt-tree --arm 4bit:offload --rounds 8 --steps 8 --seconds 155 --out $OUT/ab-cublaslt-4bit-offload.json > $OUT/ab-cublaslt-4bit-offload.log 2>&1; tail -4 $OUT/ab-cublaslt-4bit-offload.log | cut -c1-300; el ab
