@@ -1,7 +1,6 @@
 # Which captures of the recomputed units fail, and why: tiny llama, 4 AdamW steps with graphs on, under one
 # capture_error_mode (argv[1]: global, thread_local or relaxed), NF4 base where argv[2] == "4bit", offload mode;
-# prints the counters, the losses against eager units (unless a third argument asks for the graphed run alone), and
-# the first failure's traceback (the version call s25-3 ran printed the last one)
+# prints the counters, the losses against eager units, and the last failure's traceback
 import sys, warnings
 import torch
 from fastbench import FastLanguageModel
