@@ -14,8 +14,9 @@ which is the inverse rotation (sin -> -sin) for Hugging Face's cos/sin, whose ha
 writes fresh gradient tensors rather than rotating the incoming ones in place: autograd hands one
 gradient tensor to several consumers (an add's backward passes it on to both operands), so
 overwriting it would corrupt a sibling's gradient; the bytes moved are the same either way.
-One program per token rotates all of its Q heads and then all of its K heads, in tiles of BLOCK_H
-heads; math in fp32 (fp64 for fp64 inputs).
+One program rotates all Q heads and then all K heads of BLOCK_T tokens (one token for the usual head counts
+and sizes, more for narrow heads: :func:`tokens_per_program`), in tiles of BLOCK_H heads; math in fp32 (fp64
+for fp64 inputs).
 """
 from __future__ import annotations
 
@@ -30,49 +31,64 @@ from fastbench.kernels._tensors import dtype_name, next_power_of_2
 
 
 @triton.jit
-def _rotate_heads(src, dst, n_heads, stride_h, stride_d, out_stride_h, out_stride_d, c1, c2, p1, p2, d, d_ok,
+def _rotate_heads(src, dst, n_heads, stride_h, stride_d, out_stride_h, out_stride_d, c1, c2, p1, p2, d, ok,
                   HALF: tl.constexpr, BLOCK_H: tl.constexpr, COMPUTE: tl.constexpr):
-    """dst1 = x1 * c1 - x2 * p1 and dst2 = x2 * c2 + x1 * p2 for every head of one token (dst may be src)."""
+    """dst1 = x1 * c1 - x2 * p1 and dst2 = x2 * c2 + x1 * p2 for every head of a tile of tokens (dst may be
+    src): src/dst [BLOCK_T, 1, 1] pointers to each token's first head, c1..p2 [BLOCK_T, 1, BLOCK_D], d the
+    [1, 1, BLOCK_D] half-dim offsets, ok [BLOCK_T, 1, BLOCK_D] the valid tokens and half-dims."""
     for h0 in range(0, n_heads, BLOCK_H):
-        heads = (h0 + tl.arange(0, BLOCK_H))[:, None]
-        mask = (heads < n_heads) & d_ok[None, :]
+        heads = (h0 + tl.arange(0, BLOCK_H))[None, :, None]
+        mask = ok & (heads < n_heads)
         heads = heads.to(tl.int64)
-        src1 = src + heads * stride_h + d[None, :] * stride_d
-        dst1 = dst + heads * out_stride_h + d[None, :] * out_stride_d
+        src1 = src + heads * stride_h + d * stride_d
+        dst1 = dst + heads * out_stride_h + d * out_stride_d
         x1 = tl.load(src1, mask=mask, other=0.0).to(COMPUTE)
         x2 = tl.load(src1 + HALF * stride_d, mask=mask, other=0.0).to(COMPUTE)
-        tl.store(dst1, (x1 * c1[None, :] - x2 * p1[None, :]).to(dst.dtype.element_ty), mask=mask)
-        tl.store(dst1 + HALF * out_stride_d, (x2 * c2[None, :] + x1 * p2[None, :]).to(dst.dtype.element_ty),
-                 mask=mask)
+        tl.store(dst1, (x1 * c1 - x2 * p1).to(dst.dtype.element_ty), mask=mask)
+        tl.store(dst1 + HALF * out_stride_d, (x2 * c2 + x1 * p2).to(dst.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _rope_kernel(q_ptr, k_ptr, q_out, k_out, cos_ptr, sin_ptr, seq_len, n_q_heads, n_k_heads,
+def _rope_kernel(q_ptr, k_ptr, q_out, k_out, cos_ptr, sin_ptr, n_tokens, seq_len, n_q_heads, n_k_heads,
                  sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, oq_b, oq_h, oq_t, oq_d, ok_b, ok_h, ok_t, ok_d,
                  sc_b, sc_t, sc_d, ss_b, ss_t, ss_d,
-                 HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+                 HALF: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
                  BACKWARD: tl.constexpr, COMPUTE: tl.constexpr):
-    token = tl.program_id(0).to(tl.int64)
-    b = token // seq_len
-    t = token % seq_len
-    d = tl.arange(0, BLOCK_D)
-    d_ok = d < HALF
+    tokens = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    b = (tokens // seq_len)[:, None]
+    t = (tokens % seq_len)[:, None]
+    d = tl.arange(0, BLOCK_D)[None, :]
+    ok = (tokens < n_tokens)[:, None] & (d < HALF)  # [BLOCK_T, BLOCK_D]
     cos = cos_ptr + b * sc_b + t * sc_t
     sin = sin_ptr + b * ss_b + t * ss_t
-    c1 = tl.load(cos + d * sc_d, mask=d_ok, other=0.0).to(COMPUTE)
-    c2 = tl.load(cos + (d + HALF) * sc_d, mask=d_ok, other=0.0).to(COMPUTE)
-    s1 = tl.load(sin + d * ss_d, mask=d_ok, other=0.0).to(COMPUTE)
-    s2 = tl.load(sin + (d + HALF) * ss_d, mask=d_ok, other=0.0).to(COMPUTE)
+    c1 = tl.load(cos + d * sc_d, mask=ok, other=0.0).to(COMPUTE)[:, None, :]
+    c2 = tl.load(cos + (d + HALF) * sc_d, mask=ok, other=0.0).to(COMPUTE)[:, None, :]
+    s1 = tl.load(sin + d * ss_d, mask=ok, other=0.0).to(COMPUTE)[:, None, :]
+    s2 = tl.load(sin + (d + HALF) * ss_d, mask=ok, other=0.0).to(COMPUTE)[:, None, :]
     if BACKWARD:
         p1 = -s2
         p2 = -s1
     else:
         p1 = s1
         p2 = s2
+    b = b[:, :, None]
+    t = t[:, :, None]
+    d = d[:, None, :]
+    ok = ok[:, None, :]
     _rotate_heads(q_ptr + b * sq_b + t * sq_t, q_out + b * oq_b + t * oq_t, n_q_heads, sq_h, sq_d, oq_h, oq_d,
-                  c1, c2, p1, p2, d, d_ok, HALF, BLOCK_H, COMPUTE)
+                  c1, c2, p1, p2, d, ok, HALF, BLOCK_H, COMPUTE)
     _rotate_heads(k_ptr + b * sk_b + t * sk_t, k_out + b * ok_b + t * ok_t, n_k_heads, sk_h, sk_d, ok_h, ok_d,
-                  c1, c2, p1, p2, d, d_ok, HALF, BLOCK_H, COMPUTE)
+                  c1, c2, p1, p2, d, ok, HALF, BLOCK_H, COMPUTE)
+
+
+TILE = 1024  # at least this many elements of a half-rotation (tokens x Q heads x half-dims) per program
+
+
+def tokens_per_program(n_tokens: int, n_q_heads: int, head_dim: int) -> int:
+    """How many tokens one program rotates: 1 where a token's Q heads fill a :data:`TILE` (every model with
+    32 heads of 128, or 16 of 256), more for narrow heads, so that a program is not mostly masked lanes."""
+    per_token = next_power_of_2(n_q_heads) * next_power_of_2(head_dim // 2)
+    return max(1, min(TILE // per_token, next_power_of_2(n_tokens)))
 
 
 def _btd_strides(c: torch.Tensor, B: int, T: int, D: int) -> tuple[int, int, int]:
@@ -86,9 +102,10 @@ def _btd_strides(c: torch.Tensor, B: int, T: int, D: int) -> tuple[int, int, int
                      f"got {tuple(c.shape)}")
 
 
-def _launch(q, k, cos, sin, backward: bool, config, q_out=None, k_out=None):
+def _launch(q, k, cos, sin, backward: bool, config, q_out=None, k_out=None, block_t: int | None = None):
     """Rotate q [B, Hq, T, D] and k [B, Hk, T, D] by cos/sin [B or 1, T, D] or [T, D] into q_out and
-    k_out (of the same shapes; in place where None); the transpose of the rotation if backward."""
+    k_out (of the same shapes; in place where None); the transpose of the rotation if backward.
+    ``block_t``: tokens per program (default :func:`tokens_per_program`)."""
     q_out = q if q_out is None else q_out
     k_out = k if k_out is None else k_out
     B, n_q, T, D = q.shape
@@ -98,11 +115,12 @@ def _launch(q, k, cos, sin, backward: bool, config, q_out=None, k_out=None):
         raise ValueError(f"apply_rope: q {tuple(q.shape)} and k {tuple(k.shape)} must be [B, H, T, D] "
                          "with the same B, T, even D, dtype and device")
     meta = dict(config)
-    _rope_kernel[(B * T,)](q, k, q_out, k_out, cos, sin, T, n_q, n_k, *q.stride(), *k.stride(),
-                           *q_out.stride(), *k_out.stride(), *_btd_strides(cos, B, T, D),
-                           *_btd_strides(sin, B, T, D),
-                           HALF=D // 2, BLOCK_D=next_power_of_2(D // 2), BACKWARD=backward,
-                           COMPUTE=tl.float64 if q.dtype == torch.float64 else tl.float32, **meta)
+    block_t = tokens_per_program(B * T, n_q, D) if block_t is None else block_t
+    _rope_kernel[(triton.cdiv(B * T, block_t),)](
+        q, k, q_out, k_out, cos, sin, B * T, T, n_q, n_k, *q.stride(), *k.stride(), *q_out.stride(), *k_out.stride(),
+        *_btd_strides(cos, B, T, D), *_btd_strides(sin, B, T, D),
+        HALF=D // 2, BLOCK_T=block_t, BLOCK_D=next_power_of_2(D // 2), BACKWARD=backward,
+        COMPUTE=tl.float64 if q.dtype == torch.float64 else tl.float32, **meta)
 
 
 def _problem(q: torch.Tensor, k: torch.Tensor) -> dict:

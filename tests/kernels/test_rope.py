@@ -228,3 +228,27 @@ def test_without_grad_mode_the_same_rotation_in_place(seed):
         got = op.apply_rope(q2, k2, cos, sin)
     assert got[0] is q2 and got[1] is k2 and (q2._version, k2._version) > versions
     assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+@pytest.mark.parametrize("block_t", [1, 4, None])
+def test_tiles_of_tokens_match_reference(seed, block_t):
+    """One token per program (the tiling of the usual head sizes) and several (narrow heads), with a last tile
+    running past the tokens (10 tokens in tiles of 4), forward and backward, out of place."""
+    B, T, D, n_q, n_k = 2, 5, 16, 3, 1
+    q, k = torch.randn(B, n_q, T, D), torch.randn(B, n_k, T, D)
+    cos, sin = hf_cos_sin(packed_positions(B, T), D, torch.float32)
+    config = op.heuristic("fwd", op._key(torch.float32, n_q, n_k, D, B * T))
+    for backward in (False, True):
+        got = torch.full_like(q, float("nan")), torch.full_like(k, float("nan"))
+        op._launch(q, k, cos, sin, backward, config, *got, block_t=block_t)
+        want = op.reference(q, k, cos, -sin if backward else sin)
+        assert all(rel_err(g, w) < 1e-6 for g, w in zip(got, want))
+
+
+def test_tokens_per_program():
+    """One token a program for the families' head sizes; a tile of tokens for narrow heads, no larger than
+    the tokens there are."""
+    for n_q, head_dim in ((32, 128), (28, 128), (16, 256), (32, 64)):
+        assert op.tokens_per_program(4096, n_q, head_dim) == 1
+    assert op.tokens_per_program(4096, 4, 16) == 32
+    assert op.tokens_per_program(10, 4, 16) == 16
