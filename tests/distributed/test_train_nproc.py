@@ -23,8 +23,9 @@ from fastbench.train.cli import train_command
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from chat_tokenizer import chat_records, ckpt, launched, plain_peft, read_log, save_tiny_checkpoint  # noqa: E402,F401
 
+LR = 1e-3
 FAST = ["--max-seq-length", 64, "--grad-accum", 2, "--r", 4, "--checkpointing", "false", "--warmup-steps", 1,
-        "--lr", 1e-3]
+        "--lr", LR]
 
 
 def invoke(*args):
@@ -69,8 +70,15 @@ def assert_same_run(got, expected, rtol=1e-5):
     got_adapter = load_file(got / "adapter_model.safetensors")
     expected_adapter = load_file(expected / "adapter_model.safetensors")
     assert got_adapter.keys() == expected_adapter.keys()
-    for name, tensor in expected_adapter.items():  # AdamW: 1e-3 per step of a near-zero gradient's sign
-        torch.testing.assert_close(got_adapter[name], tensor, rtol=1e-4, atol=2e-5)
+    steps = max(r["step"] for r in b)
+    for name, tensor in expected_adapter.items():
+        # AdamW moves a weight by about lr a step whatever its gradient's size, so where a gradient is near zero
+        # the other order of the sums (two processes' halves against one batch) can flip the step's sign: a few
+        # weights may differ by up to 2 lr a step; the rest must agree closely
+        diff = (got_adapter[name] - tensor).abs()
+        close = diff <= 2e-5 + 1e-4 * tensor.abs()
+        assert close.float().mean() >= 0.99, (name, diff.max().item(), (~close).sum().item())
+        assert diff.max() <= 2 * LR * steps, (name, diff.max().item())
 
 
 def test_two_processes_train_what_one_does_with_twice_the_batch(tmp_path, ckpt, plain_peft, seed):
