@@ -3,4 +3,4 @@
 source .carry/setup.sh
 export PYTORCH_ALLOC_CONF=expandable_segments:True
 el() { echo "[${SECONDS} s] $*"; }
-timeout 230 python3 tools/ab_trees.py .carry/main-tree . --arm 4bit:offload --rounds 8 --steps 8 --seconds 150 --out $OUT/ab-rope-4bit-offload.json > $OUT/ab-rope-4bit-offload.log 2>&1; tail -4 $OUT/ab-rope-4bit-offload.log | cut -c1-300; el ab
+timeout 170 python3 tools/ab_trees.py .carry/main-tree . --arm 4bit:offload --rounds 6 --steps 8 --seconds 120 --out $OUT/ab-rope-4bit-offload.json > $OUT/ab-rope-4bit-offload.log 2>&1; tail -4 $OUT/ab-rope-4bit-offload.log | cut -c1-300; el ab
