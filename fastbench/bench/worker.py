@@ -6,8 +6,8 @@ arm (load time: its libraries' imports, torch's included, and its build, without
 runs ``warmup`` steps timed on the wall clock (the first one is the time to first step) and ``steps`` timed
 steps (CUDA events on a GPU, no synchronisation in between; perf_counter on a CPU), and writes one record:
 per-step times, tokens and losses, peak memory three ways (torch allocated, torch reserved, NVML for this
-process), the autotune tier per op, how busy the CPUs and the GPU were during the timed steps
-(fastbench.bench.busy), and the allocator settings as the arm left them (``alloc_env``: an arm may set its own
+process), the autotune tier per op, how busy the CPUs and the GPU were during the timed steps and the GPU's
+energy, power, clock and power-limit time meanwhile (fastbench.bench.busy), and the allocator settings as the arm left them (``alloc_env``: an arm may set its own
 on import). Running out of memory gives status "oom"
 (simulate with FASTBENCH_SIMULATE_OOM=<label or arm name>); any other failure status "error" with its
 message (FASTBENCH_SIMULATE_KILL and _HANG: :func:`simulate_fault`). A step is: forward with labels and
@@ -204,7 +204,8 @@ def run(spec: dict, world=None) -> dict:
         gc.collect()
         gc_pauses = []  # (generation, seconds) of the collections during the timed steps: a long one starves the GPU
         gc.callbacks.append(timer := _gc_timer(gc_pauses))
-        busy_start = busy.Sample()
+        gpu_index = torch.cuda.current_device() if cuda else None
+        busy_start = busy.Sample(gpu_index)
         offload = offloading(ddp.unwrap(model))
         waited = offload.queue_waits if offload is not None else None
         if cuda:
@@ -220,7 +221,7 @@ def run(spec: dict, world=None) -> dict:
                 t = time.perf_counter()
                 losses.append(step(b))
                 record["step_s"].append(time.perf_counter() - t)
-        record.update(busy.between(busy_start, busy.Sample(), torch.cuda.current_device() if cuda else None))
+        record.update(busy.between(busy_start, busy.Sample(gpu_index), gpu_index))
         if offload is not None:
             record["offload_queue_waits"] = (offload.queue_waits - waited) / len(timed)
         from fastbench.fused.state import checkpointing_plan  # once built: Unsloth's arms import their packages first

@@ -4,7 +4,7 @@ import os
 import pandas as pd
 import pytest
 
-from fastbench.bench import results as results_io
+from fastbench.bench import busy, results as results_io
 from fastbench.bench.cli import summarize_results
 
 
@@ -25,8 +25,7 @@ def test_round_trip_json_and_long_csv(tmp_path, rng, make_record, make_results):
     assert set(frame[frame.status == "oom"].metric) <= {"load_s", "materialize_s", "first_step_s",
                                                        "first_step_compiles", "peak_allocated_gib", "peak_reserved_gib",
                                                        "nvml_process_gib", "nvml_device_gib",
-                                                       "host_own_cores", "host_other_cores", "host_steal_pct",
-                                                       "gpu_busy_pct", "offload_queue_waits"}
+                                                       *busy.FIELDS, "offload_queue_waits"}
 
 
 def test_run_id_names_date_and_gpu():
