@@ -11,10 +11,10 @@ for the host.
 
 A GPU held at its power limit lowers its clocks instead of running out of work: its steps then take as long as
 the energy they need at that limit, whatever the host does. So each process also records, from NVML's counters,
-the GPU's energy over the timed steps (``gpu_energy_j``) and its mean power (``gpu_power_w``), the mean of the
-SM clock's samples (``gpu_sm_mhz``), and the share of the time the clocks were held down by the power limit or
-by temperature (``gpu_power_capped_pct``, ``gpu_thermal_capped_pct``: NVML's violation counters). These count
-the whole GPU, every process on it. None where a source is missing.
+the GPU's energy over the timed steps (``gpu_energy_j``), its mean power (``gpu_power_w``), and the share of the
+time its clocks were held down by the power limit or by temperature (``gpu_power_capped_pct``,
+``gpu_thermal_capped_pct``: NVML's violation counters). These count the whole GPU, every process on it. None
+where a source is missing.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import os
 import time
 
 FIELDS = ("host_own_cores", "host_other_cores", "host_steal_pct", "gpu_busy_pct", "gpu_energy_j", "gpu_power_w",
-          "gpu_sm_mhz", "gpu_power_capped_pct", "gpu_thermal_capped_pct")
+          "gpu_power_capped_pct", "gpu_thermal_capped_pct")
 
 # /proc/stat's first line: cpu user nice system idle iowait irq softirq steal guest guest_nice (in ticks;
 # guest time is already counted in user and nice)
@@ -74,7 +74,6 @@ def between(start: Sample, end: Sample, gpu_index: int | None = None, ticks_per_
     wall = end.wall - start.wall
     if gpu_index is not None:
         out["gpu_busy_pct"] = gpu_busy_pct(gpu_index, start.epoch_us, end.epoch_us)
-        out["gpu_sm_mhz"] = gpu_sample_mean(gpu_index, "NVML_PROCESSOR_CLK_SAMPLES", start.epoch_us, end.epoch_us)
     if start.gpu and end.gpu and wall > 0:
         out.update(_gpu_deltas(start.gpu, end.gpu, wall))
     if start.ticks is None or end.ticks is None or wall <= 0:
@@ -104,18 +103,12 @@ def _gpu_deltas(start: dict, end: dict, wall: float) -> dict:
 
 def gpu_busy_pct(device_index: int, since_us: int, until_us: int) -> float | None:
     """Mean of NVML's GPU utilisation samples taken between the two times (microseconds since the epoch)."""
-    return gpu_sample_mean(device_index, "NVML_GPU_UTILIZATION_SAMPLES", since_us, until_us)
-
-
-def gpu_sample_mean(device_index: int, kind: str, since_us: int, until_us: int) -> float | None:
-    """Mean of NVML's samples of ``kind`` (a pynvml constant's name: utilisation, SM clock, ...) taken between
-    the two times (microseconds since the epoch)."""
     try:
         import pynvml
 
         pynvml.nvmlInit()
         handle = pynvml.nvmlDeviceGetHandleByIndex(device_index)
-        _, samples = pynvml.nvmlDeviceGetSamples(handle, getattr(pynvml, kind), since_us)
+        _, samples = pynvml.nvmlDeviceGetSamples(handle, pynvml.NVML_GPU_UTILIZATION_SAMPLES, since_us)
     except Exception:  # no NVML, no permission, or no samples yet
         return None
     values = [s.sampleValue.uiVal for s in samples if since_us < s.timeStamp <= until_us]

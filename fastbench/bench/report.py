@@ -251,8 +251,8 @@ def busy_lines(results: dict) -> list[str]:
     waits = any(r.get("offload_queue_waits") is not None for r in runs)
     columns += [("offload_queue_waits", ".1f")] if waits else []
     power = any(r.get("gpu_energy_j") is not None for r in runs)
-    columns += [("gpu_power_w", ".0f"), ("gpu_sm_mhz", ".0f"), ("gpu_power_capped_pct", ".0f"),
-                ("gpu_thermal_capped_pct", ".0f")] if power else []
+    columns += [("gpu_power_w", ".0f"), ("gpu_power_capped_pct", ".0f"), ("gpu_thermal_capped_pct", ".0f")] \
+        if power else []
     lines = ["", "## How busy the machine was during the timed steps", "",
              "A slow process next to busy cores points at the host, not the code; a GPU busy well under 100% "
              "waited for its host. Cores: CPU seconds per second of the timed steps"
@@ -261,16 +261,16 @@ def busy_lines(results: dict) -> list[str]:
              + ("; copy queue full: per step, how many of the offload mode's copies to the host the compute "
                 "stream had to wait for (their sources hold a bounded amount of GPU memory, and the bus was "
                 "behind the compute); fused arms only" if waits else "")
-             + ("; power, SM clock, and the share of the time the power limit or the temperature held the clocks "
+             + ("; power, and the share of the time the power limit or the temperature held the clocks "
                 "down (NVML, the whole GPU); energy: the GPU's joules per timed step, and per 1,000 tokens trained (a job "
                 "on several GPUs: rank 0's energy times their number). "
                 "A GPU held at its power limit most of the time runs a step in about the time its energy takes "
                 "at that limit: less work, not fewer waits, makes it faster" if power else ""), "",
              "| model | arm | repeat | median step s | GPU busy % | this process's cores | other processes' cores "
              "| steal % |" + (" copy queue full, waits/step |" if waits else "")
-             + (" GPU W | SM MHz | power-limited % | thermal-limited % | J/step | J per 1k tokens |" if power else ""),
+             + (" GPU W | power-limited % | thermal-limited % | J/step | J per 1k tokens |" if power else ""),
              "| --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if waits else "")
-             + (" --- |" * 6 if power else "")]
+             + (" --- |" * 5 if power else "")]
     for r in runs:
         cells = [_fmt(r.get(k), spec) for k, spec in columns]
         if power:
