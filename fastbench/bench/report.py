@@ -257,15 +257,16 @@ def busy_lines(results: dict) -> list[str]:
              "A slow process next to busy cores points at the host, not the code; a GPU busy well under 100% "
              "waited for its host. Cores: CPU seconds per second of the timed steps"
              + (f", of {cpus} on this machine" if cpus else "") + "; GPU busy: the share of time a kernel ran "
-             "(NVML)."
+             "(NVML)"
              + ("; copy queue full: per step, how many of the offload mode's copies to the host the compute "
                 "stream had to wait for (their sources hold a bounded amount of GPU memory, and the bus was "
                 "behind the compute); fused arms only" if waits else "")
-             + ("; power, and the share of the time the power limit or the temperature held the clocks "
-                "down (NVML, the whole GPU); energy: the GPU's joules per timed step, and per 1,000 tokens trained (a job "
-                "on several GPUs: rank 0's energy times their number). "
-                "A GPU held at its power limit most of the time runs a step in about the time its energy takes "
-                "at that limit: less work, not fewer waits, makes it faster" if power else ""), "",
+             + ("; GPU W and limited %: the GPU's mean power and the share of the time its power limit or its "
+                "temperature held the clocks down (NVML, the whole GPU); energy: the GPU's joules per timed step, "
+                "and per 1,000 tokens trained (a job on several GPUs: rank 0's energy times their number). A GPU "
+                "held at its power limit most of the time runs a step in about the time its energy takes at that "
+                "limit: there less work, not fewer waits for the host, makes a step faster" if power else "")
+             + ".", "",
              "| model | arm | repeat | median step s | GPU busy % | this process's cores | other processes' cores "
              "| steal % |" + (" copy queue full, waits/step |" if waits else "")
              + (" GPU W | power-limited % | thermal-limited % | J/step | J per 1k tokens |" if power else ""),
