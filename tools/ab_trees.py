@@ -6,9 +6,10 @@ child process per tree imports fastbench from there, builds the arm (llama-3-8b 
 ``bits:ckpt`` as the other probes take it, seq x batch of random tokens with an all-ones attention mask as the
 harness passes) and runs warm-up steps. Then the children take turns, one at a time, the other idle (A B, B A,
 A B, ...): in each turn the child runs ``--steps`` pipelined steps and reports ms per step (synchronised before
-and after the block). Both models stay resident, so the GPU memory must hold two. Prints each round, each tree's
+and after the block) and, on a GPU with NVML's energy counter, the GPU's joules per step over the block (a GPU
+held at its power limit runs a step in the time its energy takes there: the energy says what a change saved). Both models stay resident, so the GPU memory must hold two. Prints each round, each tree's
 median, and the ratio of the medians (A's ms over B's: above 1 means B is faster) with a 95% bootstrap interval
-over the rounds; writes all of it, with both trees' git revisions and the allocator setting, to ``--out``
+over the rounds, and the same for the joules per step where every round has them; writes all of it, with both trees' git revisions and the allocator setting, to ``--out``
 (JSON), rewritten after every round, so that a run stopped early keeps the rounds it finished. ``--seconds``
 starts no round that would end past that budget (judged by the last round's length).
 
@@ -35,7 +36,10 @@ def child(args) -> None:
     warnings.simplefilter("ignore")
     from probe_step import build, random_batch, train_step
 
+    from fastbench.bench.busy import gpu_counters
+
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    gpu = torch.cuda.current_device() if device == "cuda" else None
     model, opt = build(args.arm, args.model, device)
     batch = random_batch(model, args.seq, args.batch)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -51,11 +55,16 @@ def child(args) -> None:
     for line in sys.stdin:
         n = int(line)
         sync()
+        before = gpu_counters(gpu) if gpu is not None else None
         t = time.perf_counter()
         for _ in range(n):
             step()
         sync()
-        print(json.dumps({"ms": (time.perf_counter() - t) / n * 1e3}), flush=True)
+        ms = (time.perf_counter() - t) / n * 1e3
+        after = gpu_counters(gpu) if gpu is not None else None
+        energy = [c and c.get("energy_mj") for c in (before, after)]
+        joules = None if None in energy else (energy[1] - energy[0]) / 1e3 / n
+        print(json.dumps({"ms": ms, "j": joules}), flush=True)
 
 
 def _link(tree: str, target: str) -> None:
@@ -85,21 +94,30 @@ def _revision(tree: str) -> str:
     return (out.stdout.strip() or "unknown") + ("+changes" if dirty else "")
 
 
-def summarize(args, trees: dict, ms: dict) -> dict:
-    """``trees`` (each one's path and git revision, read once) with each one's median ms a step over its turns so
-    far, and the ratio A/B with the harness's bootstrap of a ratio of medians (each turn a group of its own: the
-    turns are resampled)."""
+def _medians_and_ratio(per_round: dict) -> tuple[dict, float, list[float]]:
+    """({tree: median}, A's median over B's, its 95% interval by the harness's bootstrap of a ratio of medians,
+    each turn a group of its own: the turns are resampled)."""
     import numpy as np
 
     from fastbench.bench.stats import bootstrap_ratio
 
-    med = {name: statistics.median(v) for name, v in ms.items()}
-    _, low, high = bootstrap_ratio(*([np.array([t]) for t in ms[name]] for name in ("A", "B")))
+    med = {name: statistics.median(v) for name, v in per_round.items()}
+    _, low, high = bootstrap_ratio(*([np.array([t]) for t in per_round[name]] for name in ("A", "B")))
+    return med, med["A"] / med["B"], [low, high]
+
+
+def summarize(args, trees: dict, ms: dict, joules: dict) -> dict:
+    """``trees`` (each one's path and git revision, read once) with each one's median ms a step over its turns so
+    far and the ratio A/B; the same for the GPU's joules a step where every turn measured them (else None)."""
+    med, ratio, interval = _medians_and_ratio(ms)
+    energy = all(j is not None for v in joules.values() for j in v) and joules["B"]
+    j_med, j_ratio, j_interval = _medians_and_ratio(joules) if energy else (None, None, None)
     return {"arm": args.arm, "model": args.model, "seq": args.seq, "batch": args.batch, "steps": args.steps,
             "rounds": len(ms["B"]), "rounds_asked": args.rounds,
             "trees": trees,
             "alloc_conf": {k: v for k, v in os.environ.items() if "ALLOC_CONF" in k}, "ms_per_step": ms,
-            "median_ms": med, "ratio_a_over_b": med["A"] / med["B"], "ratio_95": [low, high]}
+            "median_ms": med, "ratio_a_over_b": ratio, "ratio_95": interval,
+            "j_per_step": joules, "median_j": j_med, "energy_ratio_a_over_b": j_ratio, "energy_ratio_95": j_interval}
 
 
 def write(path: str, summary: dict) -> None:
@@ -140,7 +158,7 @@ def main() -> None:
                "--batch", str(args.batch), "--warmup", str(args.warmup)]
         procs[name] = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                        cwd=args.work)
-    ms = {name: [] for name in names}
+    ms, joules = {name: [] for name in names}, {name: [] for name in names}
     try:
         for name, tree in zip(names, args.trees):
             line = procs[name].stdout.readline()
@@ -156,18 +174,20 @@ def main() -> None:
             for name in names if r % 2 == 0 else names[::-1]:
                 procs[name].stdin.write(f"{args.steps}\n")
                 procs[name].stdin.flush()
-                ms[name].append(json.loads(procs[name].stdout.readline())["ms"])
+                turn = json.loads(procs[name].stdout.readline())
+                ms[name].append(turn["ms"])
+                joules[name].append(turn["j"])
             last = time.monotonic() - started
             print(f"round {r}: A {ms['A'][-1]:.1f} ms/step, B {ms['B'][-1]:.1f} ms/step", flush=True)
             if args.out:
-                write(args.out, summarize(args, trees, ms))
+                write(args.out, summarize(args, trees, ms, joules))
     finally:
         for p in procs.values():
             p.stdin.close()
             p.wait(timeout=120)
     if not ms["B"]:
         sys.exit("no round finished")
-    summary = summarize(args, trees, ms)
+    summary = summarize(args, trees, ms, joules)
     med, (low, high) = summary["median_ms"], summary["ratio_95"]
     tokens = args.seq * args.batch
     for name in names:
@@ -175,6 +195,10 @@ def main() -> None:
               f"{tokens / med[name] * 1e3:,.0f} tokens/s")
     print(f"A/B ratio of medians {med['A'] / med['B']:.3f} (95% interval {low:.3f}-{high:.3f}; above 1: B faster; "
           f"{summary['rounds']} rounds)")
+    if summary["median_j"]:
+        j, (low, high) = summary["median_j"], summary["energy_ratio_95"]
+        print(f"GPU energy: A {j['A']:.1f} J/step, B {j['B']:.1f} J/step; A/B {summary['energy_ratio_a_over_b']:.3f} "
+              f"(95% interval {low:.3f}-{high:.3f}; above 1: B needs less energy)")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ def test_rounds_are_summarised_and_a_budget_stops_them(tmp_path):
     assert all(t > 0 for t in doc["ms_per_step"]["A"] + doc["ms_per_step"]["B"])
     assert math.isfinite(doc["ratio_a_over_b"]) and doc["ratio_95"][0] <= doc["ratio_95"][1]
     assert "A/B ratio of medians" in stdout
+    assert doc["j_per_step"] == {"A": [None, None], "B": [None, None]} and doc["median_j"] is None  # no GPU here
 
     stdout, doc = run(tmp_path, "--rounds", "50", "--seconds", "0")
     assert doc["rounds"] == 1 and doc["rounds_asked"] == 50  # the first round always runs
@@ -43,3 +44,16 @@ def test_a_tree_inside_another_checkout_has_no_revision_of_its_own(tmp_path):
     assert _revision(inner) == "unknown" and _revision(str(tmp_path)) == "unknown"
     if os.path.isdir(os.path.join(ROOT, ".git")):
         assert _revision(ROOT) != "unknown"
+
+
+def test_energy_is_summarised_where_every_turn_measured_it():
+    summarize = load_tool("ab_trees").summarize
+    args = type("Args", (), dict(arm="4bit:offload", model="m", seq=16, batch=2, steps=4, rounds=3))
+    ms = {"A": [10.0, 11.0, 12.0], "B": [9.0, 10.0, 11.0]}
+    doc = summarize(args, {}, ms, {"A": [7.0, 7.2, 6.9], "B": [6.0, 6.3, 6.1]})
+    assert doc["median_j"] == {"A": 7.0, "B": 6.1}
+    assert doc["energy_ratio_a_over_b"] == pytest.approx(7.0 / 6.1)
+    assert doc["energy_ratio_95"][0] <= doc["energy_ratio_a_over_b"] <= doc["energy_ratio_95"][1]
+    assert doc["ratio_a_over_b"] == pytest.approx(11.0 / 10.0)
+    doc = summarize(args, {}, ms, {"A": [7.0, None, 6.9], "B": [6.0, 6.3, 6.1]})  # a turn without the counter
+    assert doc["median_j"] is None and doc["energy_ratio_a_over_b"] is None and doc["energy_ratio_95"] is None

@@ -103,6 +103,9 @@ def test_report_shows_power_and_energy_where_recorded(rng, make_record, make_res
     assert lines[-1].rstrip(" |").split(" | ")[-5:] == [
         "690", "97", "0", f"{2100.0 / steps:.1f}", f"{1e3 * 2100.0 / tokens:.1f}"]
     assert lines[-2].rstrip(" |").split(" | ")[-5:] == ["n/a"] * 5
+    records[1]["world_size"] = 2  # a job on two GPUs: rank 0's energy stands for each GPU's
+    assert busy_lines(make_results(records, ["unsloth-qlora", "fused-4bit"]))[-1].rstrip(" |").split(" | ")[-1] \
+        == f"{2e3 * 2100.0 / tokens:.1f}"
     records[1]["gpu_energy_j"] = None  # results from before the counters: no columns
     assert "J/step" not in "".join(busy_lines(make_results(records, ["unsloth-qlora", "fused-4bit"])))
 
