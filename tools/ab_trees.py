@@ -7,11 +7,13 @@ child process per tree imports fastbench from there, builds the arm (llama-3-8b 
 harness passes) and runs warm-up steps. Then the children take turns, one at a time, the other idle (A B, B A,
 A B, ...): in each turn the child runs ``--steps`` pipelined steps and reports ms per step (synchronised before
 and after the block) and, on a GPU with NVML's energy counter, the GPU's joules per step over the block (a GPU
-held at its power limit runs a step in the time its energy takes there: the energy says what a change saved). Both models stay resident, so the GPU memory must hold two. Prints each round, each tree's
-median, and the ratio of the medians (A's ms over B's: above 1 means B is faster) with a 95% bootstrap interval
-over the rounds, and the same for the joules per step where every round has them; writes all of it, with both trees' git revisions and the allocator setting, to ``--out``
-(JSON), rewritten after every round, so that a run stopped early keeps the rounds it finished. ``--seconds``
-starts no round that would end past that budget (judged by the last round's length).
+held at its power limit runs a step in the time its energy takes there: the energy says what a change saved).
+Both models stay resident, so the GPU memory must hold two. Prints each round, each tree's median, and the ratio
+of the medians (A's ms over B's: above 1 means B is faster) with a 95% bootstrap interval over the rounds, and
+the same for the joules per step where every round has them; writes all of it, with both trees' git revisions
+and the allocator setting, to ``--out`` (JSON), rewritten after every round, so that a run stopped early keeps
+the rounds it finished. ``--seconds`` starts no round that would end past that budget (judged by the last round's
+length).
 
     python tools/ab_trees.py /work/main /work/wt-branch --arm 4bit:offload --rounds 6 --steps 8 --seconds 170 \
         --out ab.json
@@ -36,8 +38,7 @@ def child(args) -> None:
     warnings.simplefilter("ignore")
     from probe_step import build, random_batch, train_step
 
-    from fastbench.bench.busy import gpu_counters
-
+    gpu_counters = _own_busy_module().gpu_counters  # this checkout's, whatever the tree under test has
     device = "cuda" if torch.cuda.is_available() else "cpu"
     gpu = torch.cuda.current_device() if device == "cuda" else None
     model, opt = build(args.arm, args.model, device)
@@ -65,6 +66,18 @@ def child(args) -> None:
         energy = [c and c.get("energy_mj") for c in (before, after)]
         joules = None if None in energy else (energy[1] - energy[0]) / 1e3 / n
         print(json.dumps({"ms": ms, "j": joules}), flush=True)
+
+
+def _own_busy_module():
+    """fastbench.bench.busy of the checkout this tool belongs to, loaded from its file (it imports only the standard
+    library): the child measures energy the same way whichever tree it imports fastbench from."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(HERE)), "fastbench", "bench", "busy.py")
+    spec = importlib.util.spec_from_file_location("_ab_trees_busy", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _link(tree: str, target: str) -> None:

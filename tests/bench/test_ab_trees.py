@@ -57,3 +57,9 @@ def test_energy_is_summarised_where_every_turn_measured_it():
     assert doc["ratio_a_over_b"] == pytest.approx(11.0 / 10.0)
     doc = summarize(args, {}, ms, {"A": [7.0, None, 6.9], "B": [6.0, 6.3, 6.1]})  # a turn without the counter
     assert doc["median_j"] is None and doc["energy_ratio_a_over_b"] is None and doc["energy_ratio_95"] is None
+
+
+def test_the_child_measures_energy_with_this_checkout_s_code():
+    """An older tree under test may lack the energy counters' reader: the tool loads its own."""
+    busy = load_tool("ab_trees")._own_busy_module()
+    assert busy.__file__ == os.path.join(ROOT, "fastbench", "bench", "busy.py") and callable(busy.gpu_counters)

@@ -62,8 +62,8 @@ def _fake_nvml(counters):
 
     return types.SimpleNamespace(
         NVML_PERF_POLICY_POWER=0, NVML_PERF_POLICY_THERMAL=1, nvmlInit=lambda: None,
-        nvmlDeviceGetHandleByIndex=lambda i: f"gpu{i}", nvmlDeviceGetTotalEnergyConsumption=lambda h: counters["energy_mj"],
-        nvmlDeviceGetViolationStatus=violation)
+        nvmlDeviceGetHandleByIndex=lambda i: f"gpu{i}",
+        nvmlDeviceGetTotalEnergyConsumption=lambda h: counters["energy_mj"], nvmlDeviceGetViolationStatus=violation)
 
 
 def test_gpu_energy_power_and_limits_between_two_samples(monkeypatch):
