@@ -43,16 +43,24 @@ class Sample:
         self.gpu = None if gpu_index is None else gpu_counters(gpu_index)
 
 
-def gpu_counters(device_index: int) -> dict | None:
-    """NVML's cumulative counters of a GPU now: total energy (mJ) and the time its clocks were held down by the
-    power limit and by temperature (ns); None without NVML."""
+def _nvml_handle(device_index: int):
+    """(pynvml, NVML's handle of the GPU), or None without NVML or its permission."""
     try:
         import pynvml
 
         pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(device_index)
+        return pynvml, pynvml.nvmlDeviceGetHandleByIndex(device_index)
     except Exception:  # no NVML, no permission
         return None
+
+
+def gpu_counters(device_index: int) -> dict | None:
+    """NVML's cumulative counters of a GPU now: total energy (mJ) and the time its clocks were held down by the
+    power limit and by temperature (ns); None without NVML."""
+    nvml = _nvml_handle(device_index)
+    if nvml is None:
+        return None
+    pynvml, handle = nvml
     reads = {"energy_mj": lambda: pynvml.nvmlDeviceGetTotalEnergyConsumption(handle),
              "power_ns": lambda: pynvml.nvmlDeviceGetViolationStatus(
                  handle, pynvml.NVML_PERF_POLICY_POWER).violationTime,
@@ -103,13 +111,13 @@ def _gpu_deltas(start: dict, end: dict, wall: float) -> dict:
 
 def gpu_busy_pct(device_index: int, since_us: int, until_us: int) -> float | None:
     """Mean of NVML's GPU utilisation samples taken between the two times (microseconds since the epoch)."""
+    nvml = _nvml_handle(device_index)
+    if nvml is None:
+        return None
+    pynvml, handle = nvml
     try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(device_index)
         _, samples = pynvml.nvmlDeviceGetSamples(handle, pynvml.NVML_GPU_UTILIZATION_SAMPLES, since_us)
-    except Exception:  # no NVML, no permission, or no samples yet
+    except Exception:  # no samples yet
         return None
     values = [s.sampleValue.uiVal for s in samples if since_us < s.timeStamp <= until_us]
     return sum(values) / len(values) if values else None

@@ -7,8 +7,8 @@ runs ``warmup`` steps timed on the wall clock (the first one is the time to firs
 steps (CUDA events on a GPU, no synchronisation in between; perf_counter on a CPU), and writes one record:
 per-step times, tokens and losses, peak memory three ways (torch allocated, torch reserved, NVML for this
 process), the autotune tier per op, how busy the CPUs and the GPU were during the timed steps and the GPU's
-energy, power, clock and power-limit time meanwhile (fastbench.bench.busy), and the allocator settings as the arm left them (``alloc_env``: an arm may set its own
-on import). Running out of memory gives status "oom"
+energy, power and power-limit time meanwhile (fastbench.bench.busy), and the allocator settings as the arm left
+them (``alloc_env``: an arm may set its own on import). Running out of memory gives status "oom"
 (simulate with FASTBENCH_SIMULATE_OOM=<label or arm name>); any other failure status "error" with its
 message (FASTBENCH_SIMULATE_KILL and _HANG: :func:`simulate_fault`). A step is: forward with labels and
 backward for each micro-batch, optimizer step, zero grad; each micro-batch's loss (the mean over its label
